@@ -1,0 +1,17 @@
+"""skipkernels: fast, lean Skip Tuning (LSkip + CSkip) of open_clip CLIP models."""
+from skipkernels.info import info
+from skipkernels.ops._dispatch import get_backend, set_backend, use_backend
+from skipkernels.patch import patch_clip, unpatch_clip
+
+__version__ = "0.1.0"
+
+__all__ = ["patch_clip", "unpatch_clip", "SkipTuner", "SkipConfig", "info",
+           "get_backend", "set_backend", "use_backend", "__version__"]
+
+
+def __getattr__(name):
+    # The tuner pulls in open_clip and the data stack; load it on first use.
+    if name in ("SkipTuner", "SkipConfig"):
+        from skipkernels.skip import tuner
+        return getattr(tuner, name)
+    raise AttributeError(f"module 'skipkernels' has no attribute {name!r}")

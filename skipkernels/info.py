@@ -1,0 +1,60 @@
+"""What is available: torch, CUDA, Triton, which compiled ops loaded and why not."""
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from skipkernels import _ext
+
+COMPILED_OPS = ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")
+
+
+def _triton_status():
+    try:
+        triton = importlib.import_module("triton")
+    except ImportError as err:
+        return None, f"not installed ({err})"
+    import os
+    if torch.cuda.is_available():
+        return triton.__version__, "GPU kernels"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton.__version__, "interpreter on CPU (TRITON_INTERPRET=1)"
+    return triton.__version__, "installed, but no GPU: Triton kernels need a GPU or TRITON_INTERPRET=1"
+
+
+def collect() -> dict:
+    triton_version, triton_note = _triton_status()
+    ops = {}
+    for name in COMPILED_OPS:
+        if _ext.has_op(name):
+            ops[name] = "cuda+cpu" if _ext.cuda_built() else "cpu"
+        else:
+            ops[name] = f"not loaded: {_ext.load_error or 'op missing from the extension'}"
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "triton": triton_version,
+        "triton_status": triton_note,
+        "extension": "loaded" if _ext._C is not None else _ext.load_error,
+        "extension_cuda": _ext.cuda_built(),
+        "compiled_ops": ops,
+    }
+
+
+def info(file=None) -> dict:
+    """Print and return what skipkernels can use on this machine."""
+    data = collect()
+    lines = [f"skipkernels on {data['device']}",
+             f"  python {data['python']}, torch {data['torch']} (CUDA {data['torch_cuda']}, "
+             f"available: {data['cuda_available']})",
+             f"  triton: {data['triton'] or '-'} - {data['triton_status']}",
+             f"  skipkernels._C: {data['extension']} (CUDA ops built: {data['extension_cuda']})"]
+    for name, status in data["compiled_ops"].items():
+        lines.append(f"    {name:28s} {status}")
+    print("\n".join(lines), file=file)
+    return data

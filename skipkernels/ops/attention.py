@@ -1,0 +1,50 @@
+"""Multi-head attention core: softmax(q kᵀ / sqrt(d) + mask) v.
+
+Reference: ``F.scaled_dot_product_attention`` (PyTorch picks flash / efficient / math).
+``causal=True`` is the text tower's mask. ``key_limit`` (B,) restricts each query to keys
+``< key_limit[b]`` and is how last-block pruning keeps the causal rule for the pooled row.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from skipkernels.ops import _dispatch
+
+
+def attention_reference(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
+    """q: (B, H, Lq, Dh); k, v: (B, H, Lk, Dh). Returns (B, H, Lq, Dh)."""
+    if key_limit is not None:
+        if causal or attn_mask is not None:
+            raise ValueError("key_limit replaces the mask; pass neither causal nor attn_mask with it")
+        keys = torch.arange(k.shape[-2], device=k.device)
+        attn_mask = (keys[None, :] < key_limit[:, None])[:, None, None, :]  # (B,1,1,Lk) bool
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if attn_mask is not None:
+        if causal:
+            raise ValueError("pass either causal=True or attn_mask, not both")
+        if attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    if causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError("causal attention needs as many queries as keys; use key_limit for a subset")
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _triton_attention():
+    try:
+        from skipkernels.triton import attention as triton_attention
+    except ImportError:
+        return None
+    return triton_attention
+
+
+def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton":
+        kernels = _triton_attention()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.attention is unavailable")
+        return kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
+    # auto: SDPA already dispatches to flash / cuDNN / memory-efficient kernels.
+    return attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)

@@ -1,0 +1,117 @@
+"""CSkip class selection (DESIGN.md section 3).
+
+Given the batch's normalised image features f (B, E), the frozen zero-shot prototypes t (C, E),
+the batch labels (B,), a keep-mask over rank positions K..C-1 and K:
+
+    s_c = max_i <f_i, t_c>          (accumulated in fp64, so every backend ranks identically)
+    s_y = +inf for every batch label y
+    rank classes by s descending, ties broken by the smaller class index
+    keep ranks 0..K-1, and rank K+j where rank_mask[j]; labels are always kept
+    selected = kept class indices, ascending; remapped[b] = position of labels[b] in selected
+
+Reference here; compiled ops (``csrc/``) registered as ``torch.ops.skipkernels.class_select``.
+``num_selected`` >= 0 declares the output size in advance (fixed mask, batch labels <= K): the
+compiled ops then need no host synchronisation, which lets a training step be graph-captured.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from skipkernels import _ext
+from skipkernels.ops import _dispatch
+
+
+def top_k_for(num_classes: int, top_ratio: float, max_top: int) -> int:
+    """K = min(ceil(r*C), max_top); for r > 1, r is a count: K = min(r, C)."""
+    if num_classes < 1:
+        raise ValueError("class selection needs at least one class")
+    if not top_ratio > 0:
+        raise ValueError(f"top_ratio must be > 0, got {top_ratio}")
+    if max_top < 1:
+        raise ValueError(f"max_top must be >= 1, got {max_top}")
+    if top_ratio > 1:
+        return int(min(int(top_ratio), num_classes))
+    return int(min(math.ceil(top_ratio * num_classes), max_top, num_classes))
+
+
+def rank_keep_probs(count: int, lam: float) -> torch.Tensor:
+    """Keep probability of rank positions K..C-1: the min-max normalised exponential pdf with
+    scale ``lam`` at linspace(0, 5, count), so the first is 1 and the last 0."""
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if count == 1:
+        return torch.ones(1, dtype=torch.float64)
+    x = torch.linspace(0.0, 5.0, count, dtype=torch.float64)
+    pdf = torch.exp(-x / lam) / lam
+    return (pdf - pdf.min()) / (pdf.max() - pdf.min())
+
+
+def draw_rank_mask(num_classes: int, top_k: int, lam: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bernoulli draw over the C-K rank positions after the top K: keep position j when u_j < p_j."""
+    probs = rank_keep_probs(num_classes - top_k, lam)
+    u = torch.rand(probs.shape, generator=generator, dtype=torch.float64)
+    return u < probs
+
+
+def _check_inputs(image_features, prototypes, labels, rank_mask, top_k):
+    if image_features.dim() != 2 or prototypes.dim() != 2:
+        raise ValueError(f"expected image_features (B, E) and prototypes (C, E), got "
+                         f"{tuple(image_features.shape)} and {tuple(prototypes.shape)}")
+    if image_features.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"feature width mismatch: image {image_features.shape[1]} vs prototypes {prototypes.shape[1]}")
+    num_classes = prototypes.shape[0]
+    if labels.dim() != 1 or labels.shape[0] != image_features.shape[0]:
+        raise ValueError(f"labels must be (B,) with B={image_features.shape[0]}, got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if not 1 <= top_k <= num_classes:
+        raise ValueError(f"top_k must be in [1, C={num_classes}], got {top_k}")
+    if rank_mask.dtype != torch.bool or rank_mask.shape != (num_classes - top_k,):
+        raise ValueError(f"rank_mask must be bool of shape (C-K,)=({num_classes - top_k},), "
+                         f"got {rank_mask.dtype} {tuple(rank_mask.shape)}")
+
+
+def class_select_reference(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1):
+    _check_inputs(image_features, prototypes, labels, rank_mask, top_k)
+    num_classes = prototypes.shape[0]
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    labels = labels.long()
+    scores = (image_features.double() @ prototypes.double().T).amax(dim=0)
+    scores[labels] = float("inf")
+    order = torch.sort(-scores, stable=True).indices  # stable: equal scores keep class order
+    keep_rank = torch.cat([torch.ones(top_k, dtype=torch.bool, device=scores.device),
+                           rank_mask.to(scores.device)])
+    keep = torch.zeros(num_classes, dtype=torch.bool, device=scores.device)
+    keep[order] = keep_rank
+    keep[labels] = True
+    selected = keep.nonzero().flatten()
+    position = torch.cumsum(keep.long(), 0) - 1
+    remapped = position[labels]
+    if num_selected >= 0 and selected.numel() != num_selected:
+        raise ValueError(f"declared num_selected={num_selected} but the selection has {selected.numel()} "
+                         "classes (more distinct batch labels than top_k?)")
+    return selected, remapped
+
+
+def class_select(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1,
+                 backend: str | None = None):
+    """Returns (selected class indices ascending (K',), labels remapped into them (B,))."""
+    name = _dispatch.resolve(backend)
+    device = image_features.device.type
+    compiled = _ext.has_op("class_select")
+    if name in ("cpu", "cuda") or (name == "auto" and compiled):
+        if not compiled:
+            raise RuntimeError(f"backend {name!r} requested but the compiled class_select is unavailable: "
+                               f"{_ext.load_error}")
+        if name in ("cpu", "cuda") and name != device:
+            raise ValueError(f"backend {name!r} does not run on {device} tensors")
+        _check_inputs(image_features, prototypes, labels, rank_mask, top_k)
+        return torch.ops.skipkernels.class_select(image_features, prototypes, labels, rank_mask,
+                                                  top_k, num_selected)
+    return class_select_reference(image_features, prototypes, labels, rank_mask, top_k, num_selected)

@@ -1,0 +1,58 @@
+"""LayerNorm and residual-add + LayerNorm.
+
+Reference: statistics in fp32 (as open_clip's ``LayerNormFp32`` and autocast do), result in the
+input dtype. Kernels: ``skipkernels.triton.layer_norm``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from skipkernels.ops import _dispatch
+
+
+def layer_norm_reference(x, weight, bias, eps: float):
+    y = F.layer_norm(x.float(), (x.shape[-1],),
+                     None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    return y.to(x.dtype)
+
+
+def add_layer_norm_reference(x, delta, weight, bias, eps: float):
+    """Returns ``(s, layer_norm(s))`` with ``s = x + delta``: the residual stream and its norm."""
+    s = x + delta
+    return s, layer_norm_reference(s, weight, bias, eps)
+
+
+def _triton_layer_norm():
+    try:
+        from skipkernels.triton import layer_norm as triton_layer_norm
+    except ImportError:
+        return None
+    return triton_layer_norm
+
+
+def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(x)):
+        kernels = _triton_layer_norm()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm is unavailable")
+        return kernels.layer_norm(x, weight, bias, eps)
+    return layer_norm_reference(x, weight, bias, eps)
+
+
+def add_layer_norm(x, delta, weight, bias, eps: float, backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(x)):
+        kernels = _triton_layer_norm()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm is unavailable")
+        return kernels.add_layer_norm(x, delta, weight, bias, eps)
+    return add_layer_norm_reference(x, delta, weight, bias, eps)
+
+
+def _auto_triton(x) -> bool:
+    # No measurement yet shows the Triton LayerNorm beating PyTorch's at our widths: keep the
+    # reference until bench/results says otherwise.
+    return False

@@ -1,0 +1,70 @@
+"""Linear layers with fused epilogues: bias + activation (fc1) and bias + residual (out-proj, fc2).
+
+Reference: plain ``F.linear`` followed by the epilogue. Kernels: ``skipkernels.triton.linear``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from skipkernels.ops import _dispatch
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "none")
+
+
+def activation_reference(x, activation: str):
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "quick_gelu":
+        return x * torch.sigmoid(1.702 * x)
+    if activation == "none":
+        return x
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def linear_act_reference(x, weight, bias, activation: str):
+    return activation_reference(F.linear(x, weight, bias), activation)
+
+
+def linear_residual_reference(x, weight, bias, residual, scale=None):
+    """``residual + scale * (x @ weight.T + bias)``; ``scale`` is a LayerScale vector or None."""
+    y = F.linear(x, weight, bias)
+    if scale is not None:
+        y = y * scale
+    return residual + y
+
+
+def _triton_linear():
+    try:
+        from skipkernels.triton import linear as triton_linear
+    except ImportError:
+        return None
+    return triton_linear
+
+
+def linear_act(x, weight, bias, activation: str, backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(x)):
+        kernels = _triton_linear()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
+        return kernels.linear_act(x, weight, bias, activation)
+    return linear_act_reference(x, weight, bias, activation)
+
+
+def linear_residual(x, weight, bias, residual, scale=None, backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(x)):
+        kernels = _triton_linear()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
+        return kernels.linear_residual(x, weight, bias, residual, scale)
+    return linear_residual_reference(x, weight, bias, residual, scale)
+
+
+def _auto_triton(x) -> bool:
+    # cuBLAS GEMMs with a separate epilogue stay the default until a measurement in
+    # bench/results shows the fused Triton GEMM winning at our shapes.
+    return False

@@ -1,0 +1,119 @@
+"""CSkip loss: logits over the selected class subset and cross-entropy, fused with normalisation.
+
+    loss = CE(scale * normalize(image_features) @ normalize(text_features).T, labels)
+
+image_features (B, E) and text_features (K', E) are un-normalised; ``scale`` is exp(logit_scale),
+a 0-d tensor; labels (B,) index the subset. The reference uses autograd; compiled ops
+(``torch.ops.skipkernels.subset_logits_ce``) compute forward and backward without materialising
+anything larger than (B, K').
+
+``class_scores_topk`` is the evaluation variant: scores of a large class set (C up to ~21k), top-k
+and optionally the loss, computed in chunks of classes so peak extra memory is O(B * chunk).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from skipkernels import _ext
+from skipkernels.ops import _dispatch
+
+
+def _check(image_features, text_features, labels):
+    if image_features.dim() != 2 or text_features.dim() != 2:
+        raise ValueError("expected image_features (B, E) and text_features (K, E)")
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(f"feature width mismatch: image {image_features.shape[1]} vs text {text_features.shape[1]}")
+    if labels is not None:
+        if labels.dim() != 1 or labels.shape[0] != image_features.shape[0]:
+            raise ValueError(f"labels must be (B,) with B={image_features.shape[0]}, got {tuple(labels.shape)}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+
+
+def subset_logits_ce_reference(image_features, text_features, scale, labels, return_logits: bool = False):
+    _check(image_features, text_features, labels)
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= text_features.shape[0]):
+        raise ValueError(f"labels must lie in [0, {text_features.shape[0]})")
+    f = F.normalize(image_features.float(), dim=-1)
+    t = F.normalize(text_features.float(), dim=-1)
+    logits = scale.float() * (f @ t.T)
+    loss = F.cross_entropy(logits, labels.long())
+    return (loss, logits) if return_logits else loss
+
+
+def subset_logits_ce(image_features, text_features, scale, labels, return_logits: bool = False,
+                     backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    compiled = _ext.has_op("subset_logits_ce")
+    if name in ("cpu", "cuda") or (name == "auto" and compiled and _auto_compiled(image_features)):
+        if not compiled:
+            raise RuntimeError(f"backend {name!r} requested but the compiled subset_logits_ce is unavailable: "
+                               f"{_ext.load_error}")
+        _check(image_features, text_features, labels)
+        from skipkernels.ops import _subset_ce_autograd
+        return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
+    return subset_logits_ce_reference(image_features, text_features, scale, labels, return_logits)
+
+
+def _auto_compiled(image_features) -> bool:
+    return True
+
+
+def class_scores_topk_reference(image_features, text_features, scale, k: int = 1, labels=None):
+    """Full-matrix oracle: (top-k values (B, k), top-k indices (B, k), mean CE loss or None)."""
+    _check(image_features, text_features, labels)
+    f = F.normalize(image_features.float(), dim=-1)
+    t = F.normalize(text_features.float(), dim=-1)
+    logits = scale.float() * (f @ t.T)
+    values, indices = logits.topk(min(k, logits.shape[1]), dim=1)
+    loss = F.cross_entropy(logits, labels.long()) if labels is not None else None
+    return values, indices, loss
+
+
+def class_scores_topk(image_features, text_features, scale, k: int = 1, labels=None, chunk_size: int = 4096,
+                      backend: str | None = None):
+    """Chunked over classes: never builds the (B, C) matrix; same result as the reference."""
+    name = _dispatch.resolve(backend)
+    if name in ("cpu", "cuda") or (name == "auto" and _ext.has_op("class_scores_topk")):
+        if not _ext.has_op("class_scores_topk"):
+            raise RuntimeError(f"backend {name!r} requested but the compiled class_scores_topk is unavailable: "
+                               f"{_ext.load_error}")
+        _check(image_features, text_features, labels)
+        return torch.ops.skipkernels.class_scores_topk(image_features, text_features, scale, k,
+                                                       labels, chunk_size)
+    return class_scores_topk_chunked(image_features, text_features, scale, k, labels, chunk_size)
+
+
+@torch.no_grad()
+def class_scores_topk_chunked(image_features, text_features, scale, k: int = 1, labels=None, chunk_size: int = 4096):
+    _check(image_features, text_features, labels)
+    num_classes = text_features.shape[0]
+    k = min(k, num_classes)
+    f = F.normalize(image_features.float(), dim=-1)
+    batch = f.shape[0]
+    best_values = torch.full((batch, 0), float("-inf"), device=f.device)
+    best_indices = torch.zeros((batch, 0), dtype=torch.long, device=f.device)
+    # online log-sum-exp for the loss
+    running_max = torch.full((batch,), float("-inf"), device=f.device)
+    running_sum = torch.zeros(batch, device=f.device)
+    target_logit = torch.zeros(batch, device=f.device)
+    for start in range(0, num_classes, chunk_size):
+        t = F.normalize(text_features[start:start + chunk_size].float(), dim=-1)
+        logits = scale.float() * (f @ t.T)
+        chunk_values, chunk_idx = logits.topk(min(k, logits.shape[1]), dim=1)
+        values = torch.cat([best_values, chunk_values], 1)
+        indices = torch.cat([best_indices, chunk_idx + start], 1)
+        best_values, order = values.topk(min(k, values.shape[1]), dim=1)
+        best_indices = indices.gather(1, order)
+        if labels is not None:
+            new_max = torch.maximum(running_max, logits.amax(1))
+            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+            running_max = new_max
+            inside = (labels >= start) & (labels < start + logits.shape[1])
+            local = (labels - start).clamp(0, logits.shape[1] - 1).long()
+            target_logit = torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), target_logit)
+    loss = None
+    if labels is not None:
+        loss = (running_max + torch.log(running_sum) - target_logit).mean()
+    return best_values, best_indices, loss
