@@ -1,0 +1,5 @@
+import sys
+
+from skipkernels.cli import main
+
+sys.exit(main())

@@ -1,0 +1,227 @@
+"""The ``skipkernels`` command: finetune, eval, demo, info."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+# The demo's hyper-parameters. The paper's protocol (lr 2e-5, batches of one class) is made for
+# pretrained weights; from random weights it does not move in a CPU minute (one-class batches
+# collapse to a constant prediction), so the demo uses mixed-class batches of 8 and lr 3e-3.
+DEMO = {"model": "skipkernels-tiny", "skip_layers": 2, "epochs": 15, "lr": 3e-3, "shots": 16, "batch_size": 8,
+        "same_class_batches": False}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.train.trainer import TrainConfig
+    s, t = SkipConfig(), TrainConfig()
+    p.add_argument("--mode", default=s.mode, choices=["skip", "lskip", "cskip", "ft", "coop"])
+    p.add_argument("--skip-layers", type=int, default=s.skip_layers, help="omega: frozen, cached blocks")
+    p.add_argument("--top-ratio", type=float, default=s.top_ratio)
+    p.add_argument("--max-top", type=int, default=s.max_top)
+    p.add_argument("--lam", type=float, default=s.lam)
+    p.add_argument("--resample", default=s.resample, choices=["fixed", "step"])
+    p.add_argument("--drop-ratio", type=float, default=s.drop_ratio)
+    p.add_argument("--template", default=s.template)
+    p.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--no-truncate-text", action="store_true", help="disable exact text truncation")
+    p.add_argument("--no-prune-last-block", action="store_true", help="disable exact last-block pruning")
+    p.add_argument("--epochs", type=int, default=t.epochs)
+    p.add_argument("--protocol-epochs", action="store_true",
+                   help="divide --epochs by 4 for ImageNet, SUN397 and Food101 as the paper does")
+    p.add_argument("--batch-size", type=int, default=t.batch_size)
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--lr-image", type=float, default=t.lr_image)
+    p.add_argument("--momentum", type=float, default=t.momentum)
+    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
+    p.add_argument("--warmup-epochs", type=int, default=t.warmup_epochs)
+    p.add_argument("--warmup-lr", type=float, default=t.warmup_lr)
+    p.add_argument("--shots", type=int, default=t.shots, help="images per class (<= 0: all)")
+    p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--workers", type=int, default=t.workers)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _configs(args):
+    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.train.trainer import TrainConfig, protocol_epochs
+    skip = SkipConfig(mode=args.mode, skip_layers=args.skip_layers, top_ratio=args.top_ratio, max_top=args.max_top,
+                      lam=args.lam, resample=args.resample, drop_ratio=args.drop_ratio, template=args.template,
+                      cache_dtype=args.cache_dtype, truncate_text=not args.no_truncate_text,
+                      prune_last_block=not args.no_prune_last_block, seed=args.seed)
+    epochs = protocol_epochs((args.dataset or "").lower(), args.epochs) if args.protocol_epochs else args.epochs
+    train = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, lr_image=args.lr_image,
+                        momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                        warmup_lr=args.warmup_lr, shots=args.shots, seed=args.seed, workers=args.workers,
+                        amp=None if args.amp == "none" else args.amp, progress=not args.no_progress)
+    return skip, train
+
+
+def cmd_finetune(args) -> int:
+    from skipkernels.data.synthetic import ensure_synthetic
+    from skipkernels.train.trainer import finetune
+    skip, train = _configs(args)
+    data = args.data
+    if data is None:
+        data, args.dataset = ensure_synthetic(), "synthetic"
+    results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
+                       base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume)
+    print(json.dumps({"accuracy": results["accuracy"], "time_s": results["time_s"],
+                      "peak_train_memory_mb": results["peak_train_memory_mb"]}, indent=2))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+    from skipkernels.data.coop import load_splits
+    from skipkernels.data.fewshot import base_new_labels, subset_classes
+    from skipkernels.models import create_model
+    from skipkernels.patch import patch_clip
+    from skipkernels.skip.tuner import SkipTuner
+    from skipkernels.train.evaluate import accuracy, harmonic_mean
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    splits = load_splits(args.data, args.dataset)
+    model, tokenizer = create_model(args.model, args.checkpoint, device=device)
+    patch_clip(model)
+    base, new = base_new_labels(len(splits.classnames))
+    groups = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
+    wanted = ["base", "new"] if args.classes == "base2new" else [args.classes]
+    out = {}
+    for group in wanted:
+        labels = groups[group]
+        names = [splits.classnames[i] for i in labels]
+        tuner = SkipTuner(model, names, tokenizer, mode="ft", template=args.template)
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+        out[group] = accuracy(tuner, subset_classes(splits.test, labels), names, autocast_dtype=autocast,
+                              progress=not args.no_progress, description=f"eval {group}")
+    if args.classes == "base2new":
+        out["hm"] = harmonic_mean(out["base"], out["new"])
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def _format_table(rows: list[dict]) -> str:
+    header = f"{'mode':<6} {'base %':>7} {'new %':>7} {'HM':>7} {'train s':>8} {'cache s':>8} " \
+             f"{'peak MB':>8} {'trainable':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        a = r["accuracy"]
+        lines.append(f"{r['mode']:<6} {a.get('base', 0):7.2f} {a.get('new', 0):7.2f} {a.get('hm', 0):7.2f} "
+                     f"{r['time_s']['train']:8.2f} {r['time_s'].get('cache', 0):8.2f} "
+                     f"{r['peak_train_memory_mb']:8.1f} {r['trainable_params']:10,d}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args) -> int:
+    import torch
+    from skipkernels.data.synthetic import ensure_synthetic
+    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.train.trainer import TrainConfig, finetune
+    root = ensure_synthetic()
+    print(f"synthetic dataset: {root / 'synthetic'} (12 coloured-shape classes; base = first 6, new = last 6)")
+    print(f"model: {DEMO['model']} (random weights), omega = {DEMO['skip_layers']}, {DEMO['epochs']} epochs, "
+          f"{DEMO['shots']} shots, mixed-class batches of {DEMO['batch_size']}, lr {DEMO['lr']}")
+    rows = []
+    for mode in args.modes.split(","):
+        start = time.perf_counter()
+        skip = SkipConfig(mode=mode, skip_layers=DEMO["skip_layers"], seed=args.seed)
+        train = TrainConfig(epochs=args.epochs or DEMO["epochs"], batch_size=DEMO["batch_size"], lr=DEMO["lr"],
+                            lr_image=DEMO["lr"], shots=DEMO["shots"], same_class_batches=DEMO["same_class_batches"],
+                            warmup_epochs=0, seed=args.seed,
+                            progress=not args.no_progress)
+        out = Path(args.out) / mode
+        result = finetune(root, "synthetic", DEMO["model"], None, skip, train, out, device=args.device,
+                          resume=False)
+        result["wall_s"] = time.perf_counter() - start
+        rows.append(result)
+    table = _format_table(rows)
+    print()
+    print(table)
+    device = rows[0]["device"]
+    kind = rows[0]["peak_memory_kind"]
+    print(f"\ndevice: {device}; train s excludes LSkip caching (cache s); peak MB: {kind} during training")
+    summary = {"demo": DEMO, "rows": rows, "table": table}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"saved: {Path(args.out) / 'demo.json'}")
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return 0
+
+
+def cmd_info(args) -> int:
+    import skipkernels
+    data = skipkernels.info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("finetune", help="fine-tune on a CoOp-layout dataset and evaluate base/new accuracy")
+    p.add_argument("--data", default=None, help="dataset root (default: the embedded synthetic set)")
+    p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
+                                                   "as a folder with one split_zhou_*.json")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny)")
+    p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name")
+    p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
+    p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--device", default=None)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("eval", help="accuracy of a (tuned) model on a dataset's test split")
+    p.add_argument("--data", required=True)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--checkpoint", default=None, help="open_clip state_dict (e.g. <out>/model.pt)")
+    p.add_argument("--classes", default="base2new", choices=["base2new", "base", "new", "all"])
+    p.add_argument("--template", default="a photo of a {}.")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="FT vs Skip Tuning on the embedded synthetic set with a small random CLIP")
+    p.add_argument("--modes", default="ft,skip")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="torch, CUDA, Triton and which compiled ops loaded (and why not)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from skipkernels.data.coop import DatasetError
+    from skipkernels.data.images import ImageReadError
+    from skipkernels.train.checkpoint import CheckpointError
+    from skipkernels.train.trainer import TrainingError
+    try:
+        return args.func(args)
+    except (DatasetError, ImageReadError, CheckpointError, TrainingError, FileNotFoundError, ValueError,
+            TypeError) as err:
+        print(f"skipkernels {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""CSkip: per-step class subset for the text tower (DESIGN.md section 3).
+
+The keep-mask over rank positions K..C-1 is drawn once per run by default (as the paper's code
+does), which keeps the subset size K' = K + mask.sum() fixed whenever the batch has at most K
+distinct labels, so the compiled selection op needs no host synchronisation.
+``resample="step"`` draws a fresh mask every step.
+
+Quirk fixed here: the reference implementation remapped a batch label that had not been selected
+to class 0 silently. Labels are forced to the top of the ranking, so they are always selected,
+and the remap is a prefix sum over the kept set (a label can't be lost).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from skipkernels.ops.class_select import class_select, draw_rank_mask, top_k_for
+
+RESAMPLE_MODES = ("fixed", "step")
+
+
+class ClassSkipper:
+    """Chooses the classes the text tower runs on each step.
+
+    prototypes: (C, E) normalised zero-shot text features of the pretrained model.
+    """
+
+    def __init__(self, prototypes: torch.Tensor, top_ratio: float = 0.5, max_top: int = 50, lam: float = 0.3,
+                 resample: str = "fixed", seed: int = 0):
+        if resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
+        if not lam > 0:
+            raise ValueError(f"lam must be > 0, got {lam}")
+        self.prototypes = F.normalize(prototypes.detach().float(), dim=-1)
+        self.num_classes = prototypes.shape[0]
+        self.top_k = top_k_for(self.num_classes, top_ratio, max_top)
+        self.lam = lam
+        self.resample = resample
+        self.enabled = self.top_k < self.num_classes
+        self.generator = torch.Generator().manual_seed(seed)
+        self.rank_mask = draw_rank_mask(self.num_classes, self.top_k, lam, self.generator)
+        self._device_mask = None
+        # K' under the fixed mask: static whenever a batch has at most K labels (B <= K).
+        self.fixed_size = self.top_k + int(self.rank_mask.sum())
+        self.last_selected: torch.Tensor | None = None
+        self.last_labels: torch.Tensor | None = None
+
+    def to(self, device):
+        self.prototypes = self.prototypes.to(device)
+        self._device_mask = None
+        return self
+
+    def _mask_on(self, device):
+        if self.resample == "step":
+            self.rank_mask = draw_rank_mask(self.num_classes, self.top_k, self.lam, self.generator)
+            return self.rank_mask.to(device)
+        if self._device_mask is None or self._device_mask.device != torch.device(device):
+            self._device_mask = self.rank_mask.to(device)
+        return self._device_mask
+
+    @torch.no_grad()
+    def select(self, image_features: torch.Tensor, labels: torch.Tensor):
+        """image_features (B, E) of the current model (gradients are not needed); labels (B,).
+        Returns (selected class indices ascending, labels remapped into them)."""
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if not self.enabled:
+            selected = torch.arange(self.num_classes, device=labels.device)
+            remapped = labels.long()
+        else:
+            feats = F.normalize(image_features.detach().float(), dim=-1)
+            mask = self._mask_on(feats.device)
+            static = self.resample == "fixed" and labels.shape[0] <= self.top_k
+            selected, remapped = class_select(feats, self.prototypes.to(feats.device), labels.long(), mask,
+                                              self.top_k, self.fixed_size if static else -1)
+        self.last_selected, self.last_labels = selected, remapped
+        return selected, remapped
+
+    def state_dict(self) -> dict:
+        return {"rank_mask": self.rank_mask.clone(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rank_mask = state["rank_mask"].clone()
+        self.generator.set_state(state["generator"])
+        self.fixed_size = self.top_k + int(self.rank_mask.sum())
+        self._device_mask = None

@@ -1,0 +1,113 @@
+"""LSkip: the frozen prefix (stem + blocks [0, omega)) of both towers, computed once and cached.
+
+Text prompts are deterministic, so their prefix tokens are computed once per run (the paper's
+code recomputed them every epoch). Images are augmented, so every epoch each augmented training
+image goes through the image prefix once, without autograd, and its tokens at block omega are
+kept for that epoch's steps.
+
+Quirk fixed here: with token dropping the reference code could drop the class token; we keep
+it always and drop only patch tokens.
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from skipkernels.skip import towers
+
+
+class TextPrefixCache:
+    """Text tokens at block omega for every class prompt, truncated to the longest prompt."""
+
+    @torch.no_grad()
+    def __init__(self, model, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True):
+        self.tokens = tokens
+        self.pool_index = towers.text_pool_index(model, tokens)
+        self.pool_index_host = self.pool_index.cpu()
+        self.truncate = truncate
+        length = towers.truncated_length(self.pool_index_host, tokens.shape[1]) if truncate else tokens.shape[1]
+        x = towers.text_embed(model, tokens[:, :length])
+        self.tokens_at_block = towers.text_blocks(model, x, 0, skip_layers).to(dtype)
+
+    def length_for(self, selected_host: torch.Tensor | None) -> int:
+        if not self.truncate:
+            return self.tokens_at_block.shape[1]
+        index = self.pool_index_host if selected_host is None else self.pool_index_host[selected_host]
+        return towers.truncated_length(index, self.tokens_at_block.shape[1])
+
+    def gather(self, selected: torch.Tensor | None, selected_host: torch.Tensor | None = None):
+        """(tokens (K', T, D), pool_index (K',)) for the selected classes (all when None)."""
+        length = self.length_for(selected_host)
+        if selected is None:
+            return self.tokens_at_block[:, :length], self.pool_index
+        return self.tokens_at_block[selected, :length], self.pool_index[selected]
+
+
+def keep_token_count(num_tokens: int, drop_ratio: float) -> int:
+    """Tokens kept per image: the class token plus round((L-1)*(1-drop_ratio)) patches (>= 1)."""
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"drop_ratio must be in [0, 1), got {drop_ratio}")
+    patches = num_tokens - 1
+    return 1 + max(1, int(round(patches * (1.0 - drop_ratio)))) if patches > 0 else 1
+
+
+class ImagePrefixCache:
+    """One epoch of augmented training images, as tokens at block omega."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, device: torch.device):
+        self.tokens = tokens
+        self.labels = labels
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return self.tokens.numel() * self.tokens.element_size()
+
+    def batch(self, indices: torch.Tensor):
+        idx = indices.to(self.tokens.device)
+        x = self.tokens[idx]
+        if x.device != self.device:
+            x = x.to(self.device, non_blocking=True)
+        return x, self.labels[indices].to(self.device, non_blocking=True)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, loader, skip_layers: int, device: torch.device, dtype: torch.dtype,
+              drop_ratio: float = 0.0, generator: torch.Generator | None = None,
+              budget_bytes: int = 8 << 30, progress: bool = True, autocast_dtype=None, description="caching"):
+        """Run every (augmented) image of ``loader`` through the frozen prefix.
+
+        ``loader`` yields (images, labels, indices). The cache lives on ``device`` when it fits
+        ``budget_bytes``, else in pinned host memory and batches are copied in as needed.
+        """
+        total = len(loader.dataset)
+        store = None
+        labels = torch.empty(total, dtype=torch.long)
+        for images, batch_labels, indices in tqdm(loader, desc=description, disable=not progress, leave=False):
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                x = towers.image_stem(model, images)
+                x = towers.image_blocks(model, x, 0, skip_layers)
+            if drop_ratio > 0:
+                x = _drop_patch_tokens(x, drop_ratio, generator)
+            if store is None:
+                shape = (total,) + tuple(x.shape[1:])
+                nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+                on_device = device.type != "cuda" or nbytes <= budget_bytes
+                store = torch.empty(shape, dtype=dtype, device=device if on_device else "cpu",
+                                    pin_memory=(not on_device) and torch.cuda.is_available())
+            store[indices.to(store.device)] = x.to(store.dtype).to(store.device)
+            labels[indices] = batch_labels
+        if store is None:
+            raise ValueError("the training set is empty: nothing to cache")
+        return cls(store, labels, device)
+
+
+def _drop_patch_tokens(x, drop_ratio: float, generator):
+    batch, length, _ = x.shape
+    keep = keep_token_count(length, drop_ratio)
+    scores = torch.rand(batch, length - 1, generator=generator).to(x.device)
+    patch_idx = scores.topk(keep - 1, dim=1).indices.sort(dim=1).values + 1  # keep spatial order
+    cls_idx = torch.zeros(batch, 1, dtype=torch.long, device=x.device)  # class token: never dropped
+    idx = torch.cat([cls_idx, patch_idx], dim=1)
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

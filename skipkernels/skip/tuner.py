@@ -1,0 +1,283 @@
+"""SkipTuner: Skip Tuning (LSkip + CSkip) of an open_clip CLIP model, and the baselines the
+paper compares against, computed on one engine (DESIGN.md section 3).
+
+Modes:
+- ``skip``  (default) LSkip + CSkip
+- ``lskip`` frozen cached prefix, all classes every step
+- ``cskip`` full fine-tuning with a class subset per step
+- ``ft``    full fine-tuning, all classes
+- ``coop``  learned context vectors, frozen model
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from skipkernels.ops.subset_ce import subset_logits_ce
+from skipkernels.patch import clip_towers
+from skipkernels.skip import towers
+from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
+from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
+
+MODES = ("skip", "lskip", "cskip", "ft", "coop")
+
+
+@dataclasses.dataclass
+class SkipConfig:
+    mode: str = "skip"
+    skip_layers: int = 6           # omega: blocks [0, omega) of both towers are frozen and cached
+    top_ratio: float = 0.5         # r: K = min(ceil(r*C), max_top); r > 1 is a count
+    max_top: int = 50
+    lam: float = 0.3               # scale of the exponential keep-probability over lower ranks
+    resample: str = "fixed"        # "fixed": one rank mask per run (static K'); "step": redraw
+    drop_ratio: float = 0.0        # LSkip token dropping; the class token is never dropped
+    truncate_text: bool = True     # exact: run text blocks only up to the last pooled token
+    prune_last_block: bool = True  # exact: final block computes only the pooled row
+    template: str = "a photo of a {}."
+    cache_dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
+    cache_budget_gb: float = 8.0    # image cache on the GPU up to this size, else pinned host memory
+    coop_n_ctx: int = 4
+    coop_init: str = "a photo of a"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
+        if not self.top_ratio > 0:
+            raise ValueError(f"top_ratio must be > 0, got {self.top_ratio}")
+        if not self.lam > 0:
+            raise ValueError(f"lam must be > 0, got {self.lam}")
+        if self.max_top < 1:
+            raise ValueError(f"max_top must be >= 1, got {self.max_top}")
+        keep_token_count(2, self.drop_ratio)  # validates the range
+        if "{}" not in self.template:
+            raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
+        if self.cache_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"cache_dtype must be float32, bfloat16 or float16, got {self.cache_dtype!r}")
+        if self.coop_n_ctx < 1:
+            raise ValueError(f"coop_n_ctx must be >= 1, got {self.coop_n_ctx}")
+
+    @property
+    def uses_lskip(self) -> bool:
+        return self.mode in ("skip", "lskip")
+
+    @property
+    def uses_cskip(self) -> bool:
+        return self.mode in ("skip", "cskip")
+
+
+class PromptLearner(nn.Module):
+    """CoOp's shared context: ``n_ctx`` learned vectors replacing placeholder tokens 1..n_ctx."""
+
+    def __init__(self, model, tokenizer, n_ctx: int, init: str | None):
+        super().__init__()
+        width = model.token_embedding.weight.shape[1]
+        ctx = torch.empty(n_ctx, width).normal_(std=0.02)
+        if init:
+            init_tokens = tokenizer([init])[0].to(model.token_embedding.weight.device)
+            n_init = int(towers.text_pool_index(model, init_tokens[None])[0]) - 1  # words between SOT and EOT
+            if n_init == n_ctx:
+                with torch.no_grad():
+                    ctx = model.token_embedding(init_tokens[1:1 + n_ctx]).float().cpu()
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx = n_ctx
+        self.tokenizer = tokenizer
+
+    def prompts(self, classnames: list[str]):
+        placeholder = " ".join(["X"] * self.n_ctx)
+        return self.tokenizer([f"{placeholder} {name}." for name in classnames])
+
+    def embeddings(self, model, tokens):
+        emb = model.token_embedding(tokens)
+        ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)
+
+
+class SkipTuner(nn.Module):
+    """Fine-tunes ``model`` on ``classnames`` with Skip Tuning or one of the baselines.
+
+    ``tuner.loss(inputs, labels)`` is one training step's loss: ``inputs`` are the cached tokens at
+    block omega from ``tuner.cache_images`` (LSkip modes) or images (other modes).
+    """
+
+    def __init__(self, model, classnames, tokenizer, config: SkipConfig | None = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = SkipConfig(**overrides)
+        elif overrides:
+            config = dataclasses.replace(config, **overrides)
+        clip_towers(model)  # clear errors for non-CLIP / unsupported towers
+        classnames = list(classnames) if classnames is not None else []
+        if not classnames:
+            raise ValueError("classnames is empty: SkipTuner needs at least one class")
+        if any(not isinstance(c, str) or not c.strip() for c in classnames):
+            raise ValueError("every class name must be a non-empty string")
+        if len(set(classnames)) != len(classnames):
+            duplicates = sorted({c for c in classnames if classnames.count(c) > 1})
+            raise ValueError(f"duplicated class names make classes indistinguishable: {duplicates[:5]}")
+        self.config = config
+        self.model = model
+        self.classnames = classnames
+        self.tokenizer = tokenizer
+        self.skip_layers = config.skip_layers if config.uses_lskip else 0
+        if config.uses_lskip:
+            towers.check_skip_layers(model, config.skip_layers)
+        self.device = next(model.parameters()).device
+        self.cache_dtype = self._cache_dtype()
+        self.class_tokens = tokenizer([config.template.format(c) for c in classnames]).to(self.device)
+        self.prompt_learner = None
+        if config.mode == "coop":
+            self.prompt_learner = PromptLearner(model, tokenizer, config.coop_n_ctx, config.coop_init).to(self.device)
+        self._set_trainable()
+
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            self.text_cache = None
+            if config.uses_lskip:
+                self.text_cache = TextPrefixCache(model, self.class_tokens, self.skip_layers, self.cache_dtype,
+                                                  truncate=config.truncate_text)
+            self.skipper = None
+            if config.uses_cskip:
+                # Zero-shot prototypes of the pretrained model, computed once before any update.
+                prototypes = self.encode_classes(classnames, normalize=True)
+                self.skipper = ClassSkipper(prototypes, config.top_ratio, config.max_top, config.lam,
+                                            config.resample, seed=config.seed)
+            model.train(was_training)
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _cache_dtype(self) -> torch.dtype:
+        name = self.config.cache_dtype
+        if name is None:
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return getattr(torch, name)
+
+    def _set_trainable(self) -> None:
+        model, mode, omega = self.model, self.config.mode, self.config.skip_layers
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if mode == "coop":
+            return  # only the prompt learner's context trains
+        if mode in ("ft", "cskip"):
+            for p in model.parameters():
+                p.requires_grad_(True)
+        else:  # LSkip: blocks [omega, L) and the heads of both towers
+            trainable = [model.visual.transformer.resblocks[omega:], model.visual.ln_post,
+                         model.transformer.resblocks[omega:], model.ln_final]
+            for module in trainable:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+            for p in (model.visual.proj, model.text_projection):
+                if isinstance(p, nn.Parameter):
+                    p.requires_grad_(True)
+                elif isinstance(p, nn.Module):
+                    for q in p.parameters():
+                        q.requires_grad_(True)
+        # logit_scale (and a SigLIP bias, which CE ignores) stay frozen in every mode
+        model.logit_scale.requires_grad_(False)
+        if getattr(model, "logit_bias", None) is not None:
+            model.logit_bias.requires_grad_(False)
+
+    def trainable_named_parameters(self):
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def parameter_groups(self, lr: float, lr_image: float | None = None, weight_decay: float = 5e-4):
+        """SGD groups: the image tower at ``lr_image`` (the paper's 5e-6), the rest at ``lr``."""
+        image, other = [], []
+        for name, p in self.trainable_named_parameters():
+            (image if name.startswith("model.visual.") else other).append(p)
+        groups = []
+        if image:
+            groups.append({"params": image, "lr": lr if lr_image is None else lr_image,
+                           "weight_decay": weight_decay, "name": "image"})
+        if other:
+            groups.append({"params": other, "lr": lr, "weight_decay": weight_decay, "name": "text"})
+        return groups
+
+    # ------------------------------------------------------------------ encoders
+    def image_prefix(self, images):
+        """Frozen prefix of the image tower: tokens entering block omega (no autograd)."""
+        with torch.no_grad():
+            return towers.image_blocks(self.model, towers.image_stem(self.model, images), 0, self.skip_layers)
+
+    def encode_images(self, images, normalize: bool = False):
+        """Image features of the current model (the whole tower; last block pruned when exact)."""
+        x = towers.image_stem(self.model, images)
+        f = towers.encode_image_from(self.model, x, 0, self.config.prune_last_block)
+        return F.normalize(f, dim=-1) if normalize else f
+
+    def encode_classes(self, classnames, normalize: bool = False, batch_size: int = 256):
+        """Text features of any class list with the current model (CoOp: with the learned context)."""
+        outs = []
+        for start in range(0, len(classnames), batch_size):
+            names = classnames[start:start + batch_size]
+            if self.prompt_learner is not None:
+                tokens = self.prompt_learner.prompts(names).to(self.device)
+                embeddings = self.prompt_learner.embeddings(self.model, tokens)
+            else:
+                tokens = self.tokenizer([self.config.template.format(c) for c in names]).to(self.device)
+                embeddings = None
+            outs.append(self._encode_tokens(tokens, embeddings))
+        t = torch.cat(outs)
+        return F.normalize(t, dim=-1) if normalize else t
+
+    def _encode_tokens(self, tokens, embeddings=None):
+        pool_index = towers.text_pool_index(self.model, tokens)
+        length = towers.truncated_length(pool_index.cpu(), tokens.shape[1]) if self.config.truncate_text \
+            else tokens.shape[1]
+        emb = None if embeddings is None else embeddings[:, :length]
+        x = towers.text_embed(self.model, tokens[:, :length], emb)
+        return towers.encode_text_from(self.model, x, 0, pool_index, self.config.prune_last_block)
+
+    # ------------------------------------------------------------------ one step
+    def image_features_for_step(self, inputs):
+        if self.config.mode == "coop":
+            with torch.no_grad():
+                return self.encode_images(inputs)
+        if self.config.uses_lskip:
+            # The cache may be bf16; the residual stream runs in fp32 as in open_clip under autocast.
+            return towers.encode_image_from(self.model, inputs.float(), self.skip_layers,
+                                            self.config.prune_last_block)
+        return self.encode_images(inputs)
+
+    def text_features_for_step(self, selected):
+        cfg = self.config
+        if cfg.mode == "coop":
+            tokens = self.prompt_learner.prompts(self.classnames).to(self.device)
+            return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.model, tokens))
+        if cfg.uses_lskip:
+            selected_host = selected.cpu() if (selected is not None and cfg.truncate_text) else None
+            x, pool_index = self.text_cache.gather(selected, selected_host)
+            return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, cfg.prune_last_block)
+        tokens = self.class_tokens if selected is None else self.class_tokens[selected]
+        return self._encode_tokens(tokens)
+
+    def loss(self, inputs, labels):
+        """Cross-entropy of one batch over the step's class subset."""
+        labels = labels.to(self.device)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
+            raise ValueError(f"labels must lie in [0, {len(self.classnames)}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        f = self.image_features_for_step(inputs)
+        selected, targets = None, labels
+        if self.skipper is not None:
+            selected, targets = self.skipper.select(f, labels)
+        t = self.text_features_for_step(selected)
+        self.last_selected = selected if selected is not None else torch.arange(len(self.classnames), device=self.device)
+        self.last_labels = targets
+        scale = self.model.logit_scale.detach().exp().reshape(())
+        return subset_logits_ce(f, t, scale, targets)
+
+    # ------------------------------------------------------------------ state
+    def extra_state(self) -> dict:
+        return {"skipper": self.skipper.state_dict() if self.skipper is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.skipper is not None and state.get("skipper") is not None:
+            self.skipper.load_state_dict(state["skipper"])

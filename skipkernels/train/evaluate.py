@@ -1,0 +1,36 @@
+"""Accuracy on base and new classes, and their harmonic mean."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from skipkernels.data.images import EvalTransform, ItemDataset, make_loader, preprocess_config
+from skipkernels.ops.subset_ce import class_scores_topk
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 0.0 if base + new == 0 else 2 * base * new / (base + new)
+
+
+@torch.no_grad()
+def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, autocast_dtype=None,
+             progress: bool = True, description: str = "eval") -> float:
+    """Top-1 accuracy (percent) of ``tuner``'s current model on ``items`` among ``classnames``."""
+    if not items:
+        raise ValueError(f"{description}: no test items")
+    model = tuner.model
+    was_training = model.training
+    model.eval()
+    device = tuner.device
+    size, mean, std = preprocess_config(model)
+    loader = make_loader(ItemDataset(items, EvalTransform(size, mean, std)), batch_size, workers)
+    correct = 0
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        text = tuner.encode_classes(classnames, normalize=True).float()
+        scale = torch.ones((), device=device)
+        for images, labels, _ in tqdm(loader, desc=description, disable=not progress, leave=False):
+            f = tuner.encode_images(images.to(device), normalize=True).float()
+            _, top, _ = class_scores_topk(f, text, scale, k=1)
+            correct += int((top[:, 0].cpu() == labels).sum())
+    model.train(was_training)
+    return 100.0 * correct / len(items)

@@ -1,0 +1,314 @@
+"""Training loop of the paper's protocol with checkpoints, resume, evaluation and a results JSON."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits
+from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
+from skipkernels.data.images import (ItemDataset, TrainTransform, collate, epoch_batches, make_loader,
+                                     preprocess_config)
+from skipkernels.skip.lskip import ImagePrefixCache
+from skipkernels.skip.tuner import SkipConfig, SkipTuner
+from skipkernels.train import checkpoint
+from skipkernels.train.evaluate import accuracy, harmonic_mean
+from skipkernels.train.memory import PeakMemory
+from skipkernels.train.schedule import set_epoch_lr
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training stopped (e.g. a non-finite loss); the message names where and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 2e-5
+    lr_image: float = 5e-6
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    shots: int = 16
+    same_class_batches: bool | None = None  # None: the protocol's rule, one class per batch for shots >= 4
+    seed: int = 1
+    workers: int = 0
+    cache_batch_size: int = 64
+    eval_batch_size: int = 64
+    amp: str | None = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16", "fp16" or None
+    progress: bool = True
+    stop_after_epochs: int | None = None  # stop early (checkpoint kept), e.g. to test resume
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.shots > 0 and self.batch_size > self.shots and self.same_class_batches is not False \
+                and self.shots >= 4:
+            raise ValueError(f"batch_size {self.batch_size} is larger than the {self.shots} shots per class, "
+                             "but batches hold one class each (the protocol for shots >= 4); lower the batch "
+                             "size or pass same_class_batches=False")
+        if not self.lr > 0 or not self.lr_image > 0:
+            raise ValueError("learning rates must be > 0")
+
+
+def protocol_epochs(dataset: str, epochs: int) -> int:
+    """The paper trains ImageNet, SUN397 and Food101 for a quarter of the epochs."""
+    return max(1, epochs // 4) if dataset in QUARTER_EPOCH_DATASETS else epochs
+
+
+def _autocast_dtype(amp, device):
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def versions() -> dict:
+    from skipkernels import __version__, _ext
+    out = {"skipkernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "cuda": torch.version.cuda, "extension": _ext._C is not None}
+    try:
+        import open_clip
+        out["open_clip"] = open_clip.__version__
+    except Exception:  # noqa: BLE001 - versions are informative only
+        pass
+    try:
+        import triton
+        out["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _signature(tuner: SkipTuner, model_name: str, train: TrainConfig) -> dict:
+    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in tuner.trainable_named_parameters())
+    return {"model": model_name, "mode": tuner.config.mode, "skip_layers": tuner.config.skip_layers,
+            "classes": hashlib.sha1("\n".join(tuner.classnames).encode()).hexdigest()[:12],
+            "trainable": hashlib.sha1(shapes.encode()).hexdigest()[:12], "seed": train.seed,
+            "epochs": train.epochs, "batch_size": train.batch_size}
+
+
+class Trainer:
+    """Fine-tunes a SkipTuner on few-shot items; checkpoints every epoch into ``out_dir``."""
+
+    def __init__(self, tuner: SkipTuner, train_items, config: TrainConfig, out_dir=None, model_name: str = ""):
+        if not train_items:
+            raise ValueError("no training items")
+        num_classes = len(tuner.classnames)
+        bad = [it for it in train_items if not 0 <= it.label < num_classes]
+        if bad:
+            raise ValueError(f"training label {bad[0].label} of {bad[0].path} is outside [0, {num_classes})")
+        self.tuner = tuner
+        self.items = list(train_items)
+        self.config = config
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.model_name = model_name
+        self.device = tuner.device
+        self.autocast_dtype = _autocast_dtype(config.amp, self.device)
+        size, mean, std = preprocess_config(tuner.model)
+        self.dataset = ItemDataset(self.items, TrainTransform(size, mean, std), seed=config.seed)
+        self.labels = [it.label for it in self.items]
+        same = config.same_class_batches
+        self.same_class = (config.shots >= 4) if same is None else same
+        self.optimizer = torch.optim.SGD(tuner.parameter_groups(config.lr, config.lr_image, config.weight_decay),
+                                         lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        self.times = {"cache": 0.0, "train": 0.0}
+        self.peak_train_bytes = 0
+        self.cache_bytes = 0
+        self.signature = _signature(tuner, model_name, config)
+
+    # -------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_path(self):
+        return None if self.out_dir is None else self.out_dir / CHECKPOINT_NAME
+
+    def save_checkpoint(self, epoch_done: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        state = {"epoch": epoch_done, "signature": self.signature,
+                 "trainable": {n: p.detach().cpu() for n, p in self.tuner.trainable_named_parameters()},
+                 "optimizer": self.optimizer.state_dict(), "tuner": self.tuner.extra_state(),
+                 "history": self.history, "times": self.times}
+        checkpoint.atomic_save(state, self.checkpoint_path)
+
+    def resume(self, path=None) -> bool:
+        """Continue from ``path`` (default: the out_dir checkpoint). False when there is none."""
+        path = Path(path) if path is not None else self.checkpoint_path
+        if path is None or not path.is_file():
+            return False
+        state = checkpoint.load(path)
+        if not isinstance(state, dict) or "signature" not in state:
+            raise checkpoint.CheckpointError(f"{path} is not a skipkernels training checkpoint")
+        checkpoint.check_signature(state["signature"], self.signature, path)
+        params = dict(self.tuner.trainable_named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tuner.load_extra_state(state["tuner"])
+        self.start_epoch = state["epoch"]
+        self.history = state["history"]
+        self.times = state["times"]
+        return True
+
+    # -------------------------------------------------------------- training
+    def _cache_epoch(self, epoch: int):
+        self.dataset.set_epoch(epoch)
+        loader = make_loader(self.dataset, self.config.cache_batch_size, self.config.workers)
+        gen = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
+        cache = ImagePrefixCache.build(self.tuner.model, loader, self.tuner.skip_layers, self.device,
+                                       self.tuner.cache_dtype, self.tuner.config.drop_ratio, gen,
+                                       int(self.tuner.config.cache_budget_gb * (1 << 30)), self.config.progress,
+                                       self.autocast_dtype, description=f"cache epoch {epoch + 1}")
+        self.cache_bytes = cache.nbytes
+        return cache
+
+    def _batches(self, epoch: int, cache):
+        batches = epoch_batches(self.labels, self.config.batch_size, self.same_class, self.config.seed, epoch)
+        if cache is not None:
+            for indices in batches:
+                idx = torch.tensor(indices, dtype=torch.long)
+                tokens, labels = cache.batch(idx)
+                yield indices, tokens, labels
+        else:
+            self.dataset.set_epoch(epoch)
+            loader = make_loader(self.dataset, workers=self.config.workers, batch_sampler=batches)
+            for (images, labels, idx), indices in zip(loader, batches):
+                yield indices, images.to(self.device, non_blocking=True), labels.to(self.device)
+
+    def train(self) -> list[dict]:
+        cfg = self.config
+        tuner = self.tuner
+        last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
+        epochs = tqdm(range(self.start_epoch, last_epoch), desc=f"{tuner.config.mode} epochs",
+                      disable=not cfg.progress, initial=self.start_epoch, total=cfg.epochs)
+        for epoch in epochs:
+            set_epoch_lr(self.optimizer, epoch, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
+            tuner.model.train()
+            cache = None
+            if tuner.config.uses_lskip:
+                start = time.perf_counter()
+                tuner.model.eval()  # the frozen prefix runs in inference mode
+                cache = self._cache_epoch(epoch)
+                tuner.model.train()
+                self.times["cache"] += time.perf_counter() - start
+            start = time.perf_counter()
+            total, steps = 0.0, 0
+            with PeakMemory(self.device) as peak:
+                for step, (indices, inputs, labels) in enumerate(self._batches(epoch, cache)):
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                        enabled=self.autocast_dtype is not None):
+                        loss = tuner.loss(inputs, labels)
+                    if not torch.isfinite(loss):
+                        good = self.checkpoint_path if (self.checkpoint_path and self.checkpoint_path.is_file()) \
+                            else "none written yet"
+                        raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step} "
+                                            f"(training items {indices}); last good checkpoint: {good}")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    total += loss.item()
+                    steps += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times["train"] += time.perf_counter() - start
+            self.peak_train_bytes = max(self.peak_train_bytes, peak.peak_bytes if self.device.type == "cuda"
+                                        else peak.delta_bytes)
+            record = {"epoch": epoch + 1, "loss": total / max(1, steps), "lr": self.optimizer.param_groups[0]["lr"]}
+            self.history.append(record)
+            epochs.set_postfix(loss=f"{record['loss']:.4f}")
+            del cache
+            self.save_checkpoint(epoch + 1)
+        return self.history
+
+
+def export_state_dict(model, path) -> None:
+    """The tuned model as a plain open_clip state_dict (``open_clip.create_model(name, pretrained=path)``)."""
+    checkpoint.atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+
+
+def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | None = None,
+             skip: SkipConfig | None = None, train: TrainConfig | None = None, out_dir=None,
+             base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0) -> dict:
+    """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export."""
+    from skipkernels.models import create_model
+    from skipkernels.patch import patch_clip
+
+    skip = skip or SkipConfig()
+    train = train or TrainConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    out_dir = Path(out_dir) if out_dir is not None else None
+    times = {}
+
+    splits = load_splits(data_root, dataset)
+    if base_to_new:
+        base, new = base_new_labels(len(splits.classnames))
+    else:
+        base, new = list(range(len(splits.classnames))), []
+    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed)
+    test_base = subset_classes(splits.test, base)
+    test_new = subset_classes(splits.test, new)
+    base_names = [splits.classnames[i] for i in base]
+    new_names = [splits.classnames[i] for i in new]
+
+    start = time.perf_counter()
+    model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed)
+    patch_clip(model)
+    times["model"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    tuner = SkipTuner(model, base_names, tokenizer, skip)
+    times["text_prefix"] = time.perf_counter() - start
+    trainer = Trainer(tuner, train_items, train, out_dir, model_name=model_name)
+    resumed = trainer.resume() if resume else False
+    trainer.train()
+    times["cache"] = trainer.times["cache"]
+    times["train"] = trainer.times["train"]
+    finished = len(trainer.history) >= train.epochs
+
+    start = time.perf_counter()
+    autocast_dtype = _autocast_dtype(train.amp, device)
+    acc = {}
+    if finished:
+        acc["base"] = accuracy(tuner, test_base, base_names, train.eval_batch_size, train.workers, autocast_dtype,
+                               train.progress, "eval base")
+        if new:
+            acc["new"] = accuracy(tuner, test_new, new_names, train.eval_batch_size, train.workers, autocast_dtype,
+                                  train.progress, "eval new")
+            acc["hm"] = harmonic_mean(acc["base"], acc["new"])
+    times["eval"] = time.perf_counter() - start
+
+    results = {
+        "dataset": splits.name, "model": model_name, "pretrained": pretrained, "mode": skip.mode,
+        "finished": finished, "resumed": resumed, "accuracy": acc, "time_s": times,
+        "peak_train_memory_mb": trainer.peak_train_bytes / 2**20,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu rss increase",
+        "cache_mb": trainer.cache_bytes / 2**20,
+        "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
+        "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
+        "history": trainer.history, "device": str(device),
+        "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
+        "versions": versions(),
+    }
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if finished:
+            export_state_dict(model, out_dir / "model.pt")
+            if tuner.prompt_learner is not None:
+                checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
+        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

@@ -1,0 +1,50 @@
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be set before any @triton.jit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from skipkernels._compat import import_open_clip  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_clip(block="default", seed=0, layers=3, **extra):
+    """A small random-weight open_clip CLIP; ``block='custom'`` builds CustomResidualAttentionBlock."""
+    open_clip = import_open_clip()
+    torch.manual_seed(seed)
+    vision = dict(image_size=32, patch_size=8, width=64, head_width=16, layers=layers)
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=layers)
+    if block == "custom":
+        vision.update(block_type="custom", qk_norm=extra.pop("qk_norm", False))
+        text.update(block_type="custom")
+    if "ls_init_value" in extra:
+        vision["ls_init_value"] = text["ls_init_value"] = extra.pop("ls_init_value")
+    model = open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text, **extra)
+    # Random LayerNorm affine parameters so a mistake in their use shows.
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.normal_(1.0, 0.2)
+                module.bias.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def open_clip():
+    return import_open_clip()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(open_clip):
+    return open_clip.get_tokenizer("ViT-B-16")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    from skipkernels.data.synthetic import ensure_synthetic
+    return ensure_synthetic(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,171 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import skipkernels
+from conftest import tiny_clip
+from skipkernels import SkipConfig, SkipTuner
+
+CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
+           "cat", "dog", "purple hexagon"]
+
+
+def _plain_loss_and_grads(model, images, labels, classnames, tokenizer, template="a photo of a {}."):
+    """open_clip's own forward (no skipkernels): full-class logits and cross-entropy."""
+    model.zero_grad(set_to_none=True)
+    f = F.normalize(model.encode_image(images), dim=-1)
+    t = F.normalize(model.encode_text(tokenizer([template.format(c) for c in classnames])), dim=-1)
+    loss = F.cross_entropy(model.logit_scale.exp() * f @ t.T, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _tuner_loss_and_grads(tuner, inputs, labels):
+    tuner.zero_grad(set_to_none=True)
+    loss = tuner.loss(inputs, labels)
+    loss.backward()
+    return loss.detach(), {n[len("model."):]: p.grad.clone() for n, p in tuner.named_parameters()
+                           if p.grad is not None}
+
+
+def _assert_grads_equal(expected, actual, rel=2e-5):
+    # fp32 rounding differs between fused and unfused paths: compare relative to each tensor's scale
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        assert (expected[name] - actual[name]).abs().max().item() <= rel * scale + 1e-8, name
+
+
+@pytest.mark.parametrize("block", ["default", "custom"])
+@pytest.mark.parametrize("omega", [0, 2])
+def test_lskip_loss_and_grads_equal_plain_computation(block, omega, tokenizer):
+    model = tiny_clip(block, layers=3)
+    plain = copy.deepcopy(model)
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="lskip", skip_layers=omega)
+    for p_plain, (name, p) in zip(plain.parameters(), model.named_parameters()):
+        p_plain.requires_grad_(p.requires_grad)
+    images = torch.randn(4, 3, 32, 32)
+    labels = torch.tensor([0, 5, 5, 7])
+    expected_loss, expected = _plain_loss_and_grads(plain, images, labels, CLASSES, tokenizer)
+    loss, grads = _tuner_loss_and_grads(tuner, tuner.image_prefix(images), labels)
+    assert torch.allclose(loss, expected_loss, rtol=1e-5)
+    _assert_grads_equal(expected, grads)
+    # LSkip trains blocks >= omega and the heads; everything below omega and logit_scale is frozen.
+    trainable = {n for n, _ in tuner.trainable_named_parameters()}
+    assert "model.logit_scale" not in trainable
+    assert not any(n.startswith(f"model.visual.transformer.resblocks.{i}.") for n in trainable for i in range(omega))
+    assert any(n.startswith(f"model.visual.transformer.resblocks.{omega}.") for n in trainable)
+    assert "model.visual.proj" in trainable and "model.text_projection" in trainable
+    assert "model.token_embedding.weight" not in trainable and "model.visual.conv1.weight" not in trainable
+
+
+def test_ft_trains_everything_but_logit_scale(tokenizer):
+    model = tiny_clip()
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="ft")
+    trainable = {n for n, _ in tuner.trainable_named_parameters()}
+    all_names = {f"model.{n}" for n, _ in model.named_parameters()}
+    assert trainable == all_names - {"model.logit_scale"}
+    plain = copy.deepcopy(model)
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 1])
+    expected_loss, expected = _plain_loss_and_grads(plain, images, labels, CLASSES, tokenizer)
+    loss, grads = _tuner_loss_and_grads(tuner, images, labels)
+    assert torch.allclose(loss, expected_loss, rtol=1e-5)
+    _assert_grads_equal(expected, grads)
+
+
+@pytest.mark.parametrize("mode", ["skip", "cskip"])
+def test_cskip_loss_equals_plain_computation_on_the_subset(mode, tokenizer):
+    model = tiny_clip(layers=3)
+    plain = copy.deepcopy(model)
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, top_ratio=0.25, lam=0.5)
+    for p_plain, p in zip(plain.parameters(), model.parameters()):
+        p_plain.requires_grad_(p.requires_grad)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([6, 2, 6, 3])
+    inputs = tuner.image_prefix(images) if mode == "skip" else images
+    loss, grads = _tuner_loss_and_grads(tuner, inputs, labels)
+    selected, remapped = tuner.last_selected, tuner.last_labels
+    assert len(selected) < len(CLASSES)
+    expected_loss, expected = _plain_loss_and_grads(plain, images, remapped, [CLASSES[i] for i in selected.tolist()],
+                                                    tokenizer)
+    assert torch.allclose(loss, expected_loss, rtol=1e-5)
+    _assert_grads_equal(expected, grads)
+
+
+@pytest.mark.parametrize("mode", ["skip", "ft"])
+def test_truncation_and_pruning_change_nothing(mode, tokenizer):
+    images, labels = torch.randn(3, 3, 32, 32), torch.tensor([4, 0, 4])
+    results = []
+    for truncate in (True, False):
+        for prune in (True, False):
+            model = tiny_clip(layers=3, seed=11)
+            tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, truncate_text=truncate,
+                              prune_last_block=prune, top_ratio=0.5)
+            inputs = tuner.image_prefix(images) if mode == "skip" else images
+            results.append(_tuner_loss_and_grads(tuner, inputs, labels))
+    loss0, grads0 = results[0]
+    for loss, grads in results[1:]:
+        assert torch.allclose(loss, loss0, rtol=1e-5)
+        _assert_grads_equal(grads0, grads)
+
+
+def test_truncated_text_cache_is_shorter_than_context(tokenizer):
+    tuner = SkipTuner(tiny_clip(), CLASSES, tokenizer, mode="lskip", skip_layers=1)
+    length = tuner.text_cache.tokens_at_block.shape[1]
+    assert length % 8 == 0 and length < 77
+    assert length >= int(tuner.text_cache.pool_index.max()) + 1
+
+
+def test_encode_matches_open_clip(tokenizer):
+    model = tiny_clip().eval()
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="ft")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected_i = model.encode_image(images)
+        expected_t = model.encode_text(tokenizer([f"a photo of a {c}." for c in CLASSES]))
+        assert torch.allclose(tuner.encode_images(images), expected_i, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(tuner.encode_classes(CLASSES), expected_t, rtol=1e-4, atol=1e-5)
+
+
+def test_coop_trains_only_context(tokenizer):
+    model = tiny_clip()
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="coop", coop_n_ctx=4)
+    assert [n for n, _ in tuner.trainable_named_parameters()] == ["prompt_learner.ctx"]
+    # "a photo of a" is four tokens: the context starts as their embeddings
+    init = tokenizer(["a photo of a"])[0, 1:5]
+    assert torch.allclose(tuner.prompt_learner.ctx, model.token_embedding.weight[init])
+    loss = tuner.loss(torch.randn(2, 3, 32, 32), torch.tensor([0, 3]))
+    loss.backward()
+    assert tuner.prompt_learner.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_bad_inputs_raise_clear_errors(tokenizer):
+    model = tiny_clip(layers=3)
+    with pytest.raises(ValueError, match="classnames is empty"):
+        SkipTuner(model, [], tokenizer)
+    with pytest.raises(ValueError, match="skip_layers must be in"):
+        SkipTuner(model, CLASSES, tokenizer, skip_layers=3)
+    with pytest.raises(ValueError, match="skip_layers must be in"):
+        SkipTuner(model, CLASSES, tokenizer, skip_layers=-1)
+    with pytest.raises(ValueError, match="duplicated class names"):
+        SkipTuner(model, ["cat", "dog", "cat"], tokenizer)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SkipConfig(mode="nope")
+    with pytest.raises(ValueError, match="top_ratio"):
+        SkipConfig(top_ratio=0)
+    with pytest.raises(ValueError, match="lam"):
+        SkipConfig(lam=-1)
+    with pytest.raises(TypeError, match="expected an open_clip CLIP"):
+        SkipTuner(torch.nn.Linear(2, 2), CLASSES, tokenizer)
+    tuner = SkipTuner(model, CLASSES, tokenizer, skip_layers=1)
+    x = tuner.image_prefix(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        tuner.loss(x, torch.tensor([0, len(CLASSES)]))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        tuner.loss(x, torch.tensor([-1, 0]))
+
+
+def test_public_api_exports():
+    assert skipkernels.SkipTuner is SkipTuner and skipkernels.SkipConfig is SkipConfig
