@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from skipkernels.ops.block import blocks_forward
+from skipkernels.ops.block import block_forward, blocks_forward
 from skipkernels.patch import clip_towers
 
 TEXT_PAD_MULTIPLE = 8
@@ -31,6 +31,29 @@ def check_skip_layers(model, skip_layers: int) -> None:
     if not 0 <= skip_layers < depth:
         raise ValueError(f"skip_layers must be in [0, {depth}) for this model (image tower "
                          f"{len(image_blocks)} blocks, text tower {len(text_blocks)} blocks), got {skip_layers}")
+
+
+def run_blocks(blocks, x, causal: bool = False, prune_index=None):
+    """Blocks through the op layer; blocks holding parameter-efficient modules (``skipkernels.pet``)
+    run as modules, since the op layer reads weights directly and would bypass them. Those blocks
+    are not pruned: the full last block runs and the pooled rows are taken after it."""
+    from skipkernels.pet import has_pet
+    blocks = list(blocks)
+    if not any(has_pet(b) for b in blocks):
+        return blocks_forward(blocks, x, causal=causal, prune_last_index=prune_index)
+    for i, block in enumerate(blocks):
+        last = i == len(blocks) - 1
+        if has_pet(block):
+            mask = None
+            if causal:
+                length = x.shape[1]
+                mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+            x = block(x, attn_mask=mask)
+            if last and prune_index is not None:
+                x = x[torch.arange(x.shape[0], device=x.device), prune_index].unsqueeze(1)
+        else:
+            x = block_forward(block, x, causal=causal, query_index=prune_index if last else None)
+    return x
 
 
 # ----------------------------------------------------------------------------------- image
@@ -54,7 +77,7 @@ def image_blocks(model, x, start: int, stop: int, prune_last: bool = False):
     prune = None
     if prune_last and stop == image_depth(model) and image_prunable(model):
         prune = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS row
-    return blocks_forward(blocks, x, prune_last_index=prune)
+    return run_blocks(blocks, x, prune_index=prune)
 
 
 def image_head(model, x):
@@ -119,7 +142,7 @@ def text_blocks(model, x, start: int, stop: int, pool_index=None):
     if len(blocks) == 0:
         return x
     prune = pool_index if (pool_index is not None and stop == text_depth(model)) else None
-    return blocks_forward(blocks, x, causal=True, prune_last_index=prune)
+    return run_blocks(blocks, x, causal=True, prune_index=prune)
 
 
 def text_head(model, x, pool_index):

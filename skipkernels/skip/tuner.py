@@ -23,7 +23,10 @@ from skipkernels.skip import towers
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
 
-MODES = ("skip", "lskip", "cskip", "ft", "coop")
+PET_MODES = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
+# Each PET method alone (modules in every block) or on top of LSkip ("lskip-<method>": modules only
+# in blocks >= omega, the prefix below cached), a combination none of the papers offers.
+MODES = ("skip", "lskip", "cskip", "ft", "coop") + PET_MODES + tuple(f"lskip-{m}" for m in PET_MODES)
 
 
 @dataclasses.dataclass
@@ -65,7 +68,12 @@ class SkipConfig:
 
     @property
     def uses_lskip(self) -> bool:
-        return self.mode in ("skip", "lskip")
+        return self.mode in ("skip", "lskip") or self.mode.startswith("lskip-")
+
+    @property
+    def pet_method(self) -> str | None:
+        method = self.mode[len("lskip-"):] if self.mode.startswith("lskip-") else self.mode
+        return method if method in PET_MODES else None
 
     @property
     def uses_cskip(self) -> bool:
@@ -134,7 +142,13 @@ class SkipTuner(nn.Module):
         self.prompt_learner = None
         if config.mode == "coop":
             self.prompt_learner = PromptLearner(model, tokenizer, config.coop_n_ctx, config.coop_init).to(self.device)
-        self._set_trainable()
+        self.pet = None
+        if config.pet_method is not None:
+            from skipkernels.pet import apply_pet, trainable_modules_for_mode
+            # apply_pet freezes everything but its modules; they go only in blocks >= omega
+            self.pet = apply_pet(model, trainable_modules_for_mode(config.pet_method, min_block=self.skip_layers))
+        else:
+            self._set_trainable()
 
         with torch.no_grad():
             was_training = model.training
@@ -246,33 +260,45 @@ class SkipTuner(nn.Module):
                                             self.config.prune_last_block)
         return self.encode_images(inputs)
 
-    def text_features_for_step(self, selected):
+    def text_features_for_step(self, selected, static: bool = False):
         cfg = self.config
         if cfg.mode == "coop":
             tokens = self.prompt_learner.prompts(self.classnames).to(self.device)
             return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.model, tokens))
         if cfg.uses_lskip:
-            selected_host = selected.cpu() if (selected is not None and cfg.truncate_text) else None
+            # static: truncate to the longest prompt of all classes (known at set-up), so the step
+            # needs no host copy of the selection; otherwise to the longest selected prompt.
+            dynamic = selected is not None and cfg.truncate_text and not static
+            selected_host = selected.cpu() if dynamic else None
             x, pool_index = self.text_cache.gather(selected, selected_host)
             return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, cfg.prune_last_block)
         tokens = self.class_tokens if selected is None else self.class_tokens[selected]
         return self._encode_tokens(tokens)
 
-    def loss(self, inputs, labels):
-        """Cross-entropy of one batch over the step's class subset."""
+    def loss(self, inputs, labels, static: bool = False):
+        """Cross-entropy of one batch over the step's class subset.
+
+        ``static=True`` makes the step free of host synchronisation (for CUDA-graph capture): labels
+        are not range-checked here (check them before copying them in), the class subset has its
+        fixed size and text is truncated to the longest prompt of all classes.
+        """
         labels = labels.to(self.device)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
-            raise ValueError(f"labels must lie in [0, {len(self.classnames)}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if not static:
+            self.check_labels(labels)
         f = self.image_features_for_step(inputs)
         selected, targets = None, labels
         if self.skipper is not None:
-            selected, targets = self.skipper.select(f, labels)
-        t = self.text_features_for_step(selected)
+            selected, targets = self.skipper.select(f, labels, check=not static)
+        t = self.text_features_for_step(selected, static)
         self.last_selected = selected if selected is not None else torch.arange(len(self.classnames), device=self.device)
         self.last_labels = targets
         scale = self.model.logit_scale.detach().exp().reshape(())
         return subset_logits_ce(f, t, scale, targets)
+
+    def check_labels(self, labels) -> None:
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
+            raise ValueError(f"labels must lie in [0, {len(self.classnames)}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:

@@ -1,0 +1,59 @@
+"""Triton kernels, one module per kernel family: ``layer_norm``, ``linear``, ``attention``.
+
+The op layer (``skipkernels.ops``) imports those modules lazily, so importing ``skipkernels`` never
+needs triton. This file holds only torch-level helpers shared by the kernel wrappers and must stay
+free of triton imports.
+
+On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set before
+the kernel modules are imported). ``set_poison(True)`` (or ``SKIPKERNELS_TRITON_POISON=1``) makes
+every wrapper allocate its outputs filled with NaN, so a tile a kernel forgets to write shows up
+in tests instead of holding stale memory.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_poison = os.environ.get("SKIPKERNELS_TRITON_POISON", "0") == "1"
+
+
+def set_poison(enabled: bool) -> None:
+    """Fill kernel outputs with NaN before launch (a test/debug aid; costs one fill per output)."""
+    global _poison
+    _poison = bool(enabled)
+
+
+def poison_enabled() -> bool:
+    return _poison
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def new_empty(shape, dtype, device) -> torch.Tensor:
+    if _poison and dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype a kernel should write for a result of ``dtype``.
+
+    The interpreter's fp32 -> bf16 conversion does not round to nearest, so under it bf16 results
+    are written in fp32 and rounded by torch afterwards; compiled kernels write bf16 directly.
+    """
+    if dtype == torch.bfloat16 and interpreting():
+        return torch.float32
+    return dtype
+
+
+def check_tensors(*tensors) -> None:
+    """Triton needs CUDA tensors, or CPU tensors under the interpreter."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type == "cpu" and not interpreting():
+            raise RuntimeError("skipkernels.triton kernels need CUDA tensors; for CPU tensors set "
+                               "TRITON_INTERPRET=1 before importing skipkernels.triton modules")

@@ -1,0 +1,47 @@
+"""The VL-PET gated update: ``out = x + s * g ⊙ (h + delta_h)``.
+
+``x`` is a sub-layer's input (the residual stream), ``h`` its output, ``delta_h`` an adapter's
+modification of it, ``g`` the granularity-controlled gate and ``s`` a scale (float or a one-element
+tensor). ``g`` broadcasts against ``h``: (B, L, D) per token and channel, (B, L, 1) per token, (D,)
+per channel, (B, 1, 1) per sample. ``x`` or ``delta_h`` may be None (then they are left out), so the
+same op serves a wrapper that owns the residual add and a hook that only rewrites the branch.
+
+Reference: plain PyTorch in the inputs' promoted dtype. Kernel: ``skipkernels.triton.pet_gate``
+(one pass forward; one pass backward that writes dh and reduces dg/ds to g's and s's shapes).
+"""
+from __future__ import annotations
+
+from skipkernels.ops import _dispatch
+
+
+def gated_update_reference(x, h, delta_h, g, s):
+    u = h if delta_h is None else h + delta_h
+    y = (g * s) * u
+    return y if x is None else x + y
+
+
+def _triton_pet_gate():
+    try:
+        from skipkernels.triton import pet_gate as triton_pet_gate
+    except ImportError:
+        return None
+    return triton_pet_gate
+
+
+def gated_update(x, h, delta_h, g, s=1.0, backend: str | None = None):
+    """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring)."""
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(h)):
+        kernels = _triton_pet_gate()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.pet_gate is unavailable")
+        return kernels.gated_update(x, h, delta_h, g, s)
+    # No compiled (cpu/cuda) version exists: an elementwise op is Triton's job, and the reference
+    # is what every other backend runs.
+    return gated_update_reference(x, h, delta_h, g, s)
+
+
+def _auto_triton(h) -> bool:
+    # No GPU measurement in bench/results shows the fused kernel beating eager PyTorch (or
+    # torch.compile) at our shapes yet; keep the reference until one does.
+    return False

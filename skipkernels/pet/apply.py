@@ -1,0 +1,425 @@
+"""apply_pet: inject VL-PET / Adapter / LoRA modules into a model, freeze the rest, undo cleanly.
+
+    handle = apply_pet(model, PetConfig("vlpet-large", min_block=6))
+    optimizer = torch.optim.SGD(handle.parameters(), lr=...)
+    ...
+    handle.merge()    # LoRA only: fold into the weights, leaving the plain model
+    handle.remove()   # any method: the original model, exactly (weights, keys, requires_grad)
+
+What goes where (see ``skipkernels.pet.layouts`` for the hook points of each family):
+- ``vlpet-*``: a ``VLPETModifier`` on each chosen sub-layer (default ``attn`` and ``mlp``) of
+  every encoder block with index ≥ ``min_block``. In encoder-decoders the decoder blocks get
+  the paper's lightweight design instead (``decoder="value_adapter"``): a parallel adapter on
+  the cross-attention value projection, no gate.
+- ``adapter``: a ``HoulsbyAdapter`` on each chosen sub-layer of every block (decoders too).
+- ``lora``: LoRA factors on the chosen projections (default q, k, v) of every block.
+Pre-trained tensors are never modified (until ``merge``) and keep their parameter names; PET
+parameters are new children (``pet_attn``, ``pet_mlp``, ``lora``, ``lora_in_proj_weight``,
+``pet_value_adapter``), listed by ``handle.pet_state_dict()``; ``handle.base_state_dict()`` is
+the model's state_dict without them, key for key the original.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from skipkernels.pet import layouts as L
+from skipkernels.pet import modules as M
+
+METHODS = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
+_GRANULARITY = {"vlpet-large": "large", "vlpet-middle-x": "middle_x",
+                "vlpet-middle-y": "middle_y", "vlpet-small": "small"}
+SUBLAYER_TARGETS = ("attn", "mlp", "cross")
+# LoRA target aliases: canonical name -> attribute names of nn.Linear projections across families.
+LORA_ALIASES = {
+    "q": ("q_proj", "q", "query"),
+    "k": ("k_proj", "k", "key"),
+    "v": ("v_proj", "v", "value"),
+    "out": ("out_proj", "o"),
+    "fc1": ("c_fc", "fc1", "wi", "wi_0", "wi_1"),
+    "fc2": ("c_proj", "fc2", "wo"),
+}
+DECODER_MODES = ("value_adapter", "same", "none")
+
+
+@dataclass
+class PetConfig:
+    """What to inject.
+
+    method: one of ``METHODS``.
+    rank: adapter bottleneck r (VL-PET, Adapter, decoder value adapter) or LoRA rank; None means
+        width // 8 for adapters (96 at width 768, the paper's setting) and 4 for LoRA.
+    heads: N_h of VL-PET's multi-head down-projection (r must be a multiple).
+    gate_rank: low rank of the ``large`` gate; None means ``rank``.
+    scale: s; None means 1 / G_init (2 for sigmoid gates, 1 for middle-y): the initial model is
+        then exactly the original. The paper's scripts used 1 (BART) and 0.3 (T5).
+    lora_alpha: LoRA α (ΔW scaled by α / r); None means α = r. lora_dropout: on LoRA's input.
+    targets: sub-layers for VL-PET/Adapter (subset of ``SUBLAYER_TARGETS``, default attn, mlp);
+        projections for LoRA: canonical names in ``LORA_ALIASES`` (q/k/v also select slices of a
+        packed in-projection), ``"in_proj"`` for one factor pair over a whole packed q/k/v
+        weight, or raw attribute names; default q, k, v.
+    min_block: ω; only blocks with index ≥ ω get modules (the frozen LSkip prefix stays as is).
+    decoder: for decoder blocks (those with cross-attention): ``"value_adapter"`` (VL-PET's
+        lightweight decoder design, default for vlpet-*), ``"same"`` (as the encoder; default for
+        adapter and lora) or ``"none"``.
+    train_extra: fnmatch patterns of base parameter names that stay trainable (e.g. the paper's
+        unfrozen encoder LayerNorms ``"*.layer_norm.weight"``, or ``"visual.proj"``).
+    backend: op backend for the VL-PET gated update (None: the global one).
+    """
+    method: str = "vlpet-large"
+    rank: int | None = None
+    heads: int = 4
+    gate_rank: int | None = None
+    scale: float | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    targets: tuple[str, ...] | None = None
+    min_block: int = 0
+    decoder: str | None = None
+    train_extra: tuple[str, ...] = field(default_factory=tuple)
+    backend: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown PET method {self.method!r}; expected one of {METHODS}")
+        if self.targets is not None:
+            self.targets = tuple(self.targets)
+            if not self.is_lora:
+                bad = [t for t in self.targets if t not in SUBLAYER_TARGETS]
+                if bad:
+                    raise ValueError(f"targets {bad} are not sub-layers {SUBLAYER_TARGETS}")
+        if self.decoder is not None and self.decoder not in DECODER_MODES:
+            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
+        if self.min_block < 0:
+            raise ValueError(f"min_block must be >= 0, got {self.min_block}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be positive, got {self.rank}")
+        self.train_extra = tuple(self.train_extra)
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
+
+    @property
+    def granularity(self) -> str | None:
+        return _GRANULARITY.get(self.method)
+
+    def resolved_targets(self) -> tuple[str, ...]:
+        if self.targets is not None:
+            return self.targets
+        return ("q", "k", "v") if self.is_lora else ("attn", "mlp")
+
+    def resolved_decoder(self) -> str:
+        if self.decoder is not None:
+            return self.decoder
+        return "value_adapter" if self.granularity else "same"
+
+    def rank_for(self, width: int) -> int:
+        if self.rank is not None:
+            return self.rank
+        if self.is_lora:
+            return 4
+        r = max(1, width // 8)
+        return max(self.heads, r - r % self.heads) if self.granularity else r
+
+
+def has_pet(module: nn.Module) -> bool:
+    """Whether ``module`` (a block, or a whole model) holds PET modules. Blocks that do must be
+    run as modules (``block(x, attn_mask=...)``): the op layer's ``block_forward`` reads their
+    weights directly and would skip the modifiers and LoRA hooks."""
+    return any(name.rsplit(".", 1)[-1].startswith(("pet_", "lora"))
+               for name, _ in module.named_modules() if name)
+
+
+def trainable_modules_for_mode(mode: str, min_block: int = 0, **overrides) -> PetConfig:
+    """The PetConfig for a trainer mode (``"vlpet-large"``, ..., ``"adapter"``, ``"lora"``;
+    ``"vlpet"`` means ``"vlpet-large"``); ``min_block`` is LSkip's ω."""
+    method = "vlpet-large" if mode == "vlpet" else mode
+    return PetConfig(method=method, min_block=min_block, **overrides)
+
+
+class PetHandle:
+    """The injected modules of one ``apply_pet`` call, and how to undo them."""
+
+    def __init__(self, model: nn.Module, config: PetConfig):
+        self.model = model
+        self.config = config
+        self.modules: dict[str, nn.Module] = {}   # qualified name -> PET module
+        self._undo: list[Callable] = []
+        self._lora_undo: list[Callable[[bool], None]] = []
+        self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._base_keys: list[str] = []
+        self._clip_forwards: set[str] = set()  # blocks whose forward PET took over
+        self.active = True
+
+    # -- parameters --------------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The trainable parameters (PET modules and ``train_extra`` matches)."""
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                yield name, p
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def pet_parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.modules.values():
+            yield from module.parameters()
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def num_pet(self) -> int:
+        return sum(p.numel() for p in self.pet_parameters())
+
+    # -- state -------------------------------------------------------------------------------
+    def base_state_dict(self) -> dict:
+        """The model's state_dict without PET tensors: the original keys, in the original order."""
+        state = self.model.state_dict()
+        return {k: state[k] for k in self._base_keys}
+
+    def pet_state_dict(self) -> dict:
+        keys = set(self._base_keys)
+        return {k: v for k, v in self.model.state_dict().items() if k not in keys}
+
+    def load_pet_state_dict(self, state: dict) -> None:
+        own = self.pet_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"PET state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    # -- undo --------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+        for p, flag in self._requires_grad:
+            p.requires_grad_(flag)
+        self._requires_grad.clear()
+        self.modules.clear()
+        self.active = False
+
+    def merge(self) -> nn.Module:
+        """Fold LoRA into the pre-trained weights and remove the PET modules; returns the model.
+        Only LoRA is linear in its input: the adapters (GELU) and gates cannot be folded."""
+        self._check_active()
+        if not self.config.is_lora:
+            raise NotImplementedError(f"{self.config.method} cannot be merged into the weights (its "
+                                      "adapter and gate are nonlinear); use remove() or keep the modules")
+        for undo in reversed(self._lora_undo):
+            undo(True)
+        self._lora_undo.clear()
+        self._finish()
+        return self.model
+
+    def remove(self) -> nn.Module:
+        """Take every PET module out; the model is exactly the original again. Returns it."""
+        self._check_active()
+        for undo in reversed(self._lora_undo):
+            undo(False)
+        self._lora_undo.clear()
+        self._finish()
+        return self.model
+
+    def _check_active(self):
+        if not self.active:
+            raise RuntimeError("this PET handle was already merged or removed")
+
+    def __repr__(self):
+        return (f"PetHandle({self.config.method}, {len(self.modules)} modules, "
+                f"{self.num_trainable() if self.active else 0} trainable parameters)")
+
+
+def apply_pet(model: nn.Module, config: PetConfig,
+              filter_fn: Callable[[str, nn.Module], bool] | None = None) -> PetHandle:
+    """Inject ``config``'s modules into ``model`` (in place) and freeze everything else.
+
+    ``filter_fn(name, module)`` may veto single insertion points: it gets
+    ``"<block name>.<attn|mlp|cross>"`` and the block for sub-layer modules, and the qualified
+    name and module of each LoRA target (an nn.Linear, or the attention module for a packed
+    in-projection). Raises ValueError when nothing matched.
+    """
+    if has_pet(model):
+        raise ValueError("the model already holds PET modules; remove() them before applying again")
+    blocks = L.find_blocks(model)
+    if not blocks:
+        raise ValueError(f"no transformer blocks found in {type(model).__name__}; supported: open_clip "
+                         "blocks, Hugging Face BART layers and T5 blocks (see pet.layouts.register_layout)")
+    handle = PetHandle(model, config)
+    handle._base_keys = list(model.state_dict().keys())
+    try:
+        for block in blocks:
+            if block.index < config.min_block:
+                continue
+            if block.is_decoder:
+                mode = config.resolved_decoder()
+                if mode == "none":
+                    continue
+                if mode == "value_adapter":
+                    _add_value_adapter(handle, block, filter_fn)
+                    continue
+            if config.is_lora:
+                _add_lora(handle, block, filter_fn)
+            else:
+                _add_modifiers(handle, block, filter_fn)
+        if not handle.modules:
+            raise ValueError(f"apply_pet({config.method}) matched nothing: check targets "
+                             f"{config.resolved_targets()}, min_block={config.min_block} and filter_fn")
+        _freeze(handle)
+    except Exception:
+        if handle.active:
+            handle.remove() if handle.modules else handle._finish()
+        raise
+    return handle
+
+
+def _freeze(handle: PetHandle) -> None:
+    pet_ids = {id(p) for p in handle.pet_parameters()}
+    patterns = handle.config.train_extra
+    for name, p in handle.model.named_parameters():
+        handle._requires_grad.append((p, p.requires_grad))
+        keep = id(p) in pet_ids or any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+        p.requires_grad_(keep)
+
+
+def _register(handle: PetHandle, name: str, module: nn.Module, like: torch.Tensor) -> nn.Module:
+    module.to(device=like.device, dtype=like.dtype)
+    handle.modules[name] = module
+    return module
+
+
+def _block_param(block: L.Block) -> torch.Tensor:
+    return next(block.module.parameters())
+
+
+def _ensure_clip_forward(handle: PetHandle, block: L.Block) -> None:
+    if block.owns_forward and block.name not in handle._clip_forwards:
+        handle._undo.append(L.install_clip_forward(block.module))
+        handle._clip_forwards.add(block.name)
+
+
+def _add_modifiers(handle: PetHandle, block: L.Block, filter_fn) -> None:
+    cfg = handle.config
+    width = block.width
+    rank = cfg.rank_for(width)
+    ref = _block_param(block)
+    for kind in cfg.resolved_targets():
+        sub = block.sublayers.get(kind)
+        if sub is None:
+            continue
+        point = f"{block.name}.{kind}"
+        if filter_fn is not None and not filter_fn(point, block.module):
+            continue
+        if cfg.granularity:
+            modifier = M.VLPETModifier(width, cfg.granularity, rank, cfg.heads, cfg.gate_rank,
+                                       cfg.scale, block.token_dim, cfg.backend)
+        else:
+            modifier = M.HoulsbyAdapter(width, rank)
+        child = f"pet_{kind}"
+        _register(handle, f"{block.name}.{child}" if block.name else child, modifier, ref)
+        block.module.add_module(child, modifier)
+        handle._undo.append(_child_remover(block.module, child))
+        if block.owns_forward:
+            _ensure_clip_forward(handle, block)
+        else:
+            needs_x = cfg.granularity in ("large", "middle_x", "small")
+            handle._undo.append(L.install_hooked_modifier(sub, modifier, needs_x))
+
+
+def _child_remover(parent: nn.Module, child: str) -> Callable:
+    def undo():
+        parent._modules.pop(child, None)
+    return undo
+
+
+def _add_value_adapter(handle: PetHandle, block: L.Block, filter_fn) -> None:
+    sub = block.sublayers.get("cross")
+    if sub is None or sub.value is None:
+        return
+    point = f"{block.name}.cross"
+    if filter_fn is not None and not filter_fn(point, block.module):
+        return
+    linear = sub.value
+    rank = handle.config.rank_for(block.width)
+    adapter = M.ParallelAdapter(linear.in_features, linear.out_features, rank)
+    prefix = f"{block.name}." if block.name else ""
+    owner_name = next(n for n, m in block.module.named_modules() if m is linear)
+    _register(handle, f"{prefix}{owner_name}.pet_value_adapter", adapter, linear.weight)
+    hook = M.install_value_adapter(linear, adapter)
+    handle._undo.append(lambda: M.uninstall_value_adapter(linear, hook))
+
+
+def _lora_targets(targets):
+    """(attribute names of nn.Linear targets, packed slices) from the configured target names."""
+    names, slices = set(), []
+    for t in targets:
+        if t in ("q", "k", "v"):
+            slices.append(t)
+            names.update(LORA_ALIASES[t])
+        elif t == "in_proj":
+            slices.append("in_proj")
+        elif t in LORA_ALIASES:
+            names.update(LORA_ALIASES[t])
+        else:
+            names.add(t)
+    if "in_proj" in slices and len(slices) > 1:
+        raise ValueError("LoRA target 'in_proj' (the whole packed weight) excludes 'q', 'k', 'v'")
+    return names, tuple(slices)
+
+
+def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
+    cfg = handle.config
+    names, slices = _lora_targets(cfg.resolved_targets())
+    rank = cfg.rank_for(block.width)
+    prefix = f"{block.name}." if block.name else ""
+    count = len(handle.modules)
+    for qual, module in list(block.module.named_modules()):
+        full = prefix + qual if qual else block.name
+        if qual.split(".")[-1].startswith(("lora", "pet_")):
+            continue
+        packed = module._parameters.get("in_proj_weight") if hasattr(module, "_parameters") else None
+        if slices and isinstance(packed, nn.Parameter) and packed.dim() == 2 \
+                and packed.shape[0] == 3 * packed.shape[1]:
+            if filter_fn is None or filter_fn(full, module):
+                lora = M.PackedLoRA(packed.shape[1], slices, rank, cfg.lora_alpha, cfg.lora_dropout)
+                _register(handle, f"{full}.{M.lora_child_name('in_proj_weight')}", lora, packed)
+                M.install_weight_lora(module, "in_proj_weight", lora)
+                handle._lora_undo.append(_weight_lora_undo(module, "in_proj_weight"))
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or child_name not in names:
+                continue
+            child_full = f"{full}.{child_name}" if full else child_name
+            if filter_fn is not None and not filter_fn(child_full, child):
+                continue
+            lora = M.LoRAFactors(child.in_features, child.out_features, rank, cfg.lora_alpha,
+                                 cfg.lora_dropout)
+            if isinstance(module, nn.MultiheadAttention):
+                # nn.MultiheadAttention reads out_proj.weight itself, never calls out_proj.
+                _register(handle, f"{child_full}.{M.lora_child_name('weight')}", lora, child.weight)
+                M.install_weight_lora(child, "weight", lora)
+                handle._lora_undo.append(_weight_lora_undo(child, "weight"))
+            else:
+                _register(handle, f"{child_full}.lora", lora, child.weight)
+                hook = M.install_linear_lora(child, lora)
+                handle._lora_undo.append(_linear_lora_undo(child, hook))
+    if block.owns_forward and len(handle.modules) > count:
+        # Blocks patched onto the op layer read weights directly and skip the hooks: run them
+        # through module calls while LoRA is attached.
+        _ensure_clip_forward(handle, block)
+
+
+def _weight_lora_undo(module, weight_name):
+    return lambda merge: M.uninstall_weight_lora(module, weight_name, merge)
+
+
+def _linear_lora_undo(linear, hook):
+    return lambda merge: M.uninstall_linear_lora(linear, hook, merge)
