@@ -19,7 +19,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig
     s, t = SkipConfig(), TrainConfig()
-    p.add_argument("--mode", default=s.mode, choices=["skip", "lskip", "cskip", "ft", "coop"])
+    from skipkernels.skip.tuner import MODES
+    p.add_argument("--mode", default=s.mode, choices=MODES,
+                   help="skip (LSkip+CSkip), lskip, cskip, ft, coop, a PET method (vlpet-large, vlpet-middle-x, "
+                        "vlpet-middle-y, vlpet-small, adapter, lora) or lskip-<PET method>")
     p.add_argument("--skip-layers", type=int, default=s.skip_layers, help="omega: frozen, cached blocks")
     p.add_argument("--top-ratio", type=float, default=s.top_ratio)
     p.add_argument("--max-top", type=int, default=s.max_top)
@@ -41,6 +44,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=int, default=t.warmup_epochs)
     p.add_argument("--warmup-lr", type=float, default=t.warmup_lr)
     p.add_argument("--shots", type=int, default=t.shots, help="images per class (<= 0: all)")
+    p.add_argument("--mixed-batches", action="store_true",
+                   help="batches mix classes (the protocol puts one class per batch for shots >= 4)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms only (torch.use_deterministic_algorithms)")
     p.add_argument("--seed", type=int, default=t.seed)
     p.add_argument("--workers", type=int, default=t.workers)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
@@ -58,6 +65,7 @@ def _configs(args):
     train = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, lr_image=args.lr_image,
                         momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                         warmup_lr=args.warmup_lr, shots=args.shots, seed=args.seed, workers=args.workers,
+                        same_class_batches=False if args.mixed_batches else None, deterministic=args.deterministic,
                         amp=None if args.amp == "none" else args.amp, progress=not args.no_progress)
     return skip, train
 
@@ -73,7 +81,9 @@ def cmd_finetune(args) -> int:
                        base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume)
     print(json.dumps({"accuracy": results["accuracy"], "time_s": results["time_s"],
                       "peak_train_memory_mb": results["peak_train_memory_mb"]}, indent=2))
-    print(f"results: {Path(args.out) / 'results.json'}")
+    from skipkernels.train import distributed
+    if distributed.is_main():
+        print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 
 
@@ -155,6 +165,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from skipkernels import bench
+    bench.run(args)
+    return 0
+
+
 def cmd_info(args) -> int:
     import skipkernels
     data = skipkernels.info()
@@ -199,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="step and epoch time, peak memory: FT, CoOp, Skip (reference, "
+                                     "torch.compile, our kernels, CUDA graph) side by side")
+    from skipkernels.bench import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="torch, CUDA, Triton and which compiled ops loaded (and why not)")
     p.add_argument("--json", action="store_true")

@@ -3,27 +3,50 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections import defaultdict
 
 from skipkernels.data.coop import DatasetError, Item
 
 
-def sample_few_shot(items: list[Item], shots: int, seed: int) -> list[Item]:
+def sample_few_shot(items: list[Item], shots: int, seed: int, readable=None) -> list[Item]:
     """``shots`` items per label, drawn with ``random.Random(seed)``, labels in ascending order.
-    ``shots`` <= 0 keeps everything."""
-    if shots <= 0:
-        return list(items)
+    ``shots`` <= 0 keeps everything.
+
+    ``readable(item) -> bool``, when given, is checked for every drawn item; an unreadable one is
+    skipped (counted, with one warning) and replaced by a further draw from the same class. Only a
+    class left with fewer readable images than ``shots`` is an error.
+    """
     by_label: dict[int, list[Item]] = defaultdict(list)
     for item in items:
         by_label[item.label].append(item)
     rng = random.Random(seed)
-    out = []
+    out, skipped = [], []
     for label in sorted(by_label):
         pool = by_label[label]
-        if len(pool) < shots:
+        want = len(pool) if shots <= 0 else shots
+        if len(pool) < want:
             raise DatasetError(f"class {label} ({pool[0].classname!r}) has {len(pool)} training images, "
                                f"fewer than the {shots} shots requested")
-        out.extend(rng.sample(pool, shots))
+        order = rng.sample(pool, want) if shots > 0 else list(pool)
+        rest = [it for it in pool if it not in set(order)] if readable is not None else []
+        rng.shuffle(rest)
+        chosen = []
+        for item in order:
+            while item is not None and readable is not None and not readable(item):
+                skipped.append(item)
+                item = rest.pop() if rest else None
+            if item is None:
+                if shots <= 0:
+                    continue
+                raise DatasetError(f"class {label} ({pool[0].classname!r}) has fewer than {shots} readable "
+                                   f"training images ({len(skipped)} unreadable files skipped so far, e.g. "
+                                   f"{skipped[-1].path})")
+            chosen.append(item)
+        out.extend(chosen)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} unreadable training images (first: {skipped[0].path})",
+                      stacklevel=2)
     return out
 
 

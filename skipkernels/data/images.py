@@ -32,6 +32,14 @@ def load_rgb(path: str) -> Image.Image:
         raise ImageReadError(f"cannot decode image {path}: {err}") from err
 
 
+def is_readable(item: Item) -> bool:
+    try:
+        load_rgb(item.path)
+        return True
+    except ImageReadError:
+        return False
+
+
 def preprocess_config(model) -> tuple[int, tuple, tuple]:
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", model.visual.image_size)
@@ -97,11 +105,12 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
 class ItemDataset(torch.utils.data.Dataset):
     """Returns (image tensor, label, index); ``set_epoch`` changes the augmentation draw."""
 
-    def __init__(self, items: list[Item], transform, seed: int = 0):
+    def __init__(self, items: list[Item], transform, seed: int = 0, skip_unreadable: bool = False):
         self.items = items
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.skip_unreadable = skip_unreadable  # evaluation: yield None for a file that can't be read
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -112,10 +121,19 @@ class ItemDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         rng = random.Random(item_seed(self.seed, self.epoch, index))
-        return self.transform(load_rgb(item.path), rng), item.label, index
+        try:
+            image = load_rgb(item.path)
+        except ImageReadError:
+            if self.skip_unreadable:
+                return None, item.label, index
+            raise
+        return self.transform(image, rng), item.label, index
 
 
 def collate(batch):
+    batch = [b for b in batch if b[0] is not None]  # unreadable files (evaluation) are dropped
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
     images, labels, indices = zip(*batch)
     return torch.stack(images), torch.tensor(labels, dtype=torch.long), torch.tensor(indices, dtype=torch.long)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from skipkernels.ops.class_select import class_select, draw_rank_mask, top_k_for
+from skipkernels.train import distributed
 
 RESAMPLE_MODES = ("fixed", "step")
 
@@ -59,10 +60,11 @@ class ClassSkipper:
         return self._device_mask
 
     @torch.no_grad()
-    def select(self, image_features: torch.Tensor, labels: torch.Tensor):
+    def select(self, image_features: torch.Tensor, labels: torch.Tensor, check: bool = True):
         """image_features (B, E) of the current model (gradients are not needed); labels (B,).
-        Returns (selected class indices ascending, labels remapped into them)."""
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+        Returns (selected class indices ascending, labels remapped into them). ``check=False``
+        skips the host-side label range check (the caller checked them)."""
+        if check and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         if not self.enabled:
@@ -70,10 +72,14 @@ class ClassSkipper:
             remapped = labels.long()
         else:
             feats = F.normalize(image_features.detach().float(), dim=-1)
+            # Under torch.distributed the subset is chosen over the global batch, identically on
+            # every rank (same features, labels and rank mask), then each rank keeps its labels.
+            feats, all_labels, offset = distributed.gather_batch(feats, labels.long())
             mask = self._mask_on(feats.device)
-            static = self.resample == "fixed" and labels.shape[0] <= self.top_k
-            selected, remapped = class_select(feats, self.prototypes.to(feats.device), labels.long(), mask,
+            static = self.resample == "fixed" and all_labels.shape[0] <= self.top_k and not distributed.enabled()
+            selected, remapped = class_select(feats, self.prototypes.to(feats.device), all_labels, mask,
                                               self.top_k, self.fixed_size if static else -1)
+            remapped = remapped[offset:offset + labels.shape[0]]
         self.last_selected, self.last_labels = selected, remapped
         return selected, remapped
 

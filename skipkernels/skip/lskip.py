@@ -54,21 +54,25 @@ def keep_token_count(num_tokens: int, drop_ratio: float) -> int:
 class ImagePrefixCache:
     """One epoch of augmented training images, as tokens at block omega."""
 
-    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, device: torch.device):
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, device: torch.device, row_of: torch.Tensor):
         self.tokens = tokens
         self.labels = labels
         self.device = device
+        self.row_of = row_of  # dataset index -> cache row (-1: not cached here, e.g. another rank's)
 
     @property
     def nbytes(self) -> int:
         return self.tokens.numel() * self.tokens.element_size()
 
     def batch(self, indices: torch.Tensor):
-        idx = indices.to(self.tokens.device)
-        x = self.tokens[idx]
+        """Tokens and labels of dataset items ``indices``."""
+        rows = self.row_of[indices]
+        if bool((rows < 0).any()):
+            raise KeyError(f"items {indices[rows < 0].tolist()} are not in this cache")
+        x = self.tokens[rows.to(self.tokens.device)]
         if x.device != self.device:
             x = x.to(self.device, non_blocking=True)
-        return x, self.labels[indices].to(self.device, non_blocking=True)
+        return x, self.labels[rows].to(self.device, non_blocking=True)
 
     @classmethod
     @torch.no_grad()
@@ -77,10 +81,20 @@ class ImagePrefixCache:
               budget_bytes: int = 8 << 30, progress: bool = True, autocast_dtype=None, description="caching"):
         """Run every (augmented) image of ``loader`` through the frozen prefix.
 
-        ``loader`` yields (images, labels, indices). The cache lives on ``device`` when it fits
-        ``budget_bytes``, else in pinned host memory and batches are copied in as needed.
+        ``loader`` yields (images, labels, dataset indices), over the whole dataset or a subset
+        of it (one rank's share). The cache lives on ``device`` when it fits ``budget_bytes``,
+        else in pinned host memory and batches are copied in as needed.
         """
-        total = len(loader.dataset)
+        dataset = loader.dataset
+        if isinstance(dataset, torch.utils.data.Subset):
+            item_indices = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+            num_items = len(dataset.dataset)
+        else:
+            item_indices = torch.arange(len(dataset))
+            num_items = len(dataset)
+        row_of = torch.full((num_items,), -1, dtype=torch.long)
+        row_of[item_indices] = torch.arange(len(item_indices))
+        total = len(item_indices)
         store = None
         labels = torch.empty(total, dtype=torch.long)
         for images, batch_labels, indices in tqdm(loader, desc=description, disable=not progress, leave=False):
@@ -96,11 +110,12 @@ class ImagePrefixCache:
                 on_device = device.type != "cuda" or nbytes <= budget_bytes
                 store = torch.empty(shape, dtype=dtype, device=device if on_device else "cpu",
                                     pin_memory=(not on_device) and torch.cuda.is_available())
-            store[indices.to(store.device)] = x.to(store.dtype).to(store.device)
-            labels[indices] = batch_labels
+            rows = row_of[indices]
+            store[rows.to(store.device)] = x.to(store.dtype).to(store.device)
+            labels[rows] = batch_labels
         if store is None:
             raise ValueError("the training set is empty: nothing to cache")
-        return cls(store, labels, device)
+        return cls(store, labels, device, row_of)
 
 
 def _drop_patch_tokens(x, drop_ratio: float, generator):

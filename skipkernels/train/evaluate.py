@@ -1,11 +1,14 @@
 """Accuracy on base and new classes, and their harmonic mean."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from tqdm.auto import tqdm
 
 from skipkernels.data.images import EvalTransform, ItemDataset, make_loader, preprocess_config
 from skipkernels.ops.subset_ce import class_scores_topk
+from skipkernels.train import distributed
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -23,14 +26,25 @@ def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, a
     model.eval()
     device = tuner.device
     size, mean, std = preprocess_config(model)
-    loader = make_loader(ItemDataset(items, EvalTransform(size, mean, std)), batch_size, workers)
-    correct = 0
+    shard = items[distributed.rank()::distributed.world_size()]  # each rank scores its share
+    loader = make_loader(ItemDataset(shard, EvalTransform(size, mean, std), skip_unreadable=True), batch_size,
+                         workers)
+    correct = scored = 0
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         text = tuner.encode_classes(classnames, normalize=True).float()
         scale = torch.ones((), device=device)
         for images, labels, _ in tqdm(loader, desc=description, disable=not progress, leave=False):
+            if labels.numel() == 0:
+                continue
             f = tuner.encode_images(images.to(device), normalize=True).float()
             _, top, _ = class_scores_topk(f, text, scale, k=1)
             correct += int((top[:, 0].cpu() == labels).sum())
+            scored += labels.numel()
     model.train(was_training)
-    return 100.0 * correct / len(items)
+    correct, scored = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, scored])))
+    if scored < len(items):
+        warnings.warn(f"{description}: skipped {len(items) - scored} unreadable test images; accuracy is over "
+                      f"the {scored} readable ones", stacklevel=2)
+    if scored == 0:
+        raise ValueError(f"{description}: none of the {len(items)} test images could be read")
+    return 100.0 * correct / scored

@@ -14,16 +14,27 @@ from tqdm.auto import tqdm
 
 from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
-from skipkernels.data.images import (ItemDataset, TrainTransform, collate, epoch_batches, make_loader,
+from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
-from skipkernels.train import checkpoint
+from skipkernels.train import checkpoint, distributed
 from skipkernels.train.evaluate import accuracy, harmonic_mean
 from skipkernels.train.memory import PeakMemory
 from skipkernels.train.schedule import set_epoch_lr
 
 CHECKPOINT_NAME = "checkpoint.pt"
+
+
+class _StepLoss(torch.nn.Module):
+    """The tuner's loss as a module forward, so DistributedDataParallel can wrap a step."""
+
+    def __init__(self, tuner):
+        super().__init__()
+        self.tuner = tuner
+
+    def forward(self, inputs, labels):
+        return self.tuner.loss(inputs, labels)
 
 
 class TrainingError(RuntimeError):
@@ -49,6 +60,9 @@ class TrainConfig:
     amp: str | None = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16", "fp16" or None
     progress: bool = True
     stop_after_epochs: int | None = None  # stop early (checkpoint kept), e.g. to test resume
+    # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
+    # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -117,6 +131,12 @@ class Trainer:
         self.model_name = model_name
         self.device = tuner.device
         self.autocast_dtype = _autocast_dtype(config.amp, self.device)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            torch.backends.cudnn.benchmark = False
+            if self.device.type == "cuda":
+                import os
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         size, mean, std = preprocess_config(tuner.model)
         self.dataset = ItemDataset(self.items, TrainTransform(size, mean, std), seed=config.seed)
         self.labels = [it.label for it in self.items]
@@ -130,6 +150,13 @@ class Trainer:
         self.peak_train_bytes = 0
         self.cache_bytes = 0
         self.signature = _signature(tuner, model_name, config)
+        self.step_module = _StepLoss(tuner)
+        if distributed.enabled():
+            # Gradients are averaged over ranks; each rank's loss is weighted by its share of the
+            # global batch (see train()), so the update equals a single process on the global batch.
+            self.step_module = torch.nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
 
     # -------------------------------------------------------------- checkpoints
     @property
@@ -137,17 +164,23 @@ class Trainer:
         return None if self.out_dir is None else self.out_dir / CHECKPOINT_NAME
 
     def save_checkpoint(self, epoch_done: int) -> None:
-        if self.checkpoint_path is None:
+        if self.checkpoint_path is None or not distributed.is_main():
+            distributed.barrier()
             return
         state = {"epoch": epoch_done, "signature": self.signature,
                  "trainable": {n: p.detach().cpu() for n, p in self.tuner.trainable_named_parameters()},
                  "optimizer": self.optimizer.state_dict(), "tuner": self.tuner.extra_state(),
                  "history": self.history, "times": self.times}
         checkpoint.atomic_save(state, self.checkpoint_path)
+        distributed.barrier()
 
     def resume(self, path=None) -> bool:
         """Continue from ``path`` (default: the out_dir checkpoint). False when there is none."""
         path = Path(path) if path is not None else self.checkpoint_path
+        if path is not None and distributed.is_main():
+            for stale in path.parent.glob(f".{path.name}.*"):  # a write killed before its rename
+                stale.unlink(missing_ok=True)
+        distributed.barrier()
         if path is None or not path.is_file():
             return False
         state = checkpoint.load(path)
@@ -166,9 +199,20 @@ class Trainer:
         return True
 
     # -------------------------------------------------------------- training
-    def _cache_epoch(self, epoch: int):
+    def _global_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches (identical on every rank); each rank trains on its share."""
+        size = self.config.batch_size * distributed.world_size()
+        batches = epoch_batches(self.labels, size, self.same_class, self.config.seed, epoch)
+        # every rank needs a share of each batch to take part in the collectives
+        return [b for b in batches if len(b) >= distributed.world_size()]
+
+    def _cache_epoch(self, epoch: int, batches):
         self.dataset.set_epoch(epoch)
-        loader = make_loader(self.dataset, self.config.cache_batch_size, self.config.workers)
+        dataset = self.dataset
+        if distributed.enabled():  # each rank caches only the items of its shares
+            mine = sorted({i for b in batches for i in b[slice(*distributed.split_batch(b))]})
+            dataset = torch.utils.data.Subset(self.dataset, mine)
+        loader = make_loader(dataset, self.config.cache_batch_size, self.config.workers)
         gen = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
         cache = ImagePrefixCache.build(self.tuner.model, loader, self.tuner.skip_layers, self.device,
                                        self.tuner.cache_dtype, self.tuner.config.drop_ratio, gen,
@@ -177,18 +221,22 @@ class Trainer:
         self.cache_bytes = cache.nbytes
         return cache
 
-    def _batches(self, epoch: int, cache):
-        batches = epoch_batches(self.labels, self.config.batch_size, self.same_class, self.config.seed, epoch)
+    def _batches(self, epoch: int, batches, cache):
+        """Yields (this rank's item indices, inputs, labels, loss weight) for every global batch.
+        The weight (local size * world / global size) makes the rank-averaged gradient equal the
+        gradient of the mean loss over the global batch, also when shares differ in size."""
+        world = distributed.world_size()
+        local = [b[slice(*distributed.split_batch(b))] for b in batches]
+        weights = [len(mine) * world / len(b) for mine, b in zip(local, batches)]
         if cache is not None:
-            for indices in batches:
-                idx = torch.tensor(indices, dtype=torch.long)
-                tokens, labels = cache.batch(idx)
-                yield indices, tokens, labels
+            for indices, weight in zip(local, weights):
+                tokens, labels = cache.batch(torch.tensor(indices, dtype=torch.long))
+                yield indices, tokens, labels, weight
         else:
             self.dataset.set_epoch(epoch)
-            loader = make_loader(self.dataset, workers=self.config.workers, batch_sampler=batches)
-            for (images, labels, idx), indices in zip(loader, batches):
-                yield indices, images.to(self.device, non_blocking=True), labels.to(self.device)
+            loader = make_loader(self.dataset, workers=self.config.workers, batch_sampler=local)
+            for (images, labels, _), indices, weight in zip(loader, local, weights):
+                yield indices, images.to(self.device, non_blocking=True), labels.to(self.device), weight
 
     def train(self) -> list[dict]:
         cfg = self.config
@@ -199,41 +247,48 @@ class Trainer:
         for epoch in epochs:
             set_epoch_lr(self.optimizer, epoch, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
             tuner.model.train()
+            batches = self._global_batches(epoch)
             cache = None
             if tuner.config.uses_lskip:
                 start = time.perf_counter()
                 tuner.model.eval()  # the frozen prefix runs in inference mode
-                cache = self._cache_epoch(epoch)
+                cache = self._cache_epoch(epoch, batches)
                 tuner.model.train()
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
-            total, steps = 0.0, 0
+            loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-item losses, item count
             with PeakMemory(self.device) as peak:
-                for step, (indices, inputs, labels) in enumerate(self._batches(epoch, cache)):
+                for step, (indices, inputs, labels, weight) in enumerate(self._batches(epoch, batches, cache)):
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                         enabled=self.autocast_dtype is not None):
-                        loss = tuner.loss(inputs, labels)
-                    if not torch.isfinite(loss):
-                        good = self.checkpoint_path if (self.checkpoint_path and self.checkpoint_path.is_file()) \
-                            else "none written yet"
-                        raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step} "
-                                            f"(training items {indices}); last good checkpoint: {good}")
+                        loss = self.step_module(inputs, labels)
+                    self._check_finite(loss, epoch, step, indices)
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * weight).backward()
                     self.optimizer.step()
-                    total += loss.item()
-                    steps += 1
+                    loss_sum += torch.tensor([loss.item() * len(indices), len(indices)], dtype=torch.float64)
+            loss_sum = distributed.all_reduce_sum(loss_sum)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.times["train"] += time.perf_counter() - start
             self.peak_train_bytes = max(self.peak_train_bytes, peak.peak_bytes if self.device.type == "cuda"
                                         else peak.delta_bytes)
-            record = {"epoch": epoch + 1, "loss": total / max(1, steps), "lr": self.optimizer.param_groups[0]["lr"]}
+            record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
+                      "lr": self.optimizer.param_groups[0]["lr"]}
             self.history.append(record)
             epochs.set_postfix(loss=f"{record['loss']:.4f}")
             del cache
             self.save_checkpoint(epoch + 1)
         return self.history
+
+    def _check_finite(self, loss, epoch: int, step: int, indices) -> None:
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0])
+        if float(distributed.all_reduce_sum(bad)) > 0:  # every rank stops together
+            good = self.checkpoint_path if (self.checkpoint_path and self.checkpoint_path.is_file()) \
+                else "none written yet"
+            raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step} "
+                                f"(training items {indices} on rank {distributed.rank()}); "
+                                f"last good checkpoint: {good}")
 
 
 def export_state_dict(model, path) -> None:
@@ -250,7 +305,9 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
 
     skip = skip or SkipConfig()
     train = train or TrainConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = distributed.init_from_env(torch.device(device) if device else None)
+    if distributed.world_size() > 1 and not distributed.is_main():
+        train = dataclasses.replace(train, progress=False)
     out_dir = Path(out_dir) if out_dir is not None else None
     times = {}
 
@@ -259,7 +316,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         base, new = base_new_labels(len(splits.classnames))
     else:
         base, new = list(range(len(splits.classnames))), []
-    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed)
+    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
     test_base = subset_classes(splits.test, base)
     test_new = subset_classes(splits.test, new)
     base_names = [splits.classnames[i] for i in base]
@@ -304,11 +361,23 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
         "versions": versions(),
     }
-    if out_dir is not None:
+    results["world_size"] = distributed.world_size()
+    if out_dir is not None and distributed.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
         if finished:
-            export_state_dict(model, out_dir / "model.pt")
+            if tuner.pet is not None:
+                # model.pt stays a plain open_clip state_dict: LoRA is folded into the weights; the
+                # other PET modules are saved beside it (they are not part of open_clip's model).
+                checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.pet_state_dict().items()},
+                                       out_dir / "pet.pt")
+                if tuner.pet.config.is_lora:
+                    tuner.pet.merge()
+                checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.base_state_dict().items()},
+                                       out_dir / "model.pt")
+            else:
+                export_state_dict(model, out_dir / "model.pt")
             if tuner.prompt_learner is not None:
                 checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    distributed.barrier()
     return results
