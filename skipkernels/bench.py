@@ -1,0 +1,398 @@
+"""``skipkernels bench``: one training step and one epoch per mode, measured side by side.
+
+Modes (same model weights, same data, one process, interleaved repetitions):
+  ft, coop          the paper's baselines on the reference path
+  skip-ref          Skip Tuning on the reference path (eager PyTorch ops)
+  skip-compile      skip-ref's loss under torch.compile
+  skip-kernels      Skip Tuning with our compiled / Triton ops (backend "auto")
+  skip-graph        skip-kernels with the whole step captured in a CUDA graph (CUDA only)
+
+Times: CUDA events on a GPU, perf_counter on a CPU. Peak training memory is measured per mode in
+a subprocess of its own (CUDA max_memory_allocated, or peak RSS on a CPU), so modes don't share
+a baseline; the LSkip feature cache is reported separately.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from skipkernels.ops._dispatch import use_backend
+
+ALL_MODES = ("ft", "coop", "skip-ref", "skip-compile", "skip-kernels", "skip-graph")
+# Parameter-efficient methods can be added by their SkipTuner mode name, e.g. --modes ...,lskip-lora
+DEFAULT_MODES = ALL_MODES + ("vlpet-large", "lskip-vlpet-large", "lora", "lskip-lora")
+
+WORDS = ("alpine", "brindled", "crested", "dappled", "eastern", "feathered", "giant", "hooded", "indian",
+         "jungle", "king", "lesser", "marbled", "northern", "olive", "painted", "royal", "spotted", "tufted")
+
+
+@dataclasses.dataclass
+class Scenario:
+    model: str
+    classes: int
+    shots: int
+    batch: int
+    skip_layers: int
+    epoch_images: int
+
+    @classmethod
+    def default(cls, device: str, quick: bool = False, batch: int | None = None):
+        if quick:
+            return cls("skipkernels-tiny", 12, 4, batch or 4, 2, 24)
+        if device == "cuda":
+            return cls("ViT-B-16", 500, 16, batch or 4, 6, 8000)
+        return cls("skipkernels-tiny", 100, 16, batch or 4, 2, 400)
+
+
+def class_names(count: int) -> list[str]:
+    """Varied, deterministic names so prompt lengths (and text truncation) are realistic."""
+    names = []
+    for i in range(count):
+        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(1 + i % 4)]
+        names.append(" ".join(words) + f" {i}")
+    return names
+
+
+def _timer(device):
+    if device.type == "cuda":
+        def measure(fn):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+    else:
+        def measure(fn):
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return measure
+
+
+def _summary(values):
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+class ModeRunner:
+    """One mode's tuner, optimizer and a step function over synthetic data."""
+
+    def __init__(self, name, base_model, tokenizer, scenario: Scenario, device, autocast_dtype):
+        from skipkernels.skip.tuner import MODES, SkipTuner
+        self.name = name
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.backend = "auto" if name in ("skip-kernels", "skip-graph") else "torch"
+        mode = name if name in MODES else "skip"
+        model = copy.deepcopy(base_model)
+        with use_backend(self.backend):
+            self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
+                                   skip_layers=scenario.skip_layers)
+        self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
+                                         weight_decay=5e-4)
+        self.loss_fn = self.tuner.loss
+        if name == "skip-compile":
+            import logging
+            # The reference step has data-dependent shapes (class subset, truncation): graph breaks
+            # are expected there and logged at WARNING level for every break; keep the table readable.
+            logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+            self.loss_fn = torch.compile(self.tuner.loss)
+        self.graph_step = None
+        self.scenario = scenario
+
+    def inputs_for(self, images):
+        if self.tuner.config.uses_lskip:
+            with use_backend(self.backend), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                                           enabled=self.autocast_dtype is not None):
+                return self.tuner.image_prefix(images).to(self.tuner.cache_dtype)
+        return images
+
+    def step(self, inputs, labels):
+        if self.name == "skip-graph":
+            if self.graph_step is None:
+                from skipkernels.skip.graph import CapturedStep
+                with use_backend(self.backend):
+                    self.graph_step = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype)
+            return self.graph_step(inputs, labels)
+        with use_backend(self.backend):
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.loss_fn(inputs, labels)
+            loss.backward()
+            self.optimizer.step()
+        return loss
+
+
+def _images(scenario, model, count, device, seed):
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(count, 3, size, size, generator=g).to(device)
+
+
+def _labels(scenario, count, seed, same_class):
+    g = torch.Generator().manual_seed(seed)
+    if same_class:  # the protocol for shots >= 4: one class per batch
+        return torch.full((count,), int(torch.randint(0, scenario.classes, (1,), generator=g)))
+    return torch.randint(0, scenario.classes, (count,), generator=g)
+
+
+def _available_modes(modes, device):
+    out, skipped = [], {}
+    for mode in modes:
+        if mode == "skip-graph" and device.type != "cuda":
+            skipped[mode] = "CUDA graphs need a GPU"
+        elif mode == "skip-graph":
+            from skipkernels import _ext
+            if not _ext.cuda_built():
+                skipped[mode] = f"compiled CUDA ops missing: {_ext.load_error}"
+            else:
+                out.append(mode)
+        else:
+            out.append(mode)
+    return out, skipped
+
+
+def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, epoch: bool, seed: int = 0):
+    from skipkernels.models import create_model
+    from skipkernels.patch import patch_clip
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    base_model, tokenizer = create_model(scenario.model, None, device=device, seed=seed)
+    patch_clip(base_model)
+    runners = [ModeRunner(m, base_model, tokenizer, scenario, device, autocast_dtype) for m in modes]
+    del base_model
+    measure = _timer(device)
+    same_class = scenario.shots >= 4
+    images = _images(scenario, runners[0].tuner.model, scenario.batch, device, seed)
+    labels = _labels(scenario, scenario.batch, seed, same_class).to(device)
+    inputs = {r.name: r.inputs_for(images) for r in runners}
+    step_times = {r.name: [] for r in runners}
+    for _ in range(warmup):
+        for r in runners:
+            r.step(inputs[r.name], labels)
+    for _ in range(repeats):  # interleaved: each repetition runs every mode once
+        for r in runners:
+            step_times[r.name].append(measure(lambda r=r: r.step(inputs[r.name], labels)))
+    result = {name: {"step_s": _summary(times)} for name, times in step_times.items()}
+    if epoch:
+        for r in runners:
+            result[r.name].update(_measure_epoch(r, scenario, device, measure, seed))
+    return result
+
+
+def _measure_epoch(runner, scenario, device, measure, seed):
+    """One epoch over ``epoch_images`` images: LSkip caching (if any) then every step."""
+    n = scenario.epoch_images
+    batch = scenario.batch
+    chunk = 64
+    tuner = runner.tuner
+    cache_s = 0.0
+    cached = None
+    if tuner.config.uses_lskip:
+        def cache():
+            nonlocal cached
+            parts = []
+            for start in range(0, n, chunk):
+                imgs = _images(scenario, tuner.model, min(chunk, n - start), device, seed + start)
+                parts.append(runner.inputs_for(imgs))
+            cached = torch.cat(parts)
+        cache_s = measure(cache)
+    labels_all = _labels(scenario, n, seed, False).to(device)
+
+    def steps():
+        for start in range(0, n - batch + 1, batch):
+            labels = labels_all[start:start + batch]
+            if scenario.shots >= 4:
+                labels = labels[:1].expand(batch).contiguous()
+            x = cached[start:start + batch] if cached is not None else \
+                _images(scenario, tuner.model, batch, device, seed + start)
+            runner.step(x, labels)
+
+    steps_s = measure(steps)
+    cache_mb = 0.0 if cached is None else cached.numel() * cached.element_size() / 2**20
+    return {"epoch_s": cache_s + steps_s, "epoch_cache_s": cache_s, "epoch_steps_s": steps_s,
+            "epoch_images": n, "cache_mb": cache_mb}
+
+
+def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) -> dict:
+    """Run in a fresh process: peak memory of ``steps`` training steps of one mode."""
+    from skipkernels.models import create_model
+    from skipkernels.patch import patch_clip
+    from skipkernels.train.memory import PeakMemory
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    model, tokenizer = create_model(scenario.model, None, device=device, seed=0)
+    patch_clip(model)
+    runner = ModeRunner(mode, model, tokenizer, scenario, device, autocast_dtype)
+    del model
+    images = _images(scenario, runner.tuner.model, scenario.batch, device, 0)
+    labels = _labels(scenario, scenario.batch, 0, scenario.shots >= 4).to(device)
+    inputs = runner.inputs_for(images)
+    runner.step(inputs, labels)  # first step creates gradients and optimizer state; measured below
+    with PeakMemory(device) as peak:
+        for _ in range(steps):
+            runner.step(inputs, labels)
+    if device.type == "cuda":
+        # everything allocated: weights, gradients, optimizer state, activations, the batch
+        return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps"}
+    # On a CPU the process RSS is dominated by the libraries; report what training adds on top of
+    # the loaded model (activations and temporaries), and the process peak beside it.
+    return {"peak_mb": peak.delta_bytes / 2**20, "process_peak_rss_mb": peak.peak_bytes / 2**20,
+            "before_steps_mb": peak.start_bytes / 2**20, "kind": "RSS increase during training steps"}
+
+
+def measure_memory(scenario: Scenario, modes, device) -> dict:
+    out = {}
+    for mode in modes:
+        cmd = [sys.executable, "-m", "skipkernels.bench", "--memory-child", mode, "--device", device.type,
+               "--scenario", json.dumps(dataclasses.asdict(scenario))]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            out[mode] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+            continue
+        out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent.parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device) -> dict:
+    from skipkernels.train.trainer import versions
+    env = versions()
+    env.update({"device": torch.cuda.get_device_name(0) if device.type == "cuda" else
+                (os.uname().machine + " cpu, " + str(os.cpu_count()) + " cores"),
+                "git_commit": _git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+    return env
+
+
+def format_table(results: dict, reference: str = "skip-ref") -> str:
+    ref = results.get(reference, {}).get("step_s", {}).get("median")
+    header = f"{'mode':<18} {'step ms (median)':>17} {'min-max ms':>17} {'vs ' + reference:>13} " \
+             f"{'epoch s':>9} {'cache s':>8} {'peak MB':>9} {'cache MB':>9}"
+    lines = [header, "-" * len(header)]
+    for mode, r in results.items():
+        step = r.get("step_s")
+        if step is None:
+            lines.append(f"{mode:<18} {r.get('skipped', '')}")
+            continue
+        ratio = f"{ref / step['median']:.2f}x" if ref else "-"
+        mem = r.get("memory", {}).get("peak_mb")
+        lines.append(f"{mode:<18} {step['median'] * 1e3:17.2f} {step['min'] * 1e3:8.2f}-{step['max'] * 1e3:<8.2f} "
+                     f"{ratio:>13} {r.get('epoch_s', float('nan')):9.2f} {r.get('epoch_cache_s', 0.0):8.2f} "
+                     f"{(mem if mem is not None else float('nan')):9.1f} {r.get('cache_mb', 0.0):9.1f}")
+    return "\n".join(lines)
+
+
+def bar_chart(results: dict, path: Path, title: str) -> None:
+    """Two bar panels (median step time, peak memory) drawn with PIL: no plotting dependency."""
+    from PIL import Image, ImageDraw
+    modes = [m for m, r in results.items() if "step_s" in r]
+    panels = [("median step time (ms)", [results[m]["step_s"]["median"] * 1e3 for m in modes]),
+              ("peak training memory (MB)", [results[m].get("memory", {}).get("peak_mb") or 0.0 for m in modes])]
+    width, height, margin = 900, 420, 40
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((margin, 8), title, fill="black")
+    panel_w = (width - 3 * margin) // 2
+    colours = [(70, 110, 200), (200, 110, 60), (90, 170, 90), (170, 80, 160), (60, 160, 170), (150, 150, 60)]
+    for p, (label, values) in enumerate(panels):
+        x0 = margin + p * (panel_w + margin)
+        y0, y1 = 50, height - 80
+        draw.text((x0, 30), label, fill="black")
+        draw.line([(x0, y1), (x0 + panel_w, y1)], fill="black")
+        top = max(values) if values and max(values) > 0 else 1.0
+        bar_w = panel_w // max(1, len(values))
+        for i, value in enumerate(values):
+            h = int((y1 - y0) * value / top)
+            bx = x0 + i * bar_w + 4
+            draw.rectangle([bx, y1 - h, bx + bar_w - 8, y1], fill=colours[i % len(colours)])
+            draw.text((bx, y1 - h - 12), f"{value:.1f}", fill="black")
+            draw.text((bx, y1 + 6 + 12 * (i % 2)), modes[i], fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    scenario = Scenario.default(device.type, args.quick, args.batch)
+    if args.model:
+        scenario.model = args.model
+    if args.classes:
+        scenario.classes = args.classes
+    if args.epoch_images:
+        scenario.epoch_images = args.epoch_images
+    requested = [m for m in args.modes.split(",") if m]
+    from skipkernels.skip.tuner import MODES
+    unknown = sorted(set(requested) - set(ALL_MODES) - set(MODES))
+    if unknown:
+        raise ValueError(f"unknown bench modes {unknown}; choose from {ALL_MODES} or a tuner mode {MODES}")
+    if args.no_compile:
+        requested = [m for m in requested if m != "skip-compile"]
+    modes, skipped = _available_modes(requested, device)
+    print(f"bench on {device}: {scenario}", flush=True)
+    results = measure_time(scenario, modes, device, args.repeats, args.warmup, not args.no_epoch)
+    if not args.no_memory:
+        for mode, mem in measure_memory(scenario, modes, device).items():
+            results[mode]["memory"] = mem
+    for mode, why in skipped.items():
+        results[mode] = {"skipped": why}
+    table = format_table(results)
+    print(table)
+    report = {"scenario": dataclasses.asdict(scenario), "environment": environment(device),
+              "repeats": args.repeats, "warmup": args.warmup, "results": results, "table": table,
+              "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter"}
+    out = Path(args.out)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    tag = f"{device.type}-{scenario.model}-b{scenario.batch}-{stamp}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"e2e-{tag}.json").write_text(json.dumps(report, indent=2))
+    bar_chart(results, out / f"e2e-{tag}.png", f"{report['environment']['device']}: {scenario.model}, "
+                                                 f"C={scenario.classes}, batch {scenario.batch}")
+    print(f"saved: {out / f'e2e-{tag}.json'} and .png")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES))
+    p.add_argument("--quick", action="store_true", help="tiny scenario (smoke test)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--model", default=None)
+    p.add_argument("--classes", type=int, default=None)
+    p.add_argument("--epoch-images", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-epoch", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="bench/results")
+
+
+def _child_main(argv):
+    p = argparse.ArgumentParser()
+    p.add_argument("--memory-child", required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--scenario", required=True)
+    args = p.parse_args(argv)
+    scenario = Scenario(**json.loads(args.scenario))
+    print(json.dumps(measure_memory_child(scenario, args.memory_child, torch.device(args.device))))
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1:])

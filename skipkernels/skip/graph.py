@@ -1,0 +1,56 @@
+"""A whole Skip Tuning training step (forward, backward, optimizer step) captured in a CUDA graph.
+
+At the paper's batch 4 a step is a few hundred small kernels: launch overhead dominates, and
+replaying one graph removes it. Capture needs a step without host synchronisation: the tuner's
+``static`` step (fixed CSkip subset size, text truncated to the longest prompt of all classes)
+with the compiled, sync-free ``class_select`` and ``subset_logits_ce`` ops.
+"""
+from __future__ import annotations
+
+import torch
+
+from skipkernels import _ext
+
+
+class CapturedStep:
+    """``step = CapturedStep(tuner, optimizer, example_inputs, example_labels)``, then
+    ``loss = step(inputs, labels)`` copies the batch into static buffers and replays the graph."""
+
+    def __init__(self, tuner, optimizer, example_inputs, example_labels, autocast_dtype=torch.bfloat16,
+                 warmup_steps: int = 3):
+        if tuner.device.type != "cuda":
+            raise RuntimeError("CUDA graph capture needs the tuner on a CUDA device")
+        if not (_ext.has_op("class_select") and _ext.has_op("subset_logits_ce") and _ext.cuda_built()):
+            raise RuntimeError(f"CUDA graph capture needs the compiled CUDA ops: {_ext.load_error or 'not built'}")
+        if tuner.skipper is not None:
+            if tuner.skipper.resample != "fixed" or example_labels.shape[0] > tuner.skipper.top_k:
+                raise ValueError("capture needs a fixed CSkip subset size: resample='fixed' and batch <= top_k")
+        self.tuner, self.optimizer, self.autocast_dtype = tuner, optimizer, autocast_dtype
+        self.inputs = example_inputs.detach().clone()
+        self.labels = example_labels.detach().clone().to(tuner.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up creates optimizer state and autotunes outside capture
+            for _ in range(warmup_steps):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.loss = self._step()
+
+    def _step(self):
+        self.optimizer.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                            cache_enabled=False):
+            loss = self.tuner.loss(self.inputs, self.labels, static=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, inputs, labels):
+        self.tuner.check_labels(labels)  # checked here, outside the graph
+        self.inputs.copy_(inputs, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.loss

@@ -1,0 +1,31 @@
+"""``skipkernels bench`` runs end to end on a CPU and writes its JSON and chart."""
+import json
+
+import pytest
+
+from skipkernels.cli import main
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
+    assert main(["bench", "--quick", "--modes", "ft,skip-ref,skip-kernels,skip-graph,lskip-lora", "--repeats", "2",
+                 "--warmup", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vs skip-ref" in out and "skip-graph" in out
+    reports = list(tmp_path.glob("e2e-cpu-*.json"))
+    assert len(reports) == 1 and len(list(tmp_path.glob("e2e-cpu-*.png"))) == 1
+    report = json.loads(reports[0].read_text())
+    results = report["results"]
+    assert results["skip-graph"] == {"skipped": "CUDA graphs need a GPU"}
+    for mode in ("ft", "skip-ref", "skip-kernels", "lskip-lora"):
+        step = results[mode]["step_s"]
+        assert 0 < step["min"] <= step["median"] <= step["max"] and step["n"] == 2
+        assert results[mode]["epoch_s"] > 0 and "peak_mb" in results[mode]["memory"]
+    assert results["skip-ref"]["cache_mb"] > 0 and results["ft"]["cache_mb"] == 0
+    env = report["environment"]
+    assert {"device", "torch", "git_commit", "date"} <= set(env)
+
+
+def test_bench_rejects_unknown_modes(capsys):
+    assert main(["bench", "--quick", "--modes", "nope", "--no-memory", "--no-epoch"]) == 2
+    assert "unknown bench modes ['nope']" in capsys.readouterr().err
