@@ -24,7 +24,8 @@ def _extensions():
         return [], {}
     with_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("SKIPKERNELS_NO_CUDA", "0") != "1")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # no -std flag: torch.utils.cpp_extension adds the standard its own headers need
+    cxx_flags = ["-O3", "-fopenmp"]
     macros = []
     extension = cpp_extension.CppExtension
     extra = {"cxx": cxx_flags}
@@ -34,7 +35,7 @@ def _extensions():
         sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
         macros.append(("SKIPKERNELS_WITH_CUDA", None))
         extension = cpp_extension.CUDAExtension
-        extra["nvcc"] = ["-O3", "-std=c++17"]
+        extra["nvcc"] = ["-O3"]
     ext = extension("skipkernels._C", sources, define_macros=macros, extra_compile_args=extra,
                     libraries=libraries, include_dirs=[os.path.join(ROOT, "csrc")])
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}

@@ -31,3 +31,79 @@ def has_op(name: str) -> bool:
 
 def cuda_built() -> bool:
     return _C is not None and bool(getattr(_C, "built_with_cuda", lambda: False)())
+
+
+def has_kernel(name: str, device) -> bool:
+    """True when the compiled op ``name`` has a kernel for tensors on ``device`` (cpu or cuda)."""
+    kind = torch.device(device).type
+    return has_op(name) and (kind == "cpu" or (kind == "cuda" and cuda_built()))
+
+
+_CUDA_ERRORS = {
+    1: "class_select got a label outside [0, C) (it was clamped)",
+    2: "class_select found a selection whose size differs from num_selected (more distinct batch "
+       "labels than top_k?); the output was truncated or padded",
+    4: "subset_logits_ce got a label outside [0, K') (its loss term is NaN)",
+}
+
+
+def check_cuda_errors(device=None, reset: bool = True) -> None:
+    """Raise ValueError when a CUDA op flagged bad input on ``device`` since the last check.
+
+    The CUDA ops never synchronise in their static-size paths (so they can be graph-captured),
+    hence they report bad data through a device-side error word instead of raising. This reads
+    it, which synchronises the device: call it at checkpoints (e.g. once per epoch), not per step.
+    """
+    if not cuda_built() or not torch.cuda.is_available():
+        return
+    index = torch.cuda.current_device() if device is None else torch.device(device).index
+    if index is None:
+        index = torch.cuda.current_device()
+    bits = int(_C.cuda_error_flags(index, reset))
+    if bits:
+        problems = [text for bit, text in _CUDA_ERRORS.items() if bits & bit]
+        raise ValueError(f"skipkernels CUDA ops on cuda:{index} flagged bad input: " + "; ".join(problems))
+
+
+def _compute_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _register_fakes() -> None:
+    """Shapes and dtypes of the compiled ops for torch.compile / meta tensors (see csrc/ops.cpp)."""
+
+    @torch.library.register_fake("skipkernels::class_select")
+    def _class_select_fake(image_features, prototypes, labels, rank_mask, top_k, num_selected):
+        if num_selected >= 0:
+            size = num_selected
+        else:
+            size = torch.library.get_ctx().new_dynamic_size(min=top_k, max=prototypes.shape[0])
+        return (image_features.new_empty((size,), dtype=torch.long),
+                image_features.new_empty(labels.shape, dtype=torch.long))
+
+    @torch.library.register_fake("skipkernels::subset_logits_ce")
+    def _subset_logits_ce_fake(image_features, text_features, scale, labels):
+        dtype = _compute_dtype(image_features, text_features)
+        batch, classes = image_features.shape[0], text_features.shape[0]
+        new = image_features.new_empty
+        return (new((), dtype=dtype), new((batch, classes), dtype=dtype), new((batch,), dtype=dtype),
+                new((batch,), dtype=dtype), new((batch,), dtype=dtype), new((classes,), dtype=dtype))
+
+    @torch.library.register_fake("skipkernels::subset_logits_ce_backward")
+    def _subset_logits_ce_backward_fake(grad_loss, grad_logits, image_features, text_features, scale, labels,
+                                        cos, row_max, row_log_sum, image_norm, text_norm):
+        return (image_features.new_empty(image_features.shape), text_features.new_empty(text_features.shape),
+                scale.new_empty(scale.shape))
+
+    @torch.library.register_fake("skipkernels::class_scores_topk")
+    def _class_scores_topk_fake(image_features, text_features, scale, k, labels, chunk_size):
+        k = min(k, text_features.shape[0])
+        batch = image_features.shape[0]
+        values = image_features.new_empty((batch, k), dtype=torch.float32)
+        indices = image_features.new_empty((batch, k), dtype=torch.long)
+        loss = image_features.new_empty((), dtype=torch.float32) if labels is not None else None
+        return values, indices, loss
+
+
+if _C is not None and hasattr(torch.ops.skipkernels, "class_select"):
+    _register_fakes()

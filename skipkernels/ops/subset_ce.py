@@ -45,11 +45,14 @@ def subset_logits_ce_reference(image_features, text_features, scale, labels, ret
 def subset_logits_ce(image_features, text_features, scale, labels, return_logits: bool = False,
                      backend: str | None = None):
     name = _dispatch.resolve(backend)
-    compiled = _ext.has_op("subset_logits_ce")
+    device = image_features.device.type
+    compiled = _ext.has_kernel("subset_logits_ce", device)
     if name in ("cpu", "cuda") or (name == "auto" and compiled and _auto_compiled(image_features)):
+        if name in ("cpu", "cuda") and name != device:
+            raise ValueError(f"backend {name!r} does not run on {device} tensors")
         if not compiled:
-            raise RuntimeError(f"backend {name!r} requested but the compiled subset_logits_ce is unavailable: "
-                               f"{_ext.load_error}")
+            raise RuntimeError(f"backend {name!r} requested but the compiled subset_logits_ce is unavailable "
+                               f"for {device}: {_ext.load_error or 'the extension was built without CUDA'}")
         _check(image_features, text_features, labels)
         from skipkernels.ops import _subset_ce_autograd
         return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
@@ -75,11 +78,17 @@ def class_scores_topk(image_features, text_features, scale, k: int = 1, labels=N
                       backend: str | None = None):
     """Chunked over classes: never builds the (B, C) matrix; same result as the reference."""
     name = _dispatch.resolve(backend)
-    if name in ("cpu", "cuda") or (name == "auto" and _ext.has_op("class_scores_topk")):
-        if not _ext.has_op("class_scores_topk"):
-            raise RuntimeError(f"backend {name!r} requested but the compiled class_scores_topk is unavailable: "
-                               f"{_ext.load_error}")
+    device = image_features.device.type
+    compiled = _ext.has_kernel("class_scores_topk", device)
+    if name in ("cpu", "cuda") or (name == "auto" and compiled):
+        if name in ("cpu", "cuda") and name != device:
+            raise ValueError(f"backend {name!r} does not run on {device} tensors")
+        if not compiled:
+            raise RuntimeError(f"backend {name!r} requested but the compiled class_scores_topk is unavailable "
+                               f"for {device}: {_ext.load_error or 'the extension was built without CUDA'}")
         _check(image_features, text_features, labels)
+        if scale.device != image_features.device:
+            scale = scale.to(image_features.device)
         return torch.ops.skipkernels.class_scores_topk(image_features, text_features, scale, k,
                                                        labels, chunk_size)
     return class_scores_topk_chunked(image_features, text_features, scale, k, labels, chunk_size)
