@@ -60,3 +60,14 @@ def test_bad_arguments_exit_cleanly_with_a_message(extra, message, tmp_path, cap
 def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "skipkernels", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "finetune" in proc.stdout and "demo" in proc.stdout
+
+
+def test_quickstart_example_runs(tmp_path):
+    import os
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "python" / "quickstart.py"), "--epochs", "1"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SKIPKERNELS_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "epoch 1: loss" in proc.stdout
