@@ -49,6 +49,23 @@ def store_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def autocast_inputs(*tensors):
+    """Cast floating tensors to the autocast dtype when autocast is on for their device.
+
+    Autocast does not see custom kernels; this applies the cast ``F.linear`` / SDPA would get, so
+    a Triton op under ``torch.autocast`` computes in the same dtype as the reference. The cast is
+    an ordinary differentiable ``.to``, so gradients reach fp32 parameters in fp32.
+    """
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        return tensors
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def check_tensors(*tensors) -> None:
     """Triton needs CUDA tensors, or CPU tensors under the interpreter."""
     for t in tensors:

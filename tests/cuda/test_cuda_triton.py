@@ -1,0 +1,196 @@
+"""Triton kernels compiled for a GPU at full ViT-B/16 shapes (image 197x768, 12 heads; text
+77x512, 8 heads, truncated and pooled), fp32 / fp16 / bf16, against an fp64 oracle with the same
+rule as the CPU tests: error at most 2x PyTorch's own in the same dtype, plus a few ulps.
+Skipped without a GPU (the CPU tests cover the same logic under the interpreter at small shapes)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+pytest.importorskip("triton")
+
+import skipkernels.triton as skt  # noqa: E402
+from skipkernels import use_backend  # noqa: E402
+from skipkernels._compat import import_open_clip  # noqa: E402
+from skipkernels.ops import attention as ops_attn  # noqa: E402
+from skipkernels.ops import layer_norm as ops_ln  # noqa: E402
+from skipkernels.ops import linear as ops_lin  # noqa: E402
+from skipkernels.ops.block import block_forward  # noqa: E402
+from skipkernels.triton import attention as tattn  # noqa: E402
+from skipkernels.triton import layer_norm as tln  # noqa: E402
+from skipkernels.triton import linear as tlin  # noqa: E402
+
+DEV = "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOKENS = {"image": (4 * 197, 768), "text": (100 * 77, 512), "text_trunc": (100 * 24, 512)}
+
+
+@pytest.fixture(autouse=True)
+def _poison_and_no_tf32():
+    skt.set_poison(True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: fp32 GEMMs in full fp32
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    skt.set_poison(False)
+
+
+def _gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def _randn(shape, seed, dtype=torch.float32, scale=1.0):
+    return (torch.randn(shape, generator=_gen(seed), device=DEV) * scale).to(dtype)
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_fp64_rule(out, torch_out, ref64, what, scale=None):
+    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
+    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
+    ulps = 4 if out.dtype == torch.float32 else 1
+    scale = ref64.abs().max().item() if scale is None else scale
+    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, scale)
+    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
+
+
+def _grads(fn, inputs, gout):
+    inputs = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gout = gout if isinstance(gout, tuple) else (gout,)
+    sum((o.double() * g).sum() for o, g in zip(outs, gout)).backward()
+    return [None if t is None else t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tower", list(TOKENS))
+def test_add_layer_norm_vit_shapes(tower, dtype):
+    m, d = TOKENS[tower]
+    x, delta = _randn((m, d), 1, dtype, 2.0), _randn((m, d), 2, dtype)
+    w, b = (1 + _randn((d,), 3, scale=0.5)).to(dtype), _randn((d,), 4, dtype, 0.5)
+    gs, gy = _randn((m, d), 5, torch.float64), _randn((m, d), 6, torch.float64)
+    args = (x, delta, w, b)
+
+    def exact(x, dl, w, b):
+        s = x + dl
+        return s, F.layer_norm(s, (d,), w, b, 1e-5)
+
+    fused = _grads(lambda *a: tln.add_layer_norm(*a, 1e-5), args, (gs, gy))
+    ref = _grads(lambda *a: ops_ln.add_layer_norm_reference(*a, 1e-5), args, (gs, gy))
+    ex = _grads(exact, [t.double() for t in args], (gs, gy))
+    for name, gf, gr, ge in zip(("x", "delta", "w", "b"), fused, ref, ex):
+        assert_fp64_rule(gf, gr, ge, f"d{name}")
+    y = tln.layer_norm(x, w, b, 1e-5)
+    assert_fp64_rule(y, ops_ln.layer_norm_reference(x, w, b, 1e-5),
+                     F.layer_norm(x.double(), (d,), w.double(), b.double(), 1e-5), "layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "quick_gelu"])
+@pytest.mark.parametrize("tower", ["image", "text_trunc"])
+def test_fc1_vit_shapes(tower, act, dtype):
+    m, d = TOKENS[tower]
+    x, w, b = _randn((m, d), 1, dtype), _randn((4 * d, d), 2, dtype, d ** -0.5), _randn((4 * d,), 3, dtype)
+    gout = _randn((m, 4 * d), 4, torch.float64)
+    fused = _grads(lambda *a: tlin.linear_act(*a, act), (x, w, b), gout)
+    ref = _grads(lambda *a: ops_lin.linear_act_reference(*a, act), (x, w, b), gout)
+    ex = _grads(lambda *a: ops_lin.linear_act_reference(*a, act), (x.double(), w.double(), b.double()), gout)
+    out = tlin.linear_act(x, w, b, act)
+    assert_fp64_rule(out, ops_lin.linear_act_reference(x, w, b, act),
+                     ops_lin.linear_act_reference(x.double(), w.double(), b.double(), act), "fc1")
+    for name, gf, gr, ge in zip(("x", "W", "b"), fused, ref, ex):
+        assert_fp64_rule(gf, gr, ge, f"fc1 d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layer", ["out_proj", "fc2"])
+@pytest.mark.parametrize("with_scale", [False, True])
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_linear_residual_vit_shapes(tower, layer, with_scale, dtype):
+    m, d = TOKENS[tower]
+    k = d if layer == "out_proj" else 4 * d
+    x, w, b = _randn((m, k), 1, dtype), _randn((d, k), 2, dtype, k ** -0.5), _randn((d,), 3, dtype)
+    res = _randn((m, d), 4, dtype)
+    scale = (0.5 + _randn((d,), 5).abs()).to(dtype) if with_scale else None
+    args = (x, w, b, res, scale)
+    out = tlin.linear_residual(*args)
+    ref64 = ops_lin.linear_residual_reference(*[None if t is None else t.double() for t in args])
+    assert_fp64_rule(out, ops_lin.linear_residual_reference(*args), ref64, layer)
+    gout = _randn((m, d), 6, torch.float64)
+    fused = _grads(tlin.linear_residual, args, gout)
+    ref = _grads(ops_lin.linear_residual_reference, args, gout)
+    ex = _grads(ops_lin.linear_residual_reference, [None if t is None else t.double() for t in args], gout)
+    for name, gf, gr, ge in zip(("x", "W", "b", "res", "scale"), fused, ref, ex):
+        if gr is not None:
+            assert_fp64_rule(gf, gr, ge, f"{layer} d{name}")
+
+
+ATTN_CASES = [  # (B, H, Lq, Lk, Dh, kind)
+    (4, 12, 197, 197, 64, "none"),
+    (100, 8, 77, 77, 64, "causal"),
+    (100, 8, 24, 24, 64, "causal"),
+    (100, 8, 77, 77, 64, "text_mask"),
+    (100, 8, 1, 77, 64, "key_limit"),
+    (4, 12, 1, 197, 64, "none"),
+    (8, 16, 77, 77, 32, "causal"),
+    (4, 4, 197, 197, 32, "bool_padding"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,lq,lk,dh,kind", ATTN_CASES)
+def test_attention_vit_shapes(b, h, lq, lk, dh, kind, dtype):
+    q = _randn((b, h, lq, dh), 1, dtype, 1.5)
+    k, v = _randn((b, h, lk, dh), 2, dtype, 1.5), _randn((b, h, lk, dh), 3, dtype)
+    kw, kw64 = {}, {}
+    if kind == "causal":
+        kw = kw64 = {"causal": True}
+    elif kind == "text_mask":
+        mask = torch.full((lk, lk), float("-inf"), device=DEV).triu(1)
+        kw, kw64 = {"attn_mask": mask.to(dtype)}, {"attn_mask": mask.double()}
+    elif kind == "key_limit":
+        limit = torch.randint(1, lk + 1, (b,), generator=_gen(4), device=DEV)
+        kw = kw64 = {"key_limit": limit}
+    elif kind == "bool_padding":
+        keep = torch.arange(lk, device=DEV)[None, None, None, :] < torch.randint(1, lk + 1, (b, 1, 1, 1), generator=_gen(5), device=DEV)
+        kw = kw64 = {"attn_mask": keep}
+    out = tattn.attention(q, k, v, **kw)
+    ref64 = ops_attn.attention_reference(q.double(), k.double(), v.double(), **kw64)
+    assert_fp64_rule(out, ops_attn.attention_reference(q, k, v, **kw), ref64, f"attention[{kind}]")
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_vit_b_block_fp32(tower):
+    """A full-width block: Triton backend vs reference vs the module's own fp64 forward."""
+    open_clip = import_open_clip()
+    width, heads, length = (768, 12, 197) if tower == "image" else (512, 8, 77)
+    torch.manual_seed(0)
+    block = open_clip.transformer.ResidualAttentionBlock(width, heads).to(DEV)
+    causal = tower == "text"
+    x = _randn((4, length, width), 1)
+    gout = _randn((4, length, width), 2, torch.float64)
+    results = {}
+    for backend in ("triton", "torch"):
+        xb = x.clone().requires_grad_(True)
+        block.zero_grad(set_to_none=True)
+        with use_backend(backend):
+            out = block_forward(block, xb, causal=causal)
+        (out.double() * gout).sum().backward()
+        results[backend] = (out.detach(), [xb.grad] + [p.grad.clone() for p in block.parameters()])
+    block64 = copy.deepcopy(block).double()
+    x64 = x.double().requires_grad_(True)
+    mask = torch.full((length, length), float("-inf"), device=DEV, dtype=torch.float64).triu(1) if causal else None
+    out64 = block64(x64, attn_mask=mask)
+    (out64 * gout).sum().backward()
+    grads64 = [x64.grad] + [p.grad for p in block64.parameters()]
+    assert_fp64_rule(results["triton"][0], results["torch"][0], out64, "block output")
+    scale = max(g.abs().max().item() for g in grads64)
+    for gt, gr, g64 in zip(results["triton"][1], results["torch"][1], grads64):
+        assert_fp64_rule(gt, gr, g64, "block grad", scale=scale)

@@ -1,0 +1,196 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first triton kernel definition; the lead's conftest may set it already.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+import skipkernels.triton as skt  # noqa: E402
+from skipkernels.ops import attention as ops_attn  # noqa: E402
+from skipkernels.triton import attention as tattn  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every input is drawn from a seeded generator; set SKIPKERNELS_TEST_SEED to draw other ones.
+SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (B, H, L, Dh): odd lengths (one, several and a partial key tile), both supported head dims.
+SHAPES = [(2, 2, 3, 32), (1, 2, 17, 64), (2, 2, 77, 32), (1, 1, 197, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    skt.set_poison(True)
+    yield
+    skt.set_poison(False)
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_fp64_rule(out, torch_out, ref64, what):
+    """Fused error vs fp64 at most 2x PyTorch's own error in the same dtype, plus a few ulps.
+
+    The slack covers fp32 summation-order noise (a max over a small tensor can land on an element
+    where torch happens to be exact); fp16/bf16 results are rounded once, so they get one ulp.
+    """
+    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
+    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
+    ulps = 4 if out.dtype == torch.float32 else 1
+    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
+
+
+def _qkv(shape, dtype, lq=None, seed=0):
+    g = torch.Generator().manual_seed(SEED * 1000 + seed)
+    b, h, l, d = shape
+    # Scaled so some rows have peaked softmaxes (large logits) and others flat ones.
+    q = torch.randn(b, h, l if lq is None else lq, d, generator=g) * 1.5
+    k = torch.randn(b, h, l, d, generator=g) * 1.5
+    v = torch.randn(b, h, l, d, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def _mask_cases(b, h, l, dtype, seed):
+    g = torch.Generator().manual_seed(SEED * 1000 + seed)
+    causal_float = torch.full((l, l), float("-inf")).triu(1)  # open_clip's text mask
+    return {
+        "none": {},
+        "causal": {"causal": True},
+        "key_limit": {"key_limit": torch.randint(1, l + 1, (b,), generator=g)},
+        "float_LL": {"attn_mask": causal_float + torch.randn(l, l, generator=g)},
+        "float_B1LL": {"attn_mask": torch.randn(b, 1, l, l, generator=g)},
+        "bool_BHLL": {"attn_mask": torch.rand(b, h, l, l, generator=g) > 0.3},
+        "bool_B11L": {"attn_mask": torch.arange(l)[None, None, None, :] < torch.randint(1, l + 1, (b, 1, 1, 1), generator=g)},
+    }
+
+
+def _to(kw, dtype=None):
+    out = {}
+    for name, val in kw.items():
+        if isinstance(val, torch.Tensor):
+            val = val.to(DEVICE)
+            if dtype is not None and val.is_floating_point():
+                val = val.to(dtype)
+        out[name] = val
+    return out
+
+
+MODES = ["none", "causal", "key_limit", "float_LL", "float_B1LL", "bool_BHLL", "bool_B11L"]
+
+
+# The ViT length runs unmasked and with a padding mask only, to keep interpreter time small.
+FORWARD_CASES = [(s, m) for s in SHAPES for m in MODES if s[2] != 197 or m in ("none", "bool_B11L")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,mode", FORWARD_CASES)
+def test_attention_forward(shape, mode, dtype):
+    q, k, v = _qkv(shape, dtype, seed=MODES.index(mode))
+    kw = _to(_mask_cases(shape[0], shape[1], shape[2], dtype, seed=1)[mode])
+    out = tattn.attention(q, k, v, **kw)
+    assert out.shape == q.shape and out.dtype == dtype
+    ref = ops_attn.attention_reference(q, k, v, **kw)
+    ref64 = ops_attn.attention_reference(q.double(), k.double(), v.double(), **_to(kw, torch.float64))
+    assert_fp64_rule(out, ref, ref64, f"attention[{mode}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("l", [3, 17, 77])
+def test_pooled_query_key_limit(l, dtype):
+    """Last-block pruning: one query per sample over all keys, keys >= key_limit[b] masked."""
+    q, k, v = _qkv((3, 2, l, 32), dtype, seed=l)
+    pos = torch.tensor([0, l - 1, l // 2], device=DEVICE)
+    rows = torch.arange(3, device=DEVICE)
+    q1 = q[rows, :, pos].unsqueeze(2)  # (B, H, 1, Dh): the pooled token's query
+    limit = pos + 1
+    out = tattn.attention(q1, k, v, key_limit=limit)
+    ref64 = ops_attn.attention_reference(q1.double(), k.double(), v.double(), key_limit=limit)
+    assert_fp64_rule(out, ops_attn.attention_reference(q1, k, v, key_limit=limit), ref64, "pooled")
+    # Same numbers as that row of full causal attention: the pruning is exact.
+    full = tattn.attention(q, k, v, causal=True)
+    torch.testing.assert_close(out[:, :, 0], full[rows, :, pos], rtol=0, atol=2 * torch.finfo(dtype).eps)
+
+
+def test_fully_masked_rows_are_zero():
+    q, k, v = _qkv((2, 2, 17, 32), torch.float32, seed=3)
+    mask = torch.ones(2, 1, 17, 17, dtype=torch.bool, device=DEVICE)
+    mask[0, :, 5] = False  # row 5 of sample 0 sees no key
+    out = tattn.attention(q, k, v, attn_mask=mask)
+    ref = ops_attn.attention_reference(q, k, v, attn_mask=mask)
+    assert torch.all(out[0, :, 5] == 0)
+    torch.testing.assert_close(out, ref)
+    out = tattn.attention(q, k, v, key_limit=torch.tensor([0, 17], device=DEVICE))
+    assert torch.all(out[0] == 0) and not torch.isnan(out).any()
+
+
+def test_output_is_token_major_view():
+    q, k, v = _qkv((2, 4, 17, 32), torch.float32, seed=4)
+    out = tattn.attention(q, k, v)
+    assert out.transpose(1, 2).is_contiguous()  # the block's reshape back to (B, L, D) is free
+
+
+def test_strided_inputs_from_packed_qkv():
+    """q, k, v as the block produces them: views into one (B, L, 3, H, Dh) projection."""
+    g = torch.Generator().manual_seed(SEED * 1000 + 5)
+    qkv = torch.randn(2, 17, 3, 2, 32, generator=g).to(DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    torch.testing.assert_close(tattn.attention(q, k, v, causal=True),
+                               ops_attn.attention_reference(q, k, v, causal=True))
+
+
+def _randn(shape, seed):
+    g = torch.Generator().manual_seed(SEED * 1000 + seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+
+def _grads(fn, inputs, gout):
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    (fn(*inputs).double() * gout).sum().backward()
+    return [t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("mode", ["none", "causal", "key_limit", "float_B1LL", "bool_BHLL"])
+@pytest.mark.parametrize("l", [3, 17])
+def test_attention_backward(l, mode):
+    shape = (2, 2, l, 32)
+    q, k, v = _qkv(shape, torch.float32, seed=6)
+    kw = _to(_mask_cases(2, 2, l, torch.float32, seed=7)[mode])
+    gout = _randn(shape, seed=9)
+    fused = _grads(lambda *a: tattn.attention(*a, **kw), (q, k, v), gout)
+    ref = _grads(lambda *a: ops_attn.attention_reference(*a, **kw), (q, k, v), gout)
+    exact = _grads(lambda *a: ops_attn.attention_reference(*a, **_to(kw, torch.float64)),
+                   (q.double(), k.double(), v.double()), gout)
+    for name, gf, gr, ge in zip("qkv", fused, ref, exact):
+        assert_fp64_rule(gf, gr, ge, f"d{name}[{mode}]")
+
+
+def test_float_mask_gradient():
+    q, k, v = _qkv((1, 2, 17, 32), torch.float32, seed=8)
+    mask = _randn((1, 2, 17, 17), seed=10).float().requires_grad_(True)
+    gout = _randn(q.shape, seed=11).float()
+    out = tattn.attention(q, k, v, attn_mask=mask)
+    (g_fused,) = torch.autograd.grad(out, mask, gout)
+    (g_ref,) = torch.autograd.grad(ops_attn.attention_reference(q, k, v, attn_mask=mask), mask, gout)
+    # Backward recomputes the reference, so the mask gradient is the reference's exactly.
+    assert torch.equal(g_fused, g_ref)
+
+
+def test_argument_rules_match_reference():
+    q, k, v = _qkv((1, 2, 17, 32), torch.float32)
+    with pytest.raises(ValueError):
+        tattn.attention(q, k, v, causal=True, key_limit=torch.tensor([3]))
+    with pytest.raises(ValueError):
+        tattn.attention(q[:, :, :1], k, v, causal=True)
+
+
+def test_dispatch_uses_triton():
+    q, k, v = _qkv((1, 2, 17, 32), torch.float32)
+    q.requires_grad_(True)
+    out = ops_attn.attention(q, k, v, causal=True, backend="triton")
+    assert type(out.grad_fn).__name__ == "_AttentionFnBackward"

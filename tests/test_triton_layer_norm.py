@@ -1,0 +1,164 @@
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must precede the first triton kernel definition; the lead's conftest may set it already.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+import skipkernels.triton as skt  # noqa: E402
+from skipkernels.ops import layer_norm as ops_ln  # noqa: E402
+from skipkernels.triton import layer_norm as tln  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Every input is drawn from a seeded generator; set SKIPKERNELS_TEST_SEED to draw other ones.
+SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(3, 64), (2, 17, 96), (1, 77, 64)]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    # Outputs start as NaN, so any element a kernel fails to write makes the test fail.
+    skt.set_poison(True)
+    yield
+    skt.set_poison(False)
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_fp64_rule(out, torch_out, ref64, what):
+    """Fused error vs fp64 at most 2x PyTorch's own error in the same dtype, plus a few ulps.
+
+    The slack covers fp32 summation-order noise (a max over a small tensor can land on an element
+    where torch happens to be exact); fp16/bf16 results are rounded once, so they get one ulp.
+    """
+    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
+    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
+    ulps = 4 if out.dtype == torch.float32 else 1
+    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
+
+
+def _inputs(shape, dtype, affine=True, seed=0):
+    g = torch.Generator().manual_seed(SEED * 1000 + seed)
+    n = shape[-1]
+    # A non-zero mean and spread exercise the centring; weights around 1 keep outputs O(1).
+    x = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE, dtype)
+    delta = torch.randn(shape, generator=g).to(DEVICE, dtype)
+    w = (1 + 0.5 * torch.randn(n, generator=g)).to(DEVICE, dtype) if affine else None
+    b = (0.5 * torch.randn(n, generator=g)).to(DEVICE, dtype) if affine else None
+    return x, delta, w, b
+
+
+def _ln64(s, w, b, eps=1e-5):
+    return F.layer_norm(s.double(), (s.shape[-1],), None if w is None else w.double(),
+                        None if b is None else b.double(), eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_forward(shape, dtype, affine):
+    x, _, w, b = _inputs(shape, dtype, affine)
+    y = tln.layer_norm(x, w, b, 1e-5)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_fp64_rule(y, ops_ln.layer_norm_reference(x, w, b, 1e-5), _ln64(x, w, b), "layer_norm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_add_layer_norm_forward(shape, dtype):
+    x, delta, w, b = _inputs(shape, dtype, seed=1)
+    s, y = tln.add_layer_norm(x, delta, w, b, 1e-5)
+    s_ref, y_ref = ops_ln.add_layer_norm_reference(x, delta, w, b, 1e-5)
+    assert s.dtype == y.dtype == dtype
+    if dtype == torch.bfloat16 and skt.interpreting():
+        # The interpreter cannot round fp32 to bf16 in-kernel; torch rounds the stored copy.
+        assert _err(s, s_ref) <= 2 ** -7 * s_ref.abs().max().item()
+    else:
+        assert torch.equal(s, s_ref), "the residual stream must be exactly x + delta in its dtype"
+    assert_fp64_rule(y, y_ref, _ln64(x.double() + delta.double(), w, b), "add_layer_norm")
+
+
+def _randn(shape, seed):
+    g = torch.Generator().manual_seed(SEED * 1000 + seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(DEVICE)
+
+
+def _grads(fn, inputs, gouts):
+    inputs = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    loss = sum((o.double() * g).sum() for o, g in zip(outs, gouts) if g is not None)
+    loss.backward()
+    return [None if t is None else t.grad for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_backward(shape, dtype):
+    x, _, w, b = _inputs(shape, dtype, seed=2)
+    gy = _randn(shape, seed=7)
+    fused = _grads(lambda x, w, b: tln.layer_norm(x, w, b, 1e-5), (x, w, b), (gy,))
+    ref = _grads(lambda x, w, b: ops_ln.layer_norm_reference(x, w, b, 1e-5), (x, w, b), (gy,))
+    exact = _grads(lambda x, w, b: _ln64(x, w, b), (x.double(), w.double(), b.double()), (gy,))
+    for name, gf, gr, ge in zip("xwb", fused, ref, exact):
+        assert gf.dtype == dtype
+        assert_fp64_rule(gf, gr, ge, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("use_s", [True, False])
+def test_add_layer_norm_backward(shape, dtype, use_s):
+    x, delta, w, b = _inputs(shape, dtype, seed=3)
+    gs = _randn(shape, seed=8) if use_s else None
+    gy = _randn(shape, seed=9)
+    args = (x, delta, w, b)
+    fused = _grads(lambda *a: tln.add_layer_norm(*a, 1e-5), args, (gs, gy))
+    ref = _grads(lambda *a: ops_ln.add_layer_norm_reference(*a, 1e-5), args, (gs, gy))
+
+    def exact_fn(x, d, w, b):
+        s = x + d
+        return s, _ln64(s, w, b)
+
+    exact = _grads(exact_fn, [t.double() for t in args], (gs, gy))
+    for name, gf, gr, ge in zip(("x", "delta", "w", "b"), fused, ref, exact):
+        assert_fp64_rule(gf, gr, ge, f"d{name}")
+
+
+def test_saved_state_is_minimal():
+    x, delta, w, b = _inputs((2, 17, 64), torch.float32, seed=4)
+    x.requires_grad_(True)
+    s, y = tln.add_layer_norm(x, delta, w, b, 1e-5)
+    saved = y.grad_fn.saved_tensors
+    # The residual stream (an output anyway), the weight and two fp32 scalars per row: no x̂.
+    per_row = [t for t in saved if t is not None and t.dim() == 1 and t.shape[0] == 34]
+    assert len(per_row) == 2 and all(t.dtype == torch.float32 for t in per_row)
+    assert sum(t.numel() for t in saved if t is not None) == 34 * 64 + 64 + 2 * 34
+
+
+def test_dispatch_uses_triton():
+    x, delta, w, b = _inputs((3, 64), torch.float32, seed=5)
+    x.requires_grad_(True)
+    y = ops_ln.layer_norm(x, w, b, 1e-5, backend="triton")
+    assert type(y.grad_fn).__name__ == "_LayerNormFnBackward"
+    s, y = ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend="triton")
+    assert type(y.grad_fn).__name__ == "_AddLayerNormFnBackward"
+    y = ops_ln.layer_norm(x, w, b, 1e-5, backend="torch")
+    assert type(y.grad_fn).__name__ != "_LayerNormFnBackward"
+
+
+def test_non_contiguous_input():
+    x, _, w, b = _inputs((2, 3, 17, 32), torch.float32, seed=6)
+    xt = x.transpose(1, 2)  # (B, L, H, Dh) view, as the qk-norm path produces
+    y = tln.layer_norm(xt, w[:32], b[:32], 1e-6)
+    torch.testing.assert_close(y, ops_ln.layer_norm_reference(xt, w[:32], b[:32], 1e-6))
