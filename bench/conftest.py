@@ -22,3 +22,16 @@ def cuda_time(fn, warmup: int = 5, rep: int = 50) -> float:
 @pytest.fixture
 def device():
     return torch.device("cuda" if ON_GPU else "cpu")
+
+
+def synced(fn):
+    """``fn`` followed by a device synchronisation, so pytest-benchmark's wall clock measures the
+    kernels and not only their asynchronous launches (the CUDA-event median is in extra_info)."""
+    if not ON_GPU:
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return run

@@ -6,7 +6,7 @@ batch 4 and 32); tiny shapes on a CPU so CI can smoke-run it.
 import pytest
 import torch
 
-from conftest import ON_GPU, RUN_COMPILE
+from conftest import ON_GPU, RUN_COMPILE, synced
 from skipkernels._compat import import_open_clip
 from skipkernels.ops._dispatch import use_backend
 from skipkernels.ops.block import block_forward
@@ -61,4 +61,4 @@ def test_block_forward_backward(benchmark, backend, tower, batch, tokens, width,
             seconds = cuda_time(fn)
             benchmark.extra_info["median_s_cuda_events"] = seconds
             benchmark.extra_info["tflops"] = _flops(batch, tokens, width) / seconds / 1e12
-        benchmark(fn)
+        benchmark(synced(fn))

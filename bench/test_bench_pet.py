@@ -8,7 +8,7 @@ about speed). Backends: ``torch`` (the eager reference), ``triton`` (the fused k
 import pytest
 import torch
 
-from conftest import ON_GPU, RUN_COMPILE
+from conftest import ON_GPU, RUN_COMPILE, synced
 from skipkernels.ops.pet_gate import gated_update, gated_update_reference
 
 if ON_GPU:
@@ -74,4 +74,4 @@ def test_gated_update(benchmark, shape, gate, backend, pass_, device):
         seconds = cuda_time(step)
         benchmark.extra_info["median_s_cuda_events"] = seconds
         benchmark.extra_info["gb_per_s"] = benchmark.extra_info["bytes"] / seconds / 1e9
-    benchmark(step)
+    benchmark(synced(step))

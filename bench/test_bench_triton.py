@@ -20,7 +20,7 @@ import os
 import pytest
 import torch
 
-from conftest import ON_GPU, RUN_COMPILE, cuda_time
+from conftest import ON_GPU, RUN_COMPILE, cuda_time, synced
 from skipkernels.ops import attention as ops_attn
 from skipkernels.ops import layer_norm as ops_ln
 from skipkernels.ops import linear as ops_lin
@@ -90,7 +90,7 @@ def _run(benchmark, op, inputs, mode, flop, nbytes, **info):
         seconds = cuda_time(fn) if not grad_to_none else _cuda_time_grads(fn, grad_to_none)
         benchmark.extra_info.update(median_ms=seconds * 1e3, tflops=flop / seconds / 1e12,
                                     gbps=nbytes / seconds / 1e9)
-    benchmark(fn)
+    benchmark(synced(fn))
     stats = getattr(benchmark, "stats", None)
     if not ON_GPU and stats is not None:
         # CPU: rates from pytest-benchmark's own median (the interpreter's, for Triton).
