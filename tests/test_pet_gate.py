@@ -12,17 +12,9 @@ pytest.importorskip("triton")
 from skipkernels.ops import pet_gate  # noqa: E402
 from skipkernels.ops.pet_gate import gated_update, gated_update_reference  # noqa: E402
 from skipkernels.triton import pet_gate as kernel  # noqa: E402
-from skipkernels.triton import set_poison  # noqa: E402
+from kernel_checks import poison_outputs  # noqa: E402,F401  (poison_outputs: autouse)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    # Unwritten kernel outputs become NaN and fail the comparisons.
-    set_poison(True)
-    yield
-    set_poison(False)
 
 
 def nonzero(*shape, dtype=torch.float32, gen=None):

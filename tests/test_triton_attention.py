@@ -10,40 +10,15 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import skipkernels.triton as skt  # noqa: E402
 from skipkernels.ops import attention as ops_attn  # noqa: E402
 from skipkernels.triton import attention as tattn  # noqa: E402
+from kernel_checks import poison_outputs, SEED, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every input is drawn from a seeded generator; set SKIPKERNELS_TEST_SEED to draw other ones.
-SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (B, H, L, Dh): odd lengths (one, several and a partial key tile), both supported head dims.
 SHAPES = [(2, 2, 3, 32), (1, 2, 17, 64), (2, 2, 77, 32), (1, 1, 197, 64)]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    skt.set_poison(True)
-    yield
-    skt.set_poison(False)
-
-
-def _err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
-
-
-def assert_fp64_rule(out, torch_out, ref64, what):
-    """Fused error vs fp64 at most 2x PyTorch's own error in the same dtype, plus a few ulps.
-
-    The slack covers fp32 summation-order noise (a max over a small tensor can land on an element
-    where torch happens to be exact); fp16/bf16 results are rounded once, so they get one ulp.
-    """
-    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
-    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
-    ulps = 4 if out.dtype == torch.float32 else 1
-    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
-    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
 
 
 def _qkv(shape, dtype, lq=None, seed=0):

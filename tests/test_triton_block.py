@@ -16,16 +16,15 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import skipkernels.triton as skt  # noqa: E402
 from skipkernels._compat import import_open_clip  # noqa: E402
 from skipkernels import use_backend  # noqa: E402
 from skipkernels.ops.block import block_forward  # noqa: E402
+from kernel_checks import poison_outputs, SEED, max_error as _err  # noqa: E402,F401  (poison_outputs: autouse)
 
 open_clip = import_open_clip()
 T = open_clip.transformer
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))
 
 BLOCKS = {
     "rab": lambda: T.ResidualAttentionBlock(64, 4),
@@ -51,13 +50,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    skt.set_poison(True)
-    yield
-    skt.set_poison(False)
-
-
 def _make_block(name, seed):
     torch.manual_seed(SEED * 1000 + seed)
     block = BLOCKS[name]().to(DEVICE).eval()
@@ -67,10 +59,6 @@ def _make_block(name, seed):
         for p in block.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g).to(DEVICE))
     return block
-
-
-def _err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
 
 
 def assert_fp64_rule(out, torch_out, ref64, what, scale=None):

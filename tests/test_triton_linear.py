@@ -10,41 +10,16 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-import skipkernels.triton as skt  # noqa: E402
 from skipkernels.ops import linear as ops_lin  # noqa: E402
 from skipkernels.triton import linear as tlin  # noqa: E402
+from kernel_checks import poison_outputs, SEED, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every input is drawn from a seeded generator; set SKIPKERNELS_TEST_SEED to draw other ones.
-SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = ["gelu", "gelu_tanh", "quick_gelu", "none"]
 # (leading dims, K, N): odd token counts, K spanning one to several K tiles, N not a tile multiple.
 SHAPES = [((3,), 64, 64), ((3,), 512, 64), ((3,), 768, 64), ((2, 17), 96, 256), ((1, 77), 64, 96)]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs():
-    skt.set_poison(True)
-    yield
-    skt.set_poison(False)
-
-
-def _err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
-
-
-def assert_fp64_rule(out, torch_out, ref64, what):
-    """Fused error vs fp64 at most 2x PyTorch's own error in the same dtype, plus a few ulps.
-
-    The slack covers fp32 summation-order noise (a max over a small tensor can land on an element
-    where torch happens to be exact); fp16/bf16 results are rounded once, so they get one ulp.
-    """
-    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
-    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
-    ulps = 4 if out.dtype == torch.float32 else 1
-    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
-    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
 
 
 def _inputs(lead, k, n, dtype, seed=0):

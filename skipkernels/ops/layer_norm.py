@@ -5,7 +5,6 @@ input dtype. Kernels: ``skipkernels.triton.layer_norm``.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from skipkernels.ops import _dispatch

@@ -11,7 +11,6 @@ Modes:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn as nn

@@ -1,0 +1,35 @@
+"""Shared checks of the kernel tests: poisoned outputs and the fp64 error rule (DESIGN.md section 7)."""
+import os
+
+import pytest
+import torch
+
+import skipkernels.triton as skt
+
+SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))  # redraw every random input with another seed
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs():
+    """Kernel outputs start as NaN, so any element a kernel fails to write fails the test.
+    Import it into a test module to apply it there."""
+    skt.set_poison(True)
+    yield
+    skt.set_poison(False)
+
+
+def max_error(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_fp64_rule(out, torch_out, ref64, what):
+    """Fused error vs fp64 at most 2x PyTorch's own error in the same dtype, plus a few ulps.
+
+    The slack covers fp32 summation-order noise (a max over a small tensor can land on an element
+    where torch happens to be exact); fp16/bf16 results are rounded once, so they get one ulp.
+    """
+    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
+    e_fused, e_torch = max_error(out, ref64), max_error(torch_out, ref64)
+    ulps = 4 if out.dtype == torch.float32 else 1
+    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
+    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
