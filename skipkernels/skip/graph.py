@@ -25,15 +25,32 @@ class CapturedStep:
         if tuner.skipper is not None:
             if tuner.skipper.resample != "fixed" or example_labels.shape[0] > tuner.skipper.top_k:
                 raise ValueError("capture needs a fixed CSkip subset size: resample='fixed' and batch <= top_k")
+        if not isinstance(optimizer, torch.optim.SGD) or any(g.get("dampening", 0) for g in optimizer.param_groups):
+            raise ValueError("CapturedStep supports SGD without dampening (the protocol's optimizer): its "
+                             "warm-up can be undone exactly")
         self.tuner, self.optimizer, self.autocast_dtype = tuner, optimizer, autocast_dtype
         self.inputs = example_inputs.detach().clone()
         self.labels = example_labels.detach().clone().to(tuner.device)
+        params = [p for _, p in tuner.trainable_named_parameters()]
+        saved = [p.detach().clone() for p in params]
+        had_state = any(optimizer.state.get(p) for p in params)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up creates optimizer state and autotunes outside capture
             for _ in range(warmup_steps):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
+        # Undo the warm-up so the first replay is the run's next step: weights back, and momentum
+        # buffers zeroed, which for SGD (dampening 0) is exactly "no buffer yet" (buf = grad).
+        if had_state:
+            raise ValueError("capture a fresh optimizer: its state would be changed by the warm-up")
+        with torch.no_grad():
+            for p, value in zip(params, saved):
+                p.copy_(value)
+            for p in params:
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.zero_()
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):

@@ -65,14 +65,14 @@ class ImagePrefixCache:
         return self.tokens.numel() * self.tokens.element_size()
 
     def batch(self, indices: torch.Tensor):
-        """Tokens and labels of dataset items ``indices``."""
+        """Tokens (on the training device) and labels (on the host) of dataset items ``indices``."""
         rows = self.row_of[indices]
         if bool((rows < 0).any()):
             raise KeyError(f"items {indices[rows < 0].tolist()} are not in this cache")
         x = self.tokens[rows.to(self.tokens.device)]
         if x.device != self.device:
             x = x.to(self.device, non_blocking=True)
-        return x, self.labels[rows].to(self.device, non_blocking=True)
+        return x, self.labels[rows]
 
     @classmethod
     @torch.no_grad()

@@ -281,13 +281,13 @@ class SkipTuner(nn.Module):
         are not range-checked here (check them before copying them in), the class subset has its
         fixed size and text is truncated to the longest prompt of all classes.
         """
-        labels = labels.to(self.device)
         if not static:
-            self.check_labels(labels)
+            self.check_labels(labels)  # before the copy: host labels need no device sync
+        labels = labels.to(self.device)
         f = self.image_features_for_step(inputs)
         selected, targets = None, labels
         if self.skipper is not None:
-            selected, targets = self.skipper.select(f, labels, check=not static)
+            selected, targets = self.skipper.select(f, labels, check=False)
         t = self.text_features_for_step(selected, static)
         self.last_selected = selected if selected is not None else torch.arange(len(self.classnames), device=self.device)
         self.last_labels = targets

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -230,12 +231,12 @@ class Trainer:
         if cache is not None:
             for indices, weight in zip(local, weights):
                 tokens, labels = cache.batch(torch.tensor(indices, dtype=torch.long))
-                yield indices, tokens, labels, weight
+                yield indices, tokens, labels, weight  # labels stay on the host until the tuner checks them
         else:
             self.dataset.set_epoch(epoch)
             loader = make_loader(self.dataset, workers=self.config.workers, batch_sampler=local)
             for (images, labels, _), indices, weight in zip(loader, local, weights):
-                yield indices, images.to(self.device, non_blocking=True), labels.to(self.device), weight
+                yield indices, images.to(self.device, non_blocking=True), labels, weight
 
     def train(self) -> list[dict]:
         cfg = self.config
@@ -261,11 +262,14 @@ class Trainer:
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                         enabled=self.autocast_dtype is not None):
                         loss = self.step_module(inputs, labels)
-                    self._check_finite(loss, epoch, step, indices)
                     self.optimizer.zero_grad(set_to_none=True)
                     (loss * weight).backward()
                     self.optimizer.step()
-                    loss_sum += torch.tensor([loss.item() * len(indices), len(indices)], dtype=torch.float64)
+                    # The step's one host synchronisation, after all its work is queued. A
+                    # non-finite loss stops training here; the last checkpoint on disk predates it.
+                    value = loss.item()
+                    self._check_finite(value, epoch, step, indices)
+                    loss_sum += torch.tensor([value * len(indices), len(indices)], dtype=torch.float64)
             loss_sum = distributed.all_reduce_sum(loss_sum)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -280,12 +284,14 @@ class Trainer:
             self.save_checkpoint(epoch + 1)
         return self.history
 
-    def _check_finite(self, loss, epoch: int, step: int, indices) -> None:
-        bad = torch.tensor([0.0 if bool(torch.isfinite(loss)) else 1.0])
-        if float(distributed.all_reduce_sum(bad)) > 0:  # every rank stops together
+    def _check_finite(self, value: float, epoch: int, step: int, indices) -> None:
+        bad = not math.isfinite(value)
+        if distributed.enabled():  # every rank stops together
+            bad = float(distributed.all_reduce_sum(torch.tensor([float(bad)]))) > 0
+        if bad:
             good = self.checkpoint_path if (self.checkpoint_path and self.checkpoint_path.is_file()) \
                 else "none written yet"
-            raise TrainingError(f"non-finite loss {loss.item()} at epoch {epoch + 1}, step {step} "
+            raise TrainingError(f"non-finite loss {value} at epoch {epoch + 1}, step {step} "
                                 f"(training items {indices} on rank {distributed.rank()}); "
                                 f"last good checkpoint: {good}")
 
