@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import types
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from skipkernels.ops.block import block_forward, check_block
 
@@ -55,21 +57,53 @@ def _patched_forward(self, x, *args, attn_mask=None):
     return block_forward(self, x, attn_mask=attn_mask)
 
 
+def _encode_text(self, text, normalize: bool = False):
+    # Exact savings (DESIGN.md section 3): causal attention pooled at one token per prompt, so the
+    # prompts run only up to their last pooled position, and the last block only for that row.
+    from skipkernels.skip import towers
+    pool_index = towers.text_pool_index(self, text)
+    length = towers.truncated_length(pool_index.cpu(), text.shape[1])
+    x = towers.text_embed(self, text[:, :length])
+    features = towers.encode_text_from(self, x, 0, pool_index, prune_last=True)
+    return F.normalize(features, dim=-1) if normalize else features
+
+
+def _encode_image(self, image, normalize: bool = False):
+    from skipkernels.skip import towers
+    features = towers.encode_image_from(self, towers.image_stem(self, image), 0, prune_last=True)
+    return F.normalize(features, dim=-1) if normalize else features
+
+
+def _text_savings_apply(model) -> bool:
+    """Truncation and pruning are exact only for a causal mask and single-token pooling."""
+    if getattr(model, "text_pool_type", None) not in ("argmax", "eos", "first", "last"):
+        return False
+    mask = model.attn_mask
+    causal = torch.full(mask.shape, float("-inf"), device=mask.device, dtype=mask.dtype).triu_(1)
+    return mask.dim() == 2 and torch.equal(mask, causal)
+
+
 def patch_clip(model: nn.Module) -> nn.Module:
-    """Rebind every transformer block of both towers to the op layer. Returns ``model``."""
+    """Rebind every transformer block of both towers to the op layer, and ``encode_text`` /
+    ``encode_image`` to the tower path with the exact savings where they apply. Returns ``model``."""
     image_blocks, text_blocks = clip_towers(model)
     for block in image_blocks + text_blocks:
         block.forward = types.MethodType(_patched_forward, block)
+    if _text_savings_apply(model):
+        model.encode_text = types.MethodType(_encode_text, model)
+    if getattr(model.visual, "output_tokens", False) is False:
+        model.encode_image = types.MethodType(_encode_image, model)
     setattr(model, _PATCHED_FLAG, True)
     return model
 
 
 def unpatch_clip(model: nn.Module) -> nn.Module:
-    """Restore open_clip's own block forwards. Returns ``model``."""
+    """Restore open_clip's own forwards. Returns ``model``."""
     image_blocks, text_blocks = clip_towers(model)
     for block in image_blocks + text_blocks:
         block.__dict__.pop("forward", None)
-    model.__dict__.pop(_PATCHED_FLAG, None)
+    for name in ("encode_text", "encode_image", _PATCHED_FLAG):
+        model.__dict__.pop(name, None)
     return model
 
 
