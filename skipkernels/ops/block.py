@@ -93,17 +93,17 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
 
     h = apply_norm(block.ln_1, x)
     if query_index is None:
-        qkv = torch.nn.functional.linear(h, w_in, b_in)
+        qkv = linear_act(h, w_in, b_in, "none")
         q, k, v = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         residual = x
         key_limit = None
     else:
         # Pruned block: keys/values from every token, a query only for the pooled rows.
         rows = torch.arange(batch, device=x.device)
-        kv = torch.nn.functional.linear(h, w_in[width:], None if b_in is None else b_in[width:])
+        kv = linear_act(h, w_in[width:], None if b_in is None else b_in[width:], "none")
         k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         h_rows = h[rows, query_index].unsqueeze(1)
-        q = torch.nn.functional.linear(h_rows, w_in[:width], None if b_in is None else b_in[:width])
+        q = linear_act(h_rows, w_in[:width], None if b_in is None else b_in[:width], "none")
         q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
         residual = x[rows, query_index].unsqueeze(1)
         if attn_mask is not None:
@@ -125,7 +125,7 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
     if _is_identity(ln_attn):
         x = linear_residual(a, w_out, b_out, residual, layer_scale(block.ls_1))
     else:
-        y = apply_norm(ln_attn, torch.nn.functional.linear(a, w_out, b_out))
+        y = apply_norm(ln_attn, linear_act(a, w_out, b_out, "none"))
         gamma = layer_scale(block.ls_1)
         x = residual + (y if gamma is None else y * gamma)
 
