@@ -1,5 +1,3 @@
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +6,8 @@ from skipkernels._compat import import_open_clip
 from skipkernels.pet import METHODS, PetConfig, apply_pet, find_blocks, trainable_modules_for_mode
 from skipkernels.pet.modules import (HoulsbyAdapter, LargeGate, MiddleXGate, MiddleYGate, SmallGate,
                                      VLPETModifier)
+
+from pet_checks import frozen_copy, randomize
 
 WIDTH, LAYERS = 64, 3
 # A small vocabulary and context keep the text tower cheap; the EOT token is the highest id.
@@ -55,23 +55,6 @@ def clip_out(model, images, text):
     with torch.no_grad():
         img, txt, _ = model(images, text)
     return img, txt
-
-
-def frozen_copy(model):
-    # Freezing changes nn.MultiheadAttention's CPU kernel choice (a ~1e-7 difference), so the
-    # reference is computed with frozen parameters as well.
-    ref = copy.deepcopy(model)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
-def randomize(handle, std=0.2, seed=3):
-    """Give every PET parameter random values, so nothing is trivially zero."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.pet_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def rand_nonzero(*shape, seed=0):

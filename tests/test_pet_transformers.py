@@ -1,5 +1,4 @@
 """PET on tiny random-weight Hugging Face encoder-decoders (BART, T5), built locally."""
-import copy
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 from skipkernels.pet import METHODS, PetConfig, apply_pet, find_blocks  # noqa: E402
 from skipkernels.pet.modules import VLPETModifier  # noqa: E402
+from pet_checks import frozen_copy, randomize  # noqa: E402
 
 D, FFN, LAYERS, VOCAB = 32, 64, 2, 100
 RANK, HEADS, GATE_RANK = 8, 4, 4
@@ -60,20 +60,6 @@ def inputs(seed=1, batch=2):
 def run(model, ids, dec):
     with torch.no_grad():
         return model(input_ids=ids, decoder_input_ids=dec).last_hidden_state
-
-
-def frozen_copy(model):
-    ref = copy.deepcopy(model)
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
-
-
-def randomize(handle, std=0.2, seed=3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in handle.pet_parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 def config(method, **kw):

@@ -1,0 +1,21 @@
+"""Helpers shared by the PET tests."""
+import copy
+
+import torch
+
+
+def frozen_copy(model):
+    # Freezing changes nn.MultiheadAttention's CPU kernel choice (a ~1e-7 difference), so the
+    # reference is computed with frozen parameters as well.
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def randomize(handle, std=0.2, seed=3):
+    """Give every PET parameter random values, so nothing is trivially zero."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.pet_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
