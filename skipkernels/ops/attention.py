@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch
+from skipkernels.ops import _dispatch, measured
 
 
 def attention_reference(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
@@ -41,10 +41,16 @@ def _triton_attention():
 
 def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton":
+    if name == "triton" or (name == "auto" and _auto_triton(q, k, v, causal, attn_mask, key_limit)):
         kernels = _triton_attention()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.attention is unavailable")
         return kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
-    # auto: SDPA already dispatches to flash / cuDNN / memory-efficient kernels.
+    # auto elsewhere: SDPA, which itself picks flash / cuDNN / memory-efficient kernels.
     return attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
+
+
+def _auto_triton(q, k, v, causal, attn_mask, key_limit) -> bool:
+    mask = "key_limit" if key_limit is not None else "causal" if causal else "mask" if attn_mask is not None else "none"
+    dims = (q.shape[-1], mask, "pooled" if q.shape[-2] == 1 else "full")
+    return measured.prefers_triton("attention", q, dims, q.shape[0] * q.shape[1] * k.shape[-2], (k, v))

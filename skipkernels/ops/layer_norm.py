@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch
+from skipkernels.ops import _dispatch, measured
 
 
 def layer_norm_reference(x, weight, bias, eps: float):
@@ -33,7 +33,7 @@ def _triton_layer_norm():
 
 def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x)):
+    if name == "triton" or (name == "auto" and _auto_triton("layer_norm", x, weight, bias)):
         kernels = _triton_layer_norm()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm is unavailable")
@@ -43,7 +43,7 @@ def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
 
 def add_layer_norm(x, delta, weight, bias, eps: float, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x)):
+    if name == "triton" or (name == "auto" and _auto_triton("add_layer_norm", x, weight, bias, delta)):
         kernels = _triton_layer_norm()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm is unavailable")
@@ -51,7 +51,6 @@ def add_layer_norm(x, delta, weight, bias, eps: float, backend: str | None = Non
     return add_layer_norm_reference(x, delta, weight, bias, eps)
 
 
-def _auto_triton(x) -> bool:
-    # No measurement yet shows the Triton LayerNorm beating PyTorch's at our widths: keep the
-    # reference until bench/results says otherwise.
-    return False
+def _auto_triton(op, x, *tensors) -> bool:
+    # Only where a GPU measurement (ops/measured.py) shows the kernel beating PyTorch's LayerNorm.
+    return measured.prefers_triton(op, x, (x.shape[-1],), x.numel() // max(1, x.shape[-1]), tensors)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch
+from skipkernels.ops import _dispatch, measured
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "none")
 
@@ -46,7 +46,7 @@ def _triton_linear():
 
 def linear_act(x, weight, bias, activation: str, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x)):
+    if name == "triton" or (name == "auto" and _auto_triton("linear_act", x, weight, bias)):
         kernels = _triton_linear()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
@@ -56,7 +56,7 @@ def linear_act(x, weight, bias, activation: str, backend: str | None = None):
 
 def linear_residual(x, weight, bias, residual, scale=None, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x)):
+    if name == "triton" or (name == "auto" and _auto_triton("linear_residual", x, weight, bias, residual, scale)):
         kernels = _triton_linear()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
@@ -64,7 +64,8 @@ def linear_residual(x, weight, bias, residual, scale=None, backend: str | None =
     return linear_residual_reference(x, weight, bias, residual, scale)
 
 
-def _auto_triton(x) -> bool:
-    # cuBLAS GEMMs with a separate epilogue stay the default until a measurement in
-    # bench/results shows the fused Triton GEMM winning at our shapes.
-    return False
+def _auto_triton(op, x, weight, *tensors) -> bool:
+    # cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
+    # (ops/measured.py) shows the fused Triton GEMM winning at this (K, N) and row count.
+    dims = (weight.shape[1], weight.shape[0])
+    return measured.prefers_triton(op, x, dims, x.numel() // max(1, x.shape[-1]), (weight, *tensors))

@@ -1,0 +1,115 @@
+"""Which Triton kernels beat their references, as measured on a GPU: ``backend="auto"`` asks here.
+
+``measured_wins.json`` beside this file is generated from the pytest-benchmark JSON of
+``bench/test_bench_triton.py`` run on a GPU (CUDA-event medians in ``extra_info``):
+
+    python -m skipkernels.ops.measured bench/results/kernels-<stamp>.json [more.json ...]
+
+Each entry is one measured case: device name, op, pass ("fwd" or "fwd_bwd"), compute dtype,
+the op's feature dims, the row count and Triton's speedup over the reference. A call uses Triton
+when the entry for its device/op/pass/dtype/dims with the nearest row count (log scale) shows a
+speedup of at least MIN_SPEEDUP. No entry, no table or a CPU tensor: the reference.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+TABLE = Path(__file__).with_name("measured_wins.json")
+MIN_SPEEDUP = 1.05
+
+
+@functools.lru_cache(maxsize=None)
+def _entries(path: str) -> tuple:
+    p = Path(path)
+    return tuple(json.loads(p.read_text())["entries"]) if p.is_file() else ()
+
+
+def decide(entries, device: str, op: str, pass_: str, dtype: str, dims, rows: int) -> bool:
+    """Pure decision over measured entries (see the module docstring)."""
+    dims = [d if isinstance(d, str) else int(d) for d in dims]
+    candidates = [e for e in entries if e["device"] == device and e["op"] == op and e["pass"] == pass_
+                  and e["dtype"] == dtype and e["dims"] == dims]
+    if not candidates:
+        return False
+    nearest = min(candidates, key=lambda e: abs(math.log(max(1, e["rows"])) - math.log(max(1, rows))))
+    return nearest["speedup"] >= MIN_SPEEDUP
+
+
+def compute_dtype(x: torch.Tensor) -> str:
+    if torch.is_autocast_enabled(x.device.type):
+        return str(torch.get_autocast_dtype(x.device.type))
+    return str(x.dtype)
+
+
+def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=()) -> bool:
+    if not x.is_cuda:
+        return False
+    entries = _entries(str(TABLE))
+    if not entries:
+        return False
+    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    return decide(entries, torch.cuda.get_device_name(x.device), op, "fwd_bwd" if backward else "fwd",
+                  compute_dtype(x), dims, rows)
+
+
+def _case(bench: dict):
+    """(op, dims, rows) of one benchmark of bench/test_bench_triton.py, or None."""
+    name = bench["name"].split("[")[0].removeprefix("test_")
+    info = bench["extra_info"]
+    shape = info.get("shape")
+    if shape is None:
+        return None
+    if name in ("layer_norm", "add_layer_norm"):
+        return name, [shape[1]], shape[0]
+    if name == "linear_act_fc1":
+        return "linear_act", [shape[1], shape[2]], shape[0]
+    if name == "linear_residual":
+        return "linear_residual", [shape[1], shape[2]], shape[0]
+    if name == "attention":
+        batch, heads, lq, lk, head_dim = shape
+        return "attention", [head_dim, info.get("mask", "none"), "pooled" if lq == 1 else "full"], batch * heads * lk
+    return None
+
+
+def build_entries(reports: list[dict]) -> list[dict]:
+    """Pair each Triton case with the reference ('torch') case of the same parameters."""
+    timed = {}
+    for report in reports:
+        for bench in report["benchmarks"]:
+            case = _case(bench)
+            info, params = bench["extra_info"], bench.get("params") or {}
+            if case is None or "median_ms" not in info or info.get("device", "cpu") == "cpu":
+                continue
+            op, dims, rows = case
+            rest = tuple(sorted((k, str(v)) for k, v in params.items() if k != "impl"))
+            key = (info["device"], op, info["mode"], info["dtype"], json.dumps(dims), rows, rest)
+            timed.setdefault(key, {})[params.get("impl")] = info["median_ms"]
+    entries = []
+    for (device, op, pass_, dtype, dims, rows, _), impls in sorted(timed.items()):
+        if "torch" in impls and "triton" in impls:
+            entries.append({"device": device, "op": op, "pass": pass_, "dtype": dtype, "dims": json.loads(dims),
+                            "rows": rows, "speedup": impls["torch"] / impls["triton"]})
+    return entries
+
+
+def main(argv=None) -> int:
+    paths = (argv if argv is not None else sys.argv[1:])
+    if not paths:
+        print("usage: python -m skipkernels.ops.measured KERNELS.json [...]", file=sys.stderr)
+        return 2
+    entries = build_entries([json.loads(Path(p).read_text()) for p in paths])
+    old = [e for e in _entries(str(TABLE)) if e["device"] not in {n["device"] for n in entries}]
+    TABLE.write_text(json.dumps({"entries": old + entries}, indent=1) + "\n")
+    wins = sum(e["speedup"] >= MIN_SPEEDUP for e in entries)
+    print(f"{TABLE}: {len(entries)} measured cases, Triton wins {wins}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""backend='auto' picks a Triton kernel only where a recorded GPU measurement shows it winning."""
+import json
+
+import torch
+
+from skipkernels.ops import measured
+from skipkernels.ops.linear import linear_act
+
+
+def _bench(name, impl, mode, shape, median_ms, device="FakeGPU H100", **extra):
+    return {"name": f"{name}[{impl}-{mode}]", "params": {"impl": impl, "mode": mode, "tower": "image"},
+            "extra_info": {"shape": shape, "mode": mode, "dtype": "torch.bfloat16", "device": device,
+                           "median_ms": median_ms, **extra}}
+
+
+def test_entries_pair_triton_with_the_reference_case():
+    report = {"benchmarks": [
+        _bench("test_linear_act_fc1", "torch", "fwd", [788, 768, 3072], 1.0),
+        _bench("test_linear_act_fc1", "triton", "fwd", [788, 768, 3072], 0.5),
+        _bench("test_linear_act_fc1", "compile", "fwd", [788, 768, 3072], 0.7),
+        _bench("test_layer_norm", "torch", "fwd_bwd", [788, 768], 0.1),
+        _bench("test_layer_norm", "triton", "fwd_bwd", [788, 768], 0.2),
+        _bench("test_attention", "torch", "fwd", [4, 12, 1, 197, 64], 0.3, mask="none"),
+        _bench("test_attention", "triton", "fwd", [4, 12, 1, 197, 64], 0.2, mask="none"),
+        _bench("test_layer_norm", "triton", "fwd", [788, 768], 0.01, device="cpu"),  # CPU runs never count
+    ]}
+    entries = {(e["op"], e["pass"]): e for e in measured.build_entries([report])}
+    assert set(entries) == {("linear_act", "fwd"), ("layer_norm", "fwd_bwd"), ("attention", "fwd")}
+    assert entries["linear_act", "fwd"]["dims"] == [768, 3072] and entries["linear_act", "fwd"]["speedup"] == 2.0
+    assert entries["layer_norm", "fwd_bwd"]["speedup"] == 0.5
+    assert entries["attention", "fwd"]["dims"] == [64, "none", "pooled"] and entries["attention", "fwd"]["rows"] == 4 * 12 * 197
+
+
+def test_decision_uses_the_nearest_measured_row_count():
+    entries = [
+        {"device": "G", "op": "linear_act", "pass": "fwd", "dtype": "torch.bfloat16", "dims": [768, 3072],
+         "rows": 788, "speedup": 1.4},
+        {"device": "G", "op": "linear_act", "pass": "fwd", "dtype": "torch.bfloat16", "dims": [768, 3072],
+         "rows": 50432, "speedup": 0.9},
+    ]
+    decide = measured.decide
+    assert decide(entries, "G", "linear_act", "fwd", "torch.bfloat16", (768, 3072), 1000)
+    assert not decide(entries, "G", "linear_act", "fwd", "torch.bfloat16", (768, 3072), 40000)
+    assert not decide(entries, "G", "linear_act", "fwd_bwd", "torch.bfloat16", (768, 3072), 1000)  # unmeasured pass
+    assert not decide(entries, "G", "linear_act", "fwd", "torch.float16", (768, 3072), 1000)       # other dtype
+    assert not decide(entries, "other GPU", "linear_act", "fwd", "torch.bfloat16", (768, 3072), 1000)
+    assert not decide(entries, "G", "linear_act", "fwd", "torch.bfloat16", (512, 2048), 1000)      # other dims
+
+
+def test_generator_writes_the_table_and_auto_stays_on_the_reference_for_cpu(tmp_path, monkeypatch):
+    report = tmp_path / "kernels.json"
+    report.write_text(json.dumps({"benchmarks": [
+        _bench("test_linear_act_fc1", "torch", "fwd", [6, 8, 32], 1.0),
+        _bench("test_linear_act_fc1", "triton", "fwd", [6, 8, 32], 0.5)]}))
+    table = tmp_path / "measured_wins.json"
+    monkeypatch.setattr(measured, "TABLE", table)
+    assert measured.main([str(report)]) == 0
+    assert json.loads(table.read_text())["entries"][0]["speedup"] == 2.0
+    x, w, b = torch.randn(6, 8), torch.randn(32, 8), torch.randn(32)
+    assert not measured.prefers_triton("linear_act", x, (8, 32), 6)  # CPU tensors never leave the reference
+    assert torch.equal(linear_act(x, w, b, "gelu"), torch.nn.functional.gelu(x @ w.T + b))
+
+
+def test_no_table_means_reference(monkeypatch, tmp_path):
+    monkeypatch.setattr(measured, "TABLE", tmp_path / "absent.json")
+    assert measured._entries(str(tmp_path / "absent.json")) == ()
