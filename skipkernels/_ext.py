@@ -39,6 +39,20 @@ def has_kernel(name: str, device) -> bool:
     return has_op(name) and (kind == "cpu" or (kind == "cuda" and cuda_built()))
 
 
+def use_compiled(name: str, backend: str, device) -> bool:
+    """Whether op ``name`` runs its compiled kernel: always for backend 'cpu' / 'cuda' (which must
+    match the tensors' device and be built), for 'auto' where built, never otherwise."""
+    kind = torch.device(device).type
+    if backend not in ("cpu", "cuda"):
+        return backend == "auto" and has_kernel(name, kind)
+    if backend != kind:
+        raise ValueError(f"backend {backend!r} does not run on {kind} tensors")
+    if not has_kernel(name, kind):
+        raise RuntimeError(f"backend {backend!r} requested but the compiled {name} is unavailable for {kind}: "
+                           f"{load_error or 'the extension was built without CUDA'}")
+    return True
+
+
 _CUDA_ERRORS = {
     1: "class_select got a label outside [0, C) (it was clamped)",
     2: "class_select found a selection whose size differs from num_selected (more distinct batch "

@@ -102,15 +102,7 @@ def class_select_reference(image_features, prototypes, labels, rank_mask, top_k:
 def class_select(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1,
                  backend: str | None = None):
     """Returns (selected class indices ascending (K',), labels remapped into them (B,))."""
-    name = _dispatch.resolve(backend)
-    device = image_features.device.type
-    compiled = _ext.has_kernel("class_select", device)
-    if name in ("cpu", "cuda") or (name == "auto" and compiled):
-        if name in ("cpu", "cuda") and name != device:
-            raise ValueError(f"backend {name!r} does not run on {device} tensors")
-        if not compiled:
-            raise RuntimeError(f"backend {name!r} requested but the compiled class_select is unavailable "
-                               f"for {device}: {_ext.load_error or 'the extension was built without CUDA'}")
+    if _ext.use_compiled("class_select", _dispatch.resolve(backend), image_features.device):
         # With num_selected >= 0 on CUDA, bad labels are flagged on the device, not raised here:
         # see skipkernels._ext.check_cuda_errors.
         _check_inputs(image_features, prototypes, labels, rank_mask, top_k)

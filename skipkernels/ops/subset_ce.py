@@ -44,23 +44,11 @@ def subset_logits_ce_reference(image_features, text_features, scale, labels, ret
 
 def subset_logits_ce(image_features, text_features, scale, labels, return_logits: bool = False,
                      backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    device = image_features.device.type
-    compiled = _ext.has_kernel("subset_logits_ce", device)
-    if name in ("cpu", "cuda") or (name == "auto" and compiled and _auto_compiled(image_features)):
-        if name in ("cpu", "cuda") and name != device:
-            raise ValueError(f"backend {name!r} does not run on {device} tensors")
-        if not compiled:
-            raise RuntimeError(f"backend {name!r} requested but the compiled subset_logits_ce is unavailable "
-                               f"for {device}: {_ext.load_error or 'the extension was built without CUDA'}")
+    if _ext.use_compiled("subset_logits_ce", _dispatch.resolve(backend), image_features.device):
         _check(image_features, text_features, labels)
         from skipkernels.ops import _subset_ce_autograd
         return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
     return subset_logits_ce_reference(image_features, text_features, scale, labels, return_logits)
-
-
-def _auto_compiled(image_features) -> bool:
-    return True
 
 
 def class_scores_topk_reference(image_features, text_features, scale, k: int = 1, labels=None):
@@ -77,15 +65,7 @@ def class_scores_topk_reference(image_features, text_features, scale, k: int = 1
 def class_scores_topk(image_features, text_features, scale, k: int = 1, labels=None, chunk_size: int = 4096,
                       backend: str | None = None):
     """Chunked over classes: never builds the (B, C) matrix; same result as the reference."""
-    name = _dispatch.resolve(backend)
-    device = image_features.device.type
-    compiled = _ext.has_kernel("class_scores_topk", device)
-    if name in ("cpu", "cuda") or (name == "auto" and compiled):
-        if name in ("cpu", "cuda") and name != device:
-            raise ValueError(f"backend {name!r} does not run on {device} tensors")
-        if not compiled:
-            raise RuntimeError(f"backend {name!r} requested but the compiled class_scores_topk is unavailable "
-                               f"for {device}: {_ext.load_error or 'the extension was built without CUDA'}")
+    if _ext.use_compiled("class_scores_topk", _dispatch.resolve(backend), image_features.device):
         _check(image_features, text_features, labels)
         if scale.device != image_features.device:
             scale = scale.to(image_features.device)
