@@ -1,6 +1,7 @@
 """Helpers shared by the PET tests."""
 import copy
 
+import pytest
 import torch
 
 
@@ -19,3 +20,13 @@ def randomize(handle, std=0.2, seed=3):
     with torch.no_grad():
         for p in handle.pet_parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (badly so on a busy machine).
+    Import it into a test module to apply it there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -7,21 +7,12 @@ from skipkernels.pet import METHODS, PetConfig, apply_pet, find_blocks, trainabl
 from skipkernels.pet.modules import (HoulsbyAdapter, LargeGate, MiddleXGate, MiddleYGate, SmallGate,
                                      VLPETModifier)
 
-from pet_checks import frozen_copy, randomize
+from pet_checks import frozen_copy, one_thread, randomize  # one_thread: autouse
 
 WIDTH, LAYERS = 64, 3
 # A small vocabulary and context keep the text tower cheap; the EOT token is the highest id.
 VOCAB, CONTEXT = 1000, 16
 EOT = VOCAB - 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds synchronisation (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_clip(block="default", seed=0, ls_init_value=None):

@@ -12,19 +12,10 @@ transformers = pytest.importorskip("transformers")
 
 from skipkernels.pet import METHODS, PetConfig, apply_pet, find_blocks  # noqa: E402
 from skipkernels.pet.modules import VLPETModifier  # noqa: E402
-from pet_checks import frozen_copy, randomize  # noqa: E402
+from pet_checks import frozen_copy, one_thread, randomize  # one_thread: autouse  # noqa: E402
 
 D, FFN, LAYERS, VOCAB = 32, 64, 2, 100
 RANK, HEADS, GATE_RANK = 8, 4, 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: a second intra-op thread only adds synchronisation (badly so on a busy machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_bart(seed=0):
