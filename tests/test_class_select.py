@@ -98,6 +98,16 @@ def test_reference_ties_go_to_the_smaller_class_index():
     assert remapped.tolist() == [len(selected) - 1] * 3
 
 
+def _valid_args(**changes):
+    """A valid class_select call (B=2, C=10, K=2), with ``changes`` applied."""
+    gen = torch.Generator().manual_seed(0)
+    args = dict(image_features=torch.randn(2, 6, generator=gen), prototypes=torch.randn(10, 6, generator=gen),
+                labels=torch.tensor([1, 2]), rank_mask=torch.ones(8, dtype=torch.bool), top_k=2,
+                num_selected=-1)
+    args.update(changes)
+    return args
+
+
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(labels=torch.tensor([0, 10])), ValueError, "labels must lie in"),
     (dict(labels=torch.tensor([-1, 0])), ValueError, "labels must lie in"),
@@ -112,11 +122,7 @@ def test_reference_ties_go_to_the_smaller_class_index():
 ])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=compiled)])
 def test_bad_input_raises_clearly(kwargs, error, match, backend):
-    gen = torch.Generator().manual_seed(0)
-    args = dict(image_features=torch.randn(2, 6, generator=gen), prototypes=torch.randn(10, 6, generator=gen),
-                labels=torch.tensor([1, 2]), rank_mask=torch.ones(8, dtype=torch.bool), top_k=2,
-                num_selected=-1)
-    args.update(kwargs)
+    args = _valid_args(**kwargs)
     with pytest.raises(error, match=match):
         cs.class_select(**args, backend=backend)
 
@@ -197,11 +203,7 @@ def test_compiled_exact_ties_and_nan_scores():
     (dict(num_selected=11), ValueError, "num_selected must be -1"),
 ])
 def test_compiled_op_bad_input_raises_clearly(kwargs, error, match):
-    gen = torch.Generator().manual_seed(0)
-    args = dict(image_features=torch.randn(2, 6, generator=gen), prototypes=torch.randn(10, 6, generator=gen),
-                labels=torch.tensor([1, 2]), rank_mask=torch.ones(8, dtype=torch.bool), top_k=2,
-                num_selected=-1)
-    args.update(kwargs)
+    args = _valid_args(**kwargs)
     with pytest.raises(error, match=match):
         torch.ops.skipkernels.class_select(*args.values())
 

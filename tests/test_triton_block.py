@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from skipkernels._compat import import_open_clip  # noqa: E402
 from skipkernels import use_backend  # noqa: E402
 from skipkernels.ops.block import block_forward  # noqa: E402
-from kernel_checks import poison_outputs, SEED, max_error as _err  # noqa: E402,F401  (poison_outputs: autouse)
+from kernel_checks import poison_outputs, SEED, max_error as _err, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
 
 open_clip = import_open_clip()
 T = open_clip.transformer
@@ -59,22 +59,6 @@ def _make_block(name, seed):
         for p in block.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g).to(DEVICE))
     return block
-
-
-def assert_fp64_rule(out, torch_out, ref64, what, scale=None):
-    """Triton path's error vs fp64 at most 2x the reference path's, plus a few ulps at ``scale``.
-
-    ``scale`` defaults to the tensor's own magnitude. Gradients pass the largest gradient of the
-    block instead: all of them come out of one backward pass with rounding noise at that level,
-    and a tiny tensor with cancellation (e.g. a two-element head scale) would otherwise compare
-    two draws of that noise.
-    """
-    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
-    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
-    ulps = 4 if out.dtype == torch.float32 else 1
-    scale = ref64.abs().max().item() if scale is None else scale
-    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, scale)
-    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
 
 
 def _run(block, x, kind, query_index, gout, backend):

@@ -23,6 +23,7 @@ from skipkernels.ops.block import block_forward  # noqa: E402
 from skipkernels.triton import attention as tattn  # noqa: E402
 from skipkernels.triton import layer_norm as tln  # noqa: E402
 from skipkernels.triton import linear as tlin  # noqa: E402
+from kernel_checks import assert_fp64_rule  # noqa: E402
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -45,19 +46,6 @@ def _gen(seed):
 
 def _randn(shape, seed, dtype=torch.float32, scale=1.0):
     return (torch.randn(shape, generator=_gen(seed), device=DEV) * scale).to(dtype)
-
-
-def _err(a, ref):
-    return (a.double() - ref.double()).abs().max().item()
-
-
-def assert_fp64_rule(out, torch_out, ref64, what, scale=None):
-    assert not torch.isnan(out).any(), f"{what}: NaN (unwritten output?)"
-    e_fused, e_torch = _err(out, ref64), _err(torch_out, ref64)
-    ulps = 4 if out.dtype == torch.float32 else 1
-    scale = ref64.abs().max().item() if scale is None else scale
-    eps = ulps * torch.finfo(out.dtype).eps * max(1.0, scale)
-    assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
 
 
 def _grads(fn, inputs, gout):
