@@ -49,3 +49,18 @@ def test_lskip_lora_run_exports_a_plain_open_clip_model(synthetic_root, tmp_path
     model = open_clip.create_model("skipkernels-tiny", pretrained=str(tmp_path / "model.pt"))
     assert not any("lora" in k for k in model.state_dict())
     assert (tmp_path / "pet.pt").exists()
+
+
+def test_block_has_pet_follows_apply_merge_and_remove():
+    from skipkernels.pet import PetConfig, apply_pet, block_has_pet, has_pet
+    model = tiny_clip(layers=3)
+    blocks = list(model.visual.transformer.resblocks)
+    assert not any(block_has_pet(b) for b in blocks)  # answer now cached
+    handle = apply_pet(model, PetConfig("lora", min_block=1))
+    assert [block_has_pet(b) for b in blocks] == [has_pet(b) for b in blocks] == [False, True, True]
+    handle.merge()
+    assert not any(block_has_pet(b) for b in blocks)
+    handle = apply_pet(model, PetConfig("vlpet-small", min_block=2))
+    assert [block_has_pet(b) for b in blocks] == [False, False, True]
+    handle.remove()
+    assert not any(block_has_pet(b) for b in blocks)

@@ -37,13 +37,13 @@ def run_blocks(blocks, x, causal: bool = False, prune_index=None):
     """Blocks through the op layer; blocks holding parameter-efficient modules (``skipkernels.pet``)
     run as modules, since the op layer reads weights directly and would bypass them. Those blocks
     are not pruned: the full last block runs and the pooled rows are taken after it."""
-    from skipkernels.pet import has_pet
+    from skipkernels.pet import block_has_pet
     blocks = list(blocks)
-    if not any(has_pet(b) for b in blocks):
+    if not any(block_has_pet(b) for b in blocks):
         return blocks_forward(blocks, x, causal=causal, prune_last_index=prune_index)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
-        if has_pet(block):
+        if block_has_pet(block):
             mask = None
             if causal:
                 length = x.shape[1]
