@@ -41,13 +41,13 @@ def run_blocks(blocks, x, causal: bool = False, prune_index=None):
     blocks = list(blocks)
     if not any(block_has_pet(b) for b in blocks):
         return blocks_forward(blocks, x, causal=causal, prune_last_index=prune_index)
+    mask = None
+    if causal:  # open_clip's additive causal mask, for the blocks that run as modules
+        length = x.shape[1]
+        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
         if block_has_pet(block):
-            mask = None
-            if causal:
-                length = x.shape[1]
-                mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
             x = block(x, attn_mask=mask)
             if last and prune_index is not None:
                 x = x[torch.arange(x.shape[0], device=x.device), prune_index].unsqueeze(1)
