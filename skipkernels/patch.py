@@ -61,16 +61,13 @@ def _encode_text(self, text, normalize: bool = False):
     # Exact savings (DESIGN.md section 3): causal attention pooled at one token per prompt, so the
     # prompts run only up to their last pooled position, and the last block only for that row.
     from skipkernels.skip import towers
-    pool_index = towers.text_pool_index(self, text)
-    length = towers.truncated_length(pool_index.cpu(), text.shape[1])
-    x = towers.text_embed(self, text[:, :length])
-    features = towers.encode_text_from(self, x, 0, pool_index, prune_last=True)
+    features = towers.encode_text(self, text)
     return F.normalize(features, dim=-1) if normalize else features
 
 
 def _encode_image(self, image, normalize: bool = False):
     from skipkernels.skip import towers
-    features = towers.encode_image_from(self, towers.image_stem(self, image), 0, prune_last=True)
+    features = towers.encode_image(self, image)
     return F.normalize(features, dim=-1) if normalize else features
 
 

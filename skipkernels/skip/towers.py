@@ -97,6 +97,11 @@ def encode_image_from(model, x, start: int, prune_last: bool = True):
     return image_head(model, image_blocks(model, x, start, image_depth(model), prune_last))
 
 
+def encode_image(model, images, prune_last: bool = True):
+    """Image features of ``images`` through the whole tower."""
+    return encode_image_from(model, image_stem(model, images), 0, prune_last)
+
+
 # ------------------------------------------------------------------------------------ text
 def text_depth(model) -> int:
     return len(model.transformer.resblocks)
@@ -163,3 +168,13 @@ def encode_text_from(model, x, start: int, pool_index, prune_last: bool = True):
     depth = text_depth(model)
     out = text_blocks(model, x, start, depth, pool_index if prune_last else None)
     return text_head(model, out, pool_index)
+
+
+def encode_text(model, tokens, prompt_embeddings=None, truncate: bool = True, prune_last: bool = True):
+    """Text features of ``tokens`` (C, L) through the whole tower, truncated to the longest prompt
+    (exact, see the module docstring); ``prompt_embeddings`` replace the token embeddings (CoOp)."""
+    pool_index = text_pool_index(model, tokens)
+    length = truncated_length(pool_index.cpu(), tokens.shape[1]) if truncate else tokens.shape[1]
+    emb = None if prompt_embeddings is None else prompt_embeddings[:, :length]
+    x = text_embed(model, tokens[:, :length], emb)
+    return encode_text_from(model, x, 0, pool_index, prune_last)

@@ -221,8 +221,7 @@ class SkipTuner(nn.Module):
 
     def encode_images(self, images, normalize: bool = False):
         """Image features of the current model (the whole tower; last block pruned when exact)."""
-        x = towers.image_stem(self.model, images)
-        f = towers.encode_image_from(self.model, x, 0, self.config.prune_last_block)
+        f = towers.encode_image(self.model, images, self.config.prune_last_block)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_classes(self, classnames, normalize: bool = False, batch_size: int = 256):
@@ -241,12 +240,8 @@ class SkipTuner(nn.Module):
         return F.normalize(t, dim=-1) if normalize else t
 
     def _encode_tokens(self, tokens, embeddings=None):
-        pool_index = towers.text_pool_index(self.model, tokens)
-        length = towers.truncated_length(pool_index.cpu(), tokens.shape[1]) if self.config.truncate_text \
-            else tokens.shape[1]
-        emb = None if embeddings is None else embeddings[:, :length]
-        x = towers.text_embed(self.model, tokens[:, :length], emb)
-        return towers.encode_text_from(self.model, x, 0, pool_index, self.config.prune_last_block)
+        return towers.encode_text(self.model, tokens, embeddings, self.config.truncate_text,
+                                  self.config.prune_last_block)
 
     # ------------------------------------------------------------------ one step
     def image_features_for_step(self, inputs):
