@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from skipkernels import _ext
 from skipkernels.ops import _subset_ce_autograd
 from skipkernels.ops.class_select import class_select_reference, draw_rank_mask
-from skipkernels.ops.subset_ce import subset_logits_ce_reference
+from skipkernels.ops.subset_ce import (class_scores_topk_chunked, class_scores_topk_reference,
+                                      subset_logits_ce_reference)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 WIDTH = 512
@@ -113,3 +114,33 @@ def test_subset_ce_forward(benchmark, device, batch, classes, impl):
     with torch.no_grad():
         _run(benchmark, lambda: loss_fn(f, t, scale, labels), device,
              f"subset_logits_ce fwd {device} B={batch} K'={classes}")
+
+
+TOPK_PARAMS = [("cpu", 32, 2000)] + ([("cuda", 256, 21843), ("cuda", 1024, 21843)] if torch.cuda.is_available() else [])
+TOPK_IMPLS = ["reference", "chunked", "compiled"]
+
+
+@pytest.mark.parametrize("impl", TOPK_IMPLS)
+@pytest.mark.parametrize("device,batch,classes", TOPK_PARAMS, ids=[f"{d}-B{b}-C{c}" for d, b, c in TOPK_PARAMS])
+def test_class_scores_topk(benchmark, device, batch, classes, impl):
+    """Large-class evaluation: top-5 and loss. 'reference' builds the (B, C) matrix; 'chunked'
+    (PyTorch) and 'compiled' work in chunks of 4096 classes. Peak extra memory in extra_info on CUDA."""
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(batch, WIDTH, generator=gen).to(device)
+    t = torch.randn(classes, WIDTH, generator=gen).to(device)
+    scale = torch.tensor(100.0, device=device)
+    labels = torch.randint(classes, (batch,), generator=gen).to(device)
+    fn = {"reference": lambda: class_scores_topk_reference(f, t, scale, 5, labels),
+          "chunked": lambda: class_scores_topk_chunked(f, t, scale, 5, labels, 4096),
+          "compiled": lambda: torch.ops.skipkernels.class_scores_topk(f, t, scale, 5, labels, 4096)}[impl]
+    if impl == "compiled" and not _ext.has_kernel("class_scores_topk", device):
+        pytest.skip(f"compiled class_scores_topk unavailable on {device}: {_ext.load_error or 'no CUDA build'}")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        benchmark.extra_info["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    with torch.no_grad():
+        _run(benchmark, fn, device, f"class_scores_topk {device} B={batch} C={classes}")
