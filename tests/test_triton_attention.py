@@ -130,19 +130,83 @@ def _grads(fn, inputs, gout):
     return [t.grad for t in inputs]
 
 
-@pytest.mark.parametrize("mode", ["none", "causal", "key_limit", "float_B1LL", "bool_BHLL"])
-@pytest.mark.parametrize("l", [3, 17])
-def test_attention_backward(l, mode):
+BACKWARD_MODES = ["none", "causal", "key_limit", "float_LL", "float_B1LL", "bool_BHLL", "bool_B11L"]
+# 3 and 17 tokens fit one tile; 197 spans two, so the dK/dV kernel's causal start tile, the
+# dQ kernel's diagonal bound and partial tiles are all exercised.
+BACKWARD_CASES = [(l, m) for l in (3, 17) for m in BACKWARD_MODES] + [(197, "causal"), (197, "key_limit")]
+
+
+@pytest.mark.parametrize("l,mode", BACKWARD_CASES)
+def test_attention_backward(l, mode, monkeypatch):
     shape = (2, 2, l, 32)
     q, k, v = _qkv(shape, torch.float32, seed=6)
     kw = _to(_mask_cases(2, 2, l, torch.float32, seed=7)[mode])
     gout = _randn(shape, seed=9)
+    ref = _grads(lambda *a: ops_attn.attention_reference(*a, **kw), (q, k, v), gout)
+    exact = _grads(lambda *a: ops_attn.attention_reference(*a, **_to(kw, torch.float64)),
+                   (q.double(), k.double(), v.double()), gout)
+    # The Triton backward must not fall back to differentiating the reference.
+    monkeypatch.setattr(ops_attn, "attention_reference", None)
+    fused = _grads(lambda *a: tattn.attention(*a, **kw), (q, k, v), gout)
+    for name, gf, gr, ge in zip("qkv", fused, ref, exact):
+        assert_fp64_rule(gf, gr, ge, f"d{name}[{mode}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["none", "causal", "key_limit"])
+def test_attention_backward_half(mode, dtype):
+    shape = (2, 2, 17, 64)
+    q, k, v = _qkv(shape, dtype, seed=12)
+    kw = _to(_mask_cases(2, 2, 17, dtype, seed=13)[mode])
+    gout = _randn(shape, seed=14)
     fused = _grads(lambda *a: tattn.attention(*a, **kw), (q, k, v), gout)
     ref = _grads(lambda *a: ops_attn.attention_reference(*a, **kw), (q, k, v), gout)
     exact = _grads(lambda *a: ops_attn.attention_reference(*a, **_to(kw, torch.float64)),
                    (q.double(), k.double(), v.double()), gout)
     for name, gf, gr, ge in zip("qkv", fused, ref, exact):
-        assert_fp64_rule(gf, gr, ge, f"d{name}[{mode}]")
+        assert gf.dtype == dtype
+        assert_fp64_rule(gf, gr, ge, f"d{name}[{mode}, {dtype}]")
+
+
+@pytest.mark.parametrize("l", [3, 77])
+def test_pooled_query_backward(l):
+    """Last-block pruning's backward: one query per sample, keys past key_limit get zero grads."""
+    q, k, v = _qkv((3, 2, l, 32), torch.float32, seed=15)
+    q1 = q[:, :, :1]
+    limit = torch.tensor([1, l, l // 2 + 1], device=DEVICE)
+    gout = _randn(q1.shape, seed=16)
+    fused = _grads(lambda *a: tattn.attention(*a, key_limit=limit), (q1, k, v), gout)
+    ref = _grads(lambda *a: ops_attn.attention_reference(*a, key_limit=limit), (q1, k, v), gout)
+    exact = _grads(lambda *a: ops_attn.attention_reference(*a, key_limit=limit),
+                   (q1.double(), k.double(), v.double()), gout)
+    for name, gf, gr, ge in zip("qkv", fused, ref, exact):
+        assert_fp64_rule(gf, gr, ge, f"pooled d{name}")
+    assert torch.all(fused[1][0, :, 1:] == 0) and torch.all(fused[2][0, :, 1:] == 0)
+
+
+def test_fully_masked_rows_backward():
+    """A row that sees no key has output 0 and passes no gradient, without NaN."""
+    q, k, v = _qkv((2, 2, 17, 32), torch.float32, seed=17)
+    mask = torch.rand(2, 2, 17, 17, generator=torch.Generator().manual_seed(SEED), device="cpu") > 0.3
+    mask[0, :, 5] = False
+    mask[1, 1] = False  # a whole head sees nothing
+    mask = mask.to(DEVICE)
+    gout = _randn(q.shape, seed=18)
+    fused = _grads(lambda *a: tattn.attention(*a, attn_mask=mask), (q, k, v), gout)
+    exact = _grads(lambda *a: ops_attn.attention_reference(*a, attn_mask=mask),
+                   (q.double(), k.double(), v.double()), gout)
+    for name, gf, ge in zip("qkv", fused, exact):
+        assert not torch.isnan(gf).any(), name
+        torch.testing.assert_close(gf.double(), ge, rtol=1e-4, atol=1e-5)
+    assert torch.all(fused[0][0, :, 5] == 0) and torch.all(fused[1][1, 1] == 0)
+
+
+def test_no_grad_forward_saves_nothing():
+    q, k, v = _qkv((1, 2, 17, 32), torch.float32)
+    q.requires_grad_(True)
+    with torch.no_grad():
+        out = tattn.attention(q, k, v, causal=True)
+    assert out.grad_fn is None
 
 
 def test_float_mask_gradient():

@@ -17,10 +17,16 @@ Scores, softmax statistics and the output accumulator are fp32. The output is al
 (B, Lq, H, Dh) memory order and returned as a (B, H, Lq, Dh) view, so the block's following
 ``transpose(1, 2).reshape(B, L, D)`` is free.
 
-Backward is NOT a Triton kernel: the autograd Function saves q, k, v (and the mask) and, on
-backward, recomputes the reference (``F.scaled_dot_product_attention``, i.e. PyTorch's flash /
-memory-efficient / math kernels) under autograd and differentiates that. Gradients are therefore
-exactly the reference's; the cost is one extra attention forward in backward.
+Backward is FlashAttention-2's, in two Triton kernels after a small ``delta = rowsum(dO * O)``
+pass: one program per key tile accumulates dK and dV over the query tiles that see it, one
+program per query tile accumulates dQ over its key tiles, both recomputing P from the saved
+per-row log-sum-exp (fp32, B*H*Lq floats) instead of storing the Lq x Lk probabilities. No atomics,
+so gradients are deterministic. Key tiles past ``key_limit`` / the causal diagonal are skipped in
+both, and a fully masked row has log-sum-exp +inf, so its P (and gradient) is exactly 0.
+
+A float mask that itself requires grad is rare (open_clip's masks are constants); for it backward
+recomputes the reference (``F.scaled_dot_product_attention``) under autograd and differentiates
+that, which also yields the mask's gradient.
 """
 from __future__ import annotations
 
@@ -38,12 +44,12 @@ _NO_MASK, _FLOAT_MASK, _BOOL_MASK = 0, 1, 2
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, Mask, KeyLimit, sm_scale,
+def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sob, soh, som, sod, smb, smh, smm, smn,
                      H, Lq, Lk, D,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                     STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -113,6 +119,176 @@ def _attn_fwd_kernel(Q, K, V, O, Mask, KeyLimit, sm_scale,
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     o_ptrs = O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    if STORE_LSE:
+        # +inf for a row with no visible key: backward's exp(s - lse) is then 0 for all of it.
+        lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=mmask)
+
+
+@triton.jit
+def _masked_probs(s, lse, qi, ki, valid, Mask, mask_off, smm, smn,
+                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """P = exp(s + mask - lse) where visible, else 0. ``qi``/``ki`` are the query/key indices
+    broadcast to the tile's orientation (the dK/dV kernel works on transposed tiles)."""
+    if CAUSAL:
+        valid = valid & (ki <= qi)
+    if MASK_KIND == 1:
+        s += tl.load(Mask + mask_off + qi * smm + ki * smn, mask=valid, other=0.0).to(tl.float32)
+    if MASK_KIND == 2:
+        keep = tl.load(Mask + mask_off + qi * smm + ki * smn, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return tl.where(valid, tl.exp(s - lse), 0.0)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, Delta, sob, soh, som, sod, sgb, sgh, sgm, sgd, H, Lq, D,
+                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(DO + b.to(tl.int64) * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
+                mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * g, axis=1), mask=offs_m < Lq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_scale,
+                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                          sgb, sgh, sgm, sgd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+                          smb, smh, smm, smn, H, Lq, Lk, D,
+                          CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # One key tile per program; tiles are transposed (keys x queries) so dV += Pᵀ dO and
+    # dK += dSᵀ Q need no transpose of P.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    nmask = offs_n < Lk
+    hi = Lq
+    if HAS_LIMIT:
+        limit = tl.load(KeyLimit + b).to(tl.int32)
+        nvisible = offs_n < limit
+        hi = tl.where(pid_n * BLOCK_N < limit, Lq, 0)  # no query sees this tile: dK = dV = 0
+    else:
+        nvisible = nmask
+    lo = 0
+    if CAUSAL:
+        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # query tiles above the diagonal see none of it
+
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + b.to(tl.int64) * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
+                mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    q_base = Q + b.to(tl.int64) * sqb + h * sqh
+    g_base = DO + b.to(tl.int64) * sgb + h * sgh
+    mask_off = b.to(tl.int64) * smb + h * smh
+    row_base = bh.to(tl.int64) * Lq
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        mmask = offs_m < Lq
+        q_t = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
+                      mask=dmask[:, None] & mmask[None, :], other=0.0)
+        g = tl.load(g_base + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
+                    mask=mmask[:, None] & dmask[None, :], other=0.0)
+        if UPCAST:
+            q_t = q_t.to(tl.float32)
+            g = g.to(tl.float32)
+        lse = tl.load(Lse + row_base + offs_m, mask=mmask, other=0.0)
+        delta = tl.load(Delta + row_base + offs_m, mask=mmask, other=0.0)
+        s_t = tl.dot(k, q_t, input_precision=PRECISION) * sm_scale
+        p_t = _masked_probs(s_t, lse[None, :], offs_m[None, :], offs_n[:, None],
+                            nvisible[:, None] & mmask[None, :], Mask, mask_off, smm, smn,
+                            CAUSAL, MASK_KIND)
+        dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        if not UPCAST:
+            p_t = p_t.to(g.dtype)
+            ds_t = ds_t.to(q_t.dtype)
+        dv = tl.dot(p_t, g, dv, input_precision=PRECISION)
+        dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=PRECISION)
+
+    tl.store(DK + b.to(tl.int64) * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b.to(tl.int64) * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
+                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                        sgb, sgh, sgm, sgd, sdqb, sdqh, sdqm, sdqd,
+                        smb, smh, smm, smn, H, Lq, Lk, D,
+                        CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mmask = offs_m < Lq
+    dmask = offs_d < D
+    qd_mask = mmask[:, None] & dmask[None, :]
+    q = tl.load(Q + b.to(tl.int64) * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qd_mask, other=0.0)
+    g = tl.load(DO + b.to(tl.int64) * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
+                mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        g = g.to(tl.float32)
+    row_base = bh.to(tl.int64) * Lq
+    lse = tl.load(Lse + row_base + offs_m, mask=mmask, other=0.0)
+    delta = tl.load(Delta + row_base + offs_m, mask=mmask, other=0.0)
+    k_base = K + b.to(tl.int64) * skb + h * skh
+    v_base = V + b.to(tl.int64) * svb + h * svh
+    mask_off = b.to(tl.int64) * smb + h * smh
+
+    hi = Lk  # the forward's bound: keys no row of this tile sees are not visited
+    if HAS_LIMIT:
+        hi = tl.minimum(hi, tl.load(KeyLimit + b).to(tl.int32))
+    if CAUSAL:
+        hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        nmask = cols < hi
+        k_t = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
+                      mask=dmask[:, None] & nmask[None, :], other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd,
+                      mask=dmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            k_t = k_t.to(tl.float32)
+            v_t = v_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
+        p = _masked_probs(s, lse[:, None], offs_m[:, None], cols[None, :],
+                          mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn,
+                          CAUSAL, MASK_KIND)
+        ds = p * (tl.dot(g, v_t, input_precision=PRECISION) - delta[:, None])
+        if not UPCAST:
+            ds = ds.to(k_t.dtype)
+        dq = tl.dot(ds, tl.trans(k_t), dq, input_precision=PRECISION)
+
+    tl.store(DQ + b.to(tl.int64) * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 def _blocks(lq, lk, d):
@@ -128,56 +304,123 @@ def _blocks(lq, lk, d):
     return block_m, block_n, block_d, num_warps, 2
 
 
+def _bwd_blocks(lq, lk, d):
+    """(dK/dV tile: BLOCK_M, BLOCK_N), (dQ tile: BLOCK_M, BLOCK_N), BLOCK_D, warps, stages."""
+    block_d = max(16, triton.next_power_of_2(d))
+    if _INTERPRET:
+        m = min(128, max(16, triton.next_power_of_2(lq)))
+        n = min(128, max(16, triton.next_power_of_2(lk)))
+        return (m, n), (m, n), block_d, 4, 1
+    if block_d > 128:
+        return (16, 32), (32, 16), block_d, 4, 1
+    # Short sequences (77, 197 tokens): small tiles keep B*H*tiles programs above the SM count.
+    small_m = 16 if lq <= 16 else 32
+    return (small_m, 64), (small_m if lq <= 16 else 64, 32), block_d, 4, 2 if block_d <= 64 else 1
+
+
 def _precision(dtype):
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
     return "ieee"
 
 
-def _forward(q, k, v, causal, mask, mask_kind, key_limit):
+def _token_major(shape, dtype, device):
+    """(B, L, H, D) memory as a (B, H, L, D) view: the caller's transpose back to tokens is free."""
+    batch, heads, length, d = shape
+    return new_empty((batch, length, heads, d), store_dtype(dtype), device).permute(0, 2, 1, 3)
+
+
+def _forward(q, k, v, causal, mask, mask_kind, key_limit, store_lse=False):
+    """Returns (out, lse); lse (B*H, Lq) fp32 only when ``store_lse``."""
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
-    sd = store_dtype(q.dtype)
-    # (B, Lq, H, D) memory, (B, H, Lq, D) view: the caller's transpose back to tokens is free.
-    out = new_empty((batch, lq, heads, d), sd, q.device).permute(0, 2, 1, 3)
+    out = _token_major(q.shape, q.dtype, q.device)
+    lse = new_empty((batch * heads, lq), torch.float32, q.device) if store_lse else None
     if out.numel() == 0:
-        return out.to(q.dtype)
+        return out.to(q.dtype), lse
     block_m, block_n, block_d, num_warps, num_stages = _blocks(lq, lk, d)
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
     grid = (triton.cdiv(lq, block_m), batch * heads)
     _attn_fwd_kernel[grid](
-        q, k, v, out, mask, key_limit, 1.0 / math.sqrt(d),
+        q, k, v, out, lse, mask, key_limit, 1.0 / math.sqrt(d),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
         heads, lq, lk, d,
-        CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None,
+        CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None, STORE_LSE=store_lse,
         UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages)
-    return out.to(q.dtype)
+    return out.to(q.dtype), lse
+
+
+def _backward(q, k, v, out, g, lse, causal, mask, mask_kind, key_limit):
+    """FlashAttention-2 backward: returns dq, dk, dv (B, H, L, D views in token-major memory)."""
+    batch, heads, lq, d = q.shape
+    lk = k.shape[2]
+    g = g.to(q.dtype)
+    dq = _token_major(q.shape, q.dtype, q.device)
+    dk = _token_major(k.shape, k.dtype, k.device)
+    dv = _token_major(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
+    (kv_m, kv_n), (q_m, q_n), block_d, num_warps, num_stages = _bwd_blocks(lq, lk, d)
+    delta = new_empty((batch * heads, lq), torch.float32, q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(lq, q_m), batch * heads)](
+        out, g, delta, *out.stride(), *g.stride(), heads, lq, d, BLOCK_M=q_m, BLOCK_D=block_d)
+    ms = mask.stride() if mask is not None else (0, 0, 0, 0)
+    common = dict(CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None,
+                  UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=_precision(q.dtype),
+                  BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
+    scale = 1.0 / math.sqrt(d)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(lk, kv_n), batch * heads)](
+        q, k, v, g, lse, delta, dk, dv, mask, key_limit, scale,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dk.stride(), *dv.stride(), *ms,
+        heads, lq, lk, d, BLOCK_M=kv_m, BLOCK_N=kv_n, **common)
+    _attn_bwd_dq_kernel[(triton.cdiv(lq, q_m), batch * heads)](
+        q, k, v, g, lse, delta, dq, mask, key_limit, scale,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dq.stride(), *ms,
+        heads, lq, lk, d, BLOCK_M=q_m, BLOCK_N=q_n, **common)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 class _AttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, attn_mask, causal, kernel_mask, mask_kind, key_limit):
-        ctx.causal = causal
-        ctx.save_for_backward(q, k, v, attn_mask, key_limit)
-        return _forward(q, k, v, causal, kernel_mask, mask_kind, key_limit)
+    def forward(ctx, q, k, v, attn_mask, causal, kernel_mask, mask_kind, key_limit, grad_mode):
+        ctx.causal, ctx.mask_kind = causal, mask_kind
+        # needs_input_grad stays set under no_grad; the caller's grad mode says if backward can come.
+        wants_grad = grad_mode and any(ctx.needs_input_grad[:4])
+        ctx.recompute = attn_mask is not None and ctx.needs_input_grad[3]
+        out, lse = _forward(q, k, v, causal, kernel_mask, mask_kind, key_limit,
+                            store_lse=wants_grad and not ctx.recompute)
+        if ctx.recompute:
+            ctx.save_for_backward(q, k, v, attn_mask, key_limit)
+        elif wants_grad:
+            ctx.save_for_backward(q, k, v, out, lse, kernel_mask, key_limit)
+        return out
 
     @staticmethod
     def backward(ctx, g):
-        # Recompute with the reference under autograd and differentiate it (see module docstring).
-        from skipkernels.ops.attention import attention_reference
-        q, k, v, attn_mask, key_limit = ctx.saved_tensors
+        if ctx.recompute:
+            return (*_recompute_backward(ctx, g), None, None, None, None, None)
+        q, k, v, out, lse, kernel_mask, key_limit = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, g, lse, ctx.causal, kernel_mask, ctx.mask_kind, key_limit)
         needs = ctx.needs_input_grad
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(needs[i]) if t is not None else None
-                      for i, t in enumerate((q, k, v, attn_mask))]
-            out = attention_reference(*leaves[:3], causal=ctx.causal, attn_mask=leaves[3],
-                                      key_limit=key_limit)
-            wanted = [t for i, t in enumerate(leaves) if t is not None and needs[i]]
-            grads = iter(torch.autograd.grad(out, wanted, g)) if wanted else iter(())
-        result = [next(grads) if t is not None and needs[i] else None for i, t in enumerate(leaves)]
-        return (*result, None, None, None, None)
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
+                None, None, None, None, None, None)
+
+
+def _recompute_backward(ctx, g):
+    """Gradients (q, k, v, mask) by differentiating the reference under autograd."""
+    from skipkernels.ops.attention import attention_reference
+    q, k, v, attn_mask, key_limit = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(needs[i]) if t is not None else None
+                  for i, t in enumerate((q, k, v, attn_mask))]
+        out = attention_reference(*leaves[:3], causal=ctx.causal, attn_mask=leaves[3],
+                                  key_limit=key_limit)
+        wanted = [t for i, t in enumerate(leaves) if t is not None and needs[i]]
+        grads = iter(torch.autograd.grad(out, wanted, g)) if wanted else iter(())
+    return [next(grads) if t is not None and needs[i] else None for i, t in enumerate(leaves)]
 
 
 def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
@@ -212,4 +455,5 @@ def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
             kernel_mask, mask_kind = attn_mask.expand(batch, heads, lq, lk).view(torch.uint8), _BOOL_MASK
         else:
             kernel_mask, mask_kind = attn_mask.to(q.dtype).expand(batch, heads, lq, lk), _FLOAT_MASK
-    return _AttentionFn.apply(q, k, v, attn_mask, causal, kernel_mask, mask_kind, key_limit)
+    return _AttentionFn.apply(q, k, v, attn_mask, causal, kernel_mask, mask_kind, key_limit,
+                              torch.is_grad_enabled())

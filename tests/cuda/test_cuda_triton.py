@@ -132,26 +132,46 @@ ATTN_CASES = [  # (B, H, Lq, Lk, Dh, kind)
 ]
 
 
+def _attn_kwargs(b, lk, kind, dtype):
+    """(kwargs in dtype, kwargs in fp64) for one attention case of ATTN_CASES."""
+    if kind == "causal":
+        return {"causal": True}, {"causal": True}
+    if kind == "text_mask":
+        mask = torch.full((lk, lk), float("-inf"), device=DEV).triu(1)
+        return {"attn_mask": mask.to(dtype)}, {"attn_mask": mask.double()}
+    if kind == "key_limit":
+        limit = torch.randint(1, lk + 1, (b,), generator=_gen(4), device=DEV)
+        return {"key_limit": limit}, {"key_limit": limit}
+    if kind == "bool_padding":
+        keep = torch.arange(lk, device=DEV)[None, None, None, :] < torch.randint(1, lk + 1, (b, 1, 1, 1), generator=_gen(5), device=DEV)
+        return {"attn_mask": keep}, {"attn_mask": keep}
+    return {}, {}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("b,h,lq,lk,dh,kind", ATTN_CASES)
 def test_attention_vit_shapes(b, h, lq, lk, dh, kind, dtype):
     q = _randn((b, h, lq, dh), 1, dtype, 1.5)
     k, v = _randn((b, h, lk, dh), 2, dtype, 1.5), _randn((b, h, lk, dh), 3, dtype)
-    kw, kw64 = {}, {}
-    if kind == "causal":
-        kw = kw64 = {"causal": True}
-    elif kind == "text_mask":
-        mask = torch.full((lk, lk), float("-inf"), device=DEV).triu(1)
-        kw, kw64 = {"attn_mask": mask.to(dtype)}, {"attn_mask": mask.double()}
-    elif kind == "key_limit":
-        limit = torch.randint(1, lk + 1, (b,), generator=_gen(4), device=DEV)
-        kw = kw64 = {"key_limit": limit}
-    elif kind == "bool_padding":
-        keep = torch.arange(lk, device=DEV)[None, None, None, :] < torch.randint(1, lk + 1, (b, 1, 1, 1), generator=_gen(5), device=DEV)
-        kw = kw64 = {"attn_mask": keep}
+    kw, kw64 = _attn_kwargs(b, lk, kind, dtype)
     out = tattn.attention(q, k, v, **kw)
     ref64 = ops_attn.attention_reference(q.double(), k.double(), v.double(), **kw64)
     assert_fp64_rule(out, ops_attn.attention_reference(q, k, v, **kw), ref64, f"attention[{kind}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,h,lq,lk,dh,kind", ATTN_CASES)
+def test_attention_backward_vit_shapes(b, h, lq, lk, dh, kind, dtype):
+    """The FlashAttention-2 backward kernels vs PyTorch's SDPA backward, against fp64."""
+    q = _randn((b, h, lq, dh), 1, dtype, 1.5)
+    k, v = _randn((b, h, lk, dh), 2, dtype, 1.5), _randn((b, h, lk, dh), 3, dtype)
+    kw, kw64 = _attn_kwargs(b, lk, kind, dtype)
+    gout = _randn((b, h, lq, dh), 6, torch.float64)
+    fused = _grads(lambda *a: tattn.attention(*a, **kw), (q, k, v), gout)
+    ref = _grads(lambda *a: ops_attn.attention_reference(*a, **kw), (q, k, v), gout)
+    ex = _grads(lambda *a: ops_attn.attention_reference(*a, **kw64), (q.double(), k.double(), v.double()), gout)
+    for name, gf, gr, ge in zip("qkv", fused, ref, ex):
+        assert_fp64_rule(gf, gr, ge, f"attention[{kind}] d{name}")
 
 
 @pytest.mark.parametrize("tower", ["image", "text"])
