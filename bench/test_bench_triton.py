@@ -23,6 +23,7 @@ import torch
 from conftest import ON_GPU, RUN_COMPILE, cuda_time, synced
 from skipkernels.ops import attention as ops_attn
 from skipkernels.ops import layer_norm as ops_ln
+from skipkernels.ops import layer_norm_linear as ops_lnl
 from skipkernels.ops import linear as ops_lin
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -144,6 +145,22 @@ def test_linear_act_fc1(benchmark, tower, act, impl, mode, device):
     out_bytes = m * 4 * d * x.element_size()
     _run(benchmark, lambda x, w, b: fn(x, w, b, act), [x, w, b], mode,
          flop=2 * m * d * 4 * d, nbytes=_nbytes(x, w, b) + out_bytes, shape=[m, d, 4 * d])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("proj", ["qkv", "fc1"])
+@pytest.mark.parametrize("tower", list(TOWERS))
+def test_layer_norm_linear(benchmark, tower, proj, impl, mode, device):
+    """LN→QKV and LN→fc1+GELU: the fused prologue kernel vs LayerNorm then the GEMM."""
+    m, d = TOWERS[tower][:2]
+    n, act = (3 * d, "none") if proj == "qkv" else (4 * d, "gelu")
+    fn = _impl_fn(impl, ops_lnl.layer_norm_linear_reference, "layer_norm_linear", "layer_norm_linear")
+    x, lw, lb = _randn(m, d, device=device), _randn(d, device=device), _randn(d, device=device)
+    w, b = _randn(n, d, device=device, scale=d ** -0.5), _randn(n, device=device)
+    _run(benchmark, lambda x, lw, lb, w, b: fn(x, lw, lb, 1e-5, w, b, act), [x, lw, lb, w, b], mode,
+         flop=2 * m * d * n + 8 * m * d, nbytes=_nbytes(x, lw, lb, w, b) + m * n * x.element_size(),
+         shape=[m, d, n])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -22,10 +22,14 @@ def test_entries_pair_triton_with_the_reference_case():
         _bench("test_layer_norm", "triton", "fwd_bwd", [788, 768], 0.2),
         _bench("test_attention", "torch", "fwd", [4, 12, 1, 197, 64], 0.3, mask="none"),
         _bench("test_attention", "triton", "fwd", [4, 12, 1, 197, 64], 0.2, mask="none"),
+        _bench("test_layer_norm_linear", "torch", "fwd", [788, 768, 2304], 0.3),
+        _bench("test_layer_norm_linear", "triton", "fwd", [788, 768, 2304], 0.25),
         _bench("test_layer_norm", "triton", "fwd", [788, 768], 0.01, device="cpu"),  # CPU runs never count
     ]}
     entries = {(e["op"], e["pass"]): e for e in measured.build_entries([report])}
-    assert set(entries) == {("linear_act", "fwd"), ("layer_norm", "fwd_bwd"), ("attention", "fwd")}
+    assert set(entries) == {("linear_act", "fwd"), ("layer_norm", "fwd_bwd"), ("attention", "fwd"),
+                            ("layer_norm_linear", "fwd")}
+    assert entries["layer_norm_linear", "fwd"]["dims"] == [768, 2304] and entries["layer_norm_linear", "fwd"]["rows"] == 788
     assert entries["linear_act", "fwd"]["dims"] == [768, 3072] and entries["linear_act", "fwd"]["speedup"] == 2.0
     assert entries["layer_norm", "fwd_bwd"]["speedup"] == 0.5
     assert entries["attention", "fwd"]["dims"] == [64, "none", "pooled"] and entries["attention", "fwd"]["rows"] == 4 * 12 * 197

@@ -121,12 +121,8 @@ def test_block_matches_reference(name, length, kind, prune):
         assert_fp64_rule(gt, gr, g64, f"d{pname}", scale=grad_scale)
 
 
-def test_block_uses_triton_kernels():
-    """The Triton backend really runs the kernels (not a silent fallback to the reference)."""
-    block = _make_block("rab", 0)
-    x = torch.randn(2, 17, 64, device=DEVICE, requires_grad=True)
-    with use_backend("triton"):
-        out = block_forward(block, x, causal=True)
+def _graph_kinds(out):
+    """Names of every autograd node behind ``out``."""
     seen, stack = set(), [out.grad_fn]
     while stack:
         fn = stack.pop()
@@ -134,10 +130,40 @@ def test_block_uses_triton_kernels():
             continue
         seen.add(fn)
         stack.extend(f for f, _ in fn.next_functions)
-    kinds = {type(fn).__name__ for fn in seen}
-    for expected in ("_LayerNormFnBackward", "_AttentionFnBackward", "_LinearActFnBackward",
-                     "_LinearResidualFnBackward"):
+    return {type(fn).__name__ for fn in seen}
+
+
+def test_block_uses_triton_kernels():
+    """The Triton backend really runs the kernels (not a silent fallback to the reference)."""
+    block = _make_block("rab", 0)
+    x = torch.randn(2, 17, 64, device=DEVICE, requires_grad=True)
+    with use_backend("triton"):
+        out = block_forward(block, x, causal=True)
+    kinds = _graph_kinds(out)
+    # LN→QKV and LN→fc1 are one fused kernel each; out-proj and fc2 carry the residual.
+    for expected in ("_LayerNormLinearFnBackward", "_AttentionFnBackward", "_LinearResidualFnBackward"):
         assert expected in kinds, f"{expected} missing from the autograd graph"
+    assert "_LayerNormFnBackward" not in kinds and "_LinearActFnBackward" not in kinds
+
+
+@pytest.mark.parametrize("name,length,kind,prune", [CASES[1], CASES[2], CASES[9]])
+def test_block_with_unfused_layer_norm(name, length, kind, prune, monkeypatch):
+    """The other composition ``auto`` may pick: the LayerNorm kernel, then the GEMM kernel."""
+    from skipkernels.ops import block as ops_block
+    from skipkernels.ops.layer_norm import layer_norm
+    from skipkernels.ops.linear import linear_act
+
+    def unfused(x, ln_w, ln_b, eps, w, b, act):
+        return linear_act(layer_norm(x, ln_w, ln_b, eps), w, b, act)
+    monkeypatch.setattr(ops_block, "layer_norm_linear", unfused)
+    seed = CASES.index((name, length, kind, prune))
+    test_block_matches_reference(name, length, kind, prune)
+    block = _make_block(name, seed)
+    x = torch.randn(2, length, block.ln_1.normalized_shape[0], device=DEVICE, requires_grad=True)
+    with use_backend("triton"):
+        out = block_forward(block, x, causal=kind == "causal")
+    assert type(out.grad_fn).__name__ == "_LinearResidualFnBackward"
+    assert "_LayerNormFnBackward" in _graph_kinds(out)
 
 
 @pytest.mark.parametrize("kind", ["none", "causal"])

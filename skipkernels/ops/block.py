@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from skipkernels.ops.attention import attention
 from skipkernels.ops.layer_norm import layer_norm
+from skipkernels.ops.layer_norm_linear import layer_norm_linear
 from skipkernels.ops.linear import linear_act, linear_residual
 
 
@@ -27,9 +28,21 @@ def apply_norm(module, x):
     """A norm sub-module through the op layer when it is a LayerNorm, as-is otherwise."""
     if _is_identity(module):
         return x
-    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
+    if _plain_layer_norm(module):
         return layer_norm(x, module.weight, module.bias, module.eps)
     return module(x)
+
+
+def _plain_layer_norm(module) -> bool:
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def norm_linear(norm, x, weight, bias, activation: str):
+    """``activation(norm(x) @ weight.T + bias)``; a LayerNorm goes through ``layer_norm_linear``,
+    which may fuse it into the GEMM's prologue (LN→QKV, LN→fc1)."""
+    if _plain_layer_norm(norm):
+        return layer_norm_linear(x, norm.weight, norm.bias, norm.eps, weight, bias, activation)
+    return linear_act(apply_norm(norm, x), weight, bias, activation)
 
 
 def activation_name(module) -> str | None:
@@ -91,21 +104,20 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
     batch, length, width = x.shape
     head_dim = width // heads
 
-    h = apply_norm(block.ln_1, x)
     if query_index is None:
-        qkv = linear_act(h, w_in, b_in, "none")
+        qkv = norm_linear(block.ln_1, x, w_in, b_in, "none")
         q, k, v = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         residual = x
         key_limit = None
     else:
-        # Pruned block: keys/values from every token, a query only for the pooled rows.
+        # Pruned block: keys/values from every token, a query only for the pooled rows (the norm
+        # is per row, so normalising the gathered rows equals gathering the normalised ones).
         rows = torch.arange(batch, device=x.device)
-        kv = linear_act(h, w_in[width:], None if b_in is None else b_in[width:], "none")
+        kv = norm_linear(block.ln_1, x, w_in[width:], None if b_in is None else b_in[width:], "none")
         k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        h_rows = h[rows, query_index].unsqueeze(1)
-        q = linear_act(h_rows, w_in[:width], None if b_in is None else b_in[:width], "none")
-        q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
         residual = x[rows, query_index].unsqueeze(1)
+        q = norm_linear(block.ln_1, residual, w_in[:width], None if b_in is None else b_in[:width], "none")
+        q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
         if attn_mask is not None:
             raise ValueError("query_index supports the causal mask or no mask, not a custom attn_mask")
         key_limit = (query_index + 1) if causal else None
@@ -130,12 +142,11 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
         x = residual + (y if gamma is None else y * gamma)
 
     mlp = block.mlp
-    h = apply_norm(block.ln_2, x)
     act = activation_name(mlp.gelu)
     if act is not None:
-        h = linear_act(h, mlp.c_fc.weight, mlp.c_fc.bias, act)
+        h = norm_linear(block.ln_2, x, mlp.c_fc.weight, mlp.c_fc.bias, act)
     else:
-        h = mlp.gelu(mlp.c_fc(h))
+        h = mlp.gelu(mlp.c_fc(apply_norm(block.ln_2, x)))
     h = apply_norm(getattr(mlp, "ln", None), h)
     return linear_residual(h, mlp.c_proj.weight, mlp.c_proj.bias, x, layer_scale(block.ls_2))
 

@@ -69,8 +69,8 @@ def _case(bench: dict):
         return name, [shape[1]], shape[0]
     if name == "linear_act_fc1":
         return "linear_act", [shape[1], shape[2]], shape[0]
-    if name == "linear_residual":
-        return "linear_residual", [shape[1], shape[2]], shape[0]
+    if name in ("linear_residual", "layer_norm_linear"):
+        return name, [shape[1], shape[2]], shape[0]
     if name == "attention":
         batch, heads, lq, lk, head_dim = shape
         return "attention", [head_dim, info.get("mask", "none"), "pooled" if lq == 1 else "full"], batch * heads * lk

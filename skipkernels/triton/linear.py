@@ -58,13 +58,9 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
-                   stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn,
-                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                   HAS_SCALE: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped ordering: programs that run together share W tiles in L2.
+def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program in grouped order: programs that run together
+    share W tiles in L2."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -72,8 +68,17 @@ def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
     group = pid // width
     first_m = group * GROUP_M
     group_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
+@triton.jit
+def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
+                   stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn,
+                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, STORE_Z: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -118,13 +123,16 @@ def _act_bwd_kernel(G, Z, DZ, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(DZ + offs, (g * _act_grad(z, ACT)).to(DZ.dtype.element_ty), mask=mask)
 
 
-def _gpu_configs():
-    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4), (32, 64, 64, 4, 4), (16, 128, 64, 4, 4), (16, 64, 128, 4, 3),
-    ]
+def gemm_configs(shapes):
+    """Autotune configurations from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tuples."""
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
+
+
+def _gpu_configs():
+    return gemm_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
+                         (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
+                         (16, 128, 64, 4, 4), (16, 64, 128, 4, 3)])
 
 
 if _INTERPRET:

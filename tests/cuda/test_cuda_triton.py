@@ -18,10 +18,12 @@ from skipkernels import use_backend  # noqa: E402
 from skipkernels._compat import import_open_clip  # noqa: E402
 from skipkernels.ops import attention as ops_attn  # noqa: E402
 from skipkernels.ops import layer_norm as ops_ln  # noqa: E402
+from skipkernels.ops import layer_norm_linear as ops_lnl  # noqa: E402
 from skipkernels.ops import linear as ops_lin  # noqa: E402
 from skipkernels.ops.block import block_forward  # noqa: E402
 from skipkernels.triton import attention as tattn  # noqa: E402
 from skipkernels.triton import layer_norm as tln  # noqa: E402
+from skipkernels.triton import layer_norm_linear as tlnl  # noqa: E402
 from skipkernels.triton import linear as tlin  # noqa: E402
 from kernel_checks import assert_fp64_rule  # noqa: E402
 
@@ -95,6 +97,31 @@ def test_fc1_vit_shapes(tower, act, dtype):
                      ops_lin.linear_act_reference(x.double(), w.double(), b.double(), act), "fc1")
     for name, gf, gr, ge in zip(("x", "W", "b"), fused, ref, ex):
         assert_fp64_rule(gf, gr, ge, f"fc1 d{name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("proj", ["qkv", "fc1"])
+@pytest.mark.parametrize("tower", ["image", "text_trunc"])
+def test_layer_norm_linear_vit_shapes(tower, proj, dtype):
+    """LN fused into the QKV / fc1 GEMM prologue, forward and every gradient."""
+    m, d = TOKENS[tower]
+    n, act = (3 * d, "none") if proj == "qkv" else (4 * d, "gelu")
+    x = (_randn((m, d), 1, scale=2.0) + 1.0).to(dtype)
+    lw, lb = (1 + _randn((d,), 2, scale=0.3)).to(dtype), _randn((d,), 3, dtype, 0.2)
+    w, b = _randn((n, d), 4, dtype, d ** -0.5), _randn((n,), 5, dtype, 0.5)
+    args = (x, lw, lb, w, b)
+    ref_fn = ops_lnl.layer_norm_linear_reference
+    out = tlnl.layer_norm_linear(x, lw, lb, 1e-5, w, b, act)
+    exact_args = [t.double() for t in args]
+    assert_fp64_rule(out, ref_fn(x, lw, lb, 1e-5, w, b, act),
+                     ref_fn(*exact_args[:3], 1e-5, *exact_args[3:], act), f"{proj} output")
+    gout = _randn((m, n), 6, torch.float64)
+    split = lambda fn: (lambda x, lw, lb, w, b: fn(x, lw, lb, 1e-5, w, b, act))  # noqa: E731
+    fused = _grads(split(tlnl.layer_norm_linear), args, gout)
+    ref = _grads(split(ref_fn), args, gout)
+    ex = _grads(split(ref_fn), exact_args, gout)
+    for name, gf, gr, ge in zip(("x", "ln_w", "ln_b", "W", "b"), fused, ref, ex):
+        assert_fp64_rule(gf, gr, ge, f"{proj} d{name}", scale=ge.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,0 +1,44 @@
+"""LayerNorm followed by a linear layer with its epilogue: the block's LN→QKV and LN→fc1+GELU.
+
+Reference: ``layer_norm_reference`` then ``linear_act_reference`` (the LN output is rounded to x's
+dtype, then the GEMM). Kernel: ``skipkernels.triton.layer_norm_linear`` (LN in the GEMM's
+prologue, one launch, the normalised rows never stored). When the fused kernel is not chosen the
+two steps still go through the op layer, so each keeps its own backend choice.
+"""
+from __future__ import annotations
+
+from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.layer_norm import layer_norm, layer_norm_reference
+from skipkernels.ops.linear import linear_act, linear_act_reference
+
+
+def layer_norm_linear_reference(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none"):
+    return linear_act_reference(layer_norm_reference(x, ln_weight, ln_bias, eps), weight, bias, activation)
+
+
+def _triton_layer_norm_linear():
+    try:
+        from skipkernels.triton import layer_norm_linear as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none",
+                      backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(x, ln_weight, ln_bias, weight, bias)):
+        kernels = _triton_layer_norm_linear()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm_linear is unavailable")
+        return kernels.layer_norm_linear(x, ln_weight, ln_bias, eps, weight, bias, activation)
+    h = layer_norm(x, ln_weight, ln_bias, eps, backend=backend)
+    return linear_act(h, weight, bias, activation, backend=backend)
+
+
+def _auto_triton(x, ln_weight, ln_bias, weight, bias) -> bool:
+    # The fused kernel replaces an ATen LayerNorm plus a cuBLAS GEMM only where a GPU measurement
+    # (ops/measured.py) shows it winning at this (K, N) and row count.
+    dims = (weight.shape[1], weight.shape[0])
+    return measured.prefers_triton("layer_norm_linear", x, dims, x.numel() // max(1, x.shape[-1]),
+                                   (ln_weight, ln_bias, weight, bias))
