@@ -21,7 +21,7 @@ MAX_JOBS="${MAX_JOBS:-16}" "$PY" -m pip install -q --no-build-isolation --no-dep
 "$PY" -m skipkernels info --json | tee "$OUT/info-$stamp.json"
 
 log "GPU tests"
-"$PY" -m pytest tests/cuda tests/test_class_select.py tests/test_subset_ce.py tests/test_triton_block.py -q \
+"$PY" -m pytest tests/cuda tests/test_class_select.py tests/test_subset_ce.py tests/test_triton_*.py -q \
   -p no:cacheprovider --junitxml="$OUT/tests-cuda-$stamp.xml" 2>&1 | tail -40 | tee -a "$OUT/gpu-suite-$stamp.log"
 
 log "kernel microbenchmarks"

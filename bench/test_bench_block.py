@@ -2,6 +2,11 @@
 
 ViT-B/16 shapes on a GPU (image 197x768, 12 heads; text 77x512 and a truncated 24x512, 8 heads;
 batch 4 and 32); tiny shapes on a CPU so CI can smoke-run it.
+
+``backend``: ``open_clip`` (the block's own eager forward: the baseline of the targets) and
+``open_clip_compile`` (``torch.compile`` of it); ``torch`` / ``triton`` (``block_forward`` on the
+reference ops / the Triton kernels) and ``compile`` (``torch.compile`` of ``block_forward`` on
+the reference ops).
 """
 import pytest
 import torch
@@ -30,7 +35,7 @@ def _flops(batch, tokens, width):
     return 3 * fwd  # forward + backward
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "compile"])
+@pytest.mark.parametrize("backend", ["open_clip", "open_clip_compile", "torch", "triton", "compile"])
 @pytest.mark.parametrize("tower,batch,tokens,width,heads", SHAPES)
 def test_block_forward_backward(benchmark, backend, tower, batch, tokens, width, heads, device):
     block = _block(width, heads, device)
@@ -38,18 +43,23 @@ def test_block_forward_backward(benchmark, backend, tower, batch, tokens, width,
     x = torch.randn(batch, tokens, width, device=device, requires_grad=True)
     causal = tower == "text"
 
+    mask = torch.full((tokens, tokens), float("-inf"), device=device).triu_(1) if causal else None
+
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=ON_GPU):
-            y = block_forward(block, x, causal=causal)
+            if backend.startswith("open_clip"):
+                y = block(x, attn_mask=mask)
+            else:
+                y = block_forward(block, x, causal=causal)
         y.float().sum().backward()
 
-    if backend == "compile":
+    if backend.endswith("compile"):
         if not RUN_COMPILE:
             pytest.skip("torch.compile cases run on a GPU or with SKIPKERNELS_BENCH_COMPILE=1")
         fn = torch.compile(step)
         name = "torch"
     else:
-        fn, name = step, backend
+        fn, name = step, "torch" if backend == "open_clip" else backend
     with use_backend(name):
         try:
             fn()
