@@ -3,7 +3,8 @@
 The interpreter runs the kernels' logic on CPU, but not Triton's compiler: type errors in loop-
 carried values, unsupported ops or a tile too big for shared memory only show up when compiling.
 This compiles each kernel, for the constexpr variants and tile configurations its wrapper launches
-on a GPU, for sm_90 (H100) and sm_80, with Triton's bundled ptxas.
+on a GPU, for sm_90 (H100) and sm_80, with Triton's bundled ptxas, and checks that one block's
+shared memory fits the architecture.
 
 usage: python tests/triton_compile_check.py [--arch 90 80] [--quick]
 Must run without TRITON_INTERPRET (the kernels are then real JIT functions).
@@ -30,6 +31,8 @@ from skipkernels.triton import linear as tlin  # noqa: E402
 from skipkernels.triton import pet_gate as tgate  # noqa: E402
 
 FLOAT_ARGS = {"sm_scale", "eps", "s_val"}
+# Most shared memory one block may use (opt-in maximum): a kernel over it compiles but cannot launch.
+SHARED_LIMIT = {90: 232448, 80: 166912}
 DTYPE = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -41,7 +44,8 @@ def _raw(fn):
 
 
 def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps=4, num_stages=2):
-    """Compile ``fn`` with ``pointers`` {arg: element type or None}; other args are i32 / fp32."""
+    """Compile ``fn`` with ``pointers`` {arg: element type or None}; other args are i32 / fp32.
+    Returns the shared memory (bytes) one block of it needs."""
     fn = _raw(fn)
     signature, consts = {}, dict(constexprs)
     for name in fn.arg_names:
@@ -59,7 +63,8 @@ def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps=4,
     src = ASTSource(fn, signature, consts)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": num_warps, "num_stages": num_stages})
-    return len(kernel.asm["cubin"])
+    assert len(kernel.asm["cubin"]) > 0
+    return kernel.metadata.shared
 
 
 def _config_meta(config):
@@ -155,7 +160,9 @@ def _compile_case(arch: int, quick: bool, index: int):
     """Compile case ``index`` (by position, so worker processes need not pickle kernels)."""
     label, fn, ptrs, consts, warps, stages = cases(quick)[index]
     try:
-        assert compile_kernel(fn, ptrs, consts, arch, warps, stages) > 0
+        shared = compile_kernel(fn, ptrs, consts, arch, warps, stages)
+        if shared > SHARED_LIMIT[arch]:
+            return f"sm_{arch} {label}: needs {shared} B of shared memory, the limit is {SHARED_LIMIT[arch]}"
         return None
     except Exception as exc:  # report every failing variant, not just the first
         return f"sm_{arch} {label}: {type(exc).__name__}: {str(exc).splitlines()[:3]}"
