@@ -9,6 +9,10 @@ import torch
 from skipkernels import _ext
 
 COMPILED_OPS = ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")
+# op -> its kernel module in skipkernels.triton
+TRITON_OPS = {"layer_norm": "layer_norm", "add_layer_norm": "layer_norm", "linear_act": "linear",
+              "linear_residual": "linear", "layer_norm_linear": "layer_norm_linear",
+              "attention": "attention", "pet_gate": "pet_gate"}
 
 
 def _triton_status():
@@ -24,6 +28,28 @@ def _triton_status():
     return triton.__version__, "installed, but no GPU: Triton kernels need a GPU or TRITON_INTERPRET=1"
 
 
+def _triton_ops(usable: bool, device: str) -> dict:
+    """Per Triton op: can it run here, and where does ``auto`` pick it (measured wins)?"""
+    from skipkernels.ops import measured
+    entries = [e for e in measured._entries(str(measured.TABLE)) if e["device"] == device]
+    ops = {}
+    for op, module in TRITON_OPS.items():
+        if not usable:
+            status = "needs a GPU (or TRITON_INTERPRET=1 on CPU)"
+        else:
+            try:
+                importlib.import_module(f"skipkernels.triton.{module}")
+                status = "available"
+            except Exception as err:  # report why, as for the compiled ops
+                status = f"not loaded: {type(err).__name__}: {err}"
+        mine = [e for e in entries if e["op"] == op]
+        wins = sum(e["speedup"] >= measured.MIN_SPEEDUP for e in mine)
+        auto = (f"auto: Triton at {wins} of {len(mine)} measured shapes" if mine
+                else "auto: reference (no measurement on this device)")
+        ops[op] = f"{status}; {auto}"
+    return ops
+
+
 def collect() -> dict:
     triton_version, triton_note = _triton_status()
     ops = {}
@@ -32,17 +58,20 @@ def collect() -> dict:
             ops[name] = "cuda+cpu" if _ext.cuda_built() else "cpu"
         else:
             ops[name] = f"not loaded: {_ext.load_error or 'op missing from the extension'}"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    triton_usable = triton_version is not None and "no GPU" not in triton_note
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": device,
         "triton": triton_version,
         "triton_status": triton_note,
         "extension": "loaded" if _ext._C is not None else _ext.load_error,
         "extension_cuda": _ext.cuda_built(),
         "compiled_ops": ops,
+        "triton_ops": _triton_ops(triton_usable, device) if triton_version is not None else {},
     }
 
 
@@ -56,5 +85,9 @@ def info(file=None) -> dict:
              f"  skipkernels._C: {data['extension']} (CUDA ops built: {data['extension_cuda']})"]
     for name, status in data["compiled_ops"].items():
         lines.append(f"    {name:28s} {status}")
+    if data["triton_ops"]:
+        lines.append("  Triton ops:")
+        for name, status in data["triton_ops"].items():
+            lines.append(f"    {name:28s} {status}")
     print("\n".join(lines), file=file)
     return data

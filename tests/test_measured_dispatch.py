@@ -68,3 +68,24 @@ def test_generator_writes_the_table_and_auto_stays_on_the_reference_for_cpu(tmp_
 def test_no_table_means_reference(monkeypatch, tmp_path):
     monkeypatch.setattr(measured, "TABLE", tmp_path / "absent.json")
     assert measured._entries(str(tmp_path / "absent.json")) == ()
+
+
+def test_pet_gate_benchmarks_feed_the_table():
+    """The PET benchmark names its implementations 'backend' and keys cases by gate granularity."""
+    def pet(backend, ms, gate="middle_x", mode="fwd"):
+        return {"name": f"test_gated_update[32x197x768-{gate}-{backend}-forward]",
+                "params": {"shape": [32, 197, 768], "gate": gate, "backend": backend, "pass_": "forward"},
+                "extra_info": {"shape": [32, 197, 768], "gate": gate, "mode": mode, "dtype": "torch.bfloat16",
+                               "device": "G", "median_ms": ms}}
+    entries = measured.build_entries([{"benchmarks": [pet("torch", 0.375), pet("triton", 0.125), pet("compile", 0.25)]}])
+    assert entries == [{"device": "G", "op": "pet_gate", "pass": "fwd", "dtype": "torch.bfloat16",
+                        "dims": [768, "middle_x"], "rows": 32 * 197, "speedup": 3.0}]
+
+
+def test_gate_kind_names_each_granularity():
+    from skipkernels.ops.pet_gate import gate_kind
+    h = torch.empty(4, 17, 64)
+    assert gate_kind(torch.empty(4, 17, 64), h) == "large"
+    assert gate_kind(torch.empty(4, 17, 1), h) == "middle_x"
+    assert gate_kind(torch.empty(64), h) == "middle_y"
+    assert gate_kind(torch.empty(4, 1, 1), h) == "small"

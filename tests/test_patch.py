@@ -108,3 +108,7 @@ def test_info_reports_extension_and_ops(capsys):
     assert "torch" in out and "class_select" in out
     assert set(data["compiled_ops"]) >= {"class_select", "subset_logits_ce"}
     assert data["torch"] == torch.__version__
+    # Every Triton op is listed with whether it can run here and what auto picks.
+    assert set(data["triton_ops"]) >= {"layer_norm_linear", "attention", "linear_act", "pet_gate"}
+    assert all("auto:" in status for status in data["triton_ops"].values())
+    assert "layer_norm_linear" in out

@@ -71,6 +71,8 @@ def _case(bench: dict):
         return "linear_act", [shape[1], shape[2]], shape[0]
     if name in ("linear_residual", "layer_norm_linear"):
         return name, [shape[1], shape[2]], shape[0]
+    if name == "gated_update":
+        return "pet_gate", [shape[-1], info["gate"]], shape[0] * shape[1]
     if name == "attention":
         batch, heads, lq, lk, head_dim = shape
         return "attention", [head_dim, info.get("mask", "none"), "pooled" if lq == 1 else "full"], batch * heads * lk
@@ -87,9 +89,10 @@ def build_entries(reports: list[dict]) -> list[dict]:
             if case is None or "median_ms" not in info or info.get("device", "cpu") == "cpu":
                 continue
             op, dims, rows = case
-            rest = tuple(sorted((k, str(v)) for k, v in params.items() if k != "impl"))
+            impl = params.get("impl", params.get("backend"))  # the PET benchmark says "backend"
+            rest = tuple(sorted((k, str(v)) for k, v in params.items() if k not in ("impl", "backend")))
             key = (info["device"], op, info["mode"], info["dtype"], json.dumps(dims), rows, rest)
-            timed.setdefault(key, {})[params.get("impl")] = info["median_ms"]
+            timed.setdefault(key, {})[impl] = info["median_ms"]
     entries = []
     for (device, op, pass_, dtype, dims, rows, _), impls in sorted(timed.items()):
         if "torch" in impls and "triton" in impls:

@@ -11,7 +11,7 @@ Reference: plain PyTorch in the inputs' promoted dtype. Kernel: ``skipkernels.tr
 """
 from __future__ import annotations
 
-from skipkernels.ops import _dispatch
+from skipkernels.ops import _dispatch, measured
 
 
 def gated_update_reference(x, h, delta_h, g, s):
@@ -31,7 +31,7 @@ def _triton_pet_gate():
 def gated_update(x, h, delta_h, g, s=1.0, backend: str | None = None):
     """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring)."""
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(h)):
+    if name == "triton" or (name == "auto" and _auto_triton(x, h, delta_h, g)):
         kernels = _triton_pet_gate()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.pet_gate is unavailable")
@@ -41,7 +41,19 @@ def gated_update(x, h, delta_h, g, s=1.0, backend: str | None = None):
     return gated_update_reference(x, h, delta_h, g, s)
 
 
-def _auto_triton(h) -> bool:
-    # No GPU measurement in bench/results shows the fused kernel beating eager PyTorch (or
-    # torch.compile) at our shapes yet; keep the reference until one does.
-    return False
+def gate_kind(g, h) -> str:
+    """The granularity a gate's shape stands for (the key of its measurements)."""
+    if tuple(g.shape) == tuple(h.shape):
+        return "large"
+    if g.dim() == h.dim() and g.shape[-1] == 1 and g.shape[1] != 1:
+        return "middle_x"
+    if g.dim() == 1 or (g.shape[-1] != 1 and g.numel() == h.shape[-1]):
+        return "middle_y"
+    return "small"
+
+
+def _auto_triton(x, h, delta_h, g) -> bool:
+    # Only where a GPU measurement (ops/measured.py) shows the fused kernel beating the eager
+    # reference at this width, gate granularity and row count.
+    rows = h.numel() // max(1, h.shape[-1])
+    return measured.prefers_triton("pet_gate", h, (h.shape[-1], gate_kind(g, h)), rows, (x, delta_h, g))
