@@ -5,6 +5,7 @@ Modes (same model weights, same data, one process, interleaved repetitions):
   skip-ref          Skip Tuning on the reference path (eager PyTorch ops)
   skip-compile      skip-ref's loss under torch.compile
   skip-kernels      Skip Tuning with our compiled / Triton ops (backend "auto")
+  skip-triton       skip-kernels with every Triton kernel forced on (GPU only)
   skip-graph        skip-kernels with the whole step captured in a CUDA graph (CUDA only)
 
 Times: CUDA events on a GPU, perf_counter on a CPU. Peak training memory is measured per mode in
@@ -14,6 +15,7 @@ a baseline; the LSkip feature cache is reported separately.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -29,7 +31,7 @@ import torch
 
 from skipkernels.ops._dispatch import use_backend
 
-ALL_MODES = ("ft", "coop", "skip-ref", "skip-compile", "skip-kernels", "skip-graph")
+ALL_MODES = ("ft", "coop", "skip-ref", "skip-compile", "skip-kernels", "skip-triton", "skip-graph")
 # Parameter-efficient methods can be added by their SkipTuner mode name, e.g. --modes ...,lskip-lora
 DEFAULT_MODES = ALL_MODES + ("vlpet-large", "lskip-vlpet-large", "lora", "lskip-lora")
 
@@ -95,10 +97,10 @@ class ModeRunner:
         self.name = name
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.backend = "auto" if name in ("skip-kernels", "skip-graph") else "torch"
+        self.backend = "auto" if name in ("skip-kernels", "skip-triton", "skip-graph") else "torch"
         mode = name if name in MODES else "skip"
         model = copy.deepcopy(base_model)
-        with use_backend(self.backend):
+        with self._ops():
             self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
                                    skip_layers=scenario.skip_layers)
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
@@ -113,9 +115,18 @@ class ModeRunner:
         self.graph_step = None
         self.scenario = scenario
 
+    def _ops(self):
+        """The mode's op choice: a backend, plus every Triton kernel for skip-triton."""
+        from skipkernels.ops import measured
+        stack = contextlib.ExitStack()
+        stack.enter_context(use_backend(self.backend))
+        if self.name == "skip-triton":
+            stack.enter_context(measured.triton_everywhere())
+        return stack
+
     def inputs_for(self, images):
         if self.tuner.config.uses_lskip:
-            with use_backend(self.backend), torch.autocast(self.device.type, dtype=self.autocast_dtype,
+            with self._ops(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                                            enabled=self.autocast_dtype is not None):
                 return self.tuner.image_prefix(images).to(self.tuner.cache_dtype)
         return images
@@ -124,10 +135,10 @@ class ModeRunner:
         if self.name == "skip-graph":
             if self.graph_step is None:
                 from skipkernels.skip.graph import CapturedStep
-                with use_backend(self.backend):
+                with self._ops():
                     self.graph_step = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype)
             return self.graph_step(inputs, labels)
-        with use_backend(self.backend):
+        with self._ops():
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.loss_fn(inputs, labels)
@@ -155,6 +166,8 @@ def _available_modes(modes, device):
     for mode in modes:
         if mode == "skip-graph" and device.type != "cuda":
             skipped[mode] = "CUDA graphs need a GPU"
+        elif mode == "skip-triton" and device.type != "cuda":
+            skipped[mode] = "Triton kernels need a GPU"
         elif mode == "skip-graph":
             from skipkernels import _ext
             if not _ext.cuda_built():

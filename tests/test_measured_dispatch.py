@@ -89,3 +89,16 @@ def test_gate_kind_names_each_granularity():
     assert gate_kind(torch.empty(4, 17, 1), h) == "middle_x"
     assert gate_kind(torch.empty(64), h) == "middle_y"
     assert gate_kind(torch.empty(4, 1, 1), h) == "small"
+
+
+def test_triton_everywhere_forces_cuda_tensors_only(monkeypatch, tmp_path):
+    """The all-Triton switch of ``skipkernels bench``'s skip-triton mode: CUDA tensors get the
+    kernels without a table; CPU tensors still run the reference."""
+    class FakeCudaTensor:
+        is_cuda = True
+    monkeypatch.setattr(measured, "TABLE", tmp_path / "absent.json")
+    cpu = torch.randn(3, 8)
+    with measured.triton_everywhere():
+        assert measured.prefers_triton("linear_act", FakeCudaTensor(), (8, 32), 3)
+        assert not measured.prefers_triton("linear_act", cpu, (8, 32), 3)
+    assert not measured._everywhere
