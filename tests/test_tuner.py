@@ -16,7 +16,7 @@ def _plain_loss_and_grads(model, images, labels, classnames, tokenizer, template
     """open_clip's own forward (no skipkernels): full-class logits and cross-entropy."""
     model.zero_grad(set_to_none=True)
     f = F.normalize(model.encode_image(images), dim=-1)
-    t = F.normalize(model.encode_text(tokenizer([template.format(c) for c in classnames])), dim=-1)
+    t = F.normalize(model.encode_text(tokenizer([template.format(c) for c in classnames]).to(images.device)), dim=-1)
     loss = F.cross_entropy(model.logit_scale.exp() * f @ t.T, labels)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
