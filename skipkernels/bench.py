@@ -7,6 +7,7 @@ Modes (same model weights, same data, one process, interleaved repetitions):
   skip-kernels      Skip Tuning with our compiled / Triton ops (backend "auto")
   skip-triton       skip-kernels with every Triton kernel forced on (GPU only)
   skip-graph        skip-kernels with the whole step captured in a CUDA graph (CUDA only)
+  skip-triton-graph skip-triton captured in a CUDA graph: fewest launches, none from Python
 
 Times: CUDA events on a GPU, perf_counter on a CPU. Peak training memory is measured per mode in
 a subprocess of its own (CUDA max_memory_allocated, or peak RSS on a CPU), so modes don't share
@@ -31,7 +32,9 @@ import torch
 
 from skipkernels.ops._dispatch import use_backend
 
-ALL_MODES = ("ft", "coop", "skip-ref", "skip-compile", "skip-kernels", "skip-triton", "skip-graph")
+ALL_MODES = ("ft", "coop", "skip-ref", "skip-compile", "skip-kernels", "skip-triton", "skip-graph",
+             "skip-triton-graph")
+GRAPH_MODES = ("skip-graph", "skip-triton-graph")
 # Parameter-efficient methods can be added by their SkipTuner mode name, e.g. --modes ...,lskip-lora
 DEFAULT_MODES = ALL_MODES + ("vlpet-large", "lskip-vlpet-large", "lora", "lskip-lora")
 
@@ -97,7 +100,7 @@ class ModeRunner:
         self.name = name
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.backend = "auto" if name in ("skip-kernels", "skip-triton", "skip-graph") else "torch"
+        self.backend = "auto" if name in ("skip-kernels", "skip-triton") + GRAPH_MODES else "torch"
         mode = name if name in MODES else "skip"
         model = copy.deepcopy(base_model)
         with self._ops():
@@ -120,19 +123,19 @@ class ModeRunner:
         from skipkernels.ops import measured
         stack = contextlib.ExitStack()
         stack.enter_context(use_backend(self.backend))
-        if self.name == "skip-triton":
+        if self.name in ("skip-triton", "skip-triton-graph"):
             stack.enter_context(measured.triton_everywhere())
         return stack
 
     def inputs_for(self, images):
         if self.tuner.config.uses_lskip:
             with self._ops(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                                           enabled=self.autocast_dtype is not None):
+                                             enabled=self.autocast_dtype is not None):
                 return self.tuner.image_prefix(images).to(self.tuner.cache_dtype)
         return images
 
     def step(self, inputs, labels):
-        if self.name == "skip-graph":
+        if self.name in GRAPH_MODES:
             if self.graph_step is None:
                 from skipkernels.skip.graph import CapturedStep
                 with self._ops():
@@ -164,11 +167,11 @@ def _labels(scenario, count, seed, same_class):
 def _available_modes(modes, device):
     out, skipped = [], {}
     for mode in modes:
-        if mode == "skip-graph" and device.type != "cuda":
+        if mode in GRAPH_MODES and device.type != "cuda":
             skipped[mode] = "CUDA graphs need a GPU"
         elif mode == "skip-triton" and device.type != "cuda":
             skipped[mode] = "Triton kernels need a GPU"
-        elif mode == "skip-graph":
+        elif mode in GRAPH_MODES:
             from skipkernels import _ext
             if not _ext.cuda_built():
                 skipped[mode] = f"compiled CUDA ops missing: {_ext.load_error}"

@@ -8,7 +8,7 @@ from skipkernels.cli import main
 
 @pytest.mark.slow
 def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
-    assert main(["bench", "--quick", "--modes", "ft,skip-ref,skip-kernels,skip-triton,skip-graph,lskip-lora", "--repeats", "2",
+    assert main(["bench", "--quick", "--modes", "ft,skip-ref,skip-kernels,skip-triton,skip-graph,skip-triton-graph,lskip-lora", "--repeats", "2",
                  "--warmup", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "vs skip-ref" in out and "skip-graph" in out
@@ -18,6 +18,7 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     results = report["results"]
     assert results["skip-graph"] == {"skipped": "CUDA graphs need a GPU"}
     assert results["skip-triton"] == {"skipped": "Triton kernels need a GPU"}
+    assert results["skip-triton-graph"] == {"skipped": "CUDA graphs need a GPU"}
     for mode in ("ft", "skip-ref", "skip-kernels", "lskip-lora"):
         step = results[mode]["step_s"]
         assert 0 < step["min"] <= step["median"] <= step["max"] and step["n"] == 2

@@ -9,13 +9,24 @@ if not torch.cuda.is_available():
 
 from conftest import tiny_clip  # noqa: E402
 from skipkernels import SkipTuner, _ext  # noqa: E402
+from skipkernels.ops import measured  # noqa: E402
 from skipkernels.skip.graph import CapturedStep  # noqa: E402
 
 CLASSES = [f"class {i} " + "word " * (i % 5) for i in range(40)]
 
 
 @pytest.mark.skipif(not _ext.cuda_built(), reason="compiled CUDA ops not built")
-def test_captured_step_equals_eager_steps(tokenizer):
+@pytest.mark.parametrize("kernels", ["auto", "all_triton"])
+def test_captured_step_equals_eager_steps(kernels, tokenizer):
+    """``all_triton``: every block op on a Triton kernel (bench mode skip-triton-graph), so the
+    kernels must be capturable: no host sync, autotuning done in the warm-up."""
+    if kernels == "all_triton":
+        with measured.triton_everywhere():
+            return _captured_step_equals_eager_steps(tokenizer)
+    return _captured_step_equals_eager_steps(tokenizer)
+
+
+def _captured_step_equals_eager_steps(tokenizer):
     model = tiny_clip(layers=3).cuda()
     eager = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, top_ratio=0.25, lam=0.5)
     graphed = copy.deepcopy(eager)
