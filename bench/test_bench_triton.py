@@ -24,6 +24,7 @@ from conftest import ON_GPU, RUN_COMPILE, cuda_time, synced
 from skipkernels.ops import attention as ops_attn
 from skipkernels.ops import layer_norm as ops_ln
 from skipkernels.ops import layer_norm_linear as ops_lnl
+from skipkernels.ops import layer_norm_mlp as ops_mlp
 from skipkernels.ops import linear as ops_lin
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -161,6 +162,21 @@ def test_layer_norm_linear(benchmark, tower, proj, impl, mode, device):
     _run(benchmark, lambda x, lw, lb, w, b: fn(x, lw, lb, 1e-5, w, b, act), [x, lw, lb, w, b], mode,
          flop=2 * m * d * n + 8 * m * d, nbytes=_nbytes(x, lw, lb, w, b) + m * n * x.element_size(),
          shape=[m, d, n])
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("tower", list(TOWERS))
+def test_layer_norm_mlp(benchmark, tower, impl, mode, device):
+    """The MLP sub-block x + fc2(GELU(fc1(LN(x)))): one op vs the reference composition."""
+    m, d = TOWERS[tower][:2]
+    fn = _impl_fn(impl, ops_mlp.layer_norm_mlp_reference, "layer_norm_mlp", "layer_norm_mlp")
+    x, lw, lb = _randn(m, d, device=device), _randn(d, device=device), _randn(d, device=device)
+    w1, b1 = _randn(4 * d, d, device=device, scale=d ** -0.5), _randn(4 * d, device=device)
+    w2, b2 = _randn(d, 4 * d, device=device, scale=(4 * d) ** -0.5), _randn(d, device=device)
+    _run(benchmark, lambda x, lw, lb, w1, b1, w2, b2: fn(x, lw, lb, 1e-5, w1, b1, "gelu", w2, b2),
+         [x, lw, lb, w1, b1, w2, b2], mode, flop=2 * 2 * m * d * 4 * d + 8 * m * d,
+         nbytes=_nbytes(x, lw, lb, w1, b1, w2, b2) + _nbytes(x), shape=[m, d, 4 * d])
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -12,6 +12,7 @@ COMPILED_OPS = ("class_select", "subset_logits_ce", "subset_logits_ce_backward",
 # op -> its kernel module in skipkernels.triton
 TRITON_OPS = {"layer_norm": "layer_norm", "add_layer_norm": "layer_norm", "linear_act": "linear",
               "linear_residual": "linear", "layer_norm_linear": "layer_norm_linear",
+              "layer_norm_mlp": "layer_norm_mlp",
               "attention": "attention", "pet_gate": "pet_gate"}
 
 

@@ -36,3 +36,18 @@ def assert_fp64_rule(out, torch_out, ref64, what, scale=None):
     scale = ref64.abs().max().item() if scale is None else scale
     eps = ulps * torch.finfo(out.dtype).eps * max(1.0, scale)
     assert e_fused <= 2 * e_torch + eps, f"{what}: error {e_fused:.3g} vs torch {e_torch:.3g} (+{eps:.3g})"
+
+
+def saved_activation_bytes(fn, params) -> int:
+    """Bytes autograd saves for backward while running ``fn()``, by storage, parameters (and
+    views of them) excluded."""
+    params_at = {t.data_ptr() for t in params}
+    sizes = {}
+
+    def pack(t):
+        if t.data_ptr() not in params_at:
+            sizes[t.data_ptr()] = max(sizes.get(t.data_ptr(), 0), t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(sizes.values())

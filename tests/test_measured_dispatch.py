@@ -24,11 +24,14 @@ def test_entries_pair_triton_with_the_reference_case():
         _bench("test_attention", "triton", "fwd", [4, 12, 1, 197, 64], 0.2, mask="none"),
         _bench("test_layer_norm_linear", "torch", "fwd", [788, 768, 2304], 0.3),
         _bench("test_layer_norm_linear", "triton", "fwd", [788, 768, 2304], 0.25),
+        _bench("test_layer_norm_mlp", "torch", "fwd_bwd", [788, 768, 3072], 1.0),
+        _bench("test_layer_norm_mlp", "triton", "fwd_bwd", [788, 768, 3072], 0.8),
         _bench("test_layer_norm", "triton", "fwd", [788, 768], 0.01, device="cpu"),  # CPU runs never count
     ]}
     entries = {(e["op"], e["pass"]): e for e in measured.build_entries([report])}
     assert set(entries) == {("linear_act", "fwd"), ("layer_norm", "fwd_bwd"), ("attention", "fwd"),
-                            ("layer_norm_linear", "fwd")}
+                            ("layer_norm_linear", "fwd"), ("layer_norm_mlp", "fwd_bwd")}
+    assert entries["layer_norm_mlp", "fwd_bwd"]["dims"] == [768, 3072] and entries["layer_norm_mlp", "fwd_bwd"]["speedup"] == 1.25
     assert entries["layer_norm_linear", "fwd"]["dims"] == [768, 2304] and entries["layer_norm_linear", "fwd"]["rows"] == 788
     assert entries["linear_act", "fwd"]["dims"] == [768, 3072] and entries["linear_act", "fwd"]["speedup"] == 2.0
     assert entries["layer_norm", "fwd_bwd"]["speedup"] == 0.5

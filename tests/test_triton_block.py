@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 from skipkernels._compat import import_open_clip  # noqa: E402
 from skipkernels import use_backend  # noqa: E402
 from skipkernels.ops.block import block_forward  # noqa: E402
-from kernel_checks import poison_outputs, SEED, max_error as _err, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
+from kernel_checks import poison_outputs, SEED, max_error as _err, assert_fp64_rule, saved_activation_bytes  # noqa: E402,F401  (poison_outputs: autouse)
 
 open_clip = import_open_clip()
 T = open_clip.transformer
@@ -140,22 +140,27 @@ def test_block_uses_triton_kernels():
     with use_backend("triton"):
         out = block_forward(block, x, causal=True)
     kinds = _graph_kinds(out)
-    # LN→QKV and LN→fc1 are one fused kernel each; out-proj and fc2 carry the residual.
-    for expected in ("_LayerNormLinearFnBackward", "_AttentionFnBackward", "_LinearResidualFnBackward"):
+    # LN→QKV is one fused kernel, out-proj carries the residual, the MLP is one op.
+    for expected in ("_LayerNormLinearFnBackward", "_AttentionFnBackward", "_LinearResidualFnBackward",
+                     "_LayerNormMlpFnBackward"):
         assert expected in kinds, f"{expected} missing from the autograd graph"
     assert "_LayerNormFnBackward" not in kinds and "_LinearActFnBackward" not in kinds
 
 
 @pytest.mark.parametrize("name,length,kind,prune", [CASES[1], CASES[2], CASES[9]])
 def test_block_with_unfused_layer_norm(name, length, kind, prune, monkeypatch):
-    """The other composition ``auto`` may pick: the LayerNorm kernel, then the GEMM kernel."""
+    """The other composition ``auto`` may pick: the LayerNorm kernel, then the GEMM kernels."""
     from skipkernels.ops import block as ops_block
     from skipkernels.ops.layer_norm import layer_norm
-    from skipkernels.ops.linear import linear_act
+    from skipkernels.ops.linear import linear_act, linear_residual
 
     def unfused(x, ln_w, ln_b, eps, w, b, act):
         return linear_act(layer_norm(x, ln_w, ln_b, eps), w, b, act)
+
+    def unfused_mlp(x, ln_w, ln_b, eps, w1, b1, act, w2, b2, scale):
+        return linear_residual(unfused(x, ln_w, ln_b, eps, w1, b1, act), w2, b2, x, scale)
     monkeypatch.setattr(ops_block, "layer_norm_linear", unfused)
+    monkeypatch.setattr(ops_block, "layer_norm_mlp", unfused_mlp)
     seed = CASES.index((name, length, kind, prune))
     test_block_matches_reference(name, length, kind, prune)
     block = _make_block(name, seed)
@@ -208,3 +213,19 @@ def test_block_under_autocast(kind, prune):
         assert a.dtype == r.dtype and not torch.isnan(a).any()
         e_fused, e_torch = _err(a, e), _err(r, e)
         assert e_fused <= 2 * e_torch + bf16_ulp * scale, f"{name}: {e_fused:.3g} vs torch {e_torch:.3g}"
+
+
+@pytest.mark.parametrize("kind", ["none", "causal"])
+def test_block_keeps_less_for_backward(kind):
+    """Saved activations of a trainable block, in units of B*L*D values: the reference ops keep
+    15 (LN outputs, q/k/v, attention output, fc1 pre-activation and GELU output...), the Triton
+    ops 9 (LN outputs recomputed from row statistics, the GELU output from fc1's pre-activation)."""
+    block = _make_block("rab", 70)
+    x = torch.randn(4, 17, 64, device=DEVICE, requires_grad=True)
+    params = list(block.parameters()) + [x]
+    units = {}
+    for backend in ("torch", "triton"):
+        with use_backend(backend):
+            nbytes = saved_activation_bytes(lambda: block_forward(block, x, causal=kind == "causal"), params)
+        units[backend] = nbytes / (x.numel() * x.element_size())
+    assert units["torch"] > 14.5 and units["triton"] < 9.5, units

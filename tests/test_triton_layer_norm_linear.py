@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 
 from skipkernels.ops import layer_norm_linear as ops_lnl  # noqa: E402
 from skipkernels.triton import layer_norm_linear as tlnl  # noqa: E402
-from kernel_checks import poison_outputs, SEED, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
+from kernel_checks import poison_outputs, SEED, assert_fp64_rule, saved_activation_bytes  # noqa: E402,F401  (poison_outputs: autouse)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -127,18 +127,10 @@ def test_saves_no_normalised_rows():
     x, lw, lb, w, b = _inputs((4, 17), 64, 256, torch.float32, seed=7)
     params = [t.requires_grad_(True) for t in (lw, lb, w, b)]
 
-    def saved_bytes(fn):
-        """Bytes of saved activations (parameters and their views excluded), by storage."""
-        params_at = {p.data_ptr() for p in params}
-        sizes = {}
+    x.requires_grad_(True)
 
-        def pack(t):
-            if t.data_ptr() not in params_at:
-                sizes[t.data_ptr()] = max(sizes.get(t.data_ptr(), 0), t.numel() * t.element_size())
-            return t
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x.requires_grad_(True), *params[:2], 1e-5, *params[2:], "none")
-        return sum(sizes.values())
+    def saved_bytes(fn):
+        return saved_activation_bytes(lambda: fn(x, *params[:2], 1e-5, *params[2:], "none"), params)
 
     fused, unfused = saved_bytes(tlnl.layer_norm_linear), saved_bytes(REFERENCE)
     rows = x.numel() // x.shape[-1]

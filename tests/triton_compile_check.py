@@ -130,6 +130,7 @@ def cases(quick: bool):
                                  PRECISION="ieee"), w, s))
         out.append((f"act_bwd {dt}", tlin._act_bwd_kernel, dict(G=dt, Z=dt, DZ=dt),
                     dict(ACT=1, BLOCK=1024), 4, 2))
+        out.append((f"act_fwd {dt}", tlin._act_fwd_kernel, dict(Z=dt, OUT=dt), dict(ACT=1, BLOCK=1024), 4, 2))
 
         # LayerNorm (+ residual add) at both ViT widths.
         for width in (768, 512):

@@ -17,6 +17,7 @@ import torch.nn as nn
 from skipkernels.ops.attention import attention
 from skipkernels.ops.layer_norm import layer_norm
 from skipkernels.ops.layer_norm_linear import layer_norm_linear
+from skipkernels.ops.layer_norm_mlp import layer_norm_mlp
 from skipkernels.ops.linear import linear_act, linear_residual
 
 
@@ -143,6 +144,11 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
 
     mlp = block.mlp
     act = activation_name(mlp.gelu)
+    if act is not None and _plain_layer_norm(block.ln_2) and _is_identity(getattr(mlp, "ln", None)):
+        # The common MLP: one op, which may keep fc1's pre-activation instead of its output.
+        ln_2 = block.ln_2
+        return layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, mlp.c_fc.weight, mlp.c_fc.bias, act,
+                              mlp.c_proj.weight, mlp.c_proj.bias, layer_scale(block.ls_2))
     if act is not None:
         h = norm_linear(block.ln_2, x, mlp.c_fc.weight, mlp.c_fc.bias, act)
     else:

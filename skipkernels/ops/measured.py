@@ -85,7 +85,7 @@ def _case(bench: dict):
         return name, [shape[1]], shape[0]
     if name == "linear_act_fc1":
         return "linear_act", [shape[1], shape[2]], shape[0]
-    if name in ("linear_residual", "layer_norm_linear"):
+    if name in ("linear_residual", "layer_norm_linear", "layer_norm_mlp"):
         return name, [shape[1], shape[2]], shape[0]
     if name == "gated_update":
         return "pet_gate", [shape[-1], info["gate"]], shape[0] * shape[1]

@@ -159,28 +159,42 @@ class _LayerNormLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, ln_weight, ln_bias, weight, bias, z, mean, rstd = ctx.saved_tensors
-        x2 = x2.contiguous()  # the LayerNorm kernels index rows densely; the GEMM took strides
         needs = ctx.needs_input_grad
         g2 = g.reshape(-1, weight.shape[0]).contiguous()
-        dz = (g2 if ctx.act == 0 else tlin._act_backward(g2, z, ctx.act)).to(weight.dtype)
-        dh = dz @ weight if any(needs[:3]) else None
-        dw = db = None
-        if needs[4]:
-            # The normalised rows in the GEMM's dtype, as the forward fed them to the dot.
-            _, h, _, _ = tln._fwd(x2, None, ln_weight, ln_bias, ctx.eps, x2.dtype)
-            dw = (dz.t() @ h.to(weight.dtype)).to(weight.dtype)
-        if bias is not None and needs[5]:
-            db = dz.sum(0, dtype=torch.float32).to(bias.dtype)
-        dx = dlnw = dlnb = None
-        if dh is not None:
-            need_lnw = ln_weight is not None and needs[1]
-            need_lnb = ln_bias is not None and needs[2]
-            dx, dlnw, dlnb = tln._bwd(dh.to(x2.dtype).contiguous(), None, x2, ln_weight, mean, rstd,
-                                      need_lnw, need_lnb)
-            dx = dx.view(*g.shape[:-1], x2.shape[1]) if needs[0] else None
-            dlnw = None if dlnw is None else dlnw.to(ln_weight.dtype)
-            dlnb = None if dlnb is None else dlnb.to(ln_bias.dtype)
+        dz = g2 if ctx.act == 0 else tlin._act_backward(g2, z, ctx.act)
+        dx, dlnw, dlnb, dw, db = backward_from_preactivation(
+            dz, x2, ln_weight, ln_bias, ctx.eps, weight, bias, mean, rstd,
+            (needs[0], needs[1], needs[2], needs[4], needs[5]))
+        if dx is not None:
+            dx = dx.view(*g.shape[:-1], x2.shape[1])
         return dx, dlnw, dlnb, None, dw, db, None, None
+
+
+def backward_from_preactivation(dz, x2, ln_weight, ln_bias, eps, weight, bias, mean, rstd, needs):
+    """Gradients of ``layer_norm(x2) @ weight.T + bias`` given ``dz``, the gradient of that
+    product: (dx2, d ln_weight, d ln_bias, dW, db), each None unless ``needs`` asks for it (in
+    that order). ``mean`` / ``rstd`` are the forward's row statistics."""
+    need_x, need_lnw, need_lnb, need_w, need_b = needs
+    x2 = x2.contiguous()  # the LayerNorm kernels index rows densely; the GEMM took strides
+    dz = dz.to(weight.dtype)
+    dw = db = None
+    if need_w:
+        # The normalised rows in the GEMM's dtype, as the forward fed them to the dot.
+        _, h, _, _ = tln._fwd(x2, None, ln_weight, ln_bias, eps, x2.dtype)
+        dw = (dz.t() @ h.to(weight.dtype)).to(weight.dtype)
+    if bias is not None and need_b:
+        db = dz.sum(0, dtype=torch.float32).to(bias.dtype)
+    dx = dlnw = dlnb = None
+    need_lnw = ln_weight is not None and need_lnw
+    need_lnb = ln_bias is not None and need_lnb
+    if need_x or need_lnw or need_lnb:
+        dh = dz @ weight
+        dx, dlnw, dlnb = tln._bwd(dh.to(x2.dtype).contiguous(), None, x2, ln_weight, mean, rstd,
+                                  need_lnw, need_lnb)
+        dx = dx if need_x else None
+        dlnw = None if dlnw is None else dlnw.to(ln_weight.dtype)
+        dlnb = None if dlnb is None else dlnb.to(ln_bias.dtype)
+    return dx, dlnw, dlnb, dw, db
 
 
 def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none"):

@@ -115,6 +115,14 @@ def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
 
 
 @triton.jit
+def _act_fwd_kernel(Z, OUT, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    z = tl.load(Z + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, _act_fwd(z, ACT).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _act_bwd_kernel(G, Z, DZ, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -180,6 +188,16 @@ def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, sto
     if z is not None:
         z = z.to(x2.dtype)
     return out, z
+
+
+def _act_forward(z, act):
+    """act(z) elementwise, rounded once to z's dtype (as the GEMM epilogue rounds it)."""
+    out = new_empty(z.shape, store_dtype(z.dtype), z.device)
+    numel = z.numel()
+    if numel > 0:
+        block = 4096 if _INTERPRET else 1024
+        _act_fwd_kernel[(triton.cdiv(numel, block),)](z, out, numel, ACT=act, BLOCK=block)
+    return out.to(z.dtype)
 
 
 def _act_backward(g2, z, act):

@@ -19,11 +19,13 @@ from skipkernels._compat import import_open_clip  # noqa: E402
 from skipkernels.ops import attention as ops_attn  # noqa: E402
 from skipkernels.ops import layer_norm as ops_ln  # noqa: E402
 from skipkernels.ops import layer_norm_linear as ops_lnl  # noqa: E402
+from skipkernels.ops import layer_norm_mlp as ops_mlp  # noqa: E402
 from skipkernels.ops import linear as ops_lin  # noqa: E402
 from skipkernels.ops.block import block_forward  # noqa: E402
 from skipkernels.triton import attention as tattn  # noqa: E402
 from skipkernels.triton import layer_norm as tln  # noqa: E402
 from skipkernels.triton import layer_norm_linear as tlnl  # noqa: E402
+from skipkernels.triton import layer_norm_mlp as tmlp  # noqa: E402
 from skipkernels.triton import linear as tlin  # noqa: E402
 from kernel_checks import assert_fp64_rule  # noqa: E402
 
@@ -122,6 +124,29 @@ def test_layer_norm_linear_vit_shapes(tower, proj, dtype):
     ex = _grads(split(ref_fn), exact_args, gout)
     for name, gf, gr, ge in zip(("x", "ln_w", "ln_b", "W", "b"), fused, ref, ex):
         assert_fp64_rule(gf, gr, ge, f"{proj} d{name}", scale=ge.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tower", ["image", "text_trunc"])
+def test_layer_norm_mlp_vit_shapes(tower, dtype):
+    """The MLP sub-block op (keeps fc1's pre-activation, recomputes GELU in backward)."""
+    m, d = TOKENS[tower]
+    x = (_randn((m, d), 1, scale=2.0) + 0.5).to(dtype)
+    lw, lb = (1 + _randn((d,), 2, scale=0.3)).to(dtype), _randn((d,), 3, dtype, 0.2)
+    w1, b1 = _randn((4 * d, d), 4, dtype, d ** -0.5), _randn((4 * d,), 5, dtype, 0.5)
+    w2, b2 = _randn((d, 4 * d), 6, dtype, (4 * d) ** -0.5), _randn((d,), 7, dtype, 0.5)
+    scale = (0.5 + _randn((d,), 8).abs()).to(dtype)
+    args = (x, lw, lb, w1, b1, w2, b2, scale)
+    call = lambda fn: (lambda x, lw, lb, w1, b1, w2, b2, s: fn(x, lw, lb, 1e-5, w1, b1, "gelu", w2, b2, s))  # noqa: E731
+    exact_args = [t.double() for t in args]
+    assert_fp64_rule(call(tmlp.layer_norm_mlp)(*args), call(ops_mlp.layer_norm_mlp_reference)(*args),
+                     call(ops_mlp.layer_norm_mlp_reference)(*exact_args), "mlp output")
+    gout = _randn((m, d), 9, torch.float64)
+    fused = _grads(call(tmlp.layer_norm_mlp), args, gout)
+    ref = _grads(call(ops_mlp.layer_norm_mlp_reference), args, gout)
+    ex = _grads(call(ops_mlp.layer_norm_mlp_reference), exact_args, gout)
+    for name, gf, gr, ge in zip(("x", "ln_w", "ln_b", "w1", "b1", "w2", "b2", "scale"), fused, ref, ex):
+        assert_fp64_rule(gf, gr, ge, f"mlp d{name}", scale=ge.abs().max().item())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

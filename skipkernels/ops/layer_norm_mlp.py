@@ -1,0 +1,45 @@
+"""The MLP sub-block with its residual: ``x + scale * fc2(act(fc1(layer_norm(x))))``.
+
+Reference: ``layer_norm_linear_reference`` then ``linear_residual_reference``. Kernel:
+``skipkernels.triton.layer_norm_mlp`` (the fused LN→fc1+act and fc2+residual kernels in one
+autograd op that keeps fc1's pre-activation instead of the activation output for backward). When
+it is not chosen, the two steps still go through the op layer, each with its own backend choice.
+"""
+from __future__ import annotations
+
+from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.layer_norm_linear import layer_norm_linear, layer_norm_linear_reference
+from skipkernels.ops.linear import linear_residual, linear_residual_reference
+
+
+def layer_norm_mlp_reference(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w2, b2, scale=None):
+    h = layer_norm_linear_reference(x, ln_weight, ln_bias, eps, w1, b1, activation)
+    return linear_residual_reference(h, w2, b2, x, scale)
+
+
+def _triton_layer_norm_mlp():
+    try:
+        from skipkernels.triton import layer_norm_mlp as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w2, b2, scale=None,
+                   backend: str | None = None):
+    name = _dispatch.resolve(backend)
+    if name == "triton" or (name == "auto" and _auto_triton(x, ln_weight, ln_bias, w1, b1, w2, b2, scale)):
+        kernels = _triton_layer_norm_mlp()
+        if kernels is None:
+            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm_mlp is unavailable")
+        return kernels.layer_norm_mlp(x, ln_weight, ln_bias, eps, w1, b1, activation, w2, b2, scale)
+    h = layer_norm_linear(x, ln_weight, ln_bias, eps, w1, b1, activation, backend=backend)
+    return linear_residual(h, w2, b2, x, scale, backend=backend)
+
+
+def _auto_triton(x, *tensors) -> bool:
+    # Only where a GPU measurement (ops/measured.py) shows the fused sub-block beating the
+    # reference composition at this width, hidden width and row count.
+    w1 = tensors[2]
+    dims = (w1.shape[1], w1.shape[0])
+    return measured.prefers_triton("layer_norm_mlp", x, dims, x.numel() // max(1, x.shape[-1]), tensors)
