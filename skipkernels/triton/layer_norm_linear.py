@@ -13,6 +13,11 @@ fp32. Under autocast the LN runs on ``x`` in its own dtype (fp32 for open_clip's
 as autocast runs ``layer_norm`` in fp32) and only the normalised tile is cast to the autocast
 dtype, as ``F.linear`` would cast it.
 
+Cost to watch on a GPU: every program of a row block takes the same statistics again (N/BLOCK_N
+times, from L2), before its main loop where pipelining cannot hide it. If that loses to LayerNorm
++ cuBLAS at large M, the next step is to take the statistics once in the producer's epilogue
+(per-tile mean / M2 partials of the residual add, merged in this prologue).
+
 Backward keeps x, the per-row mean/rstd (fp32) and the pre-activation, not the normalised rows:
 it recomputes them with the LayerNorm kernel, takes dW, db, d(LN out) with torch matmuls and
 finishes with the LayerNorm backward kernel.
