@@ -142,6 +142,8 @@ def test_bad_arguments():
         tmlp.layer_norm_mlp(x, lw, lb, 1e-5, w1, b1, "gelu", w2, b2, scale[:3])
     with pytest.raises(ValueError, match="activation"):
         tmlp.layer_norm_mlp(x, lw, lb, 1e-5, w1, b1, "relu", w2, b2, scale)
+    with pytest.raises(TypeError, match="fc2's weight"):
+        tmlp.layer_norm_mlp(x, lw, lb, 1e-5, w1, b1, "gelu", w2.double(), b2, scale)
 
 
 def test_dispatch():

@@ -141,3 +141,22 @@ def test_bad_activation():
     x, w, b, _, _ = _inputs((3,), 64, 64, torch.float32)
     with pytest.raises(ValueError):
         tlin.linear_act(x, w, b, "relu")
+
+
+def test_dot_precision_follows_torch_tf32_settings():
+    """TF32 only where torch allows it for matmuls, read through either of torch's APIs (after
+    the newer ``fp32_precision`` is used, reading the legacy ``allow_tf32`` raises). In a fresh
+    process: the settings are process-wide."""
+    import subprocess
+    import sys
+    code = (
+        "import torch\n"
+        "from skipkernels.triton import dot_precision as p\n"
+        "assert p(torch.float32) == 'ieee' and p(torch.bfloat16) == 'ieee'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "assert p(torch.float32) == 'tf32' and p(torch.float16) == 'ieee'\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'ieee'\n"
+        "assert p(torch.float32) == 'ieee'\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]

@@ -137,7 +137,12 @@ def cases(quick: bool):
             bm, bn, w = tln._config(width)
             out.append((f"ln_fwd {dt} D{width}", tln._ln_fwd_kernel,
                         dict(X=dt, D=dt, S=dt, Y=dt, W=dt, B=dt, Mean="fp32", Rstd="fp32"),
-                        dict(HAS_DELTA=True, HAS_W=True, HAS_B=True, BLOCK_M=bm, BLOCK_N=bn), w, 2))
+                        dict(HAS_DELTA=True, HAS_W=True, HAS_B=True, GIVEN_STATS=False, BLOCK_M=bm,
+                             BLOCK_N=bn), w, 2))
+            out.append((f"ln_normalize_with_stats {dt} D{width}", tln._ln_fwd_kernel,
+                        dict(X=dt, D=None, S=None, Y=dt, W=dt, B=dt, Mean="fp32", Rstd="fp32"),
+                        dict(HAS_DELTA=False, HAS_W=True, HAS_B=True, GIVEN_STATS=True, BLOCK_M=bm,
+                             BLOCK_N=bn), w, 2))
             out.append((f"ln_bwd {dt} D{width}", tln._ln_bwd_kernel,
                         dict(DY=dt, DS=dt, S=dt, W=dt, Mean="fp32", Rstd="fp32", DX=dt, DWp="fp32",
                              DBp="fp32"),

@@ -74,3 +74,19 @@ def check_tensors(*tensors) -> None:
         if t.device.type == "cpu" and not interpreting():
             raise RuntimeError("skipkernels.triton kernels need CUDA tensors; for CPU tensors set "
                                "TRITON_INTERPRET=1 before importing skipkernels.triton modules")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for fp32 ``tl.dot``: TF32 only where torch itself allows it for matmuls,
+    so a kernel is never less precise than the reference's GEMM. Reads torch's newer
+    ``fp32_precision`` setting first: after it is used, reading ``allow_tf32`` raises."""
+    if dtype != torch.float32:
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    setting = getattr(matmul, "fp32_precision", None)
+    if setting not in (None, "none"):
+        return "tf32" if setting == "tf32" else "ieee"
+    try:
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    except RuntimeError:
+        return "ieee"

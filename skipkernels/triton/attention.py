@@ -36,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import autocast_inputs, check_tensors, interpreting, new_empty, store_dtype
+from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
+                                store_dtype)
 
 _INTERPRET = interpreting()
 
@@ -51,8 +52,8 @@ def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LIMIT: tl.constexpr,
                      STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: axis 1 is capped at 65535
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -143,8 +144,8 @@ def _masked_probs(s, lse, qi, ki, valid, Mask, mask_off, smm, smn,
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, Delta, sob, soh, som, sod, sgb, sgh, sgm, sgd, H, Lq, D,
                            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: axis 1 is capped at 65535
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,8 +168,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_sc
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # One key tile per program; tiles are transposed (keys x queries) so dV += Pᵀ dO and
     # dK += dSᵀ Q need no transpose of P.
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: axis 1 is capped at 65535
+    pid_n = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,8 +239,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
                         CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LIMIT: tl.constexpr,
                         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(0)  # batch x heads on axis 0: axis 1 is capped at 65535
+    pid_m = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -318,12 +319,6 @@ def _bwd_blocks(lq, lk, d):
     return (small_m, 64), (small_m if lq <= 16 else 64, 32), block_d, 4, 2 if block_d <= 64 else 1
 
 
-def _precision(dtype):
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _token_major(shape, dtype, device):
     """(B, L, H, D) memory as a (B, H, L, D) view: the caller's transpose back to tokens is free."""
     batch, heads, length, d = shape
@@ -340,13 +335,13 @@ def _forward(q, k, v, causal, mask, mask_kind, key_limit, store_lse=False):
         return out.to(q.dtype), lse
     block_m, block_n, block_d, num_warps, num_stages = _blocks(lq, lk, d)
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
-    grid = (triton.cdiv(lq, block_m), batch * heads)
+    grid = (batch * heads, triton.cdiv(lq, block_m))
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, mask, key_limit, 1.0 / math.sqrt(d),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
         heads, lq, lk, d,
         CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None, STORE_LSE=store_lse,
-        UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=_precision(q.dtype),
+        UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages)
     return out.to(q.dtype), lse
@@ -364,18 +359,18 @@ def _backward(q, k, v, out, g, lse, causal, mask, mask_kind, key_limit):
         return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     (kv_m, kv_n), (q_m, q_n), block_d, num_warps, num_stages = _bwd_blocks(lq, lk, d)
     delta = new_empty((batch * heads, lq), torch.float32, q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(lq, q_m), batch * heads)](
+    _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(lq, q_m))](
         out, g, delta, *out.stride(), *g.stride(), heads, lq, d, BLOCK_M=q_m, BLOCK_D=block_d)
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
     common = dict(CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None,
-                  UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=_precision(q.dtype),
+                  UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
                   BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     scale = 1.0 / math.sqrt(d)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(lk, kv_n), batch * heads)](
+    _attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(lk, kv_n))](
         q, k, v, g, lse, delta, dk, dv, mask, key_limit, scale,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dk.stride(), *dv.stride(), *ms,
         heads, lq, lk, d, BLOCK_M=kv_m, BLOCK_N=kv_n, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(lq, q_m), batch * heads)](
+    _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(lq, q_m))](
         q, k, v, g, lse, delta, dq, mask, key_limit, scale,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dq.stride(), *ms,
         heads, lq, lk, d, BLOCK_M=q_m, BLOCK_N=q_n, **common)

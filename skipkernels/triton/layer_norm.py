@@ -23,7 +23,9 @@ _INTERPRET = interpreting()
 @triton.jit
 def _ln_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, M, N, eps,
                    HAS_DELTA: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   GIVEN_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # GIVEN_STATS: normalise with the Mean / Rstd passed in (a backward recomputing a forward's
+    # normalised rows exactly) instead of taking and storing them.
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -38,10 +40,15 @@ def _ln_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, M, N, eps,
         s = (x + d).to(S.dtype.element_ty)
         tl.store(S + offs, s, mask=mask)
         x = s.to(tl.float32)
-    mean = tl.sum(x, axis=1) / N
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    var = tl.sum(xc * xc, axis=1) / N
-    rstd = 1.0 / tl.sqrt(var + eps)
+    if GIVEN_STATS:
+        mean = tl.load(Mean + rows, mask=rmask, other=0.0)
+        rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+    else:
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / N
+        rstd = 1.0 / tl.sqrt(var + eps)
     y = xc * rstd[:, None]
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -50,8 +57,9 @@ def _ln_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, M, N, eps,
         b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
         y = y + b[None, :]
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(Mean + rows, mean, mask=rmask)
-    tl.store(Rstd + rows, rstd, mask=rmask)
+    if not GIVEN_STATS:
+        tl.store(Mean + rows, mean, mask=rmask)
+        tl.store(Rstd + rows, rstd, mask=rmask)
 
 
 @triton.jit
@@ -120,11 +128,26 @@ def _fwd(x2, d2, weight, bias, eps, out_dtype):
         _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, d2, s, y, weight, bias, mean, rstd, m, n, eps,
             HAS_DELTA=d2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            GIVEN_STATS=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     if sd != out_dtype:
         y = y.to(out_dtype)
         s = None if s is None else s.to(out_dtype)
     return s, y, mean, rstd
+
+
+def normalize_with_stats(x2, weight, bias, mean, rstd, out_dtype):
+    """``(x2 - mean) * rstd * weight + bias`` rounded once to ``out_dtype``: the normalised rows
+    of a forward that saved its (fp32) row statistics, without taking them again."""
+    m, n = x2.shape
+    sd = store_dtype(out_dtype)
+    y = new_empty((m, n), sd, x2.device)
+    if m > 0:
+        block_m, block_n, num_warps = _config(n)
+        _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x2, None, None, y, weight, bias, mean, rstd, m, n, 0.0,
+            HAS_DELTA=False, HAS_W=weight is not None, HAS_B=bias is not None,
+            GIVEN_STATS=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+    return y.to(out_dtype)
 
 
 def _bwd(dy2, ds2, s2, weight, mean, rstd, need_dw, need_db):

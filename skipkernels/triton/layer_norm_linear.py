@@ -19,7 +19,7 @@ times, from L2), before its main loop where pipelining cannot hide it. If that l
 (per-tile mean / M2 partials of the residual add, merged in this prologue).
 
 Backward keeps x, the per-row mean/rstd (fp32) and the pre-activation, not the normalised rows:
-it recomputes them with the LayerNorm kernel, takes dW, db, d(LN out) with torch matmuls and
+it recomputes them from those statistics with the LayerNorm kernel, takes dW, db, d(LN out) with torch matmuls and
 finishes with the LayerNorm backward kernel.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import autocast_inputs, check_tensors, interpreting, new_empty, store_dtype
+from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
+                                store_dtype)
 from skipkernels.triton import layer_norm as tln
 from skipkernels.triton import linear as tlin
 
@@ -133,7 +134,7 @@ def _fused(x2, ln_weight, ln_bias, eps, weight, bias, act, store_z, store_stats)
         meta = dict(ACT=act, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
                     HAS_BIAS=bias is not None, STORE_Z=store_z, STORE_STATS=store_stats,
                     UPCAST=_INTERPRET or weight.dtype == torch.float32,
-                    PRECISION=tlin._precision(weight.dtype))
+                    PRECISION=dot_precision(weight.dtype))
         if _INTERPRET:
             blocks = tlin._interpret_blocks(m, n, k)
             grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
@@ -184,9 +185,10 @@ def backward_from_preactivation(dz, x2, ln_weight, ln_bias, eps, weight, bias, m
     dz = dz.to(weight.dtype)
     dw = db = None
     if need_w:
-        # The normalised rows in the GEMM's dtype, as the forward fed them to the dot.
-        _, h, _, _ = tln._fwd(x2, None, ln_weight, ln_bias, eps, x2.dtype)
-        dw = (dz.t() @ h.to(weight.dtype)).to(weight.dtype)
+        # The normalised rows in the GEMM's dtype, from the forward's own statistics: exactly
+        # what the forward fed to the dot.
+        h = tln.normalize_with_stats(x2, ln_weight, ln_bias, mean, rstd, weight.dtype)
+        dw = (dz.t() @ h).to(weight.dtype)
     if bias is not None and need_b:
         db = dz.sum(0, dtype=torch.float32).to(bias.dtype)
     dx = dlnw = dlnb = None

@@ -84,9 +84,12 @@ def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w
                        ("b2", b2, d), ("scale", scale, d)):
         if p is not None and p.shape != (n,):
             raise ValueError(f"layer_norm_mlp: {name} must have shape ({n},), got {tuple(p.shape)}")
-    if x.dtype != w1.dtype and not torch.is_autocast_enabled(x.device.type):
-        raise TypeError(f"layer_norm_mlp: x is {x.dtype} but fc1's weight is {w1.dtype} "
-                        "(F.linear refuses this too)")
+    if not torch.is_autocast_enabled(x.device.type):
+        # Autocast gives every GEMM operand one dtype; without it F.linear refuses a mix.
+        for name, t in (("fc1's weight", w1), ("fc1's bias", b1), ("fc2's weight", w2), ("fc2's bias", b2)):
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(f"layer_norm_mlp: x is {x.dtype} but {name} is {t.dtype} "
+                                "(F.linear refuses this too)")
     contiguous = [None if t is None else t.contiguous() for t in (ln_weight, ln_bias, b1, b2, scale)]
     ln_weight, ln_bias, b1, b2, scale = contiguous
     return _LayerNormMlpFn.apply(x, ln_weight, ln_bias, float(eps), w1, b1, tlin.ACTIVATIONS[activation],

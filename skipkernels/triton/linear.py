@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import autocast_inputs, check_tensors, interpreting, new_empty, store_dtype
+from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
+                                store_dtype)
 
 _INTERPRET = interpreting()
 
@@ -156,12 +157,6 @@ def _interpret_blocks(m, n, k):
                 BLOCK_K=min(128, max(16, triton.next_power_of_2(k))), GROUP_M=8)
 
 
-def _precision(dtype):
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, store_z=False):
     """One fused GEMM launch. Returns (out, z) with z the pre-activation / pre-scale branch."""
     m, k = x2.shape
@@ -176,7 +171,7 @@ def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, sto
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), rs[0], rs[1])
         meta = dict(ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
                     HAS_SCALE=scale is not None, STORE_Z=store_z,
-                    UPCAST=_INTERPRET or x2.dtype == torch.float32, PRECISION=_precision(x2.dtype))
+                    UPCAST=_INTERPRET or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
         if _INTERPRET:
             blocks = _interpret_blocks(m, n, k)
             grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
