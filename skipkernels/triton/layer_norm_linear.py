@@ -185,8 +185,8 @@ def backward_from_preactivation(dz, x2, ln_weight, ln_bias, eps, weight, bias, m
     dz = dz.to(weight.dtype)
     dw = db = None
     if need_w:
-        # The normalised rows in the GEMM's dtype, from the forward's own statistics: exactly
-        # what the forward fed to the dot.
+        # The normalised rows in the GEMM's dtype from the forward's own statistics: the rows the
+        # forward fed to the dot (up to the compiler's choice of fused multiply-adds).
         h = tln.normalize_with_stats(x2, ln_weight, ln_bias, mean, rstd, weight.dtype)
         dw = (dz.t() @ h).to(weight.dtype)
     if bias is not None and need_b:
