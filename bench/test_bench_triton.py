@@ -145,7 +145,7 @@ def test_linear_act_fc1(benchmark, tower, act, impl, mode, device):
     w, b = _randn(4 * d, d, device=device, scale=d ** -0.5), _randn(4 * d, device=device)
     out_bytes = m * 4 * d * x.element_size()
     _run(benchmark, lambda x, w, b: fn(x, w, b, act), [x, w, b], mode,
-         flop=2 * m * d * 4 * d, nbytes=_nbytes(x, w, b) + out_bytes, shape=[m, d, 4 * d])
+         flop=2 * m * d * 4 * d, nbytes=_nbytes(x, w, b) + out_bytes, shape=[m, d, 4 * d], act=act)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -161,22 +161,23 @@ def test_layer_norm_linear(benchmark, tower, proj, impl, mode, device):
     w, b = _randn(n, d, device=device, scale=d ** -0.5), _randn(n, device=device)
     _run(benchmark, lambda x, lw, lb, w, b: fn(x, lw, lb, 1e-5, w, b, act), [x, lw, lb, w, b], mode,
          flop=2 * m * d * n + 8 * m * d, nbytes=_nbytes(x, lw, lb, w, b) + m * n * x.element_size(),
-         shape=[m, d, n])
+         shape=[m, d, n], act=act)
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("act", ["gelu", "quick_gelu"] if ON_GPU else ["gelu"])
 @pytest.mark.parametrize("tower", list(TOWERS))
-def test_layer_norm_mlp(benchmark, tower, impl, mode, device):
-    """The MLP sub-block x + fc2(GELU(fc1(LN(x)))): one op vs the reference composition."""
+def test_layer_norm_mlp(benchmark, tower, act, impl, mode, device):
+    """The MLP sub-block x + fc2(act(fc1(LN(x)))): one op vs the reference composition."""
     m, d = TOWERS[tower][:2]
     fn = _impl_fn(impl, ops_mlp.layer_norm_mlp_reference, "layer_norm_mlp", "layer_norm_mlp")
     x, lw, lb = _randn(m, d, device=device), _randn(d, device=device), _randn(d, device=device)
     w1, b1 = _randn(4 * d, d, device=device, scale=d ** -0.5), _randn(4 * d, device=device)
     w2, b2 = _randn(d, 4 * d, device=device, scale=(4 * d) ** -0.5), _randn(d, device=device)
-    _run(benchmark, lambda x, lw, lb, w1, b1, w2, b2: fn(x, lw, lb, 1e-5, w1, b1, "gelu", w2, b2),
+    _run(benchmark, lambda x, lw, lb, w1, b1, w2, b2: fn(x, lw, lb, 1e-5, w1, b1, act, w2, b2),
          [x, lw, lb, w1, b1, w2, b2], mode, flop=2 * 2 * m * d * 4 * d + 8 * m * d,
-         nbytes=_nbytes(x, lw, lb, w1, b1, w2, b2) + _nbytes(x), shape=[m, d, 4 * d])
+         nbytes=_nbytes(x, lw, lb, w1, b1, w2, b2) + _nbytes(x), shape=[m, d, 4 * d], act=act, scale="none")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -190,7 +191,7 @@ def test_linear_residual(benchmark, tower, layer, impl, mode, device):
     x, res = _randn(m, k, device=device), _randn(m, d, device=device)
     w, b = _randn(d, k, device=device, scale=k ** -0.5), _randn(d, device=device)
     _run(benchmark, fn, [x, w, b, res], mode,
-         flop=2 * m * k * d, nbytes=_nbytes(x, w, b, res) + _nbytes(res), shape=[m, k, d])
+         flop=2 * m * k * d, nbytes=_nbytes(x, w, b, res) + _nbytes(res), shape=[m, k, d], scale="none")
 
 
 @pytest.mark.parametrize("mode", MODES)

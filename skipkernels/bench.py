@@ -20,6 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -171,6 +172,8 @@ def _available_modes(modes, device):
             skipped[mode] = "CUDA graphs need a GPU"
         elif mode == "skip-triton" and device.type != "cuda":
             skipped[mode] = "Triton kernels need a GPU"
+        elif mode in ("skip-triton", "skip-triton-graph") and importlib.util.find_spec("triton") is None:
+            skipped[mode] = "Triton is not installed"
         elif mode in GRAPH_MODES:
             from skipkernels import _ext
             if not _ext.cuda_built():

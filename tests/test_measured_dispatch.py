@@ -15,25 +15,25 @@ def _bench(name, impl, mode, shape, median_ms, device="FakeGPU H100", **extra):
 
 def test_entries_pair_triton_with_the_reference_case():
     report = {"benchmarks": [
-        _bench("test_linear_act_fc1", "torch", "fwd", [788, 768, 3072], 1.0),
-        _bench("test_linear_act_fc1", "triton", "fwd", [788, 768, 3072], 0.5),
-        _bench("test_linear_act_fc1", "compile", "fwd", [788, 768, 3072], 0.7),
+        _bench("test_linear_act_fc1", "torch", "fwd", [788, 768, 3072], 1.0, act="gelu"),
+        _bench("test_linear_act_fc1", "triton", "fwd", [788, 768, 3072], 0.5, act="gelu"),
+        _bench("test_linear_act_fc1", "compile", "fwd", [788, 768, 3072], 0.7, act="gelu"),
         _bench("test_layer_norm", "torch", "fwd_bwd", [788, 768], 0.1),
         _bench("test_layer_norm", "triton", "fwd_bwd", [788, 768], 0.2),
         _bench("test_attention", "torch", "fwd", [4, 12, 1, 197, 64], 0.3, mask="none"),
         _bench("test_attention", "triton", "fwd", [4, 12, 1, 197, 64], 0.2, mask="none"),
-        _bench("test_layer_norm_linear", "torch", "fwd", [788, 768, 2304], 0.3),
-        _bench("test_layer_norm_linear", "triton", "fwd", [788, 768, 2304], 0.25),
-        _bench("test_layer_norm_mlp", "torch", "fwd_bwd", [788, 768, 3072], 1.0),
-        _bench("test_layer_norm_mlp", "triton", "fwd_bwd", [788, 768, 3072], 0.8),
+        _bench("test_layer_norm_linear", "torch", "fwd", [788, 768, 2304], 0.3, act="none"),
+        _bench("test_layer_norm_linear", "triton", "fwd", [788, 768, 2304], 0.25, act="none"),
+        _bench("test_layer_norm_mlp", "torch", "fwd_bwd", [788, 768, 3072], 1.0, act="gelu", scale="none"),
+        _bench("test_layer_norm_mlp", "triton", "fwd_bwd", [788, 768, 3072], 0.8, act="gelu", scale="none"),
         _bench("test_layer_norm", "triton", "fwd", [788, 768], 0.01, device="cpu"),  # CPU runs never count
     ]}
     entries = {(e["op"], e["pass"]): e for e in measured.build_entries([report])}
     assert set(entries) == {("linear_act", "fwd"), ("layer_norm", "fwd_bwd"), ("attention", "fwd"),
                             ("layer_norm_linear", "fwd"), ("layer_norm_mlp", "fwd_bwd")}
-    assert entries["layer_norm_mlp", "fwd_bwd"]["dims"] == [768, 3072] and entries["layer_norm_mlp", "fwd_bwd"]["speedup"] == 1.25
-    assert entries["layer_norm_linear", "fwd"]["dims"] == [768, 2304] and entries["layer_norm_linear", "fwd"]["rows"] == 788
-    assert entries["linear_act", "fwd"]["dims"] == [768, 3072] and entries["linear_act", "fwd"]["speedup"] == 2.0
+    assert entries["layer_norm_mlp", "fwd_bwd"]["dims"] == [768, 3072, "gelu", "none"] and entries["layer_norm_mlp", "fwd_bwd"]["speedup"] == 1.25
+    assert entries["layer_norm_linear", "fwd"]["dims"] == [768, 2304, "none"] and entries["layer_norm_linear", "fwd"]["rows"] == 788
+    assert entries["linear_act", "fwd"]["dims"] == [768, 3072, "gelu"] and entries["linear_act", "fwd"]["speedup"] == 2.0
     assert entries["layer_norm", "fwd_bwd"]["speedup"] == 0.5
     assert entries["attention", "fwd"]["dims"] == [64, "none", "pooled"] and entries["attention", "fwd"]["rows"] == 4 * 12 * 197
 
@@ -52,19 +52,22 @@ def test_decision_uses_the_nearest_measured_row_count():
     assert not decide(entries, "G", "linear_act", "fwd", "torch.float16", (768, 3072), 1000)       # other dtype
     assert not decide(entries, "other GPU", "linear_act", "fwd", "torch.bfloat16", (768, 3072), 1000)
     assert not decide(entries, "G", "linear_act", "fwd", "torch.bfloat16", (512, 2048), 1000)      # other dims
+    gelu = [dict(e, dims=[768, 3072, "gelu"]) for e in entries]
+    assert decide(gelu, "G", "linear_act", "fwd", "torch.bfloat16", (768, 3072, "gelu"), 1000)
+    assert not decide(gelu, "G", "linear_act", "fwd", "torch.bfloat16", (768, 3072, "quick_gelu"), 1000)  # other epilogue
 
 
 def test_generator_writes_the_table_and_auto_stays_on_the_reference_for_cpu(tmp_path, monkeypatch):
     report = tmp_path / "kernels.json"
     report.write_text(json.dumps({"benchmarks": [
-        _bench("test_linear_act_fc1", "torch", "fwd", [6, 8, 32], 1.0),
-        _bench("test_linear_act_fc1", "triton", "fwd", [6, 8, 32], 0.5)]}))
+        _bench("test_linear_act_fc1", "torch", "fwd", [6, 8, 32], 1.0, act="gelu"),
+        _bench("test_linear_act_fc1", "triton", "fwd", [6, 8, 32], 0.5, act="gelu")]}))
     table = tmp_path / "measured_wins.json"
     monkeypatch.setattr(measured, "TABLE", table)
     assert measured.main([str(report)]) == 0
     assert json.loads(table.read_text())["entries"][0]["speedup"] == 2.0
     x, w, b = torch.randn(6, 8), torch.randn(32, 8), torch.randn(32)
-    assert not measured.prefers_triton("linear_act", x, (8, 32), 6)  # CPU tensors never leave the reference
+    assert not measured.prefers_triton("linear_act", x, (8, 32, "gelu"), 6)  # CPU tensors never leave the reference
     assert torch.equal(linear_act(x, w, b, "gelu"), torch.nn.functional.gelu(x @ w.T + b))
 
 
@@ -89,9 +92,25 @@ def test_gate_kind_names_each_granularity():
     from skipkernels.ops.pet_gate import gate_kind
     h = torch.empty(4, 17, 64)
     assert gate_kind(torch.empty(4, 17, 64), h) == "large"
+    assert gate_kind(torch.empty(1, 17, 64), h) == "large"
     assert gate_kind(torch.empty(4, 17, 1), h) == "middle_x"
     assert gate_kind(torch.empty(64), h) == "middle_y"
+    assert gate_kind(torch.empty(1, 1, 64), h) == "middle_y"
     assert gate_kind(torch.empty(4, 1, 1), h) == "small"
+    # Sequence-first blocks (L, B, D) and flattened rows (M, D).
+    assert gate_kind(torch.empty(1, 4, 1), torch.empty(17, 4, 64)) == "small"
+    assert gate_kind(torch.empty(17, 4, 1), torch.empty(17, 4, 64)) == "middle_x"
+    assert gate_kind(torch.empty(68, 1), torch.empty(68, 64)) == "middle_x"
+    # Scalars of any kind: one value for everything.
+    assert gate_kind(torch.tensor(0.5), h) == gate_kind(0.5, h) == "small"
+
+
+def test_auto_pet_gate_accepts_scalar_gates_on_cpu():
+    """auto decides on the reference for CPU tensors before looking at the gate."""
+    from skipkernels.ops.pet_gate import gated_update
+    x, h, dh = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    for g in (torch.tensor(0.5), 0.5):
+        torch.testing.assert_close(gated_update(x, h, dh, g, 2.0, backend="auto"), x + (g * 2.0) * (h + dh))
 
 
 def test_triton_everywhere_forces_cuda_tensors_only(monkeypatch, tmp_path):

@@ -27,7 +27,7 @@ def _triton_layer_norm_linear():
 def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none",
                       backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x, ln_weight, ln_bias, weight, bias)):
+    if name == "triton" or (name == "auto" and _auto_triton(x, activation, ln_weight, ln_bias, weight, bias)):
         kernels = _triton_layer_norm_linear()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm_linear is unavailable")
@@ -36,9 +36,9 @@ def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activatio
     return linear_act(h, weight, bias, activation, backend=backend)
 
 
-def _auto_triton(x, ln_weight, ln_bias, weight, bias) -> bool:
+def _auto_triton(x, activation, ln_weight, ln_bias, weight, bias) -> bool:
     # The fused kernel replaces an ATen LayerNorm plus a cuBLAS GEMM only where a GPU measurement
-    # (ops/measured.py) shows it winning at this (K, N) and row count.
-    dims = (weight.shape[1], weight.shape[0])
+    # (ops/measured.py) shows it winning at this (K, N), activation and row count.
+    dims = (weight.shape[1], weight.shape[0], activation)
     return measured.prefers_triton("layer_norm_linear", x, dims, x.numel() // max(1, x.shape[-1]),
                                    (ln_weight, ln_bias, weight, bias))

@@ -28,7 +28,7 @@ def _triton_layer_norm_mlp():
 def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w2, b2, scale=None,
                    backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x, ln_weight, ln_bias, w1, b1, w2, b2, scale)):
+    if name == "triton" or (name == "auto" and _auto_triton(x, activation, ln_weight, ln_bias, w1, b1, w2, b2, scale)):
         kernels = _triton_layer_norm_mlp()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm_mlp is unavailable")
@@ -37,9 +37,9 @@ def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w
     return linear_residual(h, w2, b2, x, scale, backend=backend)
 
 
-def _auto_triton(x, *tensors) -> bool:
+def _auto_triton(x, activation, *tensors) -> bool:
     # Only where a GPU measurement (ops/measured.py) shows the fused sub-block beating the
-    # reference composition at this width, hidden width and row count.
-    w1 = tensors[2]
-    dims = (w1.shape[1], w1.shape[0])
+    # reference composition at this width, hidden width, activation, LayerScale or not, and rows.
+    w1, scale = tensors[2], tensors[-1]
+    dims = (w1.shape[1], w1.shape[0], activation, "scale" if scale is not None else "none")
     return measured.prefers_triton("layer_norm_mlp", x, dims, x.numel() // max(1, x.shape[-1]), tensors)

@@ -46,7 +46,7 @@ def _triton_linear():
 
 def linear_act(x, weight, bias, activation: str, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton("linear_act", x, weight, bias)):
+    if name == "triton" or (name == "auto" and _auto_triton("linear_act", activation, x, weight, bias)):
         kernels = _triton_linear()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
@@ -56,7 +56,8 @@ def linear_act(x, weight, bias, activation: str, backend: str | None = None):
 
 def linear_residual(x, weight, bias, residual, scale=None, backend: str | None = None):
     name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton("linear_residual", x, weight, bias, residual, scale)):
+    if name == "triton" or (name == "auto" and _auto_triton("linear_residual", "scale" if scale is not None else "none",
+                                                            x, weight, bias, residual, scale)):
         kernels = _triton_linear()
         if kernels is None:
             raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
@@ -64,8 +65,9 @@ def linear_residual(x, weight, bias, residual, scale=None, backend: str | None =
     return linear_residual_reference(x, weight, bias, residual, scale)
 
 
-def _auto_triton(op, x, weight, *tensors) -> bool:
+def _auto_triton(op, epilogue: str, x, weight, *tensors) -> bool:
     # cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
-    # (ops/measured.py) shows the fused Triton GEMM winning at this (K, N) and row count.
-    dims = (weight.shape[1], weight.shape[0])
+    # (ops/measured.py) shows the fused Triton GEMM winning at this (K, N), epilogue (activation,
+    # or whether a LayerScale is applied) and row count.
+    dims = (weight.shape[1], weight.shape[0], epilogue)
     return measured.prefers_triton(op, x, dims, x.numel() // max(1, x.shape[-1]), (weight, *tensors))

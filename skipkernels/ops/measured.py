@@ -61,7 +61,8 @@ def compute_dtype(x: torch.Tensor) -> str:
     return str(x.dtype)
 
 
-def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=()) -> bool:
+def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype: str | None = None) -> bool:
+    """``dtype``: the compute dtype to look up; by default x's, or the autocast dtype."""
     if not x.is_cuda:
         return False
     if _everywhere:
@@ -69,9 +70,10 @@ def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=()) -> boo
     entries = _entries(str(TABLE))
     if not entries:
         return False
-    backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))
+    backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                               for t in (x, *tensors))
     return decide(entries, torch.cuda.get_device_name(x.device), op, "fwd_bwd" if backward else "fwd",
-                  compute_dtype(x), dims, rows)
+                  dtype or compute_dtype(x), dims, rows)
 
 
 def _case(bench: dict):
@@ -83,10 +85,15 @@ def _case(bench: dict):
         return None
     if name in ("layer_norm", "add_layer_norm"):
         return name, [shape[1]], shape[0]
+    # GEMM ops are keyed by (K, N) and their epilogue: the activation, whether a LayerScale is applied.
     if name == "linear_act_fc1":
-        return "linear_act", [shape[1], shape[2]], shape[0]
-    if name in ("linear_residual", "layer_norm_linear", "layer_norm_mlp"):
-        return name, [shape[1], shape[2]], shape[0]
+        return "linear_act", [shape[1], shape[2], info["act"]], shape[0]
+    if name == "linear_residual":
+        return name, [shape[1], shape[2], info["scale"]], shape[0]
+    if name == "layer_norm_linear":
+        return name, [shape[1], shape[2], info["act"]], shape[0]
+    if name == "layer_norm_mlp":
+        return name, [shape[1], shape[2], info["act"], info["scale"]], shape[0]
     if name == "gated_update":
         return "pet_gate", [shape[-1], info["gate"]], shape[0] * shape[1]
     if name == "attention":

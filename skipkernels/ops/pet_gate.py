@@ -11,6 +11,8 @@ Reference: plain PyTorch in the inputs' promoted dtype. Kernel: ``skipkernels.tr
 """
 from __future__ import annotations
 
+import torch
+
 from skipkernels.ops import _dispatch, measured
 
 
@@ -42,18 +44,30 @@ def gated_update(x, h, delta_h, g, s=1.0, backend: str | None = None):
 
 
 def gate_kind(g, h) -> str:
-    """The granularity a gate's shape stands for (the key of its measurements)."""
-    if tuple(g.shape) == tuple(h.shape):
-        return "large"
-    if g.dim() == h.dim() and g.shape[-1] == 1 and g.shape[1] != 1:
-        return "middle_x"
-    if g.dim() == 1 or (g.shape[-1] != 1 and g.numel() == h.shape[-1]):
-        return "middle_y"
-    return "small"
+    """The granularity a gate stands for (the key of its measurements), from how it broadcasts
+    against ``h`` (any layout, channels last): varying over tokens and channels is "large", over
+    channels only "middle_y", over every token row "middle_x", over fewer rows (samples) or
+    nothing "small"."""
+    if not isinstance(g, torch.Tensor) or g.dim() == 0:
+        return "small"
+    varies_channels = g.shape[-1] != 1
+    gate_rows = g.numel() // g.shape[-1]
+    token_rows = h.numel() // max(1, h.shape[-1])
+    if varies_channels:
+        return "large" if gate_rows > 1 else "middle_y"
+    return "middle_x" if gate_rows == token_rows and token_rows > 1 else "small"
 
 
 def _auto_triton(x, h, delta_h, g) -> bool:
     # Only where a GPU measurement (ops/measured.py) shows the fused kernel beating the eager
-    # reference at this width, gate granularity and row count.
+    # reference at this width, gate granularity, row count and the tensors' own dtype (autocast
+    # does not touch this elementwise op).
+    if not h.is_cuda:
+        return False
     rows = h.numel() // max(1, h.shape[-1])
-    return measured.prefers_triton("pet_gate", h, (h.shape[-1], gate_kind(g, h)), rows, (x, delta_h, g))
+    dtype = h.dtype
+    for t in (x, delta_h, g):
+        if isinstance(t, torch.Tensor):
+            dtype = torch.promote_types(dtype, t.dtype)
+    return measured.prefers_triton("pet_gate", h, (h.shape[-1], gate_kind(g, h)), rows, (x, delta_h, g),
+                                   dtype=str(dtype))
