@@ -233,3 +233,28 @@ def test_dispatch_uses_triton():
     q.requires_grad_(True)
     out = ops_attn.attention(q, k, v, causal=True, backend="triton")
     assert type(out.grad_fn).__name__ == "_AttentionFnBackward"
+
+
+GPU_PATH_CASES = [((2, 2, 77, 64), "causal"), ((2, 2, 100, 32), "none"), ((3, 2, 130, 64), "key_limit"),
+                  ((2, 2, 70, 64), "bool_BHLL"), ((2, 2, 40, 128), "float_B1LL")]
+
+
+@pytest.mark.parametrize("shape,mode", GPU_PATH_CASES)
+def test_gpu_tiles_and_half_path(shape, mode, monkeypatch):
+    """The launch a GPU makes, run by the interpreter: the GPU tile sizes (several query and key
+    tiles, partial ones) and fp16 dots without the interpreter's upcast."""
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU every test already takes this path")
+    monkeypatch.setattr(tattn, "_INTERPRET", False)
+    q, k, v = _qkv(shape, torch.float16, seed=20)
+    kw = _to(_mask_cases(shape[0], shape[1], shape[2], torch.float16, seed=21)[mode])
+    gout = _randn(shape, seed=22)
+    fused_out = tattn.attention(q, k, v, **kw)
+    fused = _grads(lambda *a: tattn.attention(*a, **kw), (q, k, v), gout)
+    ref = _grads(lambda *a: ops_attn.attention_reference(*a, **kw), (q, k, v), gout)
+    exact = _grads(lambda *a: ops_attn.attention_reference(*a, **_to(kw, torch.float64)),
+                   (q.double(), k.double(), v.double()), gout)
+    out64 = ops_attn.attention_reference(q.double(), k.double(), v.double(), **_to(kw, torch.float64))
+    assert_fp64_rule(fused_out, ops_attn.attention_reference(q, k, v, **kw), out64, f"gpu-path out[{mode}]")
+    for name, gf, gr, ge in zip("qkv", fused, ref, exact):
+        assert_fp64_rule(gf, gr, ge, f"gpu-path d{name}[{mode}]")

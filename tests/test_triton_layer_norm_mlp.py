@@ -156,3 +156,25 @@ def test_dispatch():
     # No GPU measurement for CPU tensors: auto runs the reference composition.
     auto = ops_mlp.layer_norm_mlp(*inputs[:3], 1e-5, *inputs[3:5], "gelu", *inputs[5:], backend="auto")
     assert type(auto.grad_fn).__name__ == "AddBackward0"
+
+
+@pytest.mark.parametrize("act", ["gelu", "none"])
+def test_gpu_tiles_and_half_path(act, monkeypatch):
+    """Both GEMM kernels (LN prologue; residual epilogue) the way a GPU runs them, under the
+    interpreter: several row / column / K tiles with grouped ordering and partial edges, and
+    fp16 dots without the interpreter's upcast."""
+    from skipkernels.triton import linear as tlin
+    if DEVICE != "cpu":
+        pytest.skip("on a GPU every test already takes this path")
+    monkeypatch.setattr(tlin, "_UPCAST_ALL", False)
+    monkeypatch.setattr(tlin, "_interpret_blocks",
+                        lambda m, n, k: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2))
+    inputs = _inputs((3, 17), 96, 384, torch.float16, seed=7)
+    gout = torch.randn(3, 17, 96, generator=torch.Generator().manual_seed(SEED + 8), dtype=torch.float64).to(DEVICE)
+    out = _call(tmlp.layer_norm_mlp, act)(*inputs)
+    assert_fp64_rule(out, _call(REFERENCE, act)(*inputs), _call(REFERENCE, act)(*_double(inputs)), "gpu-path out")
+    fused = _grads(_call(tmlp.layer_norm_mlp, act), inputs, gout)
+    ref = _grads(_call(REFERENCE, act), inputs, gout)
+    exact = _grads(_call(REFERENCE, act), _double(inputs), gout)
+    for name, gf, gr, ge in zip(NAMES, fused, ref, exact):
+        assert_fp64_rule(gf, gr, ge, f"gpu-path d{name}", scale=ge.abs().max().item())

@@ -133,7 +133,7 @@ def _fused(x2, ln_weight, ln_bias, eps, weight, bias, act, store_z, store_stats)
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1))
         meta = dict(ACT=act, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
                     HAS_BIAS=bias is not None, STORE_Z=store_z, STORE_STATS=store_stats,
-                    UPCAST=_INTERPRET or weight.dtype == torch.float32,
+                    UPCAST=tlin._UPCAST_ALL or weight.dtype == torch.float32,
                     PRECISION=dot_precision(weight.dtype))
         if _INTERPRET:
             blocks = tlin._interpret_blocks(m, n, k)

@@ -25,6 +25,9 @@ from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, i
                                 store_dtype)
 
 _INTERPRET = interpreting()
+# The interpreter computes every dot in fp32 (its bf16 is unreliable); a test can turn this off
+# to run the fp16 path a GPU takes.
+_UPCAST_ALL = _INTERPRET
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
@@ -171,7 +174,7 @@ def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, sto
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), rs[0], rs[1])
         meta = dict(ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
                     HAS_SCALE=scale is not None, STORE_Z=store_z,
-                    UPCAST=_INTERPRET or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
+                    UPCAST=_UPCAST_ALL or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
         if _INTERPRET:
             blocks = _interpret_blocks(m, n, k)
             grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
