@@ -128,6 +128,25 @@ def cases(quick: bool):
                             dict(meta, ACT=act, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True,
                                  STORE_Z=grad and act != 0, STORE_STATS=grad, UPCAST=upcast,
                                  PRECISION="ieee"), w, s))
+        if dt != "fp32":
+            # Under autocast (the training default on a GPU) the residual stream, LN parameters
+            # and LayerScale stay fp32 while the GEMM operands are half: mixed-dtype variants.
+            meta, w, s = _config_meta(ln_linear_configs[0])
+            out.append((f"ln_linear autocast fp32 x {dt}", tlnl._ln_linear_kernel,
+                        dict(A="fp32", LnW="fp32", LnB="fp32", W=dt, Bias=dt, C=dt, Z=dt, Mean="fp32",
+                             Rstd="fp32"),
+                        dict(meta, ACT=1, HAS_LN_W=True, HAS_LN_B=True, HAS_BIAS=True, STORE_Z=True,
+                             STORE_STATS=True, UPCAST=False, PRECISION="ieee"), w, s))
+            meta, w, s = _config_meta(linear_configs[0])
+            out.append((f"linear_residual autocast {dt} + fp32 residual", tlin._linear_kernel,
+                        dict(A=dt, W=dt, Bias=dt, R="fp32", Scale="fp32", C="fp32", Z=dt),
+                        dict(meta, ACT=0, HAS_BIAS=True, HAS_RES=True, HAS_SCALE=True, STORE_Z=True,
+                             UPCAST=False, PRECISION="ieee"), w, s))
+            bm, bn, w = tln._config(768)
+            out.append((f"ln_bwd autocast {dt} grad into fp32", tln._ln_bwd_kernel,
+                        dict(DY="fp32", DS=None, S="fp32", W="fp32", Mean="fp32", Rstd="fp32", DX="fp32",
+                             DWp="fp32", DBp="fp32"),
+                        dict(HAS_DS=False, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm, BLOCK_N=bn), w, 2))
         out.append((f"act_bwd {dt}", tlin._act_bwd_kernel, dict(G=dt, Z=dt, DZ=dt),
                     dict(ACT=1, BLOCK=1024), 4, 2))
         out.append((f"act_fwd {dt}", tlin._act_fwd_kernel, dict(Z=dt, OUT=dt), dict(ACT=1, BLOCK=1024), 4, 2))
