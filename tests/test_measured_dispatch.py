@@ -124,3 +124,23 @@ def test_triton_everywhere_forces_cuda_tensors_only(monkeypatch, tmp_path):
         assert measured.prefers_triton("linear_act", FakeCudaTensor(), (8, 32), 3)
         assert not measured.prefers_triton("linear_act", cpu, (8, 32), 3)
     assert not measured._everywhere
+
+
+def test_prefers_triton_reads_the_table_once_per_case(monkeypatch, tmp_path):
+    """The hot-path lookup: decided from the table, then memoised per (device, op, dims, rows...)."""
+    import types
+    table = tmp_path / "wins.json"
+    table.write_text(json.dumps({"entries": [
+        {"device": "G", "op": "linear_act", "pass": "fwd", "dtype": "torch.bfloat16",
+         "dims": [768, 3072, "gelu"], "rows": 788, "speedup": 1.4}]}))
+    monkeypatch.setattr(measured, "TABLE", table)
+    monkeypatch.setattr(measured, "_device_name", lambda index: "G")
+    calls = []
+    real_decide = measured.decide
+    monkeypatch.setattr(measured, "decide", lambda *a: calls.append(a) or real_decide(*a))
+    measured._decision.cache_clear()
+    x = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
+    for _ in range(3):
+        assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
+        assert not measured.prefers_triton("linear_act", x, (768, 3072, "quick_gelu"), 800, dtype="torch.bfloat16")
+    assert len(calls) == 2

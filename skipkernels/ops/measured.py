@@ -67,13 +67,25 @@ def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype:
         return False
     if _everywhere:
         return True
-    entries = _entries(str(TABLE))
-    if not entries:
+    table = str(TABLE)
+    if not _entries(table):
         return False
     backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                for t in (x, *tensors))
-    return decide(entries, torch.cuda.get_device_name(x.device), op, "fwd_bwd" if backward else "fwd",
-                  dtype or compute_dtype(x), dims, rows)
+    return _decision(table, _device_name(x.device.index), op, "fwd_bwd" if backward else "fwd",
+                     dtype or compute_dtype(x), tuple(dims), rows)
+
+
+# Every op call on a GPU asks here; the answer for a (table, device, op, pass, dtype, dims, rows)
+# never changes, so it is looked up once, not by scanning the table per call.
+@functools.lru_cache(maxsize=None)
+def _device_name(index) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _decision(table: str, device: str, op: str, pass_: str, dtype: str, dims: tuple, rows: int) -> bool:
+    return decide(_entries(table), device, op, pass_, dtype, dims, rows)
 
 
 def _case(bench: dict):
