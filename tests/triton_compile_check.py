@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import os
 import sys
 import time
@@ -71,6 +72,7 @@ def _config_meta(config):
     return dict(config.kwargs), config.num_warps, config.num_stages
 
 
+@functools.lru_cache(maxsize=None)
 def cases(quick: bool):
     """(label, fn, pointers, constexprs, warps, stages) for every variant a GPU launch can make."""
     out = []

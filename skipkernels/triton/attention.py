@@ -45,6 +45,30 @@ _NO_MASK, _FLOAT_MASK, _BOOL_MASK = 0, 1, 2
 
 
 @triton.jit
+def _masked_scores(s, qi, ki, valid, Mask, mask_off, smm, smn,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores with the mask applied, -inf where a key is not visible: the one masking rule of the
+    forward and both backward kernels. ``qi``/``ki`` are the query/key indices broadcast to the
+    tile's orientation (the dK/dV kernel works on transposed tiles)."""
+    if CAUSAL:
+        valid = valid & (ki <= qi)
+    if MASK_KIND == 1:
+        s += tl.load(Mask + mask_off + qi * smm + ki * smn, mask=valid, other=0.0).to(tl.float32)
+    if MASK_KIND == 2:
+        keep = tl.load(Mask + mask_off + qi * smm + ki * smn, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _masked_probs(s, lse, qi, ki, valid, Mask, mask_off, smm, smn,
+                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """P = exp(s + mask - lse) from the forward's log-sum-exp; 0 where not visible (also for a
+    fully masked row, whose lse is +inf)."""
+    return tl.exp(_masked_scores(s, qi, ki, valid, Mask, mask_off, smm, smn, CAUSAL, MASK_KIND) - lse)
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sob, soh, som, sod, smb, smh, smm, smn,
@@ -68,8 +92,7 @@ def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
         q = q.to(tl.float32)
     k_base = K + b.to(tl.int64) * skb + h * skh
     v_base = V + b.to(tl.int64) * svb + h * svh
-    if MASK_KIND != 0:
-        m_base = Mask + b.to(tl.int64) * smb + h * smh
+    mask_off = b.to(tl.int64) * smb + h * smh
 
     # Keys past `hi` are masked for every row of this tile: do not even visit them.
     hi = Lk
@@ -91,17 +114,8 @@ def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
         # Natural-log domain with the fp32 scale SDPA uses: folding log2(e) into the scale (for
         # exp2) would shift every softmax's temperature by one shared rounding error, a bias
         # that adds up in reductions such as the head-scale gradient.
-        s = tl.dot(q, k, input_precision=PRECISION) * sm_scale
-        valid = nmask[None, :] & mmask[:, None]
-        if CAUSAL:
-            valid = valid & (cols[None, :] <= offs_m[:, None])
-        if MASK_KIND == 1:
-            am = tl.load(m_base + offs_m[:, None] * smm + cols[None, :] * smn, mask=valid, other=0.0)
-            s += am.to(tl.float32)
-        if MASK_KIND == 2:
-            keep = tl.load(m_base + offs_m[:, None] * smm + cols[None, :] * smn, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        s = tl.where(valid, s, float("-inf"))
+        s = _masked_scores(tl.dot(q, k, input_precision=PRECISION) * sm_scale, offs_m[:, None], cols[None, :],
+                           mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn, CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # Rows with no visible key so far keep m = -inf; shift them by 0 so exp gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -124,21 +138,6 @@ def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
         # +inf for a row with no visible key: backward's exp(s - lse) is then 0 for all of it.
         lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, lse, mask=mmask)
-
-
-@triton.jit
-def _masked_probs(s, lse, qi, ki, valid, Mask, mask_off, smm, smn,
-                  CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
-    """P = exp(s + mask - lse) where visible, else 0. ``qi``/``ki`` are the query/key indices
-    broadcast to the tile's orientation (the dK/dV kernel works on transposed tiles)."""
-    if CAUSAL:
-        valid = valid & (ki <= qi)
-    if MASK_KIND == 1:
-        s += tl.load(Mask + mask_off + qi * smm + ki * smn, mask=valid, other=0.0).to(tl.float32)
-    if MASK_KIND == 2:
-        keep = tl.load(Mask + mask_off + qi * smm + ki * smn, mask=valid, other=0)
-        valid = valid & (keep != 0)
-    return tl.where(valid, tl.exp(s - lse), 0.0)
 
 
 @triton.jit

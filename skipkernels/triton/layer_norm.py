@@ -115,20 +115,24 @@ def _config(n: int):
     return block_m, block_n, num_warps
 
 
-def _fwd(x2, d2, weight, bias, eps, out_dtype):
+def _fwd(x2, d2, weight, bias, eps, out_dtype, stats=None):
+    """One launch: returns (s, y, mean, rstd). With ``stats=(mean, rstd)`` the rows are
+    normalised with those (a backward reproducing a forward's rows) and they are returned as is."""
     m, n = x2.shape
     dev = x2.device
     sd = store_dtype(out_dtype)
     y = new_empty((m, n), sd, dev)
     s = new_empty((m, n), sd, dev) if d2 is not None else None
-    mean = new_empty((m,), torch.float32, dev)
-    rstd = new_empty((m,), torch.float32, dev)
+    if stats is None:
+        mean, rstd = new_empty((m,), torch.float32, dev), new_empty((m,), torch.float32, dev)
+    else:
+        mean, rstd = stats
     if m > 0:
         block_m, block_n, num_warps = _config(n)
         _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
             x2, d2, s, y, weight, bias, mean, rstd, m, n, eps,
             HAS_DELTA=d2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-            GIVEN_STATS=False, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
+            GIVEN_STATS=stats is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     if sd != out_dtype:
         y = y.to(out_dtype)
         s = None if s is None else s.to(out_dtype)
@@ -138,16 +142,7 @@ def _fwd(x2, d2, weight, bias, eps, out_dtype):
 def normalize_with_stats(x2, weight, bias, mean, rstd, out_dtype):
     """``(x2 - mean) * rstd * weight + bias`` rounded once to ``out_dtype``: the normalised rows
     of a forward that saved its (fp32) row statistics, without taking them again."""
-    m, n = x2.shape
-    sd = store_dtype(out_dtype)
-    y = new_empty((m, n), sd, x2.device)
-    if m > 0:
-        block_m, block_n, num_warps = _config(n)
-        _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
-            x2, None, None, y, weight, bias, mean, rstd, m, n, 0.0,
-            HAS_DELTA=False, HAS_W=weight is not None, HAS_B=bias is not None,
-            GIVEN_STATS=True, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-    return y.to(out_dtype)
+    return _fwd(x2, None, weight, bias, 0.0, out_dtype, stats=(mean, rstd))[1]
 
 
 def _bwd(dy2, ds2, s2, weight, mean, rstd, need_dw, need_db):

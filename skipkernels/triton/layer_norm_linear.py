@@ -97,13 +97,9 @@ def _ln_linear_kernel(A, LnW, LnB, W, Bias, C, Z, Mean, Rstd, M, N, K, eps,
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mask = mmask[:, None] & nmask[None, :]
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-    if STORE_Z:
-        tl.store(Z + offs, acc.to(Z.dtype.element_ty), mask=mask)
-    acc = tlin._act_fwd(acc, ACT)
+    acc = tlin.bias_act_epilogue(acc, Bias, Z, rn, nmask, offs, mask, ACT, HAS_BIAS, STORE_Z)
     tl.store(C + offs, acc.to(C.dtype.element_ty), mask=mask)
 
 
@@ -135,13 +131,7 @@ def _fused(x2, ln_weight, ln_bias, eps, weight, bias, act, store_z, store_stats)
                     HAS_BIAS=bias is not None, STORE_Z=store_z, STORE_STATS=store_stats,
                     UPCAST=tlin._UPCAST_ALL or weight.dtype == torch.float32,
                     PRECISION=dot_precision(weight.dtype))
-        if _INTERPRET:
-            blocks = tlin._interpret_blocks(m, n, k)
-            grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-            _launch[grid](*args, **meta, **blocks)
-        else:
-            grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-            _launch[grid](*args, **meta)
+        tlin.launch_gemm(_launch, m, n, k, args, meta)
     out = out.to(weight.dtype)
     if z is not None:
         z = z.to(weight.dtype)

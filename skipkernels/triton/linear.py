@@ -76,6 +76,18 @@ def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
 
 
 @triton.jit
+def bias_act_epilogue(acc, Bias, Z, rn, nmask, offs, mask, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      STORE_Z: tl.constexpr):
+    """On the fp32 accumulator: + bias, store the pre-activation when backward needs it, then
+    the activation."""
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    if STORE_Z:
+        tl.store(Z + offs, acc.to(Z.dtype.element_ty), mask=mask)
+    return _act_fwd(acc, ACT)
+
+
+@triton.jit
 def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
                    stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn,
                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -103,13 +115,9 @@ def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
-        acc += tl.load(Bias + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     mask = mmask[:, None] & nmask[None, :]
     offs = rm[:, None].to(tl.int64) * N + rn[None, :]
-    if STORE_Z:
-        tl.store(Z + offs, acc.to(Z.dtype.element_ty), mask=mask)
-    acc = _act_fwd(acc, ACT)
+    acc = bias_act_epilogue(acc, Bias, Z, rn, nmask, offs, mask, ACT, HAS_BIAS, STORE_Z)
     if HAS_SCALE:
         acc *= tl.load(Scale + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
@@ -160,6 +168,18 @@ def _interpret_blocks(m, n, k):
                 BLOCK_K=min(128, max(16, triton.next_power_of_2(k))), GROUP_M=8)
 
 
+def launch_gemm(launcher, m, n, k, args, meta):
+    """One program per (BLOCK_M, BLOCK_N) output tile: fixed tiles under the interpreter, the
+    autotuner's choice on a GPU."""
+    if _INTERPRET:
+        blocks = _interpret_blocks(m, n, k)
+        grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
+        launcher[grid](*args, **meta, **blocks)
+    else:
+        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
+        launcher[grid](*args, **meta)
+
+
 def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, store_z=False):
     """One fused GEMM launch. Returns (out, z) with z the pre-activation / pre-scale branch."""
     m, k = x2.shape
@@ -175,13 +195,7 @@ def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, sto
         meta = dict(ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
                     HAS_SCALE=scale is not None, STORE_Z=store_z,
                     UPCAST=_UPCAST_ALL or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
-        if _INTERPRET:
-            blocks = _interpret_blocks(m, n, k)
-            grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-            _linear_launch[grid](*args, **meta, **blocks)
-        else:
-            grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-            _linear_launch[grid](*args, **meta)
+        launch_gemm(_linear_launch, m, n, k, args, meta)
     out = out.to(out_dtype)
     if z is not None:
         z = z.to(x2.dtype)
