@@ -32,7 +32,10 @@ def _extensions():
     libraries = ["gomp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))]
+        # *.cu: the kernels and their launchers (nvcc); *_host.cpp: checks, allocations and
+        # read-backs (the C++ compiler: exceptions thrown there reach Python, see cuda/launch.h)
+        sources += [os.path.relpath(p, ROOT) for pattern in ("*.cu", "*_host.cpp")
+                    for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", pattern)))]
         macros.append(("SKIPKERNELS_WITH_CUDA", None))
         extension = cpp_extension.CUDAExtension
         extra["nvcc"] = ["-O3"]

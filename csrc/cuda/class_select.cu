@@ -7,11 +7,13 @@
 // reports. No write ever leaves the output tensors. With num_selected < 0 the size is read back
 // (one synchronisation) and bad labels raise a ValueError.
 //
+// Host side (checks, allocations, the read-back): class_select_host.cpp.
 // Launches: zero the label marks; mark_labels; batch_max_scores (fp64 tiled product with a
 // max-over-rows epilogue; grid.y splits the batch, partial maxima per split); rank_keep
 // (rank by counting, O(C^2) comparisons, exact and deterministic); compact (one block:
 // prefix sum over the keep flags, scatter, label remap).
 #include "cuda/common.cuh"
+#include "cuda/launch.h"
 #include "skipkernels.h"
 
 namespace skipkernels {
@@ -158,91 +160,47 @@ __global__ void __launch_bounds__(kCompactThreads)
   if (info != nullptr && threadIdx.x == 0) info[0] = total;
 }
 
+template <typename scalar_t>
+cudaError_t launch_typed(const ClassSelectLaunch& a, cudaStream_t stream) {
+  unsigned int* flags = a.info != nullptr ? reinterpret_cast<unsigned int*>(a.info + 1) : nullptr;
+  cudaError_t err = cudaMemsetAsync(a.is_label, 0, sizeof(int) * a.C, stream);
+  if (err != cudaSuccess) return err;
+  if (a.info != nullptr) {
+    err = cudaMemsetAsync(a.info, 0, 2 * sizeof(int64_t), stream);
+    if (err != cudaSuccess) return err;
+  }
+  mark_labels<<<ceil_div(a.B, kThreads), kThreads, 0, stream>>>(a.labels, a.B, a.C, a.is_label,
+                                                                a.clamped_labels, flags);
+  batch_max_scores<scalar_t><<<dim3(ceil_div(a.C, kTileN), a.splits), kThreads, 0, stream>>>(
+      static_cast<const scalar_t*>(a.image_features), static_cast<const scalar_t*>(a.prototypes),
+      a.B, a.C, a.E, a.partial);
+  rank_keep<<<ceil_div(a.C, kRankThreads), kRankThreads, 0, stream>>>(
+      a.partial, a.splits, a.is_label, a.rank_mask, a.C, a.top_k, a.keep);
+  compact<<<1, kCompactThreads, 0, stream>>>(a.keep, a.clamped_labels, a.B, a.C, a.capacity,
+                                             a.strict, a.position, a.selected, a.remapped, a.info,
+                                             flags);
+  return cudaGetLastError();
+}
+
 }  // namespace
-}  // namespace cuda
 
-std::tuple<at::Tensor, at::Tensor> class_select_cuda(const at::Tensor& image_features,
-                                                     const at::Tensor& prototypes,
-                                                     const at::Tensor& labels_in,
-                                                     const at::Tensor& rank_mask_in, int64_t top_k,
-                                                     int64_t num_selected) {
-  using namespace cuda;
-  const char* op = "class_select";
-  check_class_select_inputs(image_features, prototypes, labels_in, rank_mask_in, top_k,
-                            num_selected);
-  check_cuda_inputs({&image_features, &prototypes, &labels_in, &rank_mask_in}, op);
-  const c10::cuda::CUDAGuard guard(image_features.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  at::Tensor f = image_features, t = prototypes;
-  if (f.scalar_type() != t.scalar_type()) {  // upcasts are exact, so fp64 scores are unchanged
-    const at::ScalarType common = compute_dtype(f, t);
-    f = f.to(common);
-    t = t.to(common);
-  }
-  f = f.contiguous();
-  t = t.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const at::Tensor rank_mask = rank_mask_in.contiguous();
-  const int64_t B = f.size(0), C = t.size(0), E = f.size(1);
-  TORCH_CHECK_VALUE(C < (int64_t{1} << 31), op, ": too many classes (", C, ")");
-  const auto long_opts = labels.options();
-  const auto int_opts = labels.options().dtype(at::kInt);
-
-  const bool dynamic = num_selected < 0;
-  const int64_t capacity = dynamic ? C : num_selected;
-  // Dynamic size: a local error word read back with the size; static size: the device-side word.
-  at::Tensor info = dynamic ? at::zeros({2}, long_opts) : at::Tensor();
-  unsigned int* flags = dynamic ? reinterpret_cast<unsigned int*>(info.data_ptr<int64_t>() + 1) : nullptr;
-
-  at::Tensor is_label = at::zeros({C}, int_opts);
-  at::Tensor clamped = at::empty({B}, long_opts);
-  const int splits = static_cast<int>(std::min<int64_t>(ceil_div(B, kTileM), kMaxBatchSplits));
-  at::Tensor partial = at::empty({splits, C}, f.options().dtype(at::kDouble));
-  at::Tensor keep = at::empty({C}, int_opts);
-  at::Tensor position = at::empty({C}, int_opts);
-  at::Tensor selected = at::empty({capacity}, long_opts);
-  at::Tensor remapped = at::empty({B}, long_opts);
-
-  mark_labels<<<ceil_div(B, kThreads), kThreads, 0, stream>>>(
-      labels.data_ptr<int64_t>(), B, C, is_label.data_ptr<int>(), clamped.data_ptr<int64_t>(), flags);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "class_select_cuda", [&] {
-    batch_max_scores<scalar_t><<<dim3(ceil_div(C, kTileN), splits), kThreads, 0, stream>>>(
-        f.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), B, C, E, partial.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  rank_keep<<<ceil_div(C, kRankThreads), kRankThreads, 0, stream>>>(
-      partial.data_ptr<double>(), splits, is_label.data_ptr<int>(), rank_mask.data_ptr<bool>(), C,
-      top_k, keep.data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  compact<<<1, kCompactThreads, 0, stream>>>(
-      keep.data_ptr<int>(), clamped.data_ptr<int64_t>(), B, C, capacity, !dynamic,
-      position.data_ptr<int>(), selected.data_ptr<int64_t>(), remapped.data_ptr<int64_t>(),
-      dynamic ? info.data_ptr<int64_t>() : nullptr, flags);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-
-  if (dynamic) {
-    const at::Tensor host = info.cpu();  // the one synchronisation of the dynamic-size path
-    const int64_t count = host.data_ptr<int64_t>()[0];
-    const auto bits = static_cast<uint32_t>(host.data_ptr<int64_t>()[1]);
-    TORCH_CHECK_VALUE(!(bits & kClassSelectLabelOutOfRange), op, ": labels must lie in [0, ", C,
-                      ")");
-    selected = selected.narrow(0, 0, count);
-  }
-  return {selected, remapped};
+int class_select_splits(int64_t B) noexcept {
+  return static_cast<int>(std::min<int64_t>(ceil_div(B, kTileM), kMaxBatchSplits));
 }
 
-uint32_t class_select_cuda_error_flags(int64_t device, bool reset) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  C10_CUDA_CHECK(cudaDeviceSynchronize());
-  unsigned int value = 0;
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(&value, cuda::g_class_select_flags, sizeof(value)));
-  if (reset) {
+cudaError_t launch_class_select(const ClassSelectLaunch& args, cudaStream_t stream) noexcept {
+  return by_dtype(args.dtype, [&](auto tag) { return launch_typed<decltype(tag)>(args, stream); });
+}
+
+cudaError_t read_class_select_flags(unsigned int* value, bool reset) noexcept {
+  cudaError_t err = cudaDeviceSynchronize();
+  if (err == cudaSuccess) err = cudaMemcpyFromSymbol(value, g_class_select_flags, sizeof(*value));
+  if (err == cudaSuccess && reset) {
     const unsigned int zero = 0;
-    C10_CUDA_CHECK(cudaMemcpyToSymbol(cuda::g_class_select_flags, &zero, sizeof(zero)));
+    err = cudaMemcpyToSymbol(g_class_select_flags, &zero, sizeof(zero));
   }
-  return value;
+  return err;
 }
 
+}  // namespace cuda
 }  // namespace skipkernels

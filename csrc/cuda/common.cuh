@@ -4,9 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/launch.h"
 
 #include <cstdint>
 #include <type_traits>
@@ -151,11 +150,17 @@ __device__ __forceinline__ void tile_gemm(acc_t (&acc)[kThreadRows][kThreadCols]
   }
 }
 
-inline void check_cuda_inputs(std::initializer_list<const at::Tensor*> tensors, const char* op) {
-  for (const at::Tensor* t : tensors) {
-    TORCH_CHECK_VALUE(t->is_cuda(), op, ": the CUDA kernel got a tensor on ", t->device(),
-                      "; move all inputs to one CUDA device");
+// Calls fn(scalar_t{}) for the feature dtype of a launch (the launchers' only dispatch: it
+// cannot throw, unlike AT_DISPATCH).
+template <typename Fn>
+cudaError_t by_dtype(Dtype dtype, const Fn& fn) {
+  switch (dtype) {
+    case Dtype::kFloat32: return fn(float{});
+    case Dtype::kFloat16: return fn(at::Half{});
+    case Dtype::kBFloat16: return fn(at::BFloat16{});
+    case Dtype::kFloat64: return fn(double{});
   }
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace cuda

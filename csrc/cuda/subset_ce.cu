@@ -15,7 +15,17 @@
 //   2. ce_backward_grads: one grid holding both products, grad_f = s W t - proj and
 //      grad_t = s W^T f - proj, with the normalisation's projection in the epilogue; block (0, 0)
 //      also sums grad_scale.
+//
+// Precision. The logits are the rounded product s * cos, as in the reference: nvcc would contract
+// `m - s * cos` into an FMA and make the loss of a single class 1e-7 instead of exactly 0, so those
+// products are written with mul_rn. The backward forms dz, W, the row / column sums and both
+// products in double whatever the feature dtype: its reductions run over K' (up to thousands of
+// classes) serially per thread, and in float that made grad f 4x less accurate than PyTorch's
+// cuBLAS path. The products are at most (B, K') x E, so double costs microseconds.
+//
+// Host side (checks, allocations): subset_ce_host.cpp.
 #include "cuda/common.cuh"
+#include "cuda/launch.h"
 #include "skipkernels.h"
 
 namespace skipkernels {
@@ -25,6 +35,10 @@ namespace {
 __device__ unsigned int g_subset_ce_flags = 0;
 
 constexpr int kDzTile = 32;
+
+// a * b rounded, never contracted into a neighbouring add.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
 // Sum of squares of the rows staged in shared memory, in double (96 threads, 16 terms per chunk).
 template <typename acc_t>
@@ -100,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
       if (row < B && col < K) {
         const acc_t c = acc[i][j] * inv_row[lr] * inv_col[lc];
         cos[row * K + col] = c;
-        z[j] = s * c;
+        z[j] = mul_rn(s, c);
         m = fmax(m, z[j]);
       }
     }
@@ -146,7 +160,7 @@ __global__ void __launch_bounds__(kThreads)
       atomicOr(&g_subset_ce_flags, static_cast<unsigned int>(kSubsetCeLabelOutOfRange));
       row_loss = NAN;
     } else {
-      row_loss = static_cast<double>(m - s * cos[b * K + y]) + log_sum;  // as log_softmax: (m - z_y) + l
+      row_loss = static_cast<double>(m - mul_rn(s, cos[b * K + y])) + log_sum;  // as log_softmax: (m - z_y) + l
     }
     local += row_loss;
   }
@@ -162,37 +176,38 @@ __global__ void __launch_bounds__(kThreads)
                    const acc_t* __restrict__ row_log_sum,
                    const int64_t* __restrict__ labels, const acc_t* __restrict__ scale,
                    const acc_t* __restrict__ f_norm, const acc_t* __restrict__ t_norm, int64_t B,
-                   int64_t K, acc_t* __restrict__ W, acc_t* __restrict__ row_part,
-                   acc_t* __restrict__ col_part) {
-  __shared__ acc_t col_scratch[kThreads / 32][kDzTile];
+                   int64_t K, double* __restrict__ W, double* __restrict__ row_part,
+                   double* __restrict__ col_part) {
+  __shared__ double col_scratch[kThreads / 32][kDzTile];
   const int tx = threadIdx.x % 32, ty = threadIdx.x / 32;
   const int64_t col = static_cast<int64_t>(blockIdx.x) * kDzTile + tx;
   const int64_t col_blocks = gridDim.x;
-  const acc_t g = *grad_loss / static_cast<acc_t>(B);
+  const double g = static_cast<double>(*grad_loss) / static_cast<double>(B);
   const acc_t s = *scale;
-  const acc_t inv_t = col < K ? inv_clamped(t_norm[col]) : acc_t(0);
-  acc_t col_sum = 0;
+  const double inv_t = col < K ? static_cast<double>(inv_clamped(t_norm[col])) : 0.0;
+  double col_sum = 0;
 #pragma unroll
   for (int i = 0; i < kDzTile / (kThreads / 32); ++i) {
     const int64_t row = static_cast<int64_t>(blockIdx.y) * kDzTile + ty + (kThreads / 32) * i;
-    acc_t v = 0;
+    double v = 0;
     if (row < B && col < K) {
       const int64_t at = row * K + col;
       const acc_t c = cos[at];
-      const acc_t onehot = labels[row] == col ? acc_t(1) : acc_t(0);
-      acc_t dz = g * (exp((s * c - row_max[row]) - row_log_sum[row]) - onehot);
-      if (grad_logits != nullptr) dz += grad_logits[at];
-      W[at] = dz * inv_clamped(f_norm[row]) * inv_t;
-      v = dz * c;
+      const double onehot = labels[row] == col ? 1.0 : 0.0;
+      const double z = static_cast<double>(mul_rn(s, c));  // the logit, rounded as in the forward
+      double dz = g * (exp((z - static_cast<double>(row_max[row])) - static_cast<double>(row_log_sum[row])) - onehot);
+      if (grad_logits != nullptr) dz += static_cast<double>(grad_logits[at]);
+      W[at] = dz * static_cast<double>(inv_clamped(f_norm[row])) * inv_t;
+      v = dz * static_cast<double>(c);
     }
-    const acc_t row_sum = warp_sum(v);
+    const double row_sum = warp_sum(v);
     if (tx == 0 && row < B) row_part[row * col_blocks + blockIdx.x] = row_sum;
     col_sum += v;
   }
   col_scratch[ty][tx] = col_sum;
   __syncthreads();
   if (ty == 0 && col < K) {
-    acc_t q = 0;
+    double q = 0;
 #pragma unroll
     for (int w = 0; w < kThreads / 32; ++w) q += col_scratch[w][tx];
     col_part[static_cast<int64_t>(blockIdx.y) * K + col] = q;
@@ -200,10 +215,10 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // out[m, n] = s * acc[m, n] - proj[m] * self[m, n], proj = s * inv^2 * sum (0 when clamped).
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ void grads_epilogue(const acc_t (&acc)[kThreadRows][kThreadCols],
-                                               const acc_t* proj, int64_t m0, int64_t n0,
-                                               int64_t M, int64_t E, acc_t s,
+template <typename scalar_t>
+__device__ __forceinline__ void grads_epilogue(const double (&acc)[kThreadRows][kThreadCols],
+                                               const double* proj, int64_t m0, int64_t n0,
+                                               int64_t M, int64_t E, double s,
                                                const scalar_t* __restrict__ self,
                                                scalar_t* __restrict__ out) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -215,7 +230,7 @@ __device__ __forceinline__ void grads_epilogue(const acc_t (&acc)[kThreadRows][k
     for (int j = 0; j < kThreadCols; ++j) {
       const int64_t n = n0 + tx + 16 * j;
       if (n < E) {
-        const acc_t x = static_cast<acc_t>(self[m * E + n]);
+        const double x = static_cast<double>(self[m * E + n]);
         out[m * E + n] = static_cast<scalar_t>(s * acc[i][j] - proj[ty + 16 * i] * x);
       }
     }
@@ -224,37 +239,37 @@ __device__ __forceinline__ void grads_epilogue(const acc_t (&acc)[kThreadRows][k
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    ce_backward_grads(const acc_t* __restrict__ W, const scalar_t* __restrict__ f,
+    ce_backward_grads(const double* __restrict__ W, const scalar_t* __restrict__ f,
                       const scalar_t* __restrict__ t, const acc_t* __restrict__ scale,
                       const acc_t* __restrict__ f_norm, const acc_t* __restrict__ t_norm,
-                      const acc_t* __restrict__ row_part, int64_t col_parts,
-                      const acc_t* __restrict__ col_part, int64_t row_parts, int64_t B, int64_t K,
+                      const double* __restrict__ row_part, int64_t col_parts,
+                      const double* __restrict__ col_part, int64_t row_parts, int64_t B, int64_t K,
                       int64_t E, int64_t f_row_blocks, scalar_t* __restrict__ grad_f,
                       scalar_t* __restrict__ grad_t, acc_t* __restrict__ grad_scale) {
-  __shared__ acc_t As[kTileR][kTileM + 1];
-  __shared__ acc_t Bs[kTileR][kTileN + 1];
-  __shared__ acc_t proj[kTileM];
+  __shared__ double As[kTileR][kTileM + 1];
+  __shared__ double Bs[kTileR][kTileN + 1];
+  __shared__ double proj[kTileM];
   __shared__ double scratch[32];
   const int tid = threadIdx.x;
-  const acc_t s = *scale;
+  const double s = static_cast<double>(*scale);
   const acc_t eps = static_cast<acc_t>(kNormEps);
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
   NoTileHook hook;
-  acc_t acc[kThreadRows][kThreadCols];
+  double acc[kThreadRows][kThreadCols];
   if (blockIdx.y < f_row_blocks) {
     // grad_f rows m0.. : A = W (B x K, contiguous along k), B-operand = t (K x E).
     const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM;
     auto load_w = [&](int64_t m, int64_t k) { return W[m * K + k]; };
-    auto load_t = [&](int64_t k, int64_t n) { return static_cast<acc_t>(t[k * E + n]); };
-    tile_gemm<acc_t, true, false>(acc, m0, n0, B, E, K, load_w, load_t, hook, As, Bs);
+    auto load_t = [&](int64_t k, int64_t n) { return static_cast<double>(t[k * E + n]); };
+    tile_gemm<double, true, false>(acc, m0, n0, B, E, K, load_w, load_t, hook, As, Bs);
     if (tid < kTileM) {
       const int64_t m = m0 + tid;
-      acc_t p = 0;
+      double p = 0;
       if (m < B && f_norm[m] >= eps) {
         double r = 0;
         for (int64_t c = 0; c < col_parts; ++c) r += row_part[m * col_parts + c];
-        const acc_t inv = inv_clamped(f_norm[m]);
-        p = s * inv * inv * static_cast<acc_t>(r);
+        const double inv = static_cast<double>(inv_clamped(f_norm[m]));
+        p = s * inv * inv * r;
       }
       proj[tid] = p;
     }
@@ -264,16 +279,16 @@ __global__ void __launch_bounds__(kThreads)
     // grad_t rows m0.. : A = W^T (K x B, contiguous along k), B-operand = f (B x E).
     const int64_t m0 = static_cast<int64_t>(blockIdx.y - f_row_blocks) * kTileM;
     auto load_wt = [&](int64_t k, int64_t b) { return W[b * K + k]; };
-    auto load_f = [&](int64_t b, int64_t n) { return static_cast<acc_t>(f[b * E + n]); };
-    tile_gemm<acc_t, false, false>(acc, m0, n0, K, E, B, load_wt, load_f, hook, As, Bs);
+    auto load_f = [&](int64_t b, int64_t n) { return static_cast<double>(f[b * E + n]); };
+    tile_gemm<double, false, false>(acc, m0, n0, K, E, B, load_wt, load_f, hook, As, Bs);
     if (tid < kTileM) {
       const int64_t k = m0 + tid;
-      acc_t p = 0;
+      double p = 0;
       if (k < K && t_norm[k] >= eps) {
         double q = 0;
         for (int64_t r = 0; r < row_parts; ++r) q += col_part[r * K + k];
-        const acc_t inv = inv_clamped(t_norm[k]);
-        p = s * inv * inv * static_cast<acc_t>(q);
+        const double inv = static_cast<double>(inv_clamped(t_norm[k]));
+        p = s * inv * inv * q;
       }
       proj[tid] = p;
     }
@@ -283,153 +298,76 @@ __global__ void __launch_bounds__(kThreads)
   if (blockIdx.x == 0 && blockIdx.y == 0) {
     // grad_scale = sum_bk dz cos = sum of the row partials, in a fixed order.
     double local = 0;
-    for (int64_t i = tid; i < B * col_parts; i += blockDim.x) local += static_cast<double>(row_part[i]);
+    for (int64_t i = tid; i < B * col_parts; i += blockDim.x) local += row_part[i];
     const double total = block_sum(local, scratch);
     if (tid == 0) *grad_scale = static_cast<acc_t>(total);
   }
 }
 
+template <typename scalar_t>
+cudaError_t launch_forward_typed(const SubsetCeForwardLaunch& a, cudaStream_t stream) {
+  using acc_t = acc_type_t<scalar_t>;
+  ce_forward_tiles<scalar_t, acc_t>
+      <<<dim3(a.col_blocks, subset_ce_forward_row_blocks(a.B)), kThreads, 0, stream>>>(
+          static_cast<const scalar_t*>(a.image_features),
+          static_cast<const scalar_t*>(a.text_features), static_cast<const acc_t*>(a.scale), a.B,
+          a.K, a.E, static_cast<acc_t*>(a.cos), static_cast<acc_t*>(a.image_norm),
+          static_cast<acc_t*>(a.text_norm), static_cast<acc_t*>(a.partial));
+  ce_forward_finalize<acc_t><<<1, kThreads, 0, stream>>>(
+      static_cast<const acc_t*>(a.partial), a.col_blocks, static_cast<const acc_t*>(a.cos),
+      a.labels, static_cast<const acc_t*>(a.scale), a.B, a.K, static_cast<acc_t*>(a.row_max),
+      static_cast<acc_t*>(a.row_log_sum), static_cast<acc_t*>(a.loss));
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_backward_typed(const SubsetCeBackwardLaunch& a, cudaStream_t stream) {
+  using acc_t = acc_type_t<scalar_t>;
+  const SubsetCeBackwardGrid grid = subset_ce_backward_grid(a.B, a.K);
+  ce_backward_dz<acc_t><<<dim3(grid.dz_col_blocks, grid.dz_row_blocks), kThreads, 0, stream>>>(
+      static_cast<const acc_t*>(a.grad_loss), static_cast<const acc_t*>(a.grad_logits),
+      static_cast<const acc_t*>(a.cos), static_cast<const acc_t*>(a.row_max),
+      static_cast<const acc_t*>(a.row_log_sum), a.labels, static_cast<const acc_t*>(a.scale),
+      static_cast<const acc_t*>(a.image_norm), static_cast<const acc_t*>(a.text_norm), a.B, a.K,
+      a.W, a.row_part, a.col_part);
+  ce_backward_grads<scalar_t, acc_t>
+      <<<dim3(ceil_div(a.E, kTileN), grid.f_row_blocks + grid.t_row_blocks), kThreads, 0, stream>>>(
+          a.W, static_cast<const scalar_t*>(a.image_features),
+          static_cast<const scalar_t*>(a.text_features), static_cast<const acc_t*>(a.scale),
+          static_cast<const acc_t*>(a.image_norm), static_cast<const acc_t*>(a.text_norm),
+          a.row_part, grid.dz_col_blocks, a.col_part, grid.dz_row_blocks, a.B, a.K, a.E,
+          grid.f_row_blocks, static_cast<scalar_t*>(a.grad_image),
+          static_cast<scalar_t*>(a.grad_text), static_cast<acc_t*>(a.grad_scale));
+  return cudaGetLastError();
+}
+
 }  // namespace
-}  // namespace cuda
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_cuda(
-    const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& scale,
-    const at::Tensor& labels_in) {
-  using namespace cuda;
-  const char* op = "subset_logits_ce";
-  check_subset_ce_inputs(image_features, text_features, scale, labels_in, op);
-  check_cuda_inputs({&image_features, &text_features, &scale, &labels_in}, op);
-  const c10::cuda::CUDAGuard guard(image_features.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+int subset_ce_forward_col_blocks(int64_t K) noexcept { return ceil_div(K, kTileN); }
+int subset_ce_forward_row_blocks(int64_t B) noexcept { return ceil_div(B, kTileM); }
 
-  const at::ScalarType acc = compute_dtype(image_features, text_features);
-  at::Tensor f = image_features, t = text_features;
-  if (f.scalar_type() != t.scalar_type()) {  // mixed inputs: one kernel instantiation, in acc
-    f = f.to(acc);
-    t = t.to(acc);
-  }
-  f = f.contiguous();
-  t = t.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const at::Tensor s = scale.to(acc).reshape({1}).contiguous();
-  const int64_t B = f.size(0), K = t.size(0), E = f.size(1);
-  const auto opts = f.options().dtype(acc);
-  at::Tensor cos = at::empty({B, K}, opts);
-  at::Tensor row_max = at::empty({B}, opts);
-  at::Tensor row_log_sum = at::empty({B}, opts);
-  at::Tensor f_norm = at::empty({B}, opts);
-  at::Tensor t_norm = at::empty({K}, opts);
-  at::Tensor loss = at::empty({}, opts);
-  const int col_blocks = ceil_div(K, kTileN), row_blocks = ceil_div(B, kTileM);
-  TORCH_CHECK_VALUE(row_blocks <= 65535, op, ": batch too large for one grid (B=", B, ")");
-  at::Tensor partial = at::empty({B, col_blocks, 2}, opts);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "subset_logits_ce_cuda", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    ce_forward_tiles<scalar_t, acc_t><<<dim3(col_blocks, row_blocks), kThreads, 0, stream>>>(
-        f.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(), s.data_ptr<acc_t>(), B, K, E,
-        cos.data_ptr<acc_t>(), f_norm.data_ptr<acc_t>(), t_norm.data_ptr<acc_t>(),
-        partial.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ce_forward_finalize<acc_t><<<1, kThreads, 0, stream>>>(
-        partial.data_ptr<acc_t>(), col_blocks, cos.data_ptr<acc_t>(), labels.data_ptr<int64_t>(),
-        s.data_ptr<acc_t>(), B, K, row_max.data_ptr<acc_t>(), row_log_sum.data_ptr<acc_t>(),
-        loss.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {loss, cos, row_max, row_log_sum, f_norm, t_norm};
+SubsetCeBackwardGrid subset_ce_backward_grid(int64_t B, int64_t K) noexcept {
+  return {ceil_div(K, kDzTile), ceil_div(B, kDzTile), ceil_div(B, kTileM), ceil_div(K, kTileM)};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_backward_cuda(
-    const at::Tensor& grad_loss, const std::optional<at::Tensor>& grad_logits,
-    const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& scale,
-    const at::Tensor& labels_in, const at::Tensor& cos_in, const at::Tensor& max_in,
-    const at::Tensor& log_sum_in, const at::Tensor& image_norm, const at::Tensor& text_norm) {
-  using namespace cuda;
-  const char* op = "subset_logits_ce_backward";
-  check_subset_ce_inputs(image_features, text_features, scale, labels_in, op);
-  check_cuda_inputs({&grad_loss, &image_features, &text_features, &scale, &labels_in, &cos_in,
-                     &max_in, &log_sum_in, &image_norm, &text_norm},
-                    op);
-  const int64_t B = image_features.size(0), K = text_features.size(0), E = image_features.size(1);
-  TORCH_CHECK_VALUE(cos_in.sizes() == at::IntArrayRef({B, K}) && max_in.numel() == B &&
-                        log_sum_in.numel() == B &&
-                        image_norm.numel() == B && text_norm.numel() == K,
-                    op, ": saved tensors do not match the inputs (cos ", cos_in.sizes(),
-                    ", expected (", B, ", ", K, "))");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one value");
-  const bool has_grad_logits = grad_logits.has_value() && grad_logits->defined();
-  if (has_grad_logits) {
-    check_cuda_inputs({&*grad_logits}, op);
-    TORCH_CHECK_VALUE(grad_logits->sizes() == at::IntArrayRef({B, K}), op,
-                      ": grad_logits must be (B, K')=(", B, ", ", K, "), got ", grad_logits->sizes());
-  }
-  const c10::cuda::CUDAGuard guard(image_features.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-
-  const at::ScalarType acc = compute_dtype(image_features, text_features);
-  at::Tensor f = image_features, t = text_features;
-  if (f.scalar_type() != t.scalar_type()) {
-    f = f.to(acc);
-    t = t.to(acc);
-  }
-  f = f.contiguous();
-  t = t.contiguous();
-  const at::Tensor labels = labels_in.to(at::kLong).contiguous();
-  const at::Tensor s = scale.to(acc).reshape({1}).contiguous();
-  const at::Tensor g = grad_loss.to(acc).reshape({1}).contiguous();
-  const at::Tensor cos = cos_in.to(acc).contiguous();
-  const at::Tensor row_max = max_in.to(acc).contiguous();
-  const at::Tensor row_log_sum = log_sum_in.to(acc).contiguous();
-  const at::Tensor nf = image_norm.to(acc).contiguous();
-  const at::Tensor nt = text_norm.to(acc).contiguous();
-  const at::Tensor gl = has_grad_logits ? grad_logits->to(acc).contiguous() : at::Tensor();
-  const auto opts = f.options().dtype(acc);
-
-  const int dz_col_blocks = ceil_div(K, kDzTile), dz_row_blocks = ceil_div(B, kDzTile);
-  const int f_row_blocks = ceil_div(B, kTileM), t_row_blocks = ceil_div(K, kTileM);
-  TORCH_CHECK_VALUE(dz_row_blocks <= 65535 && f_row_blocks + t_row_blocks <= 65535, op,
-                    ": problem too large for one grid (B=", B, ", K'=", K, ")");
-  at::Tensor W = at::empty({B, K}, opts);
-  at::Tensor row_part = at::empty({B, dz_col_blocks}, opts);
-  at::Tensor col_part = at::empty({dz_row_blocks, K}, opts);
-  at::Tensor grad_f = at::empty({B, E}, f.options());
-  at::Tensor grad_t = at::empty({K, E}, t.options());
-  at::Tensor grad_s = at::empty({}, opts);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "subset_logits_ce_backward_cuda", [&] {
-    using acc_t = acc_type_t<scalar_t>;
-    ce_backward_dz<acc_t><<<dim3(dz_col_blocks, dz_row_blocks), kThreads, 0, stream>>>(
-        g.data_ptr<acc_t>(), has_grad_logits ? gl.data_ptr<acc_t>() : nullptr,
-        cos.data_ptr<acc_t>(), row_max.data_ptr<acc_t>(), row_log_sum.data_ptr<acc_t>(),
-        labels.data_ptr<int64_t>(),
-        s.data_ptr<acc_t>(), nf.data_ptr<acc_t>(), nt.data_ptr<acc_t>(), B, K,
-        W.data_ptr<acc_t>(), row_part.data_ptr<acc_t>(), col_part.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ce_backward_grads<scalar_t, acc_t>
-        <<<dim3(ceil_div(E, kTileN), f_row_blocks + t_row_blocks), kThreads, 0, stream>>>(
-            W.data_ptr<acc_t>(), f.data_ptr<scalar_t>(), t.data_ptr<scalar_t>(),
-            s.data_ptr<acc_t>(), nf.data_ptr<acc_t>(), nt.data_ptr<acc_t>(),
-            row_part.data_ptr<acc_t>(), dz_col_blocks, col_part.data_ptr<acc_t>(),
-            dz_row_blocks, B, K, E, f_row_blocks, grad_f.data_ptr<scalar_t>(),
-            grad_t.data_ptr<scalar_t>(), grad_s.data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {grad_f.to(image_features.scalar_type()), grad_t.to(text_features.scalar_type()),
-          grad_s.reshape(scale.sizes()).to(scale.scalar_type())};
+cudaError_t launch_subset_ce_forward(const SubsetCeForwardLaunch& args, cudaStream_t stream) noexcept {
+  return by_dtype(args.dtype, [&](auto tag) { return launch_forward_typed<decltype(tag)>(args, stream); });
 }
 
-uint32_t subset_ce_cuda_error_flags(int64_t device, bool reset) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+cudaError_t launch_subset_ce_backward(const SubsetCeBackwardLaunch& args, cudaStream_t stream) noexcept {
+  return by_dtype(args.dtype, [&](auto tag) { return launch_backward_typed<decltype(tag)>(args, stream); });
+}
+
+cudaError_t read_subset_ce_flags(unsigned int* value, bool reset) noexcept {
   // Kernels on any stream may still be running: wait for the device, then read the word.
-  C10_CUDA_CHECK(cudaDeviceSynchronize());
-  unsigned int value = 0;
-  C10_CUDA_CHECK(cudaMemcpyFromSymbol(&value, cuda::g_subset_ce_flags, sizeof(value)));
-  if (reset) {
+  cudaError_t err = cudaDeviceSynchronize();
+  if (err == cudaSuccess) err = cudaMemcpyFromSymbol(value, g_subset_ce_flags, sizeof(*value));
+  if (err == cudaSuccess && reset) {
     const unsigned int zero = 0;
-    C10_CUDA_CHECK(cudaMemcpyToSymbol(cuda::g_subset_ce_flags, &zero, sizeof(zero)));
+    err = cudaMemcpyToSymbol(g_subset_ce_flags, &zero, sizeof(zero));
   }
-  return value;
+  return err;
 }
 
+}  // namespace cuda
 }  // namespace skipkernels

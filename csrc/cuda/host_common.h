@@ -1,0 +1,40 @@
+// Shared by the host wrappers of the CUDA ops (cuda/*_host.cpp, compiled by the C++ compiler):
+// the device checks and the conversions to the launchers' plain arguments (cuda/launch.h).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <initializer_list>
+
+#include "cuda/launch.h"
+
+namespace skipkernels {
+namespace cuda {
+
+inline void check_cuda_inputs(std::initializer_list<const at::Tensor*> tensors, const char* op) {
+  for (const at::Tensor* t : tensors) {
+    TORCH_CHECK_VALUE(t->is_cuda(), op, ": the CUDA kernel got a tensor on ", t->device(),
+                      "; move all inputs to one CUDA device");
+  }
+}
+
+inline Dtype launch_dtype(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kDouble: return Dtype::kFloat64;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "skipkernels CUDA ops: unsupported dtype ", type);
+  return Dtype::kFloat32;
+}
+
+// Raise (from C++-compiled code) the error a launcher returned.
+inline void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace cuda
+}  // namespace skipkernels
