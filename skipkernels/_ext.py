@@ -22,27 +22,34 @@ except ImportError as err:
         load_error = f"skipkernels._C failed to load: {message}"
 
 
+# What the extension holds cannot change within a process, so it is read once here: the op
+# wrappers consult these constants inside code that torch.compile traces, where a call into the
+# extension (pybind) or a registry probe would break the graph.
+COMPILED_OPS: frozenset[str] = frozenset(
+    name for name in ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")
+    if _C is not None and hasattr(torch.ops.skipkernels, name))
+CUDA_BUILT: bool = _C is not None and bool(getattr(_C, "built_with_cuda", lambda: False)())
+
+
 def has_op(name: str) -> bool:
     """True when ``torch.ops.skipkernels.<name>`` was registered by the compiled extension."""
-    if _C is None:
-        return False
-    return hasattr(torch.ops.skipkernels, name)
+    return name in COMPILED_OPS
 
 
 def cuda_built() -> bool:
-    return _C is not None and bool(getattr(_C, "built_with_cuda", lambda: False)())
+    return CUDA_BUILT
 
 
 def has_kernel(name: str, device) -> bool:
     """True when the compiled op ``name`` has a kernel for tensors on ``device`` (cpu or cuda)."""
-    kind = torch.device(device).type
-    return has_op(name) and (kind == "cpu" or (kind == "cuda" and cuda_built()))
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return name in COMPILED_OPS and (kind == "cpu" or (kind == "cuda" and CUDA_BUILT))
 
 
 def use_compiled(name: str, backend: str, device) -> bool:
     """Whether op ``name`` runs its compiled kernel: always for backend 'cpu' / 'cuda' (which must
     match the tensors' device and be built), for 'auto' where built, never otherwise."""
-    kind = torch.device(device).type
+    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
     if backend not in ("cpu", "cuda"):
         return backend == "auto" and has_kernel(name, kind)
     if backend != kind:

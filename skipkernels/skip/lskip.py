@@ -30,10 +30,11 @@ class TextPrefixCache:
         self.tokens_at_block = towers.text_blocks(model, x, 0, skip_layers).to(dtype)
 
     def length_for(self, selected_host: torch.Tensor | None) -> int:
-        if not self.truncate:
+        # All classes: the cache is already truncated to their longest prompt. A constant, so the
+        # static step has no data-dependent shape for torch.compile to guard on.
+        if not self.truncate or selected_host is None:
             return self.tokens_at_block.shape[1]
-        index = self.pool_index_host if selected_host is None else self.pool_index_host[selected_host]
-        return towers.truncated_length(index, self.tokens_at_block.shape[1])
+        return towers.truncated_length(self.pool_index_host[selected_host], self.tokens_at_block.shape[1])
 
     def gather(self, selected: torch.Tensor | None, selected_host: torch.Tensor | None = None):
         """(tokens (K', T, D), pool_index (K',)) for the selected classes (all when None)."""

@@ -1,0 +1,51 @@
+"""torch.compile traces the op dispatch and the tuner's static loss without a graph break.
+
+On CUDA the dispatch once called into the extension (pybind) to ask whether CUDA was built, which
+dynamo refuses inside a traced function ("Attempted to call function marked as skipped"); on CPU
+that branch was never reached, so the CPU compile tests passed. Backend facts are import-time
+constants now; these tests hold the dispatch to that on any machine.
+"""
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_clip
+from skipkernels import SkipTuner, _ext
+
+CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog", "purple hexagon",
+           "orange"]
+
+
+class _NoCalls:
+    def __getattr__(self, name):
+        raise AssertionError(f"dispatch called skipkernels._C.{name} at run time")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", torch.device("cuda", 0), "meta"])
+@pytest.mark.parametrize("name", ["class_select", "subset_logits_ce", "class_scores_topk"])
+def test_dispatch_reads_constants_not_the_extension(monkeypatch, name, device):
+    monkeypatch.setattr(_ext, "_C", _NoCalls())
+    expected = name in _ext.COMPILED_OPS and (torch.device(device).type == "cpu" or
+                                              (torch.device(device).type == "cuda" and _ext.CUDA_BUILT))
+    assert _ext.use_compiled(name, "auto", device) is expected
+    assert _ext.has_kernel(name, device) is expected
+    assert _ext.use_compiled(name, "torch", device) is False
+
+
+@pytest.mark.parametrize("mode", ["skip", "lskip"])
+def test_tuner_static_loss_traces_in_one_graph(mode, tokenizer):
+    model = tiny_clip(layers=2)
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, top_ratio=0.5, max_top=4)
+    images = torch.randn(2, 3, 32, 32)
+    labels = torch.tensor([1, 6])
+    inputs = tuner.image_prefix(images)
+    expected = tuner.loss(inputs, labels, static=True)
+    expected_selected = tuner.last_selected.clone()
+
+    def step(x, y):
+        return tuner.loss(x, y, static=True)
+
+    traced = torch.compile(step, fullgraph=True, backend="aot_eager")(inputs, labels)
+    torch.testing.assert_close(traced, expected)
+    assert torch.equal(tuner.last_selected, expected_selected)
