@@ -27,6 +27,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from skipkernels.triton import attention as tattn  # noqa: E402
 from skipkernels.triton import layer_norm as tln  # noqa: E402
+from skipkernels.triton import gemm_tiles  # noqa: E402
 from skipkernels.triton import layer_norm_linear as tlnl  # noqa: E402
 from skipkernels.triton import linear as tlin  # noqa: E402
 from skipkernels.triton import pet_gate as tgate  # noqa: E402
@@ -68,8 +69,18 @@ def compile_kernel(fn, pointers: dict, constexprs: dict, arch: int, num_warps=4,
     return kernel.metadata.shared
 
 
-def _config_meta(config):
-    return dict(config.kwargs), config.num_warps, config.num_stages
+def _config_meta(tile):
+    meta = tile.launch_meta()
+    return meta, meta.pop("num_warps"), meta.pop("num_stages")
+
+
+def _gemm_tiles(kernel: str, dtype: str, quick: bool):
+    """Every tile a GEMM wrapper can launch in ``dtype``: the tuned candidates and the small-M
+    heuristics in half precision, the one fp32 tile."""
+    if dtype == "fp32":
+        return [gemm_tiles.FP32_TILE]
+    tiles = list(gemm_tiles.CANDIDATES[kernel]) + [t for _, t in gemm_tiles.SMALL_TILES]
+    return tiles if dtype == "bf16" and not quick else tiles[:1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -108,12 +119,12 @@ def cases(quick: bool):
         out.append((f"attn_bwd_delta {dt}", tattn._attn_bwd_delta_kernel,
                     dict(O=dt, DO=dt, Delta="fp32"), dict(BLOCK_M=64, BLOCK_D=64), 4, 2))
 
-    # GEMMs: every autotune configuration once in bf16, the first one in the other dtypes.
-    linear_configs = tlin._gpu_configs()
-    ln_linear_configs = tlnl._gpu_configs()
+    # GEMMs: every tile once in bf16, the first one in the other dtypes.
     for dt in dtypes:
         upcast = dt == "fp32"
-        for i, cfg in enumerate(linear_configs if dt == "bf16" and not quick else linear_configs[:1]):
+        linear_configs = _gemm_tiles("linear", dt, quick)
+        ln_linear_configs = _gemm_tiles("layer_norm_linear", dt, quick)
+        for i, cfg in enumerate(linear_configs):
             meta, w, s = _config_meta(cfg)
             for act, res, scale, store_z in [(1, False, False, True), (0, True, True, True)]:
                 out.append((f"linear {dt} cfg{i} act{act} res{res:d}", tlin._linear_kernel,
@@ -121,7 +132,7 @@ def cases(quick: bool):
                                  C=dt, Z=dt if store_z else None),
                             dict(meta, ACT=act, HAS_BIAS=True, HAS_RES=res, HAS_SCALE=scale,
                                  STORE_Z=store_z, UPCAST=upcast, PRECISION="ieee"), w, s))
-        for i, cfg in enumerate(ln_linear_configs if dt == "bf16" and not quick else ln_linear_configs[:1]):
+        for i, cfg in enumerate(ln_linear_configs):
             meta, w, s = _config_meta(cfg)
             for act, grad in [(1, True), (0, False)]:
                 out.append((f"ln_linear {dt} cfg{i} act{act} grad{grad:d}", tlnl._ln_linear_kernel,

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from skipkernels.triton import gemm_tiles
 from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
                                 store_dtype)
 
@@ -87,7 +88,7 @@ def bias_act_epilogue(acc, Bias, Z, rn, nmask, offs, mask, ACT: tl.constexpr, HA
     return _act_fwd(acc, ACT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # M = rows changes with text length / batch: one variant
 def _linear_kernel(A, W, Bias, R, Scale, C, Z, M, N, K,
                    stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn,
                    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
@@ -143,24 +144,6 @@ def _act_bwd_kernel(G, Z, DZ, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(DZ + offs, (g * _act_grad(z, ACT)).to(DZ.dtype.element_ty), mask=mask)
 
 
-def gemm_configs(shapes):
-    """Autotune configurations from (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tuples."""
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
-
-
-def _gpu_configs():
-    return gemm_configs([(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4),
-                         (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
-                         (16, 128, 64, 4, 4), (16, 64, 128, 4, 3)])
-
-
-if _INTERPRET:
-    _linear_launch = _linear_kernel  # autotuning over several configs fails under the interpreter
-else:
-    _linear_launch = triton.autotune(configs=_gpu_configs(), key=["M", "N", "K"])(_linear_kernel)
-
-
 def _interpret_blocks(m, n, k):
     # The interpreter pays per operation, so the biggest sensible tiles are the fastest.
     return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(m))),
@@ -168,16 +151,20 @@ def _interpret_blocks(m, n, k):
                 BLOCK_K=min(128, max(16, triton.next_power_of_2(k))), GROUP_M=8)
 
 
-def launch_gemm(launcher, m, n, k, args, meta):
-    """One program per (BLOCK_M, BLOCK_N) output tile: fixed tiles under the interpreter, the
-    autotuner's choice on a GPU."""
+def launch_gemm(kernel, name, m, n, k, args, meta, dtype, a_dtype):
+    """One program per (BLOCK_M, BLOCK_N) output tile: fixed tiles under the interpreter; on a GPU
+    the tile of ``gemm_tiles`` (heuristic for small M, tuned once per key otherwise)."""
     if _INTERPRET:
         blocks = _interpret_blocks(m, n, k)
         grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
-        launcher[grid](*args, **meta, **blocks)
-    else:
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(n, META["BLOCK_N"]),)
-        launcher[grid](*args, **meta)
+        kernel[grid](*args, **meta, **blocks)
+        return
+
+    def run(tile):
+        grid = (triton.cdiv(m, tile.block_m) * triton.cdiv(n, tile.block_n),)
+        kernel[grid](*args, **meta, **tile.launch_meta())
+
+    run(gemm_tiles.tile_for(name, m, n, k, dtype, args[0].device, a_dtype, run))
 
 
 def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, store_z=False):
@@ -195,7 +182,7 @@ def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, sto
         meta = dict(ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
                     HAS_SCALE=scale is not None, STORE_Z=store_z,
                     UPCAST=_UPCAST_ALL or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
-        launch_gemm(_linear_launch, m, n, k, args, meta)
+        launch_gemm(_linear_kernel, "linear", m, n, k, args, meta, weight.dtype, x2.dtype)
     out = out.to(out_dtype)
     if z is not None:
         z = z.to(x2.dtype)
