@@ -87,9 +87,11 @@ def test_pooled_query_key_limit(l, dtype):
     out = tattn.attention(q1, k, v, key_limit=limit)
     ref64 = ops_attn.attention_reference(q1.double(), k.double(), v.double(), key_limit=limit)
     assert_fp64_rule(out, ops_attn.attention_reference(q1, k, v, key_limit=limit), ref64, "pooled")
-    # Same numbers as that row of full causal attention: the pruning is exact.
-    full = tattn.attention(q, k, v, causal=True)
-    torch.testing.assert_close(out[:, :, 0], full[rows, :, pos], rtol=0, atol=2 * torch.finfo(dtype).eps)
+    # That row of full causal attention, in exact arithmetic: the pruning is exact in math, not in
+    # fp32 summation order (the kernels visit other key tiles), so hold it to the same fp64 rule.
+    full64 = ops_attn.attention_reference(q.double(), k.double(), v.double(), causal=True)
+    full = ops_attn.attention_reference(q, k, v, causal=True)
+    assert_fp64_rule(out[:, :, 0], full[rows, :, pos], full64[rows, :, pos], "pooled vs full causal row")
 
 
 def test_fully_masked_rows_are_zero():
