@@ -49,3 +49,16 @@ def test_tuner_static_loss_traces_in_one_graph(mode, tokenizer):
     traced = torch.compile(step, fullgraph=True, backend="aot_eager")(inputs, labels)
     torch.testing.assert_close(traced, expected)
     assert torch.equal(tuner.last_selected, expected_selected)
+
+
+@pytest.mark.skipif(not _ext.has_op("subset_logits_ce"), reason="skipkernels._C not built")
+@pytest.mark.parametrize("with_logits", [False, True])
+def test_subset_ce_loss_is_a_custom_op_with_registered_autograd(with_logits):
+    from skipkernels.ops import _subset_ce_autograd  # noqa: F401  (registers skipkernels::subset_ce_loss)
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 8, generator=gen, requires_grad=True)
+    t = torch.randn(5, 8, generator=gen, requires_grad=True)
+    scale = torch.tensor(20.0, requires_grad=True)
+    labels = torch.tensor([0, 4, 2])
+    # schema, fake (meta) impl, autograd registration and tracing by AOTAutograd
+    torch.library.opcheck(torch.ops.skipkernels.subset_ce_loss, (f, t, scale, labels, with_logits))
