@@ -1,9 +1,13 @@
 """``skipkernels bench``: one training step and one epoch per mode, measured side by side.
 
 Modes (same model weights, same data, one process, interleaved repetitions):
+  paper             the paper's Skip Tuning as its code computes it: plain open_clip in eager
+                    PyTorch, full prompts, cached prefixes, CSkip (skip/paper.py); every ratio's base
   ft, coop          the paper's baselines on the reference path
   skip-ref          Skip Tuning on the reference path (eager PyTorch ops)
   skip-compile      skip-ref's loss under torch.compile
+  skip-compile-graphs the static step's loss under torch.compile(mode="reduce-overhead"): what a
+                    user would try first for CUDA graphs (CUDA only)
   skip-kernels      Skip Tuning with our compiled / Triton ops (backend "auto")
   skip-triton       skip-kernels with every Triton kernel forced on (GPU only)
   skip-graph        skip-kernels with the whole step captured in a CUDA graph (CUDA only)
@@ -33,8 +37,8 @@ import torch
 
 from skipkernels.ops._dispatch import use_backend
 
-ALL_MODES = ("ft", "coop", "skip-ref", "skip-compile", "skip-kernels", "skip-triton", "skip-graph",
-             "skip-triton-graph")
+ALL_MODES = ("paper", "ft", "coop", "skip-ref", "skip-compile", "skip-compile-graphs", "skip-kernels",
+             "skip-triton", "skip-graph", "skip-triton-graph")
 GRAPH_MODES = ("skip-graph", "skip-triton-graph")
 # Parameter-efficient methods can be added by their SkipTuner mode name, e.g. --modes ...,lskip-lora
 DEFAULT_MODES = ALL_MODES + ("vlpet-large", "lskip-vlpet-large", "lora", "lskip-lora")
@@ -104,9 +108,15 @@ class ModeRunner:
         self.backend = "auto" if name in ("skip-kernels", "skip-triton") + GRAPH_MODES else "torch"
         mode = name if name in MODES else "skip"
         model = copy.deepcopy(base_model)
-        with self._ops():
-            self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
-                                   skip_layers=scenario.skip_layers)
+        if name == "paper":
+            from skipkernels.patch import unpatch_clip
+            from skipkernels.skip.paper import PaperSkipTuning
+            self.tuner = PaperSkipTuning(unpatch_clip(model), class_names(scenario.classes), tokenizer,
+                                         skip_layers=scenario.skip_layers)
+        else:
+            with self._ops():
+                self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
+                                       skip_layers=scenario.skip_layers)
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
                                          weight_decay=5e-4)
         self.loss_fn = self.tuner.loss
@@ -116,6 +126,12 @@ class ModeRunner:
             # are expected there and logged at WARNING level for every break; keep the table readable.
             logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
             self.loss_fn = torch.compile(self.tuner.loss)
+        if name == "skip-compile-graphs":
+            # The static step (fixed subset size, no host sync) traces as one graph that inductor
+            # replays with CUDA graphs; the optimizer step stays eager, as in most user code.
+            tuner = self.tuner
+            self.loss_fn = torch.compile(lambda x, y: tuner.loss(x, y, static=True), mode="reduce-overhead",
+                                         fullgraph=True)
         self.graph_step = None
         self.scenario = scenario
 
@@ -168,7 +184,7 @@ def _labels(scenario, count, seed, same_class):
 def _available_modes(modes, device):
     out, skipped = [], {}
     for mode in modes:
-        if mode in GRAPH_MODES and device.type != "cuda":
+        if (mode in GRAPH_MODES or mode == "skip-compile-graphs") and device.type != "cuda":
             skipped[mode] = "CUDA graphs need a GPU"
         elif mode == "skip-triton" and device.type != "cuda":
             skipped[mode] = "Triton kernels need a GPU"
@@ -265,11 +281,37 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
             runner.step(inputs, labels)
     if device.type == "cuda":
         # everything allocated: weights, gradients, optimizer state, activations, the batch
-        return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps"}
+        return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps",
+                "breakdown_mb": memory_breakdown(runner, peak.start_bytes, peak.peak_bytes)}
     # On a CPU the process RSS is dominated by the libraries; report what training adds on top of
     # the loaded model (activations and temporaries), and the process peak beside it.
     return {"peak_mb": peak.delta_bytes / 2**20, "process_peak_rss_mb": peak.peak_bytes / 2**20,
             "before_steps_mb": peak.start_bytes / 2**20, "kind": "RSS increase during training steps"}
+
+
+def _tensor_bytes(tensors, device_type: str) -> int:
+    """Bytes of distinct storages on ``device_type`` (views and shared tensors counted once)."""
+    seen = {}
+    for t in tensors:
+        if t is not None and t.device.type == device_type:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def memory_breakdown(runner, before_bytes: int, peak_bytes: int, device_type: str = "cuda") -> dict:
+    """Where a mode's peak goes (MB): what the model and optimizer hold between steps, what else
+    was allocated then (caches, the batch, prototypes), and what a step adds on top (activations
+    and workspace)."""
+    model = runner.tuner.model
+    params = list(model.parameters())
+    weights = _tensor_bytes(params + list(model.buffers()), device_type)
+    grads = _tensor_bytes((p.grad for p in params), device_type)
+    state = _tensor_bytes((v for s in runner.optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+                          device_type)
+    mb = 2**20
+    return {"weights": weights / mb, "gradients": grads / mb, "optimizer_state": state / mb,
+            "caches_and_inputs": max(0, before_bytes - weights - grads - state) / mb,
+            "activations_and_workspace": max(0, peak_bytes - before_bytes) / mb}
 
 
 def measure_memory(scenario: Scenario, modes, device) -> dict:
@@ -302,7 +344,10 @@ def environment(device) -> dict:
     return env
 
 
-def format_table(results: dict, reference: str = "skip-ref") -> str:
+def format_table(results: dict, reference: str | None = None) -> str:
+    """The modes side by side; ratios against ``paper`` when it ran, else ``skip-ref``."""
+    if reference is None:
+        reference = "paper" if "step_s" in results.get("paper", {}) else "skip-ref"
     ref = results.get(reference, {}).get("step_s", {}).get("median")
     header = f"{'mode':<18} {'step ms (median)':>17} {'min-max ms':>17} {'vs ' + reference:>13} " \
              f"{'epoch s':>9} {'cache s':>8} {'peak MB':>9} {'cache MB':>9}"
