@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# The whole GPU check in one call (fits 9 minutes on a fresh H200/H100 machine, build included):
+#   bash bench/gpu_check.sh OUT
+# 1. build skipkernels._C in place with its CUDA ops;          (about 1 min)
+# 2. tests/cuda, each test at most 30 s (pytest-timeout), junit XML;
+# 3. the bad-input table once under compute-sanitizer memcheck, where the machine has it;
+# 4. set-up time of the first all-Triton step with an empty, then a warm Triton cache, and the
+#    kernel profile of the CUDA-graph step (bench/gpu_setup_profile.py);
+# 5. the op microbenchmarks and the measured table backend=auto reads;
+# 6. the end-to-end comparison at batch 4 (skipkernels bench, every mode side by side, with the
+#    peak memory of each and where it goes);
+# 7. one summary table, last.
+# Every stage has its own time limit, so a hang costs that stage, not the run. Uses the machine's
+# own torch; open_clip_torch, ftfy and wcwidth wheels, when present in .whl/, are installed first
+# (the GPU machine has no network).
+set -uo pipefail
+OUT="$(mkdir -p "${1:-bench/results/gpu-check}" && cd "${1:-bench/results/gpu-check}" && pwd)"
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+LOG="$OUT/gpu-check.log"
+: >"$LOG"
+log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$LOG"; }
+stage() { local limit=$1; shift; timeout --signal=INT --kill-after=10 "$limit" "$@" >>"$LOG" 2>&1; echo $?; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/skipkernels-site .whl/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH="$PWD:/tmp/skipkernels-site${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# Tests compile into one cache; the set-up measurement starts from another, empty one (Triton
+# kernels and GEMM tile choices), which every later stage then reuses warm.
+export SKIPKERNELS_CACHE="$OUT/cache/tests" TRITON_CACHE_DIR="$OUT/cache/tests/triton"
+run_cache() { export SKIPKERNELS_CACHE="$OUT/cache/run" TRITON_CACHE_DIR="$OUT/cache/run/triton"; }
+
+log "1 build (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:=9.0})"
+export TORCH_CUDA_ARCH_LIST
+rc_build=$(MAX_JOBS="${MAX_JOBS:-16}" stage 150 "$PY" setup.py build_ext --inplace)
+"$PY" -m skipkernels info --json >"$OUT/info.json" 2>>"$LOG"
+git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null || true
+
+log "2 tests/cuda (30 s per test)"
+per_test=(--timeout=30)
+"$PY" -c "import pytest_timeout" 2>/dev/null || { per_test=(); log "pytest-timeout missing: no per-test limit"; }
+rc_tests=$(stage 150 "$PY" -m pytest tests/cuda -q -p no:cacheprovider "${per_test[@]}" \
+  --junitxml="$OUT/tests-cuda.xml")
+
+log "3 compute-sanitizer memcheck of the bad-input table"
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  rc_sanitizer=$(stage 40 compute-sanitizer --tool memcheck --log-file "$OUT/memcheck.txt" \
+    "$PY" -m pytest tests/cuda/test_cuda_bad_inputs.py -q -p no:cacheprovider)
+  tail -3 "$OUT/memcheck.txt" >>"$LOG" 2>/dev/null
+else
+  rc_sanitizer=n/a
+fi
+
+log "4 all-Triton set-up: empty Triton cache, then warm; profile of the graph step"
+run_cache
+rc_cold=$(stage 60 "$PY" bench/gpu_setup_profile.py "$OUT/setup-cold.json" --mode skip-triton-graph)
+rc_warm=$(stage 40 "$PY" bench/gpu_setup_profile.py "$OUT/setup-warm.json" --mode skip-triton-graph --profile 10)
+rc_prof=$(stage 40 "$PY" bench/gpu_setup_profile.py "$OUT/profile-skip-graph.json" --mode skip-graph --profile 10)
+
+log "5 op microbenchmarks and the measured table"
+rc_kernels=$(stage 60 "$PY" -m pytest bench/test_bench_triton.py bench/test_bench_cskip.py --benchmark-only -q \
+  -p no:cacheprovider --benchmark-json="$OUT/kernels.json" --benchmark-max-time=0.1 --benchmark-min-rounds=3)
+"$PY" -m skipkernels.ops.measured "$OUT/kernels.json" >>"$LOG" 2>&1 \
+  && cp skipkernels/ops/measured_wins.json "$OUT/measured_wins.json"
+
+log "6 end-to-end, batch 4 (paper-style baseline, compiled competitor, ours)"
+rc_e2e=$(stage 150 "$PY" -m skipkernels bench --out "$OUT" --repeats 20 --no-epoch \
+  --modes paper,ft,skip-ref,skip-compile-graphs,skip-kernels,skip-triton,skip-graph,skip-triton-graph)
+
+log "7 summary"
+"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" <<'PY' | tee -a "$LOG"
+import glob, json, os, sys
+import xml.etree.ElementTree as ET
+out, *codes = sys.argv[1:]
+names = ["build", "tests/cuda", "memcheck", "set-up cold", "set-up warm", "profile", "kernels", "e2e"]
+rows = [(n, c) for n, c in zip(names, codes)]
+print(f"{'stage':<14} exit")
+for name, code in rows:
+    print(f"{name:<14} {code}{'  (timed out)' if code in ('124', '130', '137') else ''}")
+try:
+    suite = ET.parse(os.path.join(out, "tests-cuda.xml")).getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    print("tests/cuda: {tests} tests, {failures} failed, {errors} errors, {skipped} skipped".format(**suite.attrib))
+except Exception as err:
+    print("tests/cuda: no junit XML", err)
+for name in ("setup-cold", "setup-warm", "profile-skip-graph"):
+    try:
+        r = json.load(open(os.path.join(out, name + ".json")))
+        print(f"{name:<19} set-up {r['setup_s']:6.1f} s  step {r['step_ms_median']:7.2f} ms  "
+              f"tile benchmarks {r['gemm_tile_benchmarks']}  peak {r['peak_mb']:.0f} MB")
+    except Exception as err:
+        print(f"{name:<19} missing ({err})")
+for path in sorted(glob.glob(os.path.join(out, "e2e-*.json"))):
+    results = json.load(open(path))["results"]
+    base = results.get("paper", {}).get("step_s", {}).get("median")
+    for mode, v in results.items():
+        if "step_s" not in v:
+            print(f"e2e {mode:<20} {v.get('skipped') or v}")
+            continue
+        step = v["step_s"]["median"]
+        mem = v.get("memory", {})
+        parts = " ".join(f"{k} {x:.0f}" for k, x in mem.get("breakdown_mb", {}).items())
+        print(f"e2e {mode:<20} {step * 1e3:8.2f} ms  {base / step if base else float('nan'):6.2f}x paper  "
+              f"peak {mem.get('peak_mb', float('nan')):7.0f} MB  {parts}")
+PY
+log "done: $OUT"
