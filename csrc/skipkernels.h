@@ -94,6 +94,32 @@ inline void check_subset_ce_inputs(const at::Tensor& image, const at::Tensor& te
   check_labels(image, labels, op);
 }
 
+// The backward's own inputs; returns whether grad_logits was given.
+inline bool check_subset_ce_backward_inputs(const at::Tensor& grad_loss,
+                                            const std::optional<at::Tensor>& grad_logits,
+                                            const at::Tensor& image, const at::Tensor& text,
+                                            const at::Tensor& scale, const at::Tensor& labels,
+                                            const at::Tensor& cos, const at::Tensor& row_max,
+                                            const at::Tensor& row_log_sum,
+                                            const at::Tensor& image_norm,
+                                            const at::Tensor& text_norm) {
+  const char* op = "subset_logits_ce_backward";
+  check_subset_ce_inputs(image, text, scale, labels, op);
+  const int64_t B = image.size(0), K = text.size(0);
+  TORCH_CHECK_VALUE(cos.sizes() == at::IntArrayRef({B, K}) && row_max.numel() == B &&
+                        row_log_sum.numel() == B && image_norm.numel() == B &&
+                        text_norm.numel() == K,
+                    op, ": saved tensors do not match the inputs (cos ", cos.sizes(),
+                    ", expected (", B, ", ", K, "))");
+  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one value");
+  const bool has_grad_logits = grad_logits.has_value() && grad_logits->defined();
+  if (has_grad_logits) {
+    TORCH_CHECK_VALUE(grad_logits->sizes() == at::IntArrayRef({B, K}), op,
+                      ": grad_logits must be (B, K')=(", B, ", ", K, "), got ", grad_logits->sizes());
+  }
+  return has_grad_logits;
+}
+
 // Compute dtype of the loss ops: float64 when an input is float64 (lets gradcheck run), else
 // float32 (half and bfloat16 inputs are upcast).
 inline at::ScalarType compute_dtype(const at::Tensor& a, const at::Tensor& b) {

@@ -127,20 +127,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_backward_cpu(
     const at::Tensor& labels_in, const at::Tensor& cos_in, const at::Tensor& max_in,
     const at::Tensor& log_sum_in, const at::Tensor& image_norm, const at::Tensor& text_norm) {
   const char* op = "subset_logits_ce_backward";
-  check_subset_ce_inputs(image_features, text_features, scale, labels_in, op);
+  const bool has_grad_logits = check_subset_ce_backward_inputs(
+      grad_loss, grad_logits, image_features, text_features, scale, labels_in, cos_in, max_in,
+      log_sum_in, image_norm, text_norm);
   const at::ScalarType acc = compute_dtype(image_features, text_features);
   const int64_t B = image_features.size(0), K = text_features.size(0);
-  TORCH_CHECK_VALUE(cos_in.sizes() == at::IntArrayRef({B, K}) && max_in.numel() == B &&
-                        log_sum_in.numel() == B &&
-                        image_norm.numel() == B && text_norm.numel() == K,
-                    op, ": saved tensors do not match the inputs (cos ", cos_in.sizes(),
-                    ", expected (", B, ", ", K, "))");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one value");
-  const bool has_grad_logits = grad_logits.has_value() && grad_logits->defined();
-  if (has_grad_logits) {
-    TORCH_CHECK_VALUE(grad_logits->sizes() == at::IntArrayRef({B, K}), op,
-                      ": grad_logits must be (B, K')=(", B, ", ", K, "), got ", grad_logits->sizes());
-  }
   const at::Tensor f = image_features.to(acc).contiguous();
   const at::Tensor t = text_features.to(acc).contiguous();
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();

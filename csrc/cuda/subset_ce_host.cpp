@@ -74,23 +74,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_backward_cuda(
     const at::Tensor& labels_in, const at::Tensor& cos_in, const at::Tensor& max_in,
     const at::Tensor& log_sum_in, const at::Tensor& image_norm, const at::Tensor& text_norm) {
   const char* op = "subset_logits_ce_backward";
-  check_subset_ce_inputs(image_features, text_features, scale, labels_in, op);
+  const bool has_grad_logits = check_subset_ce_backward_inputs(
+      grad_loss, grad_logits, image_features, text_features, scale, labels_in, cos_in, max_in,
+      log_sum_in, image_norm, text_norm);
   cuda::check_cuda_inputs({&grad_loss, &image_features, &text_features, &scale, &labels_in, &cos_in,
                            &max_in, &log_sum_in, &image_norm, &text_norm},
                           op);
+  if (has_grad_logits) cuda::check_cuda_inputs({&*grad_logits}, op);
   const int64_t B = image_features.size(0), K = text_features.size(0), E = image_features.size(1);
-  TORCH_CHECK_VALUE(cos_in.sizes() == at::IntArrayRef({B, K}) && max_in.numel() == B &&
-                        log_sum_in.numel() == B && image_norm.numel() == B &&
-                        text_norm.numel() == K,
-                    op, ": saved tensors do not match the inputs (cos ", cos_in.sizes(),
-                    ", expected (", B, ", ", K, "))");
-  TORCH_CHECK_VALUE(grad_loss.numel() == 1, op, ": grad_loss must hold one value");
-  const bool has_grad_logits = grad_logits.has_value() && grad_logits->defined();
-  if (has_grad_logits) {
-    cuda::check_cuda_inputs({&*grad_logits}, op);
-    TORCH_CHECK_VALUE(grad_logits->sizes() == at::IntArrayRef({B, K}), op,
-                      ": grad_logits must be (B, K')=(", B, ", ", K, "), got ", grad_logits->sizes());
-  }
   const cuda::SubsetCeBackwardGrid grid = cuda::subset_ce_backward_grid(B, K);
   TORCH_CHECK_VALUE(grid.dz_row_blocks <= cuda::kMaxGridY &&
                         grid.f_row_blocks + grid.t_row_blocks <= cuda::kMaxGridY,
