@@ -80,10 +80,7 @@ std::tuple<at::Tensor, at::Tensor> class_select_cuda(const at::Tensor& image_fea
 }
 
 uint32_t class_select_cuda_error_flags(int64_t device, bool reset) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  unsigned int value = 0;
-  C10_CUDA_CHECK(cuda::read_class_select_flags(&value, reset));
-  return value;
+  return cuda::read_error_word(&cuda::read_class_select_flags, device, reset);
 }
 
 }  // namespace skipkernels

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 
 #include <initializer_list>
 
@@ -34,6 +35,14 @@ inline Dtype launch_dtype(at::ScalarType type) {
 // Raise (from C++-compiled code) the error a launcher returned.
 inline void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// One device-side error word, read (and cleared when `reset`) with its launcher-side reader.
+inline uint32_t read_error_word(cudaError_t (*reader)(unsigned int*, bool), int64_t device, bool reset) {
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  unsigned int value = 0;
+  C10_CUDA_CHECK(reader(&value, reset));
+  return value;
 }
 
 }  // namespace cuda

@@ -135,10 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_backward_cuda(
 }
 
 uint32_t subset_ce_cuda_error_flags(int64_t device, bool reset) {
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  unsigned int value = 0;
-  C10_CUDA_CHECK(cuda::read_subset_ce_flags(&value, reset));
-  return value;
+  return cuda::read_error_word(&cuda::read_subset_ce_flags, device, reset);
 }
 
 }  // namespace skipkernels
