@@ -61,19 +61,27 @@ def compute_dtype(x: torch.Tensor) -> str:
     return str(x.dtype)
 
 
+# Decisions by (device index, op, pass, dtype, dims, rows), filled by eager calls. Code that
+# torch.compile traces only reads this dict: no device query, file read or cache wrapper runs
+# inside a graph (each would break it); a case first met while tracing runs the reference.
+_traced: dict[tuple, bool] = {}
+
+
 def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype: str | None = None) -> bool:
     """``dtype``: the compute dtype to look up; by default x's, or the autocast dtype."""
     if not x.is_cuda:
         return False
     if _everywhere:
         return True
-    table = str(TABLE)
-    if not _entries(table):
-        return False
     backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                for t in (x, *tensors))
-    return _decision(table, _device_name(x.device.index), op, "fwd_bwd" if backward else "fwd",
-                     dtype or compute_dtype(x), tuple(dims), rows)
+    key = (x.device.index, op, "fwd_bwd" if backward else "fwd", dtype or compute_dtype(x), tuple(dims), rows)
+    if torch.compiler.is_compiling():
+        return _traced.get(key, False)
+    table = str(TABLE)
+    hit = bool(_entries(table)) and _decision(table, _device_name(key[0]), *key[1:])
+    _traced[key] = hit
+    return hit
 
 
 # Every op call on a GPU asks here; the answer for a (table, device, op, pass, dtype, dims, rows)

@@ -150,6 +150,10 @@ def _pet_changed() -> None:
 
 def block_has_pet(block: nn.Module) -> bool:
     """``has_pet(block)``, remembered until PET modules are next added or taken out."""
+    if torch.compiler.is_compiling():
+        # Traced code asks the block itself: a lookup in the weak cache would make dynamo guard
+        # on the cache's keys, blocks of other models that may be gone when the guard is built.
+        return has_pet(block)
     hit = _block_cache.get(block)
     if hit is not None and hit[0] == _generation:
         return hit[1]
