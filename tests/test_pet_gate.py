@@ -135,9 +135,12 @@ def test_kernel_rejects_mismatched_shapes():
 
 
 def test_auto_and_torch_backends_use_the_reference(monkeypatch):
-    def no_kernel():
-        raise AssertionError("the Triton kernel must not be used without a measurement")
-    monkeypatch.setattr(pet_gate, "_triton_pet_gate", no_kernel)
+    from skipkernels.ops import _dispatch
+
+    class NoKernel(_dispatch.TritonKernel):
+        def load(self):
+            raise AssertionError("the Triton kernel must not be used without a measurement")
+    monkeypatch.setattr(pet_gate, "GATED_UPDATE", NoKernel("pet_gate", "gated_update"))
     x, h, dh, g, s, _ = _inputs((2, 3, 8), (8,), torch.float32)
     for backend in ("auto", "torch", None):
         out = gated_update(x, h, dh, g, s, backend=backend)

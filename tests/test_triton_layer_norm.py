@@ -150,3 +150,16 @@ def test_normalize_with_given_statistics_reproduces_the_forward(dtype):
     assert torch.equal(again, y)
     # Statistics are really read, not retaken: other statistics give other rows.
     assert not torch.equal(tln.normalize_with_stats(x, w, b, mean + 1, rstd, dtype), y)
+
+
+def test_add_layer_norm_kernel_refuses_broadcasts_and_dispatch_runs_the_reference():
+    x = torch.randn(2, 5, 16, device=DEVICE)
+    delta = torch.randn(1, 5, 16, device=DEVICE)  # broadcasts over the batch
+    w, b = torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
+    assert tln.add_layer_norm_not_supported(x, x.clone(), w, b, 1e-5) == []
+    assert tln.add_layer_norm_not_supported(x, delta.double(), w, b, 1e-5)[0].startswith("delta")
+    with pytest.raises(ValueError, match="broadcasts"):
+        tln.add_layer_norm(x, delta, w, b, 1e-5)
+    got = ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend="triton")
+    for a, r in zip(got, ops_ln.add_layer_norm_reference(x, delta, w, b, 1e-5)):
+        torch.testing.assert_close(a, r)

@@ -121,7 +121,7 @@ def test_scale_branch_saved_only_when_needed():
 def test_broadcast_residual():
     x, w, b, _, scale = _inputs((2, 17), 64, 64, torch.float32, seed=6)
     res = _randn((1, 17, 64), seed=10).float().requires_grad_(True)
-    out = tlin.linear_residual(x, w, b, res, scale)
+    out = ops_lin.linear_residual(x, w, b, res, scale, backend="triton")
     ref = ops_lin.linear_residual_reference(x, w, b, res, scale)
     torch.testing.assert_close(out, ref)
     (g_fused,) = torch.autograd.grad(out.sum(), res)
@@ -160,3 +160,16 @@ def test_dot_precision_follows_torch_tf32_settings():
         "print('ok')\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]
+
+
+def test_kernel_names_what_it_does_not_support_and_dispatch_runs_the_reference():
+    """Kernels are leaves: they refuse inputs they cannot take; the op layer runs the reference."""
+    x, w, b, res, scale = _inputs((2, 17), 64, 64, torch.float32, seed=6)
+    wide = _randn((3, 2, 17, 64), seed=11).float()  # widens the output
+    scalar = torch.tensor(0.5)
+    assert tlin.linear_residual_not_supported(x, w, b, res, scale) == []
+    assert len(tlin.linear_residual_not_supported(x, w, b, wide, scalar)) == 2
+    with pytest.raises(ValueError, match="widens the output"):
+        tlin.linear_residual(x, w, b, wide, scale)
+    out = ops_lin.linear_residual(x, w, b, wide, scalar, backend="triton")
+    torch.testing.assert_close(out, ops_lin.linear_residual_reference(x, w, b, wide, scalar))

@@ -31,23 +31,13 @@ def attention_reference(q, k, v, causal: bool = False, attn_mask=None, key_limit
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def _triton_attention():
-    try:
-        from skipkernels.triton import attention as triton_attention
-    except ImportError:
-        return None
-    return triton_attention
+ATTENTION = _dispatch.TritonKernel("attention", "attention")
 
 
 def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(q, k, v, causal, attn_mask, key_limit)):
-        kernels = _triton_attention()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.attention is unavailable")
-        return kernels.attention(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
-    # auto elsewhere: SDPA, which itself picks flash / cuDNN / memory-efficient kernels.
-    return attention_reference(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
+    # auto without a measured win: SDPA, which itself picks flash / cuDNN / memory-efficient kernels.
+    return _dispatch.dispatch(ATTENTION, backend, lambda: _auto_triton(q, k, v, causal, attn_mask, key_limit),
+                              attention_reference, q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
 
 
 def _auto_triton(q, k, v, causal, attn_mask, key_limit) -> bool:

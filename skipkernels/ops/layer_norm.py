@@ -23,32 +23,18 @@ def add_layer_norm_reference(x, delta, weight, bias, eps: float):
     return s, layer_norm_reference(s, weight, bias, eps)
 
 
-def _triton_layer_norm():
-    try:
-        from skipkernels.triton import layer_norm as triton_layer_norm
-    except ImportError:
-        return None
-    return triton_layer_norm
+LAYER_NORM = _dispatch.TritonKernel("layer_norm", "layer_norm")
+ADD_LAYER_NORM = _dispatch.TritonKernel("layer_norm", "add_layer_norm", not_supported="add_layer_norm_not_supported")
 
 
 def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton("layer_norm", x, weight, bias)):
-        kernels = _triton_layer_norm()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm is unavailable")
-        return kernels.layer_norm(x, weight, bias, eps)
-    return layer_norm_reference(x, weight, bias, eps)
+    return _dispatch.dispatch(LAYER_NORM, backend, lambda: _auto_triton("layer_norm", x, weight, bias),
+                              layer_norm_reference, x, weight, bias, eps)
 
 
 def add_layer_norm(x, delta, weight, bias, eps: float, backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton("add_layer_norm", x, weight, bias, delta)):
-        kernels = _triton_layer_norm()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm is unavailable")
-        return kernels.add_layer_norm(x, delta, weight, bias, eps)
-    return add_layer_norm_reference(x, delta, weight, bias, eps)
+    return _dispatch.dispatch(ADD_LAYER_NORM, backend, lambda: _auto_triton("add_layer_norm", x, weight, bias, delta),
+                              add_layer_norm_reference, x, delta, weight, bias, eps)
 
 
 def _auto_triton(op, x, *tensors) -> bool:

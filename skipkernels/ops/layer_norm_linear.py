@@ -16,24 +16,17 @@ def layer_norm_linear_reference(x, ln_weight, ln_bias, eps: float, weight, bias,
     return linear_act_reference(layer_norm_reference(x, ln_weight, ln_bias, eps), weight, bias, activation)
 
 
-def _triton_layer_norm_linear():
-    try:
-        from skipkernels.triton import layer_norm_linear as kernels
-    except ImportError:
-        return None
-    return kernels
+LAYER_NORM_LINEAR = _dispatch.TritonKernel("layer_norm_linear", "layer_norm_linear")
 
 
 def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none",
                       backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x, activation, ln_weight, ln_bias, weight, bias)):
-        kernels = _triton_layer_norm_linear()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm_linear is unavailable")
-        return kernels.layer_norm_linear(x, ln_weight, ln_bias, eps, weight, bias, activation)
-    h = layer_norm(x, ln_weight, ln_bias, eps, backend=backend)
-    return linear_act(h, weight, bias, activation, backend=backend)
+    def composed(x, ln_weight, ln_bias, eps, weight, bias, activation):
+        h = layer_norm(x, ln_weight, ln_bias, eps, backend=backend)
+        return linear_act(h, weight, bias, activation, backend=backend)
+    return _dispatch.dispatch(LAYER_NORM_LINEAR, backend,
+                              lambda: _auto_triton(x, activation, ln_weight, ln_bias, weight, bias),
+                              composed, x, ln_weight, ln_bias, eps, weight, bias, activation)
 
 
 def _auto_triton(x, activation, ln_weight, ln_bias, weight, bias) -> bool:

@@ -17,24 +17,17 @@ def layer_norm_mlp_reference(x, ln_weight, ln_bias, eps: float, w1, b1, activati
     return linear_residual_reference(h, w2, b2, x, scale)
 
 
-def _triton_layer_norm_mlp():
-    try:
-        from skipkernels.triton import layer_norm_mlp as kernels
-    except ImportError:
-        return None
-    return kernels
+LAYER_NORM_MLP = _dispatch.TritonKernel("layer_norm_mlp", "layer_norm_mlp")
 
 
 def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w2, b2, scale=None,
                    backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x, activation, ln_weight, ln_bias, w1, b1, w2, b2, scale)):
-        kernels = _triton_layer_norm_mlp()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.layer_norm_mlp is unavailable")
-        return kernels.layer_norm_mlp(x, ln_weight, ln_bias, eps, w1, b1, activation, w2, b2, scale)
-    h = layer_norm_linear(x, ln_weight, ln_bias, eps, w1, b1, activation, backend=backend)
-    return linear_residual(h, w2, b2, x, scale, backend=backend)
+    def composed(x, ln_weight, ln_bias, eps, w1, b1, activation, w2, b2, scale):
+        h = layer_norm_linear(x, ln_weight, ln_bias, eps, w1, b1, activation, backend=backend)
+        return linear_residual(h, w2, b2, x, scale, backend=backend)
+    return _dispatch.dispatch(LAYER_NORM_MLP, backend,
+                              lambda: _auto_triton(x, activation, ln_weight, ln_bias, w1, b1, w2, b2, scale),
+                              composed, x, ln_weight, ln_bias, eps, w1, b1, activation, w2, b2, scale)
 
 
 def _auto_triton(x, activation, *tensors) -> bool:

@@ -36,33 +36,20 @@ def linear_residual_reference(x, weight, bias, residual, scale=None):
     return residual + y
 
 
-def _triton_linear():
-    try:
-        from skipkernels.triton import linear as triton_linear
-    except ImportError:
-        return None
-    return triton_linear
+LINEAR_ACT = _dispatch.TritonKernel("linear", "linear_act")
+LINEAR_RESIDUAL = _dispatch.TritonKernel("linear", "linear_residual", not_supported="linear_residual_not_supported")
 
 
 def linear_act(x, weight, bias, activation: str, backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton("linear_act", activation, x, weight, bias)):
-        kernels = _triton_linear()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
-        return kernels.linear_act(x, weight, bias, activation)
-    return linear_act_reference(x, weight, bias, activation)
+    return _dispatch.dispatch(LINEAR_ACT, backend, lambda: _auto_triton("linear_act", activation, x, weight, bias),
+                              linear_act_reference, x, weight, bias, activation)
 
 
 def linear_residual(x, weight, bias, residual, scale=None, backend: str | None = None):
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton("linear_residual", "scale" if scale is not None else "none",
-                                                            x, weight, bias, residual, scale)):
-        kernels = _triton_linear()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.linear is unavailable")
-        return kernels.linear_residual(x, weight, bias, residual, scale)
-    return linear_residual_reference(x, weight, bias, residual, scale)
+    epilogue = "scale" if scale is not None else "none"
+    return _dispatch.dispatch(
+        LINEAR_RESIDUAL, backend, lambda: _auto_triton("linear_residual", epilogue, x, weight, bias, residual, scale),
+        linear_residual_reference, x, weight, bias, residual, scale)
 
 
 def _auto_triton(op, epilogue: str, x, weight, *tensors) -> bool:

@@ -22,25 +22,15 @@ def gated_update_reference(x, h, delta_h, g, s):
     return y if x is None else x + y
 
 
-def _triton_pet_gate():
-    try:
-        from skipkernels.triton import pet_gate as triton_pet_gate
-    except ImportError:
-        return None
-    return triton_pet_gate
+GATED_UPDATE = _dispatch.TritonKernel("pet_gate", "gated_update")
 
 
 def gated_update(x, h, delta_h, g, s=1.0, backend: str | None = None):
-    """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring)."""
-    name = _dispatch.resolve(backend)
-    if name == "triton" or (name == "auto" and _auto_triton(x, h, delta_h, g)):
-        kernels = _triton_pet_gate()
-        if kernels is None:
-            raise RuntimeError("backend 'triton' requested but skipkernels.triton.pet_gate is unavailable")
-        return kernels.gated_update(x, h, delta_h, g, s)
-    # No compiled (cpu/cuda) version exists: an elementwise op is Triton's job, and the reference
-    # is what every other backend runs.
-    return gated_update_reference(x, h, delta_h, g, s)
+    """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring). No
+    compiled (cpu/cuda) version exists: an elementwise op is Triton's job, and the reference is
+    what every other backend runs."""
+    return _dispatch.dispatch(GATED_UPDATE, backend, lambda: _auto_triton(x, h, delta_h, g),
+                              gated_update_reference, x, h, delta_h, g, s)
 
 
 def gate_kind(g, h) -> str:

@@ -403,15 +403,14 @@ class _AttentionFn(torch.autograd.Function):
 
 
 def _recompute_backward(ctx, g):
-    """Gradients (q, k, v, mask) by differentiating the reference under autograd."""
-    from skipkernels.ops.attention import attention_reference
-    q, k, v, attn_mask, key_limit = ctx.saved_tensors
+    """Gradients (q, k, v, mask) by differentiating SDPA under autograd. Only a float mask that
+    requires grad comes here, so there is no causal flag and no key_limit (the argument rules)."""
+    q, k, v, attn_mask, _ = ctx.saved_tensors
     needs = ctx.needs_input_grad
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(needs[i]) if t is not None else None
                   for i, t in enumerate((q, k, v, attn_mask))]
-        out = attention_reference(*leaves[:3], causal=ctx.causal, attn_mask=leaves[3],
-                                  key_limit=key_limit)
+        out = torch.nn.functional.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3].to(q.dtype))
         wanted = [t for i, t in enumerate(leaves) if t is not None and needs[i]]
         grads = iter(torch.autograd.grad(out, wanted, g)) if wanted else iter(())
     return [next(grads) if t is not None and needs[i] else None for i, t in enumerate(leaves)]

@@ -250,12 +250,22 @@ def layer_norm(x, weight, bias, eps: float):
     return _LayerNormFn.apply(x, weight, bias, float(eps))
 
 
+def add_layer_norm_not_supported(x, delta, weight, bias, eps: float) -> list[str]:
+    """Why ``add_layer_norm`` cannot take these inputs (empty: it can); the op layer runs the
+    reference for them, which handles broadcasting and type promotion in the add exactly."""
+    reasons = []
+    if delta.shape != x.shape:
+        reasons.append(f"delta {tuple(delta.shape)} broadcasts against x {tuple(x.shape)}")
+    if delta.dtype != x.dtype:
+        reasons.append(f"delta ({delta.dtype}) and x ({x.dtype}) differ in dtype")
+    return reasons
+
+
 def add_layer_norm(x, delta, weight, bias, eps: float):
     """Returns ``(x + delta, layer_norm(x + delta))`` from one kernel."""
-    if delta.shape != x.shape or delta.dtype != x.dtype:
-        # Broadcasting or type promotion in the add: the reference handles those exactly.
-        from skipkernels.ops.layer_norm import add_layer_norm_reference
-        return add_layer_norm_reference(x, delta, weight, bias, eps)
+    reasons = add_layer_norm_not_supported(x, delta, weight, bias, eps)
+    if reasons:
+        raise ValueError("add_layer_norm kernel: " + "; ".join(reasons))
     _check(x, weight, bias)
     check_tensors(delta)
     weight, bias = _params(weight, bias)

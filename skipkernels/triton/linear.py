@@ -306,21 +306,30 @@ def linear_act(x, weight, bias, activation: str):
                               ACTIVATIONS[activation], torch.is_grad_enabled())
 
 
+def linear_residual_not_supported(x, weight, bias, residual, scale=None) -> list[str]:
+    """Why ``linear_residual`` cannot take these inputs (empty: it can). The op layer runs the
+    reference for them: rare broadcasts it handles exactly."""
+    n = weight.shape[0]
+    out_shape = (*x.shape[:-1], n)
+    reasons = []
+    if scale is not None and tuple(scale.shape) != (n,):
+        reasons.append(f"scale of shape {tuple(scale.shape)}: the epilogue reads a LayerScale vector ({n},)")
+    if torch.broadcast_shapes(residual.shape, out_shape) != out_shape:
+        reasons.append(f"residual {tuple(residual.shape)} widens the output {out_shape}")
+    return reasons
+
+
 def linear_residual(x, weight, bias, residual, scale=None):
-    """residual + scale * (x @ weight.T + bias); ``scale`` is a LayerScale vector (N,) or None."""
+    """residual + scale * (x @ weight.T + bias); ``scale`` is a LayerScale vector (N,) or None.
+    The residual may broadcast over rows (not widen the output): see linear_residual_not_supported."""
+    reasons = linear_residual_not_supported(x, weight, bias, residual, scale)
+    if reasons:
+        raise ValueError("linear_residual kernel: " + "; ".join(reasons))
     # Under autocast only the GEMM operands are cast (as F.linear's are); the residual keeps its
     # dtype and the output follows type promotion, as in the reference.
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check(x, weight, bias)
     check_tensors(residual, scale)
-    n = weight.shape[0]
-    out_shape = (*x.shape[:-1], n)
-    if (scale is not None and scale.shape != (n,)) or \
-            torch.broadcast_shapes(residual.shape, out_shape) != out_shape:
-        # A scalar scale, or a residual that widens the output: rare broadcasts the reference
-        # handles exactly.
-        from skipkernels.ops.linear import linear_residual_reference
-        return linear_residual_reference(x, weight, bias, residual, scale)
     return _LinearResidualFn.apply(x, weight, None if bias is None else bias.contiguous(),
                                    residual, None if scale is None else scale.contiguous(),
                                    torch.is_grad_enabled())
