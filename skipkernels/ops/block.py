@@ -3,7 +3,9 @@
 Handles both block types open_clip 3.3 builds:
 - ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (batch_first, packed in-projection);
 - ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (qk-norm, head scale, inner and
-  post-attention norms, MLP norm are supported; scaled-cosine attention is refused).
+  post-attention norms, MLP norm are supported; scaled-cosine attention is not).
+Any other block (timm, Eva, scaled-cosine, a block holding PET modules) runs its own forward in
+``skipkernels.skip.towers.run_blocks``; ``unsupported_reason`` says which.
 
 ``query_index`` (B,) turns on last-block pruning: only the rows at those token positions (the
 pooled CLS / EOT token) get a query, a residual and an MLP; keys and values still come from
@@ -65,27 +67,27 @@ def layer_scale(module):
     return gamma
 
 
-def check_block(block) -> None:
-    """Raise a clear error for block variants the op layer does not compute."""
+def unsupported_reason(block) -> str | None:
+    """Why the op layer cannot compute ``block`` (it then runs its own forward), or None."""
     kind = type(block).__name__
     if kind == "ResidualAttentionBlock":
         attn = block.attn
         if not isinstance(attn, nn.MultiheadAttention):
-            raise TypeError(f"ResidualAttentionBlock.attn is {type(attn).__name__}, expected nn.MultiheadAttention")
+            return f"ResidualAttentionBlock.attn is {type(attn).__name__}, not nn.MultiheadAttention"
         if not attn.batch_first:
-            raise ValueError("only batch_first=True attention is supported (open_clip's default)")
+            return "attention with batch_first=False"
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            raise ValueError("nn.MultiheadAttention with separate k/v dims, bias_k/v or add_zero_attn is not supported")
+            return "nn.MultiheadAttention with separate k/v dims, bias_k/v or add_zero_attn"
         if hasattr(block, "ln_1_kv"):
-            raise ValueError("cross-attention blocks (CoCa decoders) are not supported")
+            return "cross-attention block (CoCa decoder)"
     elif kind == "CustomResidualAttentionBlock":
         if getattr(block.attn, "logit_scale", None) is not None:
-            raise ValueError("scaled-cosine attention (scaled_cosine_attn=True) is not supported")
+            return "scaled-cosine attention (scaled_cosine_attn=True)"
     else:
-        raise TypeError(f"unsupported transformer block {kind}; expected open_clip's "
-                        "ResidualAttentionBlock or CustomResidualAttentionBlock")
+        return f"{kind} is not an open_clip ResidualAttentionBlock or CustomResidualAttentionBlock"
     if activation_name(block.mlp.gelu) is None and not callable(block.mlp.gelu):
-        raise TypeError(f"unsupported MLP activation {type(block.mlp.gelu).__name__}")
+        return f"MLP activation {type(block.mlp.gelu).__name__}"
+    return None
 
 
 def _attention_params(block):
