@@ -26,9 +26,10 @@ def fused_blocks(model: nn.Module) -> list:
     return [b for b in list(image.blocks) + list(text.blocks) if unsupported_reason(b) is None]
 
 
-def _patched_forward(self, x, *args, attn_mask=None):
+def _patched_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
     # ResidualAttentionBlock.forward(q_x, k_x, v_x, attn_mask) and open_clip's gradient
-    # checkpointing passes (x, None, None, attn_mask) positionally; Custom blocks take (x, attn_mask).
+    # checkpointing passes (x, None, None, attn_mask) positionally; Custom blocks take (x, attn_mask),
+    # timm blocks (x, attn_mask, is_causal).
     if len(args) == 3:
         k_x, v_x, attn_mask = args
         if k_x is not None or v_x is not None:
@@ -37,7 +38,7 @@ def _patched_forward(self, x, *args, attn_mask=None):
         attn_mask = args[0]
     elif args:
         raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
-    return block_forward(self, x, attn_mask=attn_mask)
+    return block_forward(self, x, causal=is_causal, attn_mask=attn_mask)
 
 
 def _encode_text(self, text, normalize: bool = False):

@@ -11,11 +11,12 @@ import torch
 import skipkernels
 from conftest import assert_grads_equal, plain_loss_and_grads, tuner_loss_and_grads
 from skipkernels import SkipTuner
+from skipkernels.families import model_towers
 from skipkernels.models import create_model, open_clip_module
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
            "cat", "dog", "purple hexagon"]
-FAMILIES = ["siglip", "siglip2", "eva02", "vit-l", "bidir-text"]
+FAMILIES = ["siglip", "siglip2", "eva02", "vit-l", "bidir-text", "timm-token"]
 # The real configs the tiny ones stand for (same block classes, pooling and masks).
 REAL = {"siglip": "ViT-B-16-SigLIP", "siglip2": "ViT-B-16-SigLIP2", "eva02": "EVA02-B-16"}
 
@@ -39,6 +40,14 @@ def build(family, seed=0):
             embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, head_width=16, layers=3),
             text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3, no_causal_mask=True))
         return model, open_clip.get_tokenizer("ViT-B-16")
+    if family == "timm-token":
+        # a timm ViT with a class token, 'token' pooling, qk-norm and LayerScale (its blocks go
+        # through the op layer, and the last one is pruned) under SigLIP's text tower
+        from timm.models.vision_transformer import VisionTransformer
+        model, tokenizer = create_model("skipkernels-tiny-siglip", seed=seed, tokenizer="ViT-B-16")
+        model.visual.trunk = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4,
+                                               qk_norm=True, init_values=0.5, global_pool="token", num_classes=64)
+        return model, tokenizer
     return create_model(f"skipkernels-tiny-{family}", seed=seed, tokenizer="ViT-B-16")
 
 
@@ -83,6 +92,9 @@ def test_patch_keeps_outputs_and_state_dict(family):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     skipkernels.patch_clip(model)
     assert "encode_text" in model.__dict__ and "encode_image" in model.__dict__
+    # the op layer computes open_clip and timm ViT blocks; Eva blocks keep their own forward
+    image_blocks = model_towers(model)[0].blocks
+    assert all(("forward" in b.__dict__) == (type(b).__name__ != "EvaBlock") for b in image_blocks)
     for a, b in zip(before, outputs()):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * a.abs().max()
     after = model.state_dict()
@@ -129,8 +141,9 @@ def test_lskip_freezes_exactly_the_blocks_below_omega(family):
     else:
         image_blocks, text_blocks = "visual.trunk.blocks", "text.transformer.resblocks"
         heads = {"visual.trunk.norm.weight", "text.ln_final.weight"}
-        heads |= ({"visual.trunk.attn_pool.latent", "text.text_projection.bias"} if family.startswith("siglip")
-                  else {"visual.trunk.head.weight", "text.text_projection"})
+        heads |= {"visual.trunk.attn_pool.latent"} if family.startswith("siglip") else {"visual.trunk.head.weight"}
+        heads |= {"text.text_projection" if isinstance(model.text.text_projection, torch.nn.Parameter)
+                  else "text.text_projection.weight"}
     assert heads <= trainable
     for tower in (image_blocks, text_blocks):
         for name, _ in model.named_parameters():
@@ -155,6 +168,7 @@ EXPECTED_SAVINGS = {
     # EVA-02: causal argmax text; the image tower's token pooling is exact, but Eva blocks run as modules.
     "eva02": {"text truncation": None, "image last-block pruning": "EvaBlock", "text last-block pruning": None},
     "vit-l": {"text truncation": None, "image last-block pruning": None, "text last-block pruning": None},
+    "timm-token": {"text truncation": "not causal", "image last-block pruning": None, "text last-block pruning": None},
     # bidirectional text pooled at EOT: every token reaches EOT, so no truncation; pruning is exact.
     "bidir-text": {"text truncation": "not causal", "image last-block pruning": None, "text last-block pruning": None},
 }
@@ -225,3 +239,27 @@ def test_a_local_hugging_face_tokenizer_folder_needs_no_network(tmp_path):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
         create_model("skipkernels-tiny-siglip", tokenizer=str(tmp_path / "missing"))
+
+
+def test_finetune_command_runs_a_siglip_model_with_a_given_tokenizer(synthetic_root, tmp_path, capsys):
+    import json
+
+    from skipkernels.cli import main
+    out = tmp_path / "siglip"
+    args = ["finetune", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", "skipkernels-tiny-siglip",
+            "--tokenizer", "ViT-B-16", "--mode", "skip", "--skip-layers", "2", "--epochs", "1", "--shots", "2",
+            "--batch-size", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] and "hm" in results["accuracy"]
+    assert results["exact_savings"]["text truncation"].startswith("off (")
+
+
+@pytest.mark.parametrize("family", list(REAL))
+def test_info_command_shows_the_towers_and_savings(family, capsys):
+    from skipkernels.cli import main
+    assert main(["info", "--model", f"skipkernels-tiny-{family}"]) == 0
+    printed = capsys.readouterr().out
+    assert "image tower: timm" in printed
+    for name, off in EXPECTED_SAVINGS[family].items():
+        assert f"{name}: {'on' if off is None else 'off ('}" in printed
