@@ -241,20 +241,6 @@ def test_a_local_hugging_face_tokenizer_folder_needs_no_network(tmp_path):
         create_model("skipkernels-tiny-siglip", tokenizer=str(tmp_path / "missing"))
 
 
-def test_finetune_command_runs_a_siglip_model_with_a_given_tokenizer(synthetic_root, tmp_path, capsys):
-    import json
-
-    from skipkernels.cli import main
-    out = tmp_path / "siglip"
-    args = ["finetune", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", "skipkernels-tiny-siglip",
-            "--tokenizer", "ViT-B-16", "--mode", "skip", "--skip-layers", "2", "--epochs", "1", "--shots", "2",
-            "--batch-size", "2", "--out", str(out), "--no-progress"]
-    assert main(args) == 0
-    results = json.loads((out / "results.json").read_text())
-    assert results["finished"] and "hm" in results["accuracy"]
-    assert results["exact_savings"]["text truncation"].startswith("off (")
-
-
 @pytest.mark.parametrize("family", list(REAL))
 def test_info_command_shows_the_towers_and_savings(family, capsys):
     from skipkernels.cli import main
