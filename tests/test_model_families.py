@@ -199,6 +199,22 @@ def test_token_dropping_keeps_prefix_tokens_and_refuses_rotary_embeddings():
         SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, drop_ratio=0.5)
 
 
+def test_pet_methods_are_refused_where_their_modules_cannot_attach():
+    model, tokenizer = build("eva02")
+    with pytest.raises(ValueError, match="EvaBlock blocks would get none"):
+        SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1)
+    model, tokenizer = build("bidir-text")  # open_clip blocks in both towers
+    assert SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1).pet is not None
+
+
+def test_coop_learns_the_context_of_a_custom_text_model():
+    model, tokenizer = build("siglip")
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="coop", coop_n_ctx=4)
+    tuner.loss(torch.randn(2, 3, 32, 32), torch.tensor([0, 3])).backward()
+    assert [n for n, _ in tuner.trainable_named_parameters()] == ["prompt_learner.ctx"]
+    assert tuner.prompt_learner.ctx.grad.abs().sum() > 0
+
+
 def test_convolutional_and_hybrid_towers_are_refused_with_the_reason(open_clip):
     text_cfg = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
     convnext = open_clip.CustomTextCLIP(32, dict(timm_model_name="convnext_atto", timm_pool="avg",

@@ -150,6 +150,12 @@ class SkipTuner(nn.Module):
         image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
         if text_tower.mask_kind == "custom":
             raise ValueError("text attention masks other than causal or none are not supported")
+        if config.pet_method is not None:
+            from skipkernels.pet.layouts import CLIP_BLOCKS
+            foreign = {type(b).__name__ for t in (image_tower, text_tower) for b in t.blocks} - set(CLIP_BLOCKS)
+            if foreign:  # apply_pet would silently leave those blocks without modules
+                raise ValueError(f"PET methods attach to open_clip's transformer blocks; this model's "
+                                 f"{', '.join(sorted(foreign))} blocks would get none")
         if config.drop_ratio > 0 and image_tower.token_dropping_off_reason() is not None:
             raise ValueError(f"drop_ratio > 0 is not possible for this model: {image_tower.token_dropping_off_reason()}")
         classnames = list(classnames) if classnames is not None else []
