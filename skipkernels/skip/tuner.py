@@ -175,10 +175,6 @@ class SkipTuner(nn.Module):
             towers.check_skip_layers(model, config.skip_layers)
         self.device = next(model.parameters()).device
         self.cache_dtype = self._cache_dtype()
-        self.savings = exact_savings(model, config)
-        self.truncate_text = self.savings["text truncation"] == "on"
-        self.prune_image = self.savings["image last-block pruning"] == "on"
-        self.prune_text = self.savings["text last-block pruning"] == "on"
         self.class_tokens = tokenizer([config.template.format(c) for c in classnames]).to(self.device)
         check_tokens(model, self.class_tokens)
         self.prompt_learner = None
@@ -191,6 +187,11 @@ class SkipTuner(nn.Module):
             self.pet = apply_pet(model, trainable_modules_for_mode(config.pet_method, min_block=self.skip_layers))
         else:
             self._set_trainable()
+        # after PET: blocks holding PET modules run their own forward, so they are not pruned
+        self.savings = exact_savings(model, config)
+        self.truncate_text = self.savings["text truncation"] == "on"
+        self.prune_image = self.savings["image last-block pruning"] == "on"
+        self.prune_text = self.savings["text last-block pruning"] == "on"
 
         with torch.no_grad():
             was_training = model.training
