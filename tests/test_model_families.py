@@ -204,7 +204,10 @@ def test_pet_methods_are_refused_where_their_modules_cannot_attach():
     with pytest.raises(ValueError, match="EvaBlock blocks would get none"):
         SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1)
     model, tokenizer = build("bidir-text")  # open_clip blocks in both towers
-    assert SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1).pet is not None
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1)
+    assert tuner.pet is not None
+    # blocks holding LoRA run their own forward: the last ones are not pruned, and the report says so
+    assert tuner.savings["image last-block pruning"].startswith("off (the last block")
 
 
 def test_coop_learns_the_context_of_a_custom_text_model():
