@@ -16,7 +16,7 @@ from skipkernels.models import create_model, open_clip_module
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
            "cat", "dog", "purple hexagon"]
-FAMILIES = ["siglip", "siglip2", "eva02", "vit-l", "bidir-text", "timm-token"]
+FAMILIES = ["siglip", "siglip2", "eva02", "vit-l", "bidir-text", "timm-token", "vitamin"]
 # The real configs the tiny ones stand for (same block classes, pooling and masks).
 REAL = {"siglip": "ViT-B-16-SigLIP", "siglip2": "ViT-B-16-SigLIP2", "eva02": "EVA02-B-16"}
 
@@ -43,10 +43,18 @@ def build(family, seed=0):
     if family == "timm-token":
         # a timm ViT with a class token, 'token' pooling, qk-norm and LayerScale (its blocks go
         # through the op layer, and the last one is pruned) under SigLIP's text tower
-        from timm.models.vision_transformer import VisionTransformer
         model, tokenizer = create_model("skipkernels-tiny-siglip", seed=seed, tokenizer="ViT-B-16")
+        from timm.models.vision_transformer import VisionTransformer  # after open_clip, as above
         model.visual.trunk = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4,
                                                qk_norm=True, init_values=0.5, global_pool="token", num_classes=64)
+        return model, tokenizer
+    if family == "vitamin":
+        # ViTamin-S's layout: a convolutional stem (HybridEmbed) in front of timm ViT blocks with a
+        # GeGLU MLP, 'avg' pooling, TimmModel's linear projection; CLIP's causal text tower
+        model, tokenizer = create_model("skipkernels-tiny-eva02", seed=seed, tokenizer="ViT-B-16")
+        import timm  # after open_clip, whose import makes torchvision (and so timm) importable here
+        model.visual.trunk = timm.create_model("vitamin_small_224", img_size=32, depth=3, num_classes=0)
+        model.visual.head = torch.nn.Sequential(torch.nn.Linear(model.visual.trunk.num_features, 64, bias=False))
         return model, tokenizer
     return create_model(f"skipkernels-tiny-{family}", seed=seed, tokenizer="ViT-B-16")
 
@@ -92,9 +100,12 @@ def test_patch_keeps_outputs_and_state_dict(family):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     skipkernels.patch_clip(model)
     assert "encode_text" in model.__dict__ and "encode_image" in model.__dict__
-    # the op layer computes open_clip and timm ViT blocks; Eva blocks keep their own forward
+    # the op layer computes open_clip blocks and timm ViT blocks with the plain Mlp; Eva blocks and
+    # ViTamin's GeGLU blocks keep their own forward
     image_blocks = model_towers(model)[0].blocks
-    assert all(("forward" in b.__dict__) == (type(b).__name__ != "EvaBlock") for b in image_blocks)
+    fused = {"ResidualAttentionBlock", "Block/Mlp"}
+    assert all(("forward" in b.__dict__) == ({type(b).__name__, f"{type(b).__name__}/{type(b.mlp).__name__}"} & fused != set())
+               for b in image_blocks)
     for a, b in zip(before, outputs()):
         assert a.shape == b.shape and (a - b).abs().max() <= 1e-5 * a.abs().max()
     after = model.state_dict()
@@ -140,8 +151,10 @@ def test_lskip_freezes_exactly_the_blocks_below_omega(family):
         heads = {"visual.proj", "visual.ln_post.weight", "text.text_projection", "text.ln_final.weight"}
     else:
         image_blocks, text_blocks = "visual.trunk.blocks", "text.transformer.resblocks"
-        heads = {"visual.trunk.norm.weight", "text.ln_final.weight"}
-        heads |= {"visual.trunk.attn_pool.latent"} if family.startswith("siglip") else {"visual.trunk.head.weight"}
+        heads = {"text.ln_final.weight"}
+        heads |= ({"visual.trunk.norm.weight", "visual.trunk.attn_pool.latent"} if family.startswith("siglip") else
+                  {"visual.trunk.fc_norm.weight", "visual.head.0.weight"} if family == "vitamin" else
+                  {"visual.trunk.norm.weight", "visual.trunk.head.weight"})
         heads |= {"text.text_projection" if isinstance(model.text.text_projection, torch.nn.Parameter)
                   else "text.text_projection.weight"}
     assert heads <= trainable
@@ -169,6 +182,7 @@ EXPECTED_SAVINGS = {
     "eva02": {"text truncation": None, "image last-block pruning": "EvaBlock", "text last-block pruning": None},
     "vit-l": {"text truncation": None, "image last-block pruning": None, "text last-block pruning": None},
     "timm-token": {"text truncation": "not causal", "image last-block pruning": None, "text last-block pruning": None},
+    "vitamin": {"text truncation": None, "image last-block pruning": "'avg'", "text last-block pruning": None},
     # bidirectional text pooled at EOT: every token reaches EOT, so no truncation; pruning is exact.
     "bidir-text": {"text truncation": "not causal", "image last-block pruning": None, "text last-block pruning": None},
 }
