@@ -4,14 +4,16 @@ Image towers:
 - open_clip ``VisionTransformer`` (OpenAI CLIP, LAION, DFN, MetaCLIP; ViT-B/L/H/bigG): stem (patch
   conv, class token, positional embedding, patch dropout, ln_pre), blocks, pool + ln_post, proj;
 - a timm ``VisionTransformer`` or ``Eva`` trunk inside open_clip's ``TimmModel`` (SigLIP, SigLIP 2,
-  EVA-02): stem (patch embed, class / register tokens, positional embedding, patch dropout,
-  norm_pre), blocks (Eva's with rotary embeddings, which depend only on the patch grid), norm,
-  timm's pooling ('token', 'avg', or 'map' attention pooling) and head, then TimmModel's head.
+  EVA-02, ViTamin): stem (patch embed, which for ViTamin is a convolutional network, class /
+  register tokens, positional embedding, patch dropout, norm_pre), blocks (Eva's with rotary
+  embeddings, which depend only on the patch grid), norm, timm's pooling ('token', 'avg', or 'map'
+  attention pooling) and head, then TimmModel's head.
 Text towers: open_clip's own transformer, flattened into ``CLIP`` or as ``CustomTextCLIP.text``
 (``TextTransformer``), with a causal mask or none.
 
-Refused, with the reason: ResNet, ConvNeXt and hybrid image towers (their early stages are not a
-stack of token blocks, so there is no block omega to cache at), Hugging Face text towers, CoCa.
+Refused, with the reason: ResNet, ConvNeXt and hybrid image towers such as FastViT (their stages
+are not one stack of token blocks, so there is no block omega to cache at), a convolutional stem
+with BatchNorm, Hugging Face text towers, CoCa.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ SINGLE_TOKEN_TEXT_POOLS = ("argmax", "eos", "first", "last")
 # to the longest prompt is exact for them under a causal mask.
 PROMPT_POSITION_TEXT_POOLS = ("argmax", "eos", "first")
 _TIMM_TRUNKS = ("VisionTransformer", "Eva")
-_HYBRID_HINTS = ("ViTamin", "MobileCLIP", "FastViT", "MCi", "Hybrid")
+_HYBRID_HINTS = ("MobileCLIP", "FastViT", "MCi", "Hybrid")
 
 
 class UnsupportedModel(TypeError):
