@@ -91,8 +91,6 @@ class TimmImageTower:
         x = trunk._pos_embed(x)
         if isinstance(x, tuple):  # Eva: (tokens, rotary embedding); the rotary part is block_kwargs'
             x = x[0]
-            if trunk.patch_drop is not None:
-                raise ValueError("patch dropout with rotary embeddings is not supported")
         else:
             x = trunk.patch_drop(x)
         return trunk.norm_pre(x)
@@ -144,6 +142,9 @@ def image_tower(model):
             raise UnsupportedModel(_hybrid_message(f"timm {trunk} with a BatchNorm convolutional stem"))
         if getattr(visual.trunk, "rope_mixed", False):
             raise UnsupportedModel("Eva trunks with per-block ('mixed') rotary embeddings are not supported")
+        if getattr(visual.trunk, "rope", None) is not None and getattr(visual.trunk, "patch_drop", None) is not None:
+            raise UnsupportedModel("patch dropout with rotary embeddings is not supported (the kept patches' "
+                                   "rotary embeddings are not cached with them)")
         if getattr(visual.trunk, "dynamic_img_size", False):
             raise UnsupportedModel("timm trunks with dynamic image size are not supported")
         return TimmImageTower(visual)
