@@ -1,7 +1,9 @@
 """Skip Tuning on the open_clip families in use today, at tiny random-weight sizes: SigLIP and
 SigLIP 2 (timm ViT with 'map' attention pooling; bidirectional text pooled at the last token;
-logit_bias), EVA-02 (timm Eva with rotary embeddings and SwiGLU) and a plain CLIP ViT-L/14-like
-model (DFN, MetaCLIP). Each must give the loss and gradients of a straightforward computation on
+logit_bias), EVA-02 (timm Eva with rotary embeddings and SwiGLU), a plain CLIP ViT-L/14-like
+model (DFN, MetaCLIP), ViTamin (convolutional stem, GeGLU blocks), and two variants that switch
+the exact savings differently: a bidirectional text tower pooled at EOT, and a timm ViT with
+class-token pooling. Each must give the loss and gradients of a straightforward computation on
 the plain, unpatched model for the same class subset."""
 import copy
 
