@@ -53,6 +53,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer: a folder with a Hugging Face tokenizer (or an open_clip hub snapshot), or an "
+                        "open_clip model name whose tokenizer to use (default: the model's own; SigLIP's is "
+                        "fetched from the Hugging Face hub or, with HF_HUB_OFFLINE=1, its local cache)")
+
+
 def _configs(args):
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig, protocol_epochs
@@ -77,9 +84,11 @@ def cmd_finetune(args) -> int:
     if data is None:
         data, args.dataset = ensure_synthetic(), "synthetic"
     results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
-                       base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume)
+                       base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume,
+                       tokenizer=args.tokenizer)
     print(json.dumps({"accuracy": results["accuracy"], "time_s": results["time_s"],
-                      "peak_train_memory_mb": results["peak_train_memory_mb"]}, indent=2))
+                      "peak_train_memory_mb": results["peak_train_memory_mb"],
+                      "exact_savings": results["exact_savings"]}, indent=2))
     from skipkernels.train import distributed
     if distributed.is_main():
         print(f"results: {Path(args.out) / 'results.json'}")
@@ -96,7 +105,7 @@ def cmd_eval(args) -> int:
     from skipkernels.train.evaluate import accuracy, harmonic_mean
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     splits = load_splits(args.data, args.dataset)
-    model, tokenizer = create_model(args.model, args.checkpoint, device=device)
+    model, tokenizer = create_model(args.model, args.checkpoint, device=device, tokenizer=args.tokenizer)
     patch_clip(model)
     base, new = base_new_labels(len(splits.classnames))
     groups = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
@@ -173,9 +182,30 @@ def cmd_bench(args) -> int:
 def cmd_info(args) -> int:
     import skipkernels
     data = skipkernels.info()
+    if args.model:
+        data["model"] = model_info(args.model)
+        print(f"\n{args.model} (random weights):")
+        print("\n".join(f"  {key}: {value}" for key, value in data["model"].items()))
     if args.json:
         print(json.dumps(data, indent=2))
     return 0
+
+
+def model_info(name: str) -> dict:
+    """The towers skipkernels sees in open_clip model ``name`` and which exact savings apply."""
+    from skipkernels.families import model_towers
+    from skipkernels.models import open_clip_module
+    from skipkernels.skip.tuner import SkipConfig, exact_savings
+    open_clip = open_clip_module()
+    if name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+    model = open_clip.create_model(name, pretrained=None)
+    image, text = model_towers(model)
+    out = {"image tower": f"{image.kind}, {len(image.blocks)} blocks ({type(image.blocks[0]).__name__})",
+           "text tower": f"open_clip text transformer, {len(text.blocks)} blocks, {text.mask_kind} mask, "
+                         f"{text.pool_type!r} pooling"}
+    out.update(exact_savings(model, SkipConfig()))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "as a folder with one split_zhou_*.json")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny)")
     p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name")
+    _add_tokenizer_arg(p)
     p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
     p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
@@ -200,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None)
     p.add_argument("--model", default="ViT-B-16")
     p.add_argument("--checkpoint", default=None, help="open_clip state_dict (e.g. <out>/model.pt)")
+    _add_tokenizer_arg(p)
     p.add_argument("--classes", default="base2new", choices=["base2new", "base", "new", "all"])
     p.add_argument("--template", default="a photo of a {}.")
     p.add_argument("--device", default=None)
@@ -223,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="torch, CUDA, Triton and which compiled ops loaded (and why not)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default=None, help="also show this open_clip model's towers and which exact "
+                                                 "savings apply to it (built with random weights)")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -9,7 +9,37 @@ import torch
 from skipkernels._compat import import_open_clip
 
 TINY_MODEL = "skipkernels-tiny"  # small random-weight ViT config for CPU runs and tests
+# Small random-weight members of the other supported families (configs/), for CPU runs and tests:
+# the real models' block classes, pooling and masks at small widths and depths.
+TINY_FAMILIES = ("skipkernels-tiny-siglip", "skipkernels-tiny-siglip2", "skipkernels-tiny-eva02")
+# Their timm image trunks, registered with timm under these names so open_clip's TimmModel builds
+# them: (timm module, class, constructor arguments).
+_TINY_TIMM_TRUNKS = {
+    "skipkernels_tiny_siglip_vit": ("vision_transformer", "VisionTransformer", dict(
+        img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, class_token=False, global_pool="map")),
+    "skipkernels_tiny_eva02": ("eva", "Eva", dict(
+        img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, qkv_fused=False, mlp_ratio=4 * 2 / 3,
+        swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
+        global_pool="token")),
+}
 _registered = False
+
+
+def _register_tiny_timm_trunks() -> None:
+    import importlib
+
+    from timm.models import register_model
+
+    def entrypoint(name, module, cls, defaults):
+        def create(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+            if pretrained:
+                raise ValueError(f"{name} is a random-weight test trunk: it has no pretrained weights")
+            return getattr(importlib.import_module(f"timm.models.{module}"), cls)(**{**defaults, **kwargs})
+        create.__name__ = create.__qualname__ = name
+        return create
+
+    for name, (module, cls, defaults) in _TINY_TIMM_TRUNKS.items():
+        register_model(entrypoint(name, module, cls, defaults))
 
 
 def open_clip_module():
@@ -17,18 +47,23 @@ def open_clip_module():
     open_clip = import_open_clip()
     if not _registered:
         open_clip.add_model_config(Path(__file__).parent / "configs")
+        try:
+            _register_tiny_timm_trunks()
+        except ImportError:  # without timm only the open_clip ViT configs can be built
+            pass
         _registered = True
     return open_clip
 
 
-def create_model(name: str, pretrained: str | None = None, device="cpu", seed: int | None = 0, **kwargs):
+def create_model(name: str, pretrained: str | None = None, device="cpu", seed: int | None = 0,
+                 tokenizer: str | None = None, **kwargs):
     """Returns (model, tokenizer). ``pretrained``: a local checkpoint path, an open_clip weight
     name (e.g. 'openai'; needs those weights to be reachable or cached), or None for random
-    weights drawn with ``seed``."""
+    weights drawn with ``seed``. ``tokenizer``: see ``load_tokenizer``."""
     open_clip = open_clip_module()
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models() "
-                         f"(the embedded small config is {TINY_MODEL!r})")
+                         f"(the embedded small configs are {(TINY_MODEL,) + TINY_FAMILIES})")
     if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
@@ -41,4 +76,36 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
             raise RuntimeError(f"could not load weights {pretrained!r} for {name}: {err}. Without network "
                                "access pass a local checkpoint path") from err
         raise
-    return model, open_clip.get_tokenizer(name)
+    return model, load_tokenizer(name, model, tokenizer)
+
+
+def load_tokenizer(name: str, model, tokenizer: str | None = None):
+    """The tokenizer for open_clip model ``name``, at the model's context length.
+
+    ``tokenizer``: None for the model's own (SigLIP's comes from the Hugging Face hub or its local
+    cache, e.g. with ``HF_HUB_OFFLINE=1``); a folder holding a Hugging Face tokenizer (or an
+    open_clip hub snapshot with ``open_clip_config.json``); or an open_clip tokenizer name
+    (``ViT-B-16`` for CLIP's own BPE tokenizer, ``hf-hub:org/repo``).
+    """
+    open_clip = open_clip_module()
+    context = model.context_length
+    source = tokenizer or name
+    if tokenizer and not os.path.isdir(tokenizer) and not tokenizer.startswith("hf-hub:") \
+            and tokenizer not in open_clip.list_models():
+        # open_clip would silently fall back to its BPE tokenizer for an unknown name
+        raise ValueError(f"tokenizer {tokenizer!r} is neither a folder nor an open_clip model name nor hf-hub:ORG/REPO. "
+                         f"{_OFFLINE_HINT}")
+    try:
+        if tokenizer and os.path.isdir(tokenizer):
+            if os.path.isfile(os.path.join(tokenizer, "open_clip_config.json")):
+                return open_clip.get_tokenizer(f"local-dir:{tokenizer}", context_length=context)
+            from open_clip.tokenizer import HFTokenizer
+            kwargs = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("tokenizer_kwargs", {})
+            return HFTokenizer(tokenizer, context_length=context, **kwargs)
+        return open_clip.get_tokenizer(source, context_length=context)
+    except (OSError, ValueError, ImportError) as err:
+        raise ValueError(f"could not load the tokenizer {source!r} for {name}: {err}. {_OFFLINE_HINT}") from err
+
+
+_OFFLINE_HINT = ("Without network access set HF_HUB_OFFLINE=1 and have the tokenizer in the Hugging Face cache, "
+                 "or pass a tokenizer folder or an open_clip tokenizer name (--tokenizer)")

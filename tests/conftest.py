@@ -34,6 +34,36 @@ def tiny_clip(block="default", seed=0, layers=3, **extra):
     return model
 
 
+def plain_loss_and_grads(model, images, labels, classnames, tokenizer, template="a photo of a {}."):
+    """open_clip's own forward (no skipkernels): the model's logits over ``classnames`` (with its
+    logit_bias, if any), cross-entropy, and the gradients of every parameter that got one."""
+    model.zero_grad(set_to_none=True)
+    f = model.encode_image(images, normalize=True)
+    t = model.encode_text(tokenizer([template.format(c) for c in classnames]).to(images.device), normalize=True)
+    logits = model.logit_scale.exp() * f @ t.T
+    if getattr(model, "logit_bias", None) is not None:
+        logits = logits + model.logit_bias
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tuner_loss_and_grads(tuner, inputs, labels):
+    tuner.zero_grad(set_to_none=True)
+    loss = tuner.loss(inputs, labels)
+    loss.backward()
+    return loss.detach(), {n[len("model."):]: p.grad.clone() for n, p in tuner.named_parameters()
+                           if p.grad is not None}
+
+
+def assert_grads_equal(expected, actual, rel=2e-5):
+    # fp32 rounding differs between fused and unfused paths: compare relative to each tensor's scale
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        assert (expected[name] - actual[name]).abs().max().item() <= rel * scale + 1e-8, name
+
+
 @pytest.fixture(scope="session")
 def open_clip():
     return import_open_clip()

@@ -25,17 +25,22 @@ def test_demo_prints_the_comparison_table(tmp_path, capsys, monkeypatch):
     assert saved["rows"][1]["trainable_params"] < saved["rows"][0]["trainable_params"]
 
 
-def test_finetune_then_eval_round_trip(synthetic_root, tmp_path, capsys):
+# A plain CLIP, and a SigLIP-like model whose own tokenizer would come from the Hugging Face hub:
+# --tokenizer gives it open_clip's BPE tokenizer instead (no network).
+@pytest.mark.parametrize("model,extra", [("skipkernels-tiny", []),
+                                         ("skipkernels-tiny-siglip", ["--tokenizer", "ViT-B-16"])])
+def test_finetune_then_eval_round_trip(model, extra, synthetic_root, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["finetune", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", "skipkernels-tiny",
+    args = ["finetune", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", model,
             "--mode", "skip", "--skip-layers", "2", "--epochs", "1", "--shots", "4", "--batch-size", "4",
-            "--lr", "0.003", "--out", str(out), "--no-progress"]
+            "--lr", "0.003", "--out", str(out), "--no-progress"] + extra
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["finished"] and "hm" in results["accuracy"]
+    assert set(results["exact_savings"]) == {"text truncation", "image last-block pruning", "text last-block pruning"}
     capsys.readouterr()
-    assert main(["eval", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", "skipkernels-tiny",
-                 "--checkpoint", str(out / "model.pt"), "--no-progress"]) == 0
+    assert main(["eval", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", model,
+                 "--checkpoint", str(out / "model.pt"), "--no-progress"] + extra) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["base"] == pytest.approx(results["accuracy"]["base"])
     assert evaluated["new"] == pytest.approx(results["accuracy"]["new"])

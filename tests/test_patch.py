@@ -95,11 +95,6 @@ def test_unsupported_models_are_refused(open_clip):
     coca_like.__class__ = type("CoCa", (type(coca_like),), {})
     with pytest.raises(TypeError, match="CoCa"):
         skipkernels.patch_clip(coca_like)
-    cosine = open_clip.CLIP(embed_dim=32, vision_cfg=dict(image_size=32, patch_size=8, width=64, head_width=16,
-                                                          layers=1, scaled_cosine_attn=True),
-                            text_cfg=dict(width=64, heads=4, layers=1))
-    with pytest.raises(ValueError, match="scaled-cosine"):
-        skipkernels.patch_clip(cosine)
 
 
 def test_info_reports_extension_and_ops(capsys):

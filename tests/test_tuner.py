@@ -2,40 +2,13 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import skipkernels
-from conftest import tiny_clip
+from conftest import assert_grads_equal, plain_loss_and_grads, tiny_clip, tuner_loss_and_grads
 from skipkernels import SkipConfig, SkipTuner
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
            "cat", "dog", "purple hexagon"]
-
-
-def _plain_loss_and_grads(model, images, labels, classnames, tokenizer, template="a photo of a {}."):
-    """open_clip's own forward (no skipkernels): full-class logits and cross-entropy."""
-    model.zero_grad(set_to_none=True)
-    f = F.normalize(model.encode_image(images), dim=-1)
-    t = F.normalize(model.encode_text(tokenizer([template.format(c) for c in classnames]).to(images.device)), dim=-1)
-    loss = F.cross_entropy(model.logit_scale.exp() * f @ t.T, labels)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _tuner_loss_and_grads(tuner, inputs, labels):
-    tuner.zero_grad(set_to_none=True)
-    loss = tuner.loss(inputs, labels)
-    loss.backward()
-    return loss.detach(), {n[len("model."):]: p.grad.clone() for n, p in tuner.named_parameters()
-                           if p.grad is not None}
-
-
-def _assert_grads_equal(expected, actual, rel=2e-5):
-    # fp32 rounding differs between fused and unfused paths: compare relative to each tensor's scale
-    assert expected.keys() == actual.keys()
-    for name in expected:
-        scale = expected[name].abs().max().item()
-        assert (expected[name] - actual[name]).abs().max().item() <= rel * scale + 1e-8, name
 
 
 @pytest.mark.parametrize("block", ["default", "custom"])
@@ -48,10 +21,10 @@ def test_lskip_loss_and_grads_equal_plain_computation(block, omega, tokenizer):
         p_plain.requires_grad_(p.requires_grad)
     images = torch.randn(4, 3, 32, 32)
     labels = torch.tensor([0, 5, 5, 7])
-    expected_loss, expected = _plain_loss_and_grads(plain, images, labels, CLASSES, tokenizer)
-    loss, grads = _tuner_loss_and_grads(tuner, tuner.image_prefix(images), labels)
+    expected_loss, expected = plain_loss_and_grads(plain, images, labels, CLASSES, tokenizer)
+    loss, grads = tuner_loss_and_grads(tuner, tuner.image_prefix(images), labels)
     assert torch.allclose(loss, expected_loss, rtol=1e-5)
-    _assert_grads_equal(expected, grads)
+    assert_grads_equal(expected, grads)
     # LSkip trains blocks >= omega and the heads; everything below omega and logit_scale is frozen.
     trainable = {n for n, _ in tuner.trainable_named_parameters()}
     assert "model.logit_scale" not in trainable
@@ -69,10 +42,10 @@ def test_ft_trains_everything_but_logit_scale(tokenizer):
     assert trainable == all_names - {"model.logit_scale"}
     plain = copy.deepcopy(model)
     images, labels = torch.randn(3, 3, 32, 32), torch.tensor([1, 2, 1])
-    expected_loss, expected = _plain_loss_and_grads(plain, images, labels, CLASSES, tokenizer)
-    loss, grads = _tuner_loss_and_grads(tuner, images, labels)
+    expected_loss, expected = plain_loss_and_grads(plain, images, labels, CLASSES, tokenizer)
+    loss, grads = tuner_loss_and_grads(tuner, images, labels)
     assert torch.allclose(loss, expected_loss, rtol=1e-5)
-    _assert_grads_equal(expected, grads)
+    assert_grads_equal(expected, grads)
 
 
 @pytest.mark.parametrize("mode", ["skip", "cskip"])
@@ -84,13 +57,13 @@ def test_cskip_loss_equals_plain_computation_on_the_subset(mode, tokenizer):
         p_plain.requires_grad_(p.requires_grad)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([6, 2, 6, 3])
     inputs = tuner.image_prefix(images) if mode == "skip" else images
-    loss, grads = _tuner_loss_and_grads(tuner, inputs, labels)
+    loss, grads = tuner_loss_and_grads(tuner, inputs, labels)
     selected, remapped = tuner.last_selected, tuner.last_labels
     assert len(selected) < len(CLASSES)
-    expected_loss, expected = _plain_loss_and_grads(plain, images, remapped, [CLASSES[i] for i in selected.tolist()],
+    expected_loss, expected = plain_loss_and_grads(plain, images, remapped, [CLASSES[i] for i in selected.tolist()],
                                                     tokenizer)
     assert torch.allclose(loss, expected_loss, rtol=1e-5)
-    _assert_grads_equal(expected, grads)
+    assert_grads_equal(expected, grads)
 
 
 @pytest.mark.parametrize("mode", ["skip", "ft"])
@@ -103,11 +76,11 @@ def test_truncation_and_pruning_change_nothing(mode, tokenizer):
             tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, truncate_text=truncate,
                               prune_last_block=prune, top_ratio=0.5)
             inputs = tuner.image_prefix(images) if mode == "skip" else images
-            results.append(_tuner_loss_and_grads(tuner, inputs, labels))
+            results.append(tuner_loss_and_grads(tuner, inputs, labels))
     loss0, grads0 = results[0]
     for loss, grads in results[1:]:
         assert torch.allclose(loss, loss0, rtol=1e-5)
-        _assert_grads_equal(grads0, grads)
+        assert_grads_equal(grads0, grads)
 
 
 def test_truncated_text_cache_is_shorter_than_context(tokenizer):

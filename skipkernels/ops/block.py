@@ -1,15 +1,21 @@
-"""One open_clip transformer block, computed through the op layer.
+"""One transformer block, computed through the op layer.
 
-Handles both block types open_clip 3.3 builds:
+Handles both block types open_clip 3.3 builds, and timm's ViT block (SigLIP's image tower):
 - ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (batch_first, packed in-projection);
 - ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (qk-norm, head scale, inner and
-  post-attention norms, MLP norm are supported; scaled-cosine attention is refused).
+  post-attention norms, MLP norm are supported; scaled-cosine attention is not);
+- timm ``vision_transformer.Block`` with the plain ``Attention`` and ``Mlp`` (qk-norm, attention
+  output norm, MLP norm, LayerScale), without stochastic depth or dropout.
+Any other block (Eva, scaled-cosine, a block holding PET modules) runs its own forward in
+``skipkernels.skip.towers.run_blocks``; ``unsupported_reason`` says which.
 
 ``query_index`` (B,) turns on last-block pruning: only the rows at those token positions (the
 pooled CLS / EOT token) get a query, a residual and an MLP; keys and values still come from
 every token, and under ``causal`` the row at position p sees keys 0..p, as in the full block.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -65,48 +71,99 @@ def layer_scale(module):
     return gamma
 
 
-def check_block(block) -> None:
-    """Raise a clear error for block variants the op layer does not compute."""
+def unsupported_reason(block) -> str | None:
+    """Why the op layer cannot compute ``block`` (it then runs its own forward), or None."""
     kind = type(block).__name__
     if kind == "ResidualAttentionBlock":
         attn = block.attn
         if not isinstance(attn, nn.MultiheadAttention):
-            raise TypeError(f"ResidualAttentionBlock.attn is {type(attn).__name__}, expected nn.MultiheadAttention")
+            return f"ResidualAttentionBlock.attn is {type(attn).__name__}, not nn.MultiheadAttention"
         if not attn.batch_first:
-            raise ValueError("only batch_first=True attention is supported (open_clip's default)")
+            return "attention with batch_first=False"
         if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            raise ValueError("nn.MultiheadAttention with separate k/v dims, bias_k/v or add_zero_attn is not supported")
+            return "nn.MultiheadAttention with separate k/v dims, bias_k/v or add_zero_attn"
         if hasattr(block, "ln_1_kv"):
-            raise ValueError("cross-attention blocks (CoCa decoders) are not supported")
+            return "cross-attention block (CoCa decoder)"
     elif kind == "CustomResidualAttentionBlock":
         if getattr(block.attn, "logit_scale", None) is not None:
-            raise ValueError("scaled-cosine attention (scaled_cosine_attn=True) is not supported")
+            return "scaled-cosine attention (scaled_cosine_attn=True)"
+    elif kind == "Block" and type(block).__module__.startswith("timm."):
+        return _timm_unsupported_reason(block)
     else:
-        raise TypeError(f"unsupported transformer block {kind}; expected open_clip's "
-                        "ResidualAttentionBlock or CustomResidualAttentionBlock")
+        return (f"{kind} is not an open_clip ResidualAttentionBlock / CustomResidualAttentionBlock or a "
+                "timm ViT Block")
     if activation_name(block.mlp.gelu) is None and not callable(block.mlp.gelu):
-        raise TypeError(f"unsupported MLP activation {type(block.mlp.gelu).__name__}")
+        return f"MLP activation {type(block.mlp.gelu).__name__}"
+    return None
 
 
-def _attention_params(block):
-    attn = block.attn
+def _timm_unsupported_reason(block) -> str | None:
+    attn, mlp = block.attn, block.mlp
+    if type(attn).__name__ != "Attention" or getattr(attn, "gate", None) is not None:
+        return f"timm attention {type(attn).__name__} (gated or not the plain one)"
+    if attn.num_heads * attn.head_dim != attn.qkv.in_features:
+        return "timm attention whose head width times heads differs from the model width"
+    if type(mlp).__name__ != "Mlp" or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+        return f"timm MLP {type(mlp).__name__}"
+    if not (_is_identity(block.drop_path1) and _is_identity(block.drop_path2)):
+        return "stochastic depth (drop_path)"
+    if any(d.p for d in (attn.proj_drop, mlp.drop1, mlp.drop2)):
+        return "dropout after the projections"
+    return None
+
+
+class BlockParts(NamedTuple):
+    """A pre-norm block by role: x += ls_1(ln_attn(out(ln_inner(attention(ln_1(x)))))), then
+    x += ls_2(fc2(mlp_ln(act(fc1(ln_2(x))))))."""
+    ln_1: nn.Module
+    w_in: torch.Tensor
+    b_in: torch.Tensor | None
+    w_out: torch.Tensor
+    b_out: torch.Tensor | None
+    heads: int
+    dropout_p: float
+    ln_q: nn.Module | None
+    ln_k: nn.Module | None
+    head_scale: torch.Tensor | None
+    ln_inner: nn.Module | None
+    ln_attn: nn.Module | None
+    ls_1: nn.Module
+    ln_2: nn.Module
+    fc1: nn.Linear
+    act: nn.Module
+    mlp_ln: nn.Module | None
+    fc2: nn.Linear
+    ls_2: nn.Module
+
+
+def block_parts(block) -> BlockParts:
+    """The parts of an open_clip block or a timm ViT ``Block`` (same maths, other names)."""
+    attn, mlp = block.attn, block.mlp
+    if not hasattr(block, "ln_1"):  # timm: fused qkv Linear, q_norm / k_norm, norm before proj
+        return BlockParts(block.norm1, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                          attn.num_heads, attn.attn_drop.p, attn.q_norm, attn.k_norm, None, attn.norm, None,
+                          block.ls1, block.norm2, mlp.fc1, mlp.act, mlp.norm, mlp.fc2, block.ls2)
     if isinstance(attn, nn.MultiheadAttention):
-        return (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                attn.num_heads, attn.dropout, None, None, None, None)
-    return (attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-            attn.num_heads, attn.attn_drop.p, attn.ln_q, attn.ln_k, attn.head_scale, attn.ln_inner)
+        attention = (attn.num_heads, attn.dropout, None, None, None, None)
+    else:
+        attention = (attn.num_heads, attn.attn_drop.p, attn.ln_q, attn.ln_k, attn.head_scale, attn.ln_inner)
+    return BlockParts(block.ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
+                      *attention, getattr(block, "ln_attn", None), block.ls_1, block.ln_2, mlp.c_fc, mlp.gelu,
+                      getattr(mlp, "ln", None), mlp.c_proj, block.ls_2)
 
 
 def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=None):
     """x: (B, L, D). Returns (B, L, D), or (B, 1, D) rows at ``query_index`` when it is given."""
-    (w_in, b_in, w_out, b_out, heads, dropout_p, ln_q, ln_k, head_scale, ln_inner) = _attention_params(block)
+    parts = block_parts(block)
+    (ln_1, w_in, b_in, w_out, b_out, heads, dropout_p, ln_q, ln_k, head_scale, ln_inner, ln_attn, ls_1, ln_2,
+     fc1, act_module, mlp_ln, fc2, ls_2) = parts
     if dropout_p and block.training:
         raise ValueError("attention dropout during training is not supported by the op layer")
     batch, length, width = x.shape
     head_dim = width // heads
 
     if query_index is None:
-        qkv = norm_linear(block.ln_1, x, w_in, b_in, "none")
+        qkv = norm_linear(ln_1, x, w_in, b_in, "none")
         q, k, v = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         residual = x
         key_limit = None
@@ -114,10 +171,10 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
         # Pruned block: keys/values from every token, a query only for the pooled rows (the norm
         # is per row, so normalising the gathered rows equals gathering the normalised ones).
         rows = torch.arange(batch, device=x.device)
-        kv = norm_linear(block.ln_1, x, w_in[width:], None if b_in is None else b_in[width:], "none")
+        kv = norm_linear(ln_1, x, w_in[width:], None if b_in is None else b_in[width:], "none")
         k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         residual = x[rows, query_index].unsqueeze(1)
-        q = norm_linear(block.ln_1, residual, w_in[:width], None if b_in is None else b_in[:width], "none")
+        q = norm_linear(ln_1, residual, w_in[:width], None if b_in is None else b_in[:width], "none")
         q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
         if attn_mask is not None:
             raise ValueError("query_index supports the causal mask or no mask, not a custom attn_mask")
@@ -134,27 +191,24 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
     a = a.transpose(1, 2).reshape(residual.shape[0], residual.shape[1], width)
     a = apply_norm(ln_inner, a)
 
-    ln_attn = getattr(block, "ln_attn", None)
     if _is_identity(ln_attn):
-        x = linear_residual(a, w_out, b_out, residual, layer_scale(block.ls_1))
+        x = linear_residual(a, w_out, b_out, residual, layer_scale(ls_1))
     else:
         y = apply_norm(ln_attn, linear_act(a, w_out, b_out, "none"))
-        gamma = layer_scale(block.ls_1)
+        gamma = layer_scale(ls_1)
         x = residual + (y if gamma is None else y * gamma)
 
-    mlp = block.mlp
-    act = activation_name(mlp.gelu)
-    if act is not None and _plain_layer_norm(block.ln_2) and _is_identity(getattr(mlp, "ln", None)):
+    act = activation_name(act_module)
+    if act is not None and _plain_layer_norm(ln_2) and _is_identity(mlp_ln):
         # The common MLP: one op, which may keep fc1's pre-activation instead of its output.
-        ln_2 = block.ln_2
-        return layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, mlp.c_fc.weight, mlp.c_fc.bias, act,
-                              mlp.c_proj.weight, mlp.c_proj.bias, layer_scale(block.ls_2))
+        return layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, fc1.weight, fc1.bias, act,
+                              fc2.weight, fc2.bias, layer_scale(ls_2))
     if act is not None:
-        h = norm_linear(block.ln_2, x, mlp.c_fc.weight, mlp.c_fc.bias, act)
+        h = norm_linear(ln_2, x, fc1.weight, fc1.bias, act)
     else:
-        h = mlp.gelu(mlp.c_fc(apply_norm(block.ln_2, x)))
-    h = apply_norm(getattr(mlp, "ln", None), h)
-    return linear_residual(h, mlp.c_proj.weight, mlp.c_proj.bias, x, layer_scale(block.ls_2))
+        h = act_module(fc1(apply_norm(ln_2, x)))
+    h = apply_norm(mlp_ln, h)
+    return linear_residual(h, fc2.weight, fc2.bias, x, layer_scale(ls_2))
 
 
 def blocks_forward(blocks, x, causal: bool = False, attn_mask=None, prune_last_index=None):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from skipkernels.families import model_towers
 from skipkernels.skip import towers
 
 
@@ -44,12 +45,13 @@ class TextPrefixCache:
         return self.tokens_at_block[selected, :length], self.pool_index[selected]
 
 
-def keep_token_count(num_tokens: int, drop_ratio: float) -> int:
-    """Tokens kept per image: the class token plus round((L-1)*(1-drop_ratio)) patches (>= 1)."""
+def keep_token_count(num_tokens: int, drop_ratio: float, prefix: int = 1) -> int:
+    """Tokens kept per image: the ``prefix`` class / register tokens plus round(patches*(1-drop_ratio))
+    patches (>= 1)."""
     if not 0.0 <= drop_ratio < 1.0:
         raise ValueError(f"drop_ratio must be in [0, 1), got {drop_ratio}")
-    patches = num_tokens - 1
-    return 1 + max(1, int(round(patches * (1.0 - drop_ratio)))) if patches > 0 else 1
+    patches = num_tokens - prefix
+    return prefix + max(1, int(round(patches * (1.0 - drop_ratio)))) if patches > 0 else prefix
 
 
 class ImagePrefixCache:
@@ -98,13 +100,16 @@ class ImagePrefixCache:
         total = len(item_indices)
         store = None
         labels = torch.empty(total, dtype=torch.long)
+        image = model_towers(model)[0]
+        if drop_ratio > 0 and image.token_dropping_off_reason() is not None:
+            raise ValueError(f"token dropping is not possible for this model: {image.token_dropping_off_reason()}")
         for images, batch_labels, indices in tqdm(loader, desc=description, disable=not progress, leave=False):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 x = towers.image_stem(model, images)
                 x = towers.image_blocks(model, x, 0, skip_layers)
             if drop_ratio > 0:
-                x = _drop_patch_tokens(x, drop_ratio, generator)
+                x = _drop_patch_tokens(x, drop_ratio, generator, image.prefix_tokens)
             if store is None:
                 shape = (total,) + tuple(x.shape[1:])
                 nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -119,11 +124,12 @@ class ImagePrefixCache:
         return cls(store, labels, device, row_of)
 
 
-def _drop_patch_tokens(x, drop_ratio: float, generator):
+def _drop_patch_tokens(x, drop_ratio: float, generator, prefix: int = 1):
     batch, length, _ = x.shape
-    keep = keep_token_count(length, drop_ratio)
-    scores = torch.rand(batch, length - 1, generator=generator).to(x.device)
-    patch_idx = scores.topk(keep - 1, dim=1).indices.sort(dim=1).values + 1  # keep spatial order
-    cls_idx = torch.zeros(batch, 1, dtype=torch.long, device=x.device)  # class token: never dropped
-    idx = torch.cat([cls_idx, patch_idx], dim=1)
+    keep = keep_token_count(length, drop_ratio, prefix)
+    scores = torch.rand(batch, length - prefix, generator=generator).to(x.device)
+    patch_idx = scores.topk(keep - prefix, dim=1).indices.sort(dim=1).values + prefix  # keep spatial order
+    # class / register tokens: never dropped
+    prefix_idx = torch.arange(prefix, device=x.device).expand(batch, prefix)
+    idx = torch.cat([prefix_idx, patch_idx], dim=1)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

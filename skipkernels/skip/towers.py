@@ -1,95 +1,108 @@
 """The two CLIP towers cut at a block index, for LSkip's frozen prefix and trainable suffix.
 
-Image: stem (patch conv, class token, positional embedding, patch dropout, ln_pre) -> blocks ->
-pool + ln_post -> proj. Text: token + positional embedding -> causal blocks -> ln_final -> pool
-at the model's own pooling position -> text_projection.
+Image: stem -> blocks -> pool + norm -> projection; text: token + positional embedding -> blocks
+(causal, or bidirectional for SigLIP) -> final norm -> pool at the model's own pooling position ->
+projection. Where each family keeps these parts: ``skipkernels.families``.
 
-Two exact savings live here (DESIGN.md section 3):
-- text truncation: attention is causal and the text is pooled at one position per prompt, so
-  tokens after the last pooled position of a set of prompts never influence it; those prompts
-  run on the prefix [0, T) with T = that position + 1, padded to a multiple of 8;
-- last-block pruning: after the final block only the pooled token is read (CLS for 'tok'
-  pooling, the EOT/EOS position for text), so that block computes only that row's query,
-  residual and MLP. Both switch off where pooling reads more than one token (e.g. 'avg').
+Two exact savings live here (DESIGN.md section 3), each only where it is exact:
+- text truncation: under a causal mask with the text pooled at one position per prompt, tokens
+  after the last pooled position of a set of prompts never influence it; those prompts run on
+  the prefix [0, T) with T = that position + 1, padded to a multiple of 8. Off without a causal
+  mask or for 'last' pooling (SigLIP);
+- last-block pruning: after the final block only the pooled token is read (CLS for 'token'
+  pooling, the EOT/EOS/last position for text), so that block computes only that row's query,
+  residual and MLP. Off where pooling reads more than one token ('avg', attention pooling 'map').
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from skipkernels.ops.block import block_forward, blocks_forward
-from skipkernels.patch import clip_towers
+from skipkernels.families import model_towers
+from skipkernels.ops.block import block_forward, blocks_forward, unsupported_reason
 
 TEXT_PAD_MULTIPLE = 8
 
 
 def check_skip_layers(model, skip_layers: int) -> None:
-    image_blocks, text_blocks = clip_towers(model)
-    depth = min(len(image_blocks), len(text_blocks))
+    image, text = model_towers(model)
+    depth = min(len(image.blocks), len(text.blocks))
     if not isinstance(skip_layers, int) or isinstance(skip_layers, bool):
         raise TypeError(f"skip_layers must be an int, got {type(skip_layers).__name__}")
     if not 0 <= skip_layers < depth:
         raise ValueError(f"skip_layers must be in [0, {depth}) for this model (image tower "
-                         f"{len(image_blocks)} blocks, text tower {len(text_blocks)} blocks), got {skip_layers}")
+                         f"{len(image.blocks)} blocks, text tower {len(text.blocks)} blocks), got {skip_layers}")
 
 
-def run_blocks(blocks, x, causal: bool = False, prune_index=None):
-    """Blocks through the op layer; blocks holding parameter-efficient modules (``skipkernels.pet``)
-    run as modules, since the op layer reads weights directly and would bypass them. Those blocks
-    are not pruned: the full last block runs and the pooled rows are taken after it."""
+def fused_block(block) -> bool:
+    """Whether the op layer computes ``block``: an open_clip block it knows, without PET modules
+    (the op layer reads weights directly and would bypass them)."""
     from skipkernels.pet import block_has_pet
+    return unsupported_reason(block) is None and not block_has_pet(block)
+
+
+def run_blocks(blocks, x, causal: bool = False, prune_index=None, block_kwargs=None):
+    """The one route through blocks: the op layer for the blocks it computes (``fused_block``),
+    every other block through its own forward with ``block_kwargs`` (e.g. Eva's rotary embedding).
+    A last block that runs its own forward is not pruned: it runs in full and the pooled rows
+    are taken after it."""
     blocks = list(blocks)
-    if not any(block_has_pet(b) for b in blocks):
+    if all(fused_block(b) for b in blocks):
         return blocks_forward(blocks, x, causal=causal, prune_last_index=prune_index)
-    mask = None
+    kwargs = dict(block_kwargs or {})
     if causal:  # open_clip's additive causal mask, for the blocks that run as modules
         length = x.shape[1]
-        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+        kwargs["attn_mask"] = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1
-        if block_has_pet(block):
-            x = block(x, attn_mask=mask)
+        if fused_block(block):
+            x = block_forward(block, x, causal=causal, query_index=prune_index if last else None)
+        else:
+            x = block(x, **kwargs)
             if last and prune_index is not None:
                 x = x[torch.arange(x.shape[0], device=x.device), prune_index].unsqueeze(1)
-        else:
-            x = block_forward(block, x, causal=causal, query_index=prune_index if last else None)
     return x
+
+
+def _off_reason(blocks, reason: str | None) -> str | None:
+    if reason is None and len(blocks) and not fused_block(blocks[-1]):
+        return f"the last block ({type(blocks[-1]).__name__}) runs its own forward"
+    return reason
 
 
 # ----------------------------------------------------------------------------------- image
 def image_depth(model) -> int:
-    return len(model.visual.transformer.resblocks)
+    return len(model_towers(model)[0].blocks)
+
+
+def image_pruning_off_reason(model) -> str | None:
+    """Why last-block pruning does not apply to the image tower (None: it applies)."""
+    image = model_towers(model)[0]
+    return _off_reason(image.blocks, image.pruning_off_reason())
 
 
 def image_prunable(model) -> bool:
-    visual = model.visual
-    return getattr(visual, "attn_pool", None) is None and visual.pool_type == "tok"
+    return image_pruning_off_reason(model) is None
 
 
 def image_stem(model, images):
-    return model.visual._embeds(images)
+    return model_towers(model)[0].stem(images)
 
 
 def image_blocks(model, x, start: int, stop: int, prune_last: bool = False):
-    blocks = model.visual.transformer.resblocks[start:stop]
+    image = model_towers(model)[0]
+    blocks = image.blocks[start:stop]
     if len(blocks) == 0:
         return x
     prune = None
-    if prune_last and stop == image_depth(model) and image_prunable(model):
+    if prune_last and stop == len(image.blocks) and image_prunable(model):
         prune = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS row
-    return run_blocks(blocks, x, prune_index=prune)
+    return run_blocks(blocks, x, prune_index=prune, block_kwargs=image.block_kwargs())
 
 
 def image_head(model, x):
-    """Pool, ln_post and project the output of the last block ((B, L, D) or the pruned (B, 1, D))."""
-    visual = model.visual
-    if x.shape[1] == 1 and image_prunable(model):
-        pooled = visual.ln_post(x[:, 0])
-    else:
-        pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return pooled
+    """Pool, norm and project the output of the last block ((B, L, D) or the pruned (B, 1, D))."""
+    return model_towers(model)[0].head(x)
 
 
 def encode_image_from(model, x, start: int, prune_last: bool = True):
@@ -104,20 +117,31 @@ def encode_image(model, images, prune_last: bool = True):
 
 # ------------------------------------------------------------------------------------ text
 def text_depth(model) -> int:
-    return len(model.transformer.resblocks)
+    return len(model_towers(model)[1].blocks)
+
+
+def text_truncation_off_reason(model) -> str | None:
+    """Why text truncation does not apply (None: it applies)."""
+    return model_towers(model)[1].truncation_off_reason()
+
+
+def text_pruning_off_reason(model) -> str | None:
+    """Why last-block pruning does not apply to the text tower (None: it applies)."""
+    text = model_towers(model)[1]
+    return _off_reason(text.blocks, text.pruning_off_reason())
 
 
 def text_pool_index(model, tokens) -> torch.Tensor:
     """Position each prompt is pooled at, by the model's own rule (not a blanket argmax)."""
-    pool = getattr(model, "text_pool_type", "argmax")
+    text = model_towers(model)[1]
+    pool = text.pool_type
     length = tokens.shape[1]
     if pool == "argmax":
         return tokens.argmax(dim=-1)
     if pool == "eos":
-        eos = getattr(model, "text_eos_id", None)
-        if eos is None:
+        if text.eos_id is None:
             raise ValueError("text pool type 'eos' needs the model's text_eos_id")
-        return (tokens == eos).int().argmax(dim=-1)
+        return (tokens == text.eos_id).int().argmax(dim=-1)
     if pool == "first":
         return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
     if pool == "last":
@@ -132,32 +156,45 @@ def truncated_length(pool_index, context_length: int) -> int:
     return min(padded, context_length)
 
 
+def token_embedding(model) -> nn.Embedding:
+    return model_towers(model)[1].token_embedding
+
+
+def text_context_length(model) -> int:
+    return model_towers(model)[1].positional_embedding.shape[0]
+
+
 def text_embed(model, tokens, prompt_embeddings=None):
     """Token + positional embedding of ``tokens`` (C, T); ``prompt_embeddings`` replaces the
     token embeddings when given (CoOp's learned context)."""
-    cast_dtype = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens) if prompt_embeddings is None else prompt_embeddings
+    text = model_towers(model)[1]
+    cast_dtype = text.cast_dtype()
+    x = text.token_embedding(tokens) if prompt_embeddings is None else prompt_embeddings
     x = x.to(cast_dtype)
-    return x + model.positional_embedding[: tokens.shape[1]].to(cast_dtype)
+    return x + text.positional_embedding[: tokens.shape[1]].to(cast_dtype)
 
 
 def text_blocks(model, x, start: int, stop: int, pool_index=None):
-    """Causal blocks [start, stop); with ``pool_index`` and ``stop`` = depth the last is pruned."""
-    blocks = model.transformer.resblocks[start:stop]
+    """Blocks [start, stop); with ``pool_index`` and ``stop`` = depth the last is pruned."""
+    text = model_towers(model)[1]
+    blocks = text.blocks[start:stop]
     if len(blocks) == 0:
         return x
-    prune = pool_index if (pool_index is not None and stop == text_depth(model)) else None
-    return run_blocks(blocks, x, causal=True, prune_index=prune)
+    if text.mask_kind == "custom":
+        raise ValueError("text attention masks other than causal or none are not supported")
+    prune = pool_index if (pool_index is not None and stop == len(text.blocks)) else None
+    return run_blocks(blocks, x, causal=text.causal, prune_index=prune)
 
 
 def text_head(model, x, pool_index):
-    """ln_final, pool and project; ``x`` is (C, T, D) or the pruned (C, 1, D)."""
+    """Final norm, pool and project; ``x`` is (C, T, D) or the pruned (C, 1, D)."""
+    text = model_towers(model)[1]
     if x.shape[1] == 1:  # pruned last block (or a one-token prompt): the row is the pooled token
-        pooled = model.ln_final(x[:, 0])
+        pooled = text.ln_final(x[:, 0])
     else:
         rows = torch.arange(x.shape[0], device=x.device)
-        pooled = model.ln_final(x[rows, pool_index])
-    projection = model.text_projection
+        pooled = text.ln_final(x[rows, pool_index])
+    projection = text.text_projection
     if projection is not None:
         pooled = projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection
     return pooled
@@ -166,14 +203,17 @@ def text_head(model, x, pool_index):
 def encode_text_from(model, x, start: int, pool_index, prune_last: bool = True):
     """Text features from the tokens entering block ``start``."""
     depth = text_depth(model)
+    prune_last = prune_last and text_pruning_off_reason(model) is None
     out = text_blocks(model, x, start, depth, pool_index if prune_last else None)
     return text_head(model, out, pool_index)
 
 
 def encode_text(model, tokens, prompt_embeddings=None, truncate: bool = True, prune_last: bool = True):
     """Text features of ``tokens`` (C, L) through the whole tower, truncated to the longest prompt
-    (exact, see the module docstring); ``prompt_embeddings`` replace the token embeddings (CoOp)."""
+    where that is exact (see the module docstring); ``prompt_embeddings`` replace the token
+    embeddings (CoOp)."""
     pool_index = text_pool_index(model, tokens)
+    truncate = truncate and text_truncation_off_reason(model) is None
     length = truncated_length(pool_index.cpu(), tokens.shape[1]) if truncate else tokens.shape[1]
     emb = None if prompt_embeddings is None else prompt_embeddings[:, :length]
     x = text_embed(model, tokens[:, :length], emb)

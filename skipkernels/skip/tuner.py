@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from skipkernels.families import model_towers
 from skipkernels.ops.subset_ce import subset_logits_ce
-from skipkernels.patch import clip_towers
 from skipkernels.skip import towers
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
@@ -79,19 +79,47 @@ class SkipConfig:
         return self.mode in ("skip", "cskip")
 
 
+def exact_savings(model, config: SkipConfig) -> dict:
+    """Each exact saving: "on", or "off (why)" where the config turns it off or it would not be exact
+    for this model (e.g. SigLIP's bidirectional text pooled at the last position, 'map' pooling)."""
+    checks = {
+        "text truncation": (config.truncate_text, towers.text_truncation_off_reason),
+        "image last-block pruning": (config.prune_last_block, towers.image_pruning_off_reason),
+        "text last-block pruning": (config.prune_last_block, towers.text_pruning_off_reason),
+    }
+    out = {}
+    for name, (wanted, off_reason) in checks.items():
+        reason = off_reason(model) if wanted else "turned off in the config"
+        out[name] = "on" if reason is None else f"off ({reason})"
+    return out
+
+
+def check_tokens(model, tokens) -> None:
+    """The tokenizer must fit the model: ids inside its vocabulary, length its context."""
+    embedding = towers.token_embedding(model)
+    context = towers.text_context_length(model)
+    if tokens.shape[1] > context:
+        raise ValueError(f"the tokenizer makes sequences of {tokens.shape[1]} tokens but the model's text context "
+                         f"is {context}: create it with context_length={context}")
+    if tokens.numel() and int(tokens.max()) >= embedding.num_embeddings:
+        raise ValueError(f"the tokenizer makes token id {int(tokens.max())} but the model's vocabulary has "
+                         f"{embedding.num_embeddings} tokens: use the model's own tokenizer")
+
+
 class PromptLearner(nn.Module):
     """CoOp's shared context: ``n_ctx`` learned vectors replacing placeholder tokens 1..n_ctx."""
 
     def __init__(self, model, tokenizer, n_ctx: int, init: str | None):
         super().__init__()
-        width = model.token_embedding.weight.shape[1]
+        embedding = towers.token_embedding(model)
+        width = embedding.weight.shape[1]
         ctx = torch.empty(n_ctx, width).normal_(std=0.02)
         if init:
-            init_tokens = tokenizer([init])[0].to(model.token_embedding.weight.device)
+            init_tokens = tokenizer([init])[0].to(embedding.weight.device)
             n_init = int(towers.text_pool_index(model, init_tokens[None])[0]) - 1  # words between SOT and EOT
             if n_init == n_ctx:
                 with torch.no_grad():
-                    ctx = model.token_embedding(init_tokens[1:1 + n_ctx]).float().cpu()
+                    ctx = embedding(init_tokens[1:1 + n_ctx]).float().cpu()
         self.ctx = nn.Parameter(ctx)
         self.n_ctx = n_ctx
         self.tokenizer = tokenizer
@@ -101,7 +129,7 @@ class PromptLearner(nn.Module):
         return self.tokenizer([f"{placeholder} {name}." for name in classnames])
 
     def embeddings(self, model, tokens):
-        emb = model.token_embedding(tokens)
+        emb = towers.token_embedding(model)(tokens)
         ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         return torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)
 
@@ -119,7 +147,17 @@ class SkipTuner(nn.Module):
             config = SkipConfig(**overrides)
         elif overrides:
             config = dataclasses.replace(config, **overrides)
-        clip_towers(model)  # clear errors for non-CLIP / unsupported towers
+        image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
+        if text_tower.mask_kind == "custom":
+            raise ValueError("text attention masks other than causal or none are not supported")
+        if config.pet_method is not None:
+            from skipkernels.pet.layouts import CLIP_BLOCKS
+            foreign = {type(b).__name__ for t in (image_tower, text_tower) for b in t.blocks} - set(CLIP_BLOCKS)
+            if foreign:  # apply_pet would silently leave those blocks without modules
+                raise ValueError(f"PET methods attach to open_clip's transformer blocks; this model's "
+                                 f"{', '.join(sorted(foreign))} blocks would get none")
+        if config.drop_ratio > 0 and image_tower.token_dropping_off_reason() is not None:
+            raise ValueError(f"drop_ratio > 0 is not possible for this model: {image_tower.token_dropping_off_reason()}")
         classnames = list(classnames) if classnames is not None else []
         if not classnames:
             raise ValueError("classnames is empty: SkipTuner needs at least one class")
@@ -138,6 +176,7 @@ class SkipTuner(nn.Module):
         self.device = next(model.parameters()).device
         self.cache_dtype = self._cache_dtype()
         self.class_tokens = tokenizer([config.template.format(c) for c in classnames]).to(self.device)
+        check_tokens(model, self.class_tokens)
         self.prompt_learner = None
         if config.mode == "coop":
             self.prompt_learner = PromptLearner(model, tokenizer, config.coop_n_ctx, config.coop_init).to(self.device)
@@ -148,6 +187,11 @@ class SkipTuner(nn.Module):
             self.pet = apply_pet(model, trainable_modules_for_mode(config.pet_method, min_block=self.skip_layers))
         else:
             self._set_trainable()
+        # after PET: blocks holding PET modules run their own forward, so they are not pruned
+        self.savings = exact_savings(model, config)
+        self.truncate_text = self.savings["text truncation"] == "on"
+        self.prune_image = self.savings["image last-block pruning"] == "on"
+        self.prune_text = self.savings["text last-block pruning"] == "on"
 
         with torch.no_grad():
             was_training = model.training
@@ -155,7 +199,7 @@ class SkipTuner(nn.Module):
             self.text_cache = None
             if config.uses_lskip:
                 self.text_cache = TextPrefixCache(model, self.class_tokens, self.skip_layers, self.cache_dtype,
-                                                  truncate=config.truncate_text)
+                                                  truncate=self.truncate_text)
             self.skipper = None
             if config.uses_cskip:
                 # Zero-shot prototypes of the pretrained model, computed once before any update.
@@ -180,18 +224,10 @@ class SkipTuner(nn.Module):
         if mode in ("ft", "cskip"):
             for p in model.parameters():
                 p.requires_grad_(True)
-        else:  # LSkip: blocks [omega, L) and the heads of both towers
-            trainable = [model.visual.transformer.resblocks[omega:], model.visual.ln_post,
-                         model.transformer.resblocks[omega:], model.ln_final]
-            for module in trainable:
-                for p in module.parameters():
+        else:  # LSkip: blocks [omega, L) and the heads (norm, pooling, projection) of both towers
+            for tower in model_towers(model):
+                for p in [*tower.blocks[omega:].parameters(), *tower.head_parameters()]:
                     p.requires_grad_(True)
-            for p in (model.visual.proj, model.text_projection):
-                if isinstance(p, nn.Parameter):
-                    p.requires_grad_(True)
-                elif isinstance(p, nn.Module):
-                    for q in p.parameters():
-                        q.requires_grad_(True)
         # logit_scale (and a SigLIP bias, which CE ignores) stay frozen in every mode
         model.logit_scale.requires_grad_(False)
         if getattr(model, "logit_bias", None) is not None:
@@ -221,7 +257,7 @@ class SkipTuner(nn.Module):
 
     def encode_images(self, images, normalize: bool = False):
         """Image features of the current model (the whole tower; last block pruned when exact)."""
-        f = towers.encode_image(self.model, images, self.config.prune_last_block)
+        f = towers.encode_image(self.model, images, self.prune_image)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_classes(self, classnames, normalize: bool = False, batch_size: int = 256):
@@ -240,8 +276,7 @@ class SkipTuner(nn.Module):
         return F.normalize(t, dim=-1) if normalize else t
 
     def _encode_tokens(self, tokens, embeddings=None):
-        return towers.encode_text(self.model, tokens, embeddings, self.config.truncate_text,
-                                  self.config.prune_last_block)
+        return towers.encode_text(self.model, tokens, embeddings, self.truncate_text, self.prune_text)
 
     # ------------------------------------------------------------------ one step
     def image_features_for_step(self, inputs):
@@ -250,8 +285,7 @@ class SkipTuner(nn.Module):
                 return self.encode_images(inputs)
         if self.config.uses_lskip:
             # The cache may be bf16; the residual stream runs in fp32 as in open_clip under autocast.
-            return towers.encode_image_from(self.model, inputs.float(), self.skip_layers,
-                                            self.config.prune_last_block)
+            return towers.encode_image_from(self.model, inputs.float(), self.skip_layers, self.prune_image)
         return self.encode_images(inputs)
 
     def text_features_for_step(self, selected, static: bool = False):
@@ -262,10 +296,10 @@ class SkipTuner(nn.Module):
         if cfg.uses_lskip:
             # static: truncate to the longest prompt of all classes (known at set-up), so the step
             # needs no host copy of the selection; otherwise to the longest selected prompt.
-            dynamic = selected is not None and cfg.truncate_text and not static
+            dynamic = selected is not None and self.truncate_text and not static
             selected_host = selected.cpu() if dynamic else None
             x, pool_index = self.text_cache.gather(selected, selected_host)
-            return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, cfg.prune_last_block)
+            return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, self.prune_text)
         tokens = self.class_tokens if selected is None else self.class_tokens[selected]
         return self._encode_tokens(tokens)
 
@@ -287,7 +321,16 @@ class SkipTuner(nn.Module):
         self.last_selected = selected if selected is not None else torch.arange(len(self.classnames), device=self.device)
         self.last_labels = targets
         scale = self.model.logit_scale.detach().exp().reshape(())
+        # A SigLIP model's logits are scale * cos + logit_bias; the bias is one scalar added to every
+        # logit, which cross-entropy over the subset cancels, so the loss equals CE of the model's own
+        # logits (get_logits) over the subset without adding it.
         return subset_logits_ce(f, t, scale, targets)
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        lines = [f"mode={cfg.mode}, skip_layers={self.skip_layers}, classes={len(self.classnames)}"]
+        lines += [f"{name}: {state}" for name, state in self.savings.items()]
+        return "\n".join(lines)
 
     def check_labels(self, labels) -> None:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):

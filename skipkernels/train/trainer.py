@@ -303,8 +303,10 @@ def export_state_dict(model, path) -> None:
 
 def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | None = None,
              skip: SkipConfig | None = None, train: TrainConfig | None = None, out_dir=None,
-             base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0) -> dict:
-    """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export."""
+             base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0,
+             tokenizer: str | None = None) -> dict:
+    """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export.
+    ``tokenizer``: a tokenizer folder or open_clip name (``skipkernels.models.load_tokenizer``)."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
 
@@ -328,7 +330,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     new_names = [splits.classnames[i] for i in new]
 
     start = time.perf_counter()
-    model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed)
+    model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed, tokenizer=tokenizer)
     patch_clip(model)
     times["model"] = time.perf_counter() - start
 
@@ -361,6 +363,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu rss increase",
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
+        "exact_savings": tuner.savings,
         "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
         "history": trainer.history, "device": str(device),
         "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
