@@ -198,7 +198,13 @@ class TextTower:
 
     @property
     def mask_kind(self) -> str:
-        return _mask_kind(self.holder.attn_mask)
+        if torch.compiler.is_compiling():
+            # Traced code reads the kind the last eager call found: the weak cache and the mask
+            # comparison (a data-dependent read) would each break the graph.
+            return getattr(self.holder, "_skipkernels_mask_kind", "custom")
+        kind = _mask_kind(self.holder.attn_mask)
+        self.holder._skipkernels_mask_kind = kind
+        return kind
 
     @property
     def causal(self) -> bool:
