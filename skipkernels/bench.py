@@ -55,6 +55,7 @@ class Scenario:
     batch: int
     skip_layers: int
     epoch_images: int
+    tokenizer: str | None = None  # None: the model's own (see models.load_tokenizer)
 
     @classmethod
     def default(cls, device: str, quick: bool = False, batch: int | None = None):
@@ -205,9 +206,16 @@ def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, e
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    base_model, tokenizer = create_model(scenario.model, None, device=device, seed=seed)
+    base_model, tokenizer = create_model(scenario.model, None, device=device, seed=seed,
+                                         tokenizer=scenario.tokenizer)
     patch_clip(base_model)
-    runners = [ModeRunner(m, base_model, tokenizer, scenario, device, autocast_dtype) for m in modes]
+    from skipkernels.skip.paper import UnsupportedPaperModel
+    runners, refused = [], {}
+    for mode in modes:
+        try:
+            runners.append(ModeRunner(mode, base_model, tokenizer, scenario, device, autocast_dtype))
+        except UnsupportedPaperModel as err:
+            refused[mode] = {"skipped": str(err)}
     del base_model
     measure = _timer(device)
     same_class = scenario.shots >= 4
@@ -225,7 +233,7 @@ def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, e
     if epoch:
         for r in runners:
             result[r.name].update(_measure_epoch(r, scenario, device, measure, seed))
-    return result
+    return {**result, **refused}
 
 
 def _measure_epoch(runner, scenario, device, measure, seed):
@@ -268,7 +276,7 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
     from skipkernels.patch import patch_clip
     from skipkernels.train.memory import PeakMemory
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    model, tokenizer = create_model(scenario.model, None, device=device, seed=0)
+    model, tokenizer = create_model(scenario.model, None, device=device, seed=0, tokenizer=scenario.tokenizer)
     patch_clip(model)
     runner = ModeRunner(mode, model, tokenizer, scenario, device, autocast_dtype)
     del model
@@ -401,6 +409,8 @@ def run(args) -> dict:
         scenario.model = args.model
     if args.classes:
         scenario.classes = args.classes
+    if args.tokenizer:
+        scenario.tokenizer = args.tokenizer
     if args.epoch_images:
         scenario.epoch_images = args.epoch_images
     requested = [m for m in args.modes.split(",") if m]
@@ -414,7 +424,7 @@ def run(args) -> dict:
     print(f"bench on {device}: {scenario}", flush=True)
     results = measure_time(scenario, modes, device, args.repeats, args.warmup, not args.no_epoch)
     if not args.no_memory:
-        for mode, mem in measure_memory(scenario, modes, device).items():
+        for mode, mem in measure_memory(scenario, [m for m in modes if "step_s" in results[m]], device).items():
             results[mode]["memory"] = mem
     for mode, why in skipped.items():
         results[mode] = {"skipped": why}
@@ -439,6 +449,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny scenario (smoke test)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--model", default=None)
+    p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the model's own)")
     p.add_argument("--classes", type=int, default=None)
     p.add_argument("--epoch-images", type=int, default=None)
     p.add_argument("--repeats", type=int, default=10)

@@ -37,3 +37,13 @@ def test_memory_breakdown_counts_weights_gradients_and_optimizer_state():
     assert abs(parts["gradients"] * mb - trainable) < 1 and abs(parts["optimizer_state"] * mb - trainable) < 1
     assert abs(parts["activations_and_workspace"] - 7) < 1e-9
     assert 0 < parts["caches_and_inputs"] <= 5
+
+
+def test_bench_runs_a_siglip_model_and_says_why_paper_does_not(tmp_path, capsys):
+    assert main(["bench", "--quick", "--model", "skipkernels-tiny-siglip", "--tokenizer", "ViT-B-16",
+                 "--modes", "paper,skip-ref", "--repeats", "1", "--warmup", "0", "--no-memory", "--no-epoch",
+                 "--out", str(tmp_path)]) == 0
+    report = json.loads(next(tmp_path.glob("e2e-cpu-*.json")).read_text())
+    assert report["scenario"]["tokenizer"] == "ViT-B-16"
+    assert "open_clip CLIP models" in report["results"]["paper"]["skipped"]
+    assert report["results"]["skip-ref"]["step_s"]["n"] == 1

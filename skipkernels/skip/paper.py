@@ -40,6 +40,10 @@ def _keep_probabilities(count: int, lam: float) -> torch.Tensor:
     return (pdf - pdf.min()) / (pdf.max() - pdf.min())
 
 
+class UnsupportedPaperModel(ValueError):
+    pass
+
+
 class PaperSkipTuning(nn.Module):
     """``loss(image_tokens, labels)`` of one step; ``image_prefix(images)`` gives the tokens."""
 
@@ -47,6 +51,10 @@ class PaperSkipTuning(nn.Module):
                  max_top: int = 50, lam: float = 0.3, template: str = "a photo of a {}.", seed: int = 0,
                  rank_mask: torch.Tensor | None = None):
         super().__init__()
+        if type(model).__name__ != "CLIP" or not hasattr(model.visual, "transformer"):
+            raise UnsupportedPaperModel(
+                f"the paper-style step runs open_clip CLIP models with their own ViT image tower (the "
+                f"paper's models), not {type(model).__name__} with {type(model.visual).__name__}")
         self.model = model
         self.omega = skip_layers
         self.device = next(model.parameters()).device
