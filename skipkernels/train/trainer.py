@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits
+from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_split_json
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
@@ -316,7 +316,10 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     out_dir = Path(out_dir) if out_dir is not None else None
     times = {}
 
-    splits = load_splits(data_root, dataset)
+    splits = load_splits(data_root, dataset, train.shots, train.seed)
+    if splits.generated and out_dir is not None and distributed.is_main():
+        # the split drawn from a plain image folder; --data <this file> repeats the run exactly
+        write_split_json(splits, out_dir / f"split_zhou_{splits.name}.json")
     if base_to_new:
         base, new = base_new_labels(len(splits.classnames))
     else:
