@@ -19,7 +19,7 @@ from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches,
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train import checkpoint, distributed
-from skipkernels.train.evaluate import accuracy, harmonic_mean
+from skipkernels.train.evaluate import class_group, evaluate_groups
 from skipkernels.train.memory import PeakMemory
 from skipkernels.train.schedule import set_epoch_lr
 
@@ -83,7 +83,7 @@ def protocol_epochs(dataset: str, epochs: int) -> int:
     return max(1, epochs // 4) if dataset in QUARTER_EPOCH_DATASETS else epochs
 
 
-def _autocast_dtype(amp, device):
+def autocast_dtype_for(amp, device):
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -130,7 +130,7 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.model_name = model_name
         self.device = tuner.device
-        self.autocast_dtype = _autocast_dtype(config.amp, self.device)
+        self.autocast_dtype = autocast_dtype_for(config.amp, self.device)
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             torch.backends.cudnn.benchmark = False
@@ -303,8 +303,10 @@ def export_state_dict(model, path) -> None:
 
 def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | None = None,
              skip: SkipConfig | None = None, train: TrainConfig | None = None, out_dir=None,
-             base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0) -> dict:
-    """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export."""
+             base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0,
+             zero_shot: bool = False) -> dict:
+    """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export.
+    ``zero_shot``: also evaluate the model before training (results' zero_shot_accuracy, gain)."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
 
@@ -325,15 +327,25 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     else:
         base, new = list(range(len(splits.classnames))), []
     train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
-    test_base = subset_classes(splits.test, base)
-    test_new = subset_classes(splits.test, new)
-    base_names = [splits.classnames[i] for i in base]
-    new_names = [splits.classnames[i] for i in new]
+    test_groups = {"base": class_group(splits.test, splits.classnames, base)}
+    if new:
+        test_groups["new"] = class_group(splits.test, splits.classnames, new)
+    base_names = test_groups["base"][1]
 
     start = time.perf_counter()
     model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed)
     patch_clip(model)
     times["model"] = time.perf_counter() - start
+    autocast_dtype = autocast_dtype_for(train.amp, device)
+
+    zero_shot_acc = None
+    if zero_shot:  # the model before any update, with the plain template: the gain's baseline
+        start = time.perf_counter()
+        zero_shot_tuner = SkipTuner(model, base_names, tokenizer, mode="ft", template=skip.template)
+        zero_shot_acc = evaluate_groups(zero_shot_tuner, test_groups, train.eval_batch_size, train.workers,
+                                        autocast_dtype, train.progress, "zero-shot")
+        del zero_shot_tuner
+        times["zero_shot_eval"] = time.perf_counter() - start
 
     start = time.perf_counter()
     tuner = SkipTuner(model, base_names, tokenizer, skip)
@@ -346,20 +358,17 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     finished = len(trainer.history) >= train.epochs
 
     start = time.perf_counter()
-    autocast_dtype = _autocast_dtype(train.amp, device)
     acc = {}
     if finished:
-        acc["base"] = accuracy(tuner, test_base, base_names, train.eval_batch_size, train.workers, autocast_dtype,
-                               train.progress, "eval base")
-        if new:
-            acc["new"] = accuracy(tuner, test_new, new_names, train.eval_batch_size, train.workers, autocast_dtype,
-                                  train.progress, "eval new")
-            acc["hm"] = harmonic_mean(acc["base"], acc["new"])
+        acc = evaluate_groups(tuner, test_groups, train.eval_batch_size, train.workers, autocast_dtype,
+                              train.progress)
     times["eval"] = time.perf_counter() - start
 
     results = {
         "dataset": splits.name, "model": model_name, "pretrained": pretrained, "mode": skip.mode,
         "finished": finished, "resumed": resumed, "accuracy": acc, "time_s": times,
+        "zero_shot_accuracy": zero_shot_acc,
+        "gain": {k: acc[k] - zero_shot_acc[k] for k in acc} if zero_shot_acc and acc else None,
         "peak_train_memory_mb": trainer.peak_train_bytes / 2**20,
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu rss increase",
         "cache_mb": trainer.cache_bytes / 2**20,
