@@ -77,8 +77,10 @@ def cmd_finetune(args) -> int:
     if data is None:
         data, args.dataset = ensure_synthetic(), "synthetic"
     results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
-                       base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume)
-    print(json.dumps({"accuracy": results["accuracy"], "time_s": results["time_s"],
+                       base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume,
+                       zero_shot=args.zero_shot)
+    print(json.dumps({"accuracy": results["accuracy"], "zero_shot_accuracy": results["zero_shot_accuracy"],
+                      "gain": results["gain"], "time_s": results["time_s"],
                       "peak_train_memory_mb": results["peak_train_memory_mb"]}, indent=2))
     from skipkernels.train import distributed
     if distributed.is_main():
@@ -86,32 +88,61 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _device(name):
     import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _weights_note(args) -> None:
+    if not args.checkpoint and not args.pretrained:
+        print(f"note: neither --checkpoint nor --pretrained given: {args.model or 'the model'} has random weights",
+              file=sys.stderr)
+
+
+def cmd_eval(args) -> int:
     from skipkernels.data.coop import load_splits
-    from skipkernels.data.fewshot import base_new_labels, subset_classes
-    from skipkernels.models import create_model
-    from skipkernels.patch import patch_clip
-    from skipkernels.skip.tuner import SkipTuner
-    from skipkernels.train.evaluate import accuracy, harmonic_mean
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    splits = load_splits(args.data, args.dataset)
-    model, tokenizer = create_model(args.model, args.checkpoint, device=device)
-    patch_clip(model)
+    from skipkernels.data.fewshot import base_new_labels
+    from skipkernels.predict import load_classifier
+    from skipkernels.train.evaluate import class_group, evaluate_groups
+    from skipkernels.train.trainer import autocast_dtype_for
+    device = _device(args.device)
+    splits = load_splits(args.data, args.dataset, args.shots, args.seed)
     base, new = base_new_labels(len(splits.classnames))
-    groups = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
+    labels = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
     wanted = ["base", "new"] if args.classes == "base2new" else [args.classes]
-    out = {}
-    for group in wanted:
-        labels = groups[group]
-        names = [splits.classnames[i] for i in labels]
-        tuner = SkipTuner(model, names, tokenizer, mode="ft", template=args.template)
-        autocast = torch.bfloat16 if device.type == "cuda" else None
-        out[group] = accuracy(tuner, subset_classes(splits.test, labels), names, autocast_dtype=autocast,
-                              progress=not args.no_progress, description=f"eval {group}")
-    if args.classes == "base2new":
-        out["hm"] = harmonic_mean(out["base"], out["new"])
+    groups = {group: class_group(splits.test, splits.classnames, labels[group]) for group in wanted}
+    _weights_note(args)
+    tuner = load_classifier(splits.classnames, args.model, args.checkpoint, args.pretrained, device, args.template)
+    out = evaluate_groups(tuner, groups, autocast_dtype=autocast_dtype_for("auto", device),
+                          progress=not args.no_progress)
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from skipkernels.predict import (check_output_path, collect_images, format_predictions, load_classifier,
+                                     predict, read_classnames, write_predictions)
+    from skipkernels.train.trainer import autocast_dtype_for
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    for path in args.out:  # before any work
+        check_output_path(path)
+    classnames = read_classnames(args.classes)
+    images = collect_images(args.images)
+    device = _device(args.device)
+    _weights_note(args)
+    tuner = load_classifier(classnames, args.model, args.checkpoint, args.pretrained, device, args.template)
+    predictions = predict(tuner, images, classnames, args.top_k, args.batch_size, args.workers,
+                          autocast_dtype_for("auto", device), progress=not args.no_progress)
+    print(format_predictions(predictions))
+    for path in args.out:
+        write_predictions(predictions, path)
+        print(f"saved: {path}")
     return 0
 
 
@@ -178,6 +209,17 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="open_clip model name (default: the run's when --checkpoint is a "
+                                                 "finetune folder, else ViT-B-16)")
+    p.add_argument("--checkpoint", default=None, help="tuned model: a finetune --out folder (PET and CoOp parts "
+                                                      "included) or its model.pt")
+    p.add_argument("--pretrained", default=None, help="without --checkpoint: open_clip weight name or local path "
+                                                      "(zero-shot)")
+    p.add_argument("--template", default=None, help="prompt template (default: the run's, else 'a photo of a {}.')")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,20 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
     p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="also evaluate the model before training; results.json then shows the gain")
     p.add_argument("--device", default=None)
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="accuracy of a (tuned) model on a dataset's test split")
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("eval", help="accuracy of a tuned or pretrained (zero-shot) model on a dataset's test split")
+    p.add_argument("--data", required=True, help="dataset root, split_zhou_*.json file or image folder")
     p.add_argument("--dataset", default=None)
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--checkpoint", default=None, help="open_clip state_dict (e.g. <out>/model.pt)")
+    _add_model_args(p)
     p.add_argument("--classes", default="base2new", choices=["base2new", "base", "new", "all"])
-    p.add_argument("--template", default="a photo of a {}.")
-    p.add_argument("--device", default=None)
+    p.add_argument("--shots", type=int, default=16, help="image folders: the split's shots (as in finetune)")
+    p.add_argument("--seed", type=int, default=1, help="image folders: the split's seed (as in finetune)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of images with a tuned or pretrained model")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--classes", required=True, help="a text file with one class per line, or a comma-separated list")
+    _add_model_args(p)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", action="append", default=[], help="write the predictions to a .csv or .json file "
+                                                              "(repeat for both)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="FT vs Skip Tuning on the embedded synthetic set with a small random CLIP")
     p.add_argument("--modes", default="ft,skip")

@@ -29,9 +29,9 @@ def is_image_folder(folder: Path) -> bool:
     return folder.is_dir() and not any(folder.glob("split_zhou_*.json")) and bool(_visible_dirs(folder))
 
 
-def class_images(class_dir: Path) -> list[Path]:
-    """Image files under a class folder (sub-folders included), by extension, in sorted order."""
-    return sorted(p for p in class_dir.rglob("*")
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (sub-folders included), by extension, in sorted order."""
+    return sorted(p for p in folder.rglob("*")
                   if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
 
 
@@ -85,7 +85,7 @@ def image_folder_splits(folder, shots: int, seed: int) -> Splits:
                            f"(underscores become spaces) or give names in {CLASSNAMES_FILE}")
     parts: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
     for label, class_dir in enumerate(class_dirs):
-        files = class_images(class_dir)
+        files = image_files(class_dir)
         if not files:
             raise DatasetError(f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         minimum = shots + 1 if shots > 0 else 2
