@@ -16,6 +16,7 @@ from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_spl
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
+from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train import checkpoint, distributed
@@ -146,6 +147,7 @@ class Trainer:
                                          lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.start_epoch = 0
         self.history: list[dict] = []
+        self.steps: list[dict] = []  # per step: METRICS_COLUMNS of skipkernels.plots (this rank's loss)
         self.times = {"cache": 0.0, "train": 0.0}
         self.peak_train_bytes = 0
         self.cache_bytes = 0
@@ -170,7 +172,7 @@ class Trainer:
         state = {"epoch": epoch_done, "signature": self.signature,
                  "trainable": {n: p.detach().cpu() for n, p in self.tuner.trainable_named_parameters()},
                  "optimizer": self.optimizer.state_dict(), "tuner": self.tuner.extra_state(),
-                 "history": self.history, "times": self.times}
+                 "history": self.history, "steps": self.steps, "times": self.times}
         checkpoint.atomic_save(state, self.checkpoint_path)
         distributed.barrier()
 
@@ -195,6 +197,7 @@ class Trainer:
         self.tuner.load_extra_state(state["tuner"])
         self.start_epoch = state["epoch"]
         self.history = state["history"]
+        self.steps = state.get("steps", [])  # checkpoints from before the step log have none
         self.times = state["times"]
         return True
 
@@ -270,6 +273,11 @@ class Trainer:
                     value = loss.item()
                     self._check_finite(value, epoch, step, indices)
                     loss_sum += torch.tensor([value * len(indices), len(indices)], dtype=torch.float64)
+                    # the last parameter group holds the main lr (text tower; the only one in CoOp/PET)
+                    self.steps.append({"step": len(self.steps) + 1, "epoch": epoch + 1, "loss": value,
+                                       "lr": self.optimizer.param_groups[-1]["lr"],
+                                       "time_s": self.times["cache"] + self.times["train"]
+                                       + time.perf_counter() - start})
             loss_sum = distributed.all_reduce_sum(loss_sum)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -396,5 +404,10 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
             if tuner.prompt_learner is not None:
                 checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        write_metrics_csv(trainer.steps, out_dir / "metrics.csv")
+        evaluations = ([{"epoch": 0, **zero_shot_acc}] if zero_shot_acc else []) + \
+            ([{"epoch": len(trainer.history), **acc}] if acc else [])
+        training_chart(trainer.steps, evaluations, out_dir / "training.png",
+                       f"{model_name}, {skip.mode}, {splits.name}")
     distributed.barrier()
     return results
