@@ -321,12 +321,14 @@ def format_table(results: dict, reference: str = "skip-ref") -> str:
 
 
 def chart(results: dict, path: Path, title: str) -> bool:
-    """Median step time and peak memory of every measured mode, as two bar panels."""
+    """Median step time and (when measured) peak memory of every measured mode, as bar panels."""
     from skipkernels.plots import bar_chart
     modes = [m for m, r in results.items() if "step_s" in r]
-    return bar_chart([("median step time (ms)", {m: results[m]["step_s"]["median"] * 1e3 for m in modes}),
-                      ("peak training memory (MB)",
-                       {m: results[m].get("memory", {}).get("peak_mb") or 0.0 for m in modes})], path, title)
+    panels = [("median step time (ms)", {m: results[m]["step_s"]["median"] * 1e3 for m in modes})]
+    if any("memory" in results[m] for m in modes):  # --no-memory: no panel of zeros
+        panels.append(("peak training memory (MB)",
+                       {m: results[m].get("memory", {}).get("peak_mb") or 0.0 for m in modes}))
+    return bar_chart(panels, path, title)
 
 
 def run(args) -> dict:
