@@ -146,15 +146,21 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _megabytes(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def _format_table(rows: list[dict]) -> str:
-    header = f"{'mode':<6} {'base %':>7} {'new %':>7} {'HM':>7} {'train s':>8} {'cache s':>8} " \
+    header = f"{'mode':<6} {'base %':>7} {'new %':>7} {'HM':>7} {'0-shot HM':>9} {'train s':>8} {'cache s':>8} " \
              f"{'peak MB':>8} {'trainable':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
         a = r["accuracy"]
+        zero_shot = (r.get("zero_shot_accuracy") or {}).get("hm")
         lines.append(f"{r['mode']:<6} {a.get('base', 0):7.2f} {a.get('new', 0):7.2f} {a.get('hm', 0):7.2f} "
+                     f"{'n/a' if zero_shot is None else f'{zero_shot:.2f}':>9} "
                      f"{r['time_s']['train']:8.2f} {r['time_s'].get('cache', 0):8.2f} "
-                     f"{r['peak_train_memory_mb']:8.1f} {r['trainable_params']:10,d}")
+                     f"{_megabytes(r['peak_train_memory_mb']):>8} {r['trainable_params']:10,d}")
     return "\n".join(lines)
 
 
@@ -177,7 +183,7 @@ def cmd_demo(args) -> int:
                             progress=not args.no_progress)
         out = Path(args.out) / mode
         result = finetune(root, "synthetic", DEMO["model"], None, skip, train, out, device=args.device,
-                          resume=False)
+                          resume=False, zero_shot=True)
         result["wall_s"] = time.perf_counter() - start
         rows.append(result)
     table = _format_table(rows)
@@ -185,7 +191,7 @@ def cmd_demo(args) -> int:
     print(table)
     device = rows[0]["device"]
     kind = rows[0]["peak_memory_kind"]
-    print(f"\ndevice: {device}; train s excludes LSkip caching (cache s); peak MB: {kind} during training")
+    print(f"\ndevice: {device}; train s excludes LSkip caching (cache s); peak MB during training: {kind}")
     summary = {"demo": DEMO, "rows": rows, "table": table}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "demo.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,6 +1,7 @@
 """Training loop of the paper's protocol with checkpoints, resume, evaluation and a results JSON."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -149,7 +150,7 @@ class Trainer:
         self.history: list[dict] = []
         self.steps: list[dict] = []  # per step: METRICS_COLUMNS of skipkernels.plots (this rank's loss)
         self.times = {"cache": 0.0, "train": 0.0}
-        self.peak_train_bytes = 0
+        self.peak_train_bytes: int | None = None  # None: not measured (CPU)
         self.cache_bytes = 0
         self.signature = _signature(tuner, model_name, config)
         self.step_module = _StepLoss(tuner)
@@ -260,7 +261,10 @@ class Trainer:
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
             loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-item losses, item count
-            with PeakMemory(self.device) as peak:
+            # The peak is the CUDA allocator's. A CPU has no allocator peak to read, and an RSS
+            # delta is not one (the allocator reuses freed memory), so CPU runs report none.
+            measured = self.device.type == "cuda"
+            with PeakMemory(self.device) if measured else contextlib.nullcontext() as peak:
                 for step, (indices, inputs, labels, weight) in enumerate(self._batches(epoch, batches, cache)):
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                         enabled=self.autocast_dtype is not None):
@@ -282,8 +286,8 @@ class Trainer:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.times["train"] += time.perf_counter() - start
-            self.peak_train_bytes = max(self.peak_train_bytes, peak.peak_bytes if self.device.type == "cuda"
-                                        else peak.delta_bytes)
+            if measured:
+                self.peak_train_bytes = max(self.peak_train_bytes or 0, peak.peak_bytes)
             record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
                       "lr": self.optimizer.param_groups[0]["lr"]}
             self.history.append(record)
@@ -377,8 +381,8 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         "finished": finished, "resumed": resumed, "accuracy": acc, "time_s": times,
         "zero_shot_accuracy": zero_shot_acc,
         "gain": {k: acc[k] - zero_shot_acc[k] for k in acc} if zero_shot_acc and acc else None,
-        "peak_train_memory_mb": trainer.peak_train_bytes / 2**20,
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu rss increase",
+        "peak_train_memory_mb": None if trainer.peak_train_bytes is None else trainer.peak_train_bytes / 2**20,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "not measured on CPU",
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
         "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
