@@ -22,10 +22,15 @@ from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train import checkpoint, distributed
 from skipkernels.train.evaluate import class_group, evaluate_groups
-from skipkernels.train.memory import PeakMemory
+from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.schedule import set_epoch_lr
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MEMORY_PROBE_STEPS = 4  # CPU peak memory window; from step 2 on, gradients, momentum and activations coexist
+PEAK_MEMORY_KINDS = {
+    "cuda": "cuda max_memory_allocated",
+    "cpu": f"cpu allocator peak in the first {MEMORY_PROBE_STEPS} steps above the level before them (torch.profiler)",
+}
 
 
 class _StepLoss(torch.nn.Module):
@@ -150,7 +155,7 @@ class Trainer:
         self.history: list[dict] = []
         self.steps: list[dict] = []  # per step: METRICS_COLUMNS of skipkernels.plots (this rank's loss)
         self.times = {"cache": 0.0, "train": 0.0}
-        self.peak_train_bytes: int | None = None  # None: not measured (CPU)
+        self.peak_train_bytes: int | None = None  # None: not measured
         self.cache_bytes = 0
         self.signature = _signature(tuner, model_name, config)
         self.step_module = _StepLoss(tuner)
@@ -261,10 +266,13 @@ class Trainer:
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
             loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-item losses, item count
-            # The peak is the CUDA allocator's. A CPU has no allocator peak to read, and an RSS
-            # delta is not one (the allocator reuses freed memory), so CPU runs report none.
-            measured = self.device.type == "cuda"
-            with PeakMemory(self.device) if measured else contextlib.nullcontext() as peak:
+            # CUDA: the allocator's peak over every epoch. CPU: the allocator's peak over the first
+            # steps this process trains, from the profiler's allocation events (an RSS delta would
+            # not be one: the allocator reuses freed memory); the profiler's own time is left out.
+            cpu_probe = CpuAllocatorPeak(MEMORY_PROBE_STEPS) \
+                if self.device.type == "cpu" and epoch == self.start_epoch else None
+            meter = PeakMemory(self.device) if self.device.type == "cuda" else cpu_probe or contextlib.nullcontext()
+            with meter:
                 for step, (indices, inputs, labels, weight) in enumerate(self._batches(epoch, batches, cache)):
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                         enabled=self.autocast_dtype is not None):
@@ -277,17 +285,22 @@ class Trainer:
                     value = loss.item()
                     self._check_finite(value, epoch, step, indices)
                     loss_sum += torch.tensor([value * len(indices), len(indices)], dtype=torch.float64)
+                    if cpu_probe is not None:
+                        cpu_probe.step_done()
+                    probe_s = cpu_probe.overhead_s if cpu_probe is not None else 0.0
                     # the last parameter group holds the main lr (text tower; the only one in CoOp/PET)
                     self.steps.append({"step": len(self.steps) + 1, "epoch": epoch + 1, "loss": value,
                                        "lr": self.optimizer.param_groups[-1]["lr"],
                                        "time_s": self.times["cache"] + self.times["train"]
-                                       + time.perf_counter() - start})
+                                       + time.perf_counter() - start - probe_s})
             loss_sum = distributed.all_reduce_sum(loss_sum)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            self.times["train"] += time.perf_counter() - start
-            if measured:
-                self.peak_train_bytes = max(self.peak_train_bytes or 0, peak.peak_bytes)
+            self.times["train"] += time.perf_counter() - start - (cpu_probe.overhead_s if cpu_probe else 0.0)
+            if self.device.type == "cuda":
+                self.peak_train_bytes = max(self.peak_train_bytes or 0, meter.peak_bytes)
+            elif cpu_probe is not None:
+                self.peak_train_bytes = cpu_probe.peak_bytes
             record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
                       "lr": self.optimizer.param_groups[0]["lr"]}
             self.history.append(record)
@@ -382,7 +395,8 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         "zero_shot_accuracy": zero_shot_acc,
         "gain": {k: acc[k] - zero_shot_acc[k] for k in acc} if zero_shot_acc and acc else None,
         "peak_train_memory_mb": None if trainer.peak_train_bytes is None else trainer.peak_train_bytes / 2**20,
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "not measured on CPU",
+        "peak_memory_kind": PEAK_MEMORY_KINDS[device.type] if trainer.peak_train_bytes is not None
+        else "not measured",
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
         "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
