@@ -48,6 +48,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only (torch.use_deterministic_algorithms)")
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--eval-every", type=int, default=t.eval_every,
+                   help="also evaluate every N epochs (history and training.png); 0: only at the end")
     p.add_argument("--workers", type=int, default=t.workers)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--no-progress", action="store_true")
@@ -65,7 +67,8 @@ def _configs(args):
                         momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                         warmup_lr=args.warmup_lr, shots=args.shots, seed=args.seed, workers=args.workers,
                         same_class_batches=False if args.mixed_batches else None, deterministic=args.deterministic,
-                        amp=None if args.amp == "none" else args.amp, progress=not args.no_progress)
+                        amp=None if args.amp == "none" else args.amp, progress=not args.no_progress,
+                        eval_every=args.eval_every)
     return skip, train
 
 

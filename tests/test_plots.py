@@ -30,8 +30,11 @@ def _valid_png(path):
 
 def test_finetune_writes_metrics_csv_and_training_png(synthetic_root, tmp_path):
     skip, train = SkipConfig(mode="skip", skip_layers=2), TrainConfig(epochs=2, **FAST)
-    finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip, train=train, out_dir=tmp_path / "straight",
-             zero_shot=True)
+    straight = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip,
+                        train=TrainConfig(epochs=2, eval_every=1, **FAST), out_dir=tmp_path / "straight",
+                        zero_shot=True)
+    assert set(straight["history"][0]["accuracy"]) == {"base", "new", "hm"}  # evaluated after epoch 1
+    assert "accuracy" not in straight["history"][1]  # the last epoch's is the run's accuracy
     columns, rows = _rows(tmp_path / "straight" / "metrics.csv")
     assert tuple(columns) == METRICS_COLUMNS
     assert [int(r["step"]) for r in rows] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
@@ -43,7 +46,8 @@ def test_finetune_writes_metrics_csv_and_training_png(synthetic_root, tmp_path):
     fmt, (width, height) = _valid_png(tmp_path / "straight" / "training.png")
     assert fmt == "PNG" and width > 2.5 * height  # three panels side by side: loss, lr, accuracy
 
-    # an interrupted and resumed run logs the same steps (the log travels in the checkpoint)
+    # an interrupted and resumed run without evaluations logs the same steps: the log travels in
+    # the checkpoint, and evaluating between epochs leaves training unchanged
     finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip,
              train=TrainConfig(epochs=2, stop_after_epochs=1, **FAST), out_dir=tmp_path / "resumed")
     assert len(_rows(tmp_path / "resumed" / "metrics.csv")[1]) == STEPS_PER_EPOCH

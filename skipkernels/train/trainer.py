@@ -67,6 +67,7 @@ class TrainConfig:
     amp: str | None = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16", "fp16" or None
     progress: bool = True
     stop_after_epochs: int | None = None  # stop early (checkpoint kept), e.g. to test resume
+    eval_every: int = 0  # also evaluate after every N-th epoch (0: only after the last); for the accuracy curve
     # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
     # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
     deterministic: bool = False
@@ -83,6 +84,8 @@ class TrainConfig:
                              "size or pass same_class_batches=False")
         if not self.lr > 0 or not self.lr_image > 0:
             raise ValueError("learning rates must be > 0")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
 
 def protocol_epochs(dataset: str, epochs: int) -> int:
@@ -124,7 +127,10 @@ def _signature(tuner: SkipTuner, model_name: str, train: TrainConfig) -> dict:
 class Trainer:
     """Fine-tunes a SkipTuner on few-shot items; checkpoints every epoch into ``out_dir``."""
 
-    def __init__(self, tuner: SkipTuner, train_items, config: TrainConfig, out_dir=None, model_name: str = ""):
+    def __init__(self, tuner: SkipTuner, train_items, config: TrainConfig, out_dir=None, model_name: str = "",
+                 evaluate=None):
+        """``evaluate()``, when given, returns test accuracies; it runs every ``config.eval_every``
+        epochs before the last, and its result goes into that epoch's history record."""
         if not train_items:
             raise ValueError("no training items")
         num_classes = len(tuner.classnames)
@@ -136,6 +142,7 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.model_name = model_name
+        self.evaluate = evaluate
         self.device = tuner.device
         self.autocast_dtype = autocast_dtype_for(config.amp, self.device)
         if config.deterministic:
@@ -303,6 +310,11 @@ class Trainer:
                 self.peak_train_bytes = cpu_probe.peak_bytes
             record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
                       "lr": self.optimizer.param_groups[0]["lr"]}
+            done = epoch + 1
+            if self.evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.epochs:
+                start = time.perf_counter()  # outside train time; the caller evaluates the last epoch
+                record["accuracy"] = self.evaluate()
+                self.times["epoch_eval"] = self.times.get("epoch_eval", 0.0) + time.perf_counter() - start
             self.history.append(record)
             epochs.set_postfix(loss=f"{record['loss']:.4f}")
             del cache
@@ -375,11 +387,15 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     start = time.perf_counter()
     tuner = SkipTuner(model, base_names, tokenizer, skip)
     times["text_prefix"] = time.perf_counter() - start
-    trainer = Trainer(tuner, train_items, train, out_dir, model_name=model_name)
+    trainer = Trainer(tuner, train_items, train, out_dir, model_name=model_name,
+                      evaluate=lambda: evaluate_groups(tuner, test_groups, train.eval_batch_size, train.workers,
+                                                       autocast_dtype, progress=False))
     resumed = trainer.resume() if resume else False
     trainer.train()
     times["cache"] = trainer.times["cache"]
     times["train"] = trainer.times["train"]
+    if "epoch_eval" in trainer.times:
+        times["epoch_eval"] = trainer.times["epoch_eval"]
     finished = len(trainer.history) >= train.epochs
 
     start = time.perf_counter()
@@ -424,6 +440,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
         write_metrics_csv(trainer.steps, out_dir / "metrics.csv")
         evaluations = ([{"epoch": 0, **zero_shot_acc}] if zero_shot_acc else []) + \
+            [{"epoch": h["epoch"], **h["accuracy"]} for h in trainer.history if "accuracy" in h] + \
             ([{"epoch": len(trainer.history), **acc}] if acc else [])
         training_chart(trainer.steps, evaluations, out_dir / "training.png",
                        f"{model_name}, {skip.mode}, {splits.name}")
