@@ -167,6 +167,23 @@ def _format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _demo_chart(rows: list[dict], path: Path) -> bool:
+    """The comparison at a glance: accuracy against what it cost, one bar per mode."""
+    from skipkernels.plots import bar_chart
+
+    def per_mode(value):
+        return {r["mode"]: value(r) for r in rows}
+
+    panels = [("HM % (zero-shot HM as a line)", per_mode(lambda r: r["accuracy"].get("hm", 0.0))),
+              ("train s (+ LSkip cache s)", per_mode(lambda r: r["time_s"]["train"] + r["time_s"].get("cache", 0.0))),
+              ("trainable parameters (M)", per_mode(lambda r: r["trainable_params"] / 1e6))]
+    if all(r["peak_train_memory_mb"] is not None for r in rows):
+        panels.insert(2, ("peak training memory (MB)", per_mode(lambda r: r["peak_train_memory_mb"])))
+    zero_shot = (rows[0].get("zero_shot_accuracy") or {}).get("hm")
+    return bar_chart(panels, path, f"Skip Tuning vs full fine-tuning: {rows[0]['dataset']}, {rows[0]['model']}, "
+                                   f"{rows[0]['device']}", reference_line=(0, zero_shot))
+
+
 def cmd_demo(args) -> int:
     import torch
     from skipkernels.data.synthetic import ensure_synthetic
@@ -199,6 +216,8 @@ def cmd_demo(args) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"saved: {Path(args.out) / 'demo.json'}")
+    if _demo_chart(rows, Path(args.out) / "demo.png"):
+        print(f"saved: {Path(args.out) / 'demo.png'} (each run's curves: {Path(args.out)}/<mode>/training.png)")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return 0

@@ -75,10 +75,12 @@ def training_chart(steps: list[dict], evaluations: list[dict], path, title: str)
     return True
 
 
-def bar_chart(panels: list[tuple[str, dict[str, float]]], path, title: str) -> bool:
-    """Side-by-side bar panels ``(label, {bar name: value})``, each bar labelled with its value."""
+def bar_chart(panels: list[tuple[str, dict[str, float]]], path, title: str,
+              reference_line: tuple[int, float | None] | None = None) -> bool:
+    """Side-by-side bar panels ``(label, {bar name: value})``, each bar labelled with its value.
+    ``reference_line=(panel index, value)`` draws a dashed horizontal line there (None: none)."""
     path = Path(path)
-    figure = _new_figure(path, figsize=(5.5 * len(panels), 4.2), layout="constrained")
+    figure = _new_figure(path, figsize=(max(3.6, 11 / len(panels)) * len(panels), 4.2), layout="constrained")
     if figure is None:
         return False
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
@@ -90,6 +92,8 @@ def bar_chart(panels: list[tuple[str, dict[str, float]]], path, title: str) -> b
         for tick in ax.get_xticklabels():  # long mode names
             tick.set(rotation=35, ha="right", fontsize="small")
         ax.margins(y=0.15)
+    if reference_line is not None and reference_line[1] is not None:
+        axes[reference_line[0]].axhline(reference_line[1], color="black", ls="--", lw=1)
     figure.suptitle(title, fontsize="medium")
     _save(figure, path)
     return True

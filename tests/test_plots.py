@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from skipkernels import bench
+from skipkernels.cli import _demo_chart
 from skipkernels.plots import METRICS_COLUMNS, training_chart, write_metrics_csv
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.trainer import TrainConfig, finetune
@@ -64,6 +65,20 @@ def test_bench_chart_is_a_matplotlib_png(tmp_path):
     assert bench.chart(results, tmp_path / "e2e.png", "cpu: test")
     fmt, (width, height) = _valid_png(tmp_path / "e2e.png")
     assert fmt == "PNG" and width > height
+
+
+def test_demo_chart_compares_the_modes(tmp_path):
+    def row(mode, hm, train_s, peak_mb, params):
+        return {"mode": mode, "dataset": "synthetic", "model": "skipkernels-tiny", "device": "cpu",
+                "accuracy": {"hm": hm}, "zero_shot_accuracy": {"hm": 17.0}, "trainable_params": params,
+                "time_s": {"train": train_s, "cache": 0.5}, "peak_train_memory_mb": peak_mb}
+
+    assert _demo_chart([row("ft", 74.2, 3.6, 72.0, 3_588_928), row("skip", 71.8, 1.3, 2.8, 208_384)],
+                       tmp_path / "four.png")
+    assert _demo_chart([row("ft", 74.2, 3.6, None, 3_588_928), row("skip", 71.8, 1.3, None, 208_384)],
+                       tmp_path / "three.png")  # memory not measured: no memory panel
+    (_, four), (_, three) = _valid_png(tmp_path / "four.png"), _valid_png(tmp_path / "three.png")
+    assert four[0] > three[0]
 
 
 def test_without_matplotlib_charts_are_skipped_with_one_line(tmp_path, monkeypatch, capsys):
