@@ -40,5 +40,9 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
         if pretrained and not os.path.isfile(pretrained):
             raise RuntimeError(f"could not load weights {pretrained!r} for {name}: {err}. Without network "
                                "access pass a local checkpoint path") from err
+        if pretrained and "state_dict" in str(err):  # weights of another model (or not a model at all)
+            from skipkernels.train.checkpoint import CheckpointError
+            raise CheckpointError(f"{pretrained} does not hold weights of {name}: "
+                                  f"{str(err).splitlines()[-1].strip()[:300]}") from err
         raise
     return model, open_clip.get_tokenizer(name)

@@ -84,7 +84,10 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
     weights = str(run) if run else pretrained
     if run is not None and run.is_dir():
         results = _run_settings(run)
-        model_name = model_name or results["model"]
+        if model_name and model_name != results["model"]:
+            raise ValueError(f"--model {model_name} differs from the model {results['model']} that {run} tuned; "
+                             "leave --model out to use the run's")
+        model_name = results["model"]
         config = SkipConfig(**results["skip_config"])
         method = config.pet_method
         if (method is None and config.mode != "coop") or (method is not None and PetConfig(method=method).is_lora):

@@ -86,6 +86,10 @@ def test_classes_from_a_file_and_images_from_a_folder(runs, synthetic_root, tmp_
     saved = json.loads((tmp_path / "p.json").read_text())
     assert len(saved) == len(list(folder.glob("*.png"))) and all(len(row["top"]) == 2 for row in saved)
     assert {e["class"] for row in saved for e in row["top"]} <= {"red circle", "green square", "blue triangle"}
+    capsys.readouterr()
+    assert main(["predict", str(folder), "--classes", "a,b", "--checkpoint", str(runs["skip"]), "--model", "ViT-B-16",
+                 "--no-progress"]) == 2
+    assert "differs from the model skipkernels-tiny" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case,message", [
@@ -98,6 +102,8 @@ def test_classes_from_a_file_and_images_from_a_folder(runs, synthetic_root, tmp_
     ("not_a_run", "not a finetune output folder"),
     ("missing_weights", "pretrained checkpoint not found"),
     ("duplicate_classes", "duplicated class names"),
+    ("foreign_weights", "does not hold weights of skipkernels-tiny"),
+    ("cuda_missing", "CUDA is not available"),
 ])
 def test_user_mistakes_exit_cleanly(case, message, synthetic_root, tmp_path, capsys):
     image = _test_images(synthetic_root, 1)[0]
@@ -111,7 +117,12 @@ def test_user_mistakes_exit_cleanly(case, message, synthetic_root, tmp_path, cap
             "bad_out": [image, "--classes", "cat,dog", "--out", str(tmp_path / "p.txt")],
             "not_a_run": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "nothing")],
             "missing_weights": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "model.pt")],
-            "duplicate_classes": [image, "--classes", "cat,dog,cat"]}[case]
+            "duplicate_classes": [image, "--classes", "cat,dog,cat"],
+            "foreign_weights": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "foreign.pt")],
+            "cuda_missing": [image, "--classes", "cat,dog", "--device", "cuda"]}[case]
+    if case == "cuda_missing" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    torch.save({"not_a_clip_weight": torch.zeros(3)}, tmp_path / "foreign.pt")
     assert main(["predict", *args, "--model", "skipkernels-tiny", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
