@@ -81,6 +81,8 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
 
     config = SkipConfig(mode="ft")  # plain inference: no class subsets, no caches
     run = Path(checkpoint).expanduser() if checkpoint else None
+    if run is not None and not run.exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (a finetune --out folder or its model.pt)")
     weights = str(run) if run else pretrained
     if run is not None and run.is_dir():
         results = _run_settings(run)

@@ -104,6 +104,8 @@ def test_classes_from_a_file_and_images_from_a_folder(runs, synthetic_root, tmp_
     ("duplicate_classes", "duplicated class names"),
     ("foreign_weights", "does not hold weights of skipkernels-tiny"),
     ("cuda_missing", "CUDA is not available"),
+    ("unknown_weights", "could not load weights 'no-such-tag'"),
+    ("missing_run", "checkpoint not found: no-such-run"),
 ])
 def test_user_mistakes_exit_cleanly(case, message, synthetic_root, tmp_path, capsys):
     image = _test_images(synthetic_root, 1)[0]
@@ -116,10 +118,12 @@ def test_user_mistakes_exit_cleanly(case, message, synthetic_root, tmp_path, cap
             "empty_folder": [str(tmp_path / "nothing"), "--classes", "cat,dog"],
             "bad_out": [image, "--classes", "cat,dog", "--out", str(tmp_path / "p.txt")],
             "not_a_run": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "nothing")],
-            "missing_weights": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "model.pt")],
+            "missing_weights": [image, "--classes", "cat,dog", "--pretrained", str(tmp_path / "model.pt")],
             "duplicate_classes": [image, "--classes", "cat,dog,cat"],
             "foreign_weights": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "foreign.pt")],
-            "cuda_missing": [image, "--classes", "cat,dog", "--device", "cuda"]}[case]
+            "cuda_missing": [image, "--classes", "cat,dog", "--device", "cuda"],
+            "unknown_weights": [image, "--classes", "cat,dog", "--pretrained", "no-such-tag"],
+            "missing_run": [image, "--classes", "cat,dog", "--checkpoint", "no-such-run"]}[case]
     if case == "cuda_missing" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     torch.save({"not_a_clip_weight": torch.zeros(3)}, tmp_path / "foreign.pt")
