@@ -129,13 +129,13 @@ def cmd_eval(args) -> int:
 
 def cmd_predict(args) -> int:
     from skipkernels.predict import (check_output_path, collect_images, format_predictions, load_classifier,
-                                     predict, read_classnames, write_predictions)
+                                     predict, read_classnames, run_classnames, write_predictions)
     from skipkernels.train.trainer import autocast_dtype_for
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     for path in args.out:  # before any work
         check_output_path(path)
-    classnames = read_classnames(args.classes)
+    classnames = read_classnames(args.classes) if args.classes else run_classnames(args.checkpoint)
     images = collect_images(args.images)
     device = _device(args.device)
     _weights_note(args)
@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k classes of images with a tuned or pretrained model")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--classes", required=True, help="a text file with one class per line, or a comma-separated list")
+    p.add_argument("--classes", default=None, help="a text file with one class per line, or a comma-separated list "
+                                                   "(default: the classes of the --checkpoint finetune folder)")
     _add_model_args(p)
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)

@@ -41,6 +41,17 @@ def read_classnames(spec: str) -> list[str]:
     return names
 
 
+def run_classnames(checkpoint: str | None) -> list[str]:
+    """The classes (base and new) of the finetune folder ``checkpoint``: predict's default."""
+    run = Path(checkpoint).expanduser() if checkpoint else None
+    if run is None or not run.is_dir():
+        raise ValueError("--classes is needed unless --checkpoint is a finetune output folder")
+    names = _run_settings(run).get("classnames")
+    if not names:
+        raise ValueError(f"{run}/results.json lists no classes (written by an older version); pass --classes")
+    return names
+
+
 def collect_images(inputs) -> list[str]:
     """Image files named directly, and those found (recursively) in named folders, in order."""
     paths = []

@@ -119,6 +119,12 @@ def test_finetune_on_an_image_folder_writes_its_split(tmp_path, capsys):
     assert main(args + ["--data", str(split_file), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "results.json").read_text())
     assert again["history"] == results["history"] and again["accuracy"] == results["accuracy"]
+    # and on to predictions: the run folder brings its model and its classes
+    capsys.readouterr()
+    assert main(["predict", str(folder / "cow"), "--checkpoint", str(out), "--top-k", "4",
+                 "--out", str(tmp_path / "cow.json"), "--no-progress"]) == 0
+    predicted = json.loads((tmp_path / "cow.json").read_text())
+    assert len(predicted) == 6 and {e["class"] for e in predicted[0]["top"]} == {"ant", "bee", "cow", "dog"}
     capsys.readouterr()
     assert main(args[:2] + [str(tmp_path / "nowhere")] + args[3:] + ["--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err

@@ -106,6 +106,7 @@ def test_classes_from_a_file_and_images_from_a_folder(runs, synthetic_root, tmp_
     ("cuda_missing", "CUDA is not available"),
     ("unknown_weights", "could not load weights 'no-such-tag'"),
     ("missing_run", "checkpoint not found: no-such-run"),
+    ("no_classes", "--classes is needed unless --checkpoint is a finetune output folder"),
 ])
 def test_user_mistakes_exit_cleanly(case, message, synthetic_root, tmp_path, capsys):
     image = _test_images(synthetic_root, 1)[0]
@@ -123,7 +124,8 @@ def test_user_mistakes_exit_cleanly(case, message, synthetic_root, tmp_path, cap
             "foreign_weights": [image, "--classes", "cat,dog", "--checkpoint", str(tmp_path / "foreign.pt")],
             "cuda_missing": [image, "--classes", "cat,dog", "--device", "cuda"],
             "unknown_weights": [image, "--classes", "cat,dog", "--pretrained", "no-such-tag"],
-            "missing_run": [image, "--classes", "cat,dog", "--checkpoint", "no-such-run"]}[case]
+            "missing_run": [image, "--classes", "cat,dog", "--checkpoint", "no-such-run"],
+            "no_classes": [image]}[case]
     if case == "cuda_missing" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     torch.save({"not_a_clip_weight": torch.zeros(3)}, tmp_path / "foreign.pt")

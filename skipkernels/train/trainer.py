@@ -416,6 +416,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
         "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
+        "classnames": splits.classnames,  # label order; base = the first base_classes
         "history": trainer.history, "device": str(device),
         "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
         "versions": versions(),
