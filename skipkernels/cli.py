@@ -14,6 +14,9 @@ DEMO = {"model": "skipkernels-tiny", "skip_layers": 2, "epochs": 15, "lr": 3e-3,
         "same_class_batches": False}
 
 
+PREDICT_ROWS_SHOWN = 20  # rows printed by predict when --out holds them all
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig
@@ -142,7 +145,8 @@ def cmd_predict(args) -> int:
     tuner = load_classifier(classnames, args.model, args.checkpoint, args.pretrained, device, args.template)
     predictions = predict(tuner, images, classnames, args.top_k, args.batch_size, args.workers,
                           autocast_dtype_for("auto", device), progress=not args.no_progress)
-    print(format_predictions(predictions))
+    # with files written, the terminal gets a sample; without, every row
+    print(format_predictions(predictions, limit=PREDICT_ROWS_SHOWN if args.out else None))
     for path in args.out:
         write_predictions(predictions, path)
         print(f"saved: {path}")

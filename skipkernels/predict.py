@@ -156,15 +156,19 @@ def predict(tuner, images, classnames, top_k: int = 5, batch_size: int = 64, wor
     return out
 
 
-def format_predictions(predictions: list[Prediction]) -> str:
+def format_predictions(predictions: list[Prediction], limit: int | None = None) -> str:
+    """A table, one image a row; past ``limit`` rows only a count of the rest."""
     if not predictions:
         return "no predictions"
     k = len(predictions[0].top)
     header = ["image"] + [f"top {r + 1}" for r in range(k)]
-    rows = [[p.image] + [f"{name} ({prob:.3f})" for name, prob in p.top] for p in predictions]
+    shown = predictions if limit is None else predictions[:limit]
+    rows = [[p.image] + [f"{name} ({prob:.3f})" for name, prob in p.top] for p in shown]
     widths = [max(len(row[c]) for row in [header] + rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header] + rows]
     lines.insert(1, "-" * len(lines[0]))
+    if len(shown) < len(predictions):
+        lines.append(f"... and {len(predictions) - len(shown)} more images")
     return "\n".join(lines)
 
 

@@ -85,6 +85,7 @@ def test_classes_from_a_file_and_images_from_a_folder(runs, synthetic_root, tmp_
                  str(runs["skip"]), "--top-k", "2", "--out", str(tmp_path / "p.json"), "--no-progress"]) == 0
     saved = json.loads((tmp_path / "p.json").read_text())
     assert len(saved) == len(list(folder.glob("*.png"))) and all(len(row["top"]) == 2 for row in saved)
+    assert f"... and {len(saved) - 20} more images" in capsys.readouterr().out  # the file holds them all
     assert {e["class"] for row in saved for e in row["top"]} <= {"red circle", "green square", "blue triangle"}
     capsys.readouterr()
     assert main(["predict", str(folder), "--classes", "a,b", "--checkpoint", str(runs["skip"]), "--model", "ViT-B-16",
