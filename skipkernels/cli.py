@@ -257,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="fine-tune on a CoOp-layout dataset and evaluate base/new accuracy")
-    p.add_argument("--data", default=None, help="dataset root (default: the embedded synthetic set)")
+    p.add_argument("--data", default=None, help="dataset root, a folder in CoOp's layout, a split_zhou_*.json, or "
+                                                "an image folder DIR/<class>/<images> (default: the embedded "
+                                                "synthetic set)")
     p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
                                                    "as a folder with one split_zhou_*.json")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny)")
