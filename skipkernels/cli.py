@@ -11,7 +11,7 @@ from pathlib import Path
 # pretrained weights; from random weights it does not move in a CPU minute (one-class batches
 # collapse to a constant prediction), so the demo uses mixed-class batches of 8 and lr 3e-3.
 DEMO = {"model": "skipkernels-tiny", "skip_layers": 2, "epochs": 15, "lr": 3e-3, "shots": 16, "batch_size": 8,
-        "same_class_batches": False}
+        "same_class_batches": False, "eval_every": 3}  # eval_every: the accuracy curve in training.png
 
 
 PREDICT_ROWS_SHOWN = 20  # rows printed by predict when --out holds them all
@@ -203,7 +203,7 @@ def cmd_demo(args) -> int:
         skip = SkipConfig(mode=mode, skip_layers=DEMO["skip_layers"], seed=args.seed)
         train = TrainConfig(epochs=args.epochs or DEMO["epochs"], batch_size=DEMO["batch_size"], lr=DEMO["lr"],
                             lr_image=DEMO["lr"], shots=DEMO["shots"], same_class_batches=DEMO["same_class_batches"],
-                            warmup_epochs=0, seed=args.seed,
+                            warmup_epochs=0, seed=args.seed, eval_every=DEMO["eval_every"],
                             progress=not args.no_progress)
         out = Path(args.out) / mode
         result = finetune(root, "synthetic", DEMO["model"], None, skip, train, out, device=args.device,
