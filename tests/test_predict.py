@@ -20,9 +20,10 @@ FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=Fa
 
 @pytest.fixture(scope="module")
 def runs(synthetic_root, tmp_path_factory):
-    """One-epoch runs of the tiny model: plain Skip Tuning, an adapter (pet.pt) and CoOp."""
+    """One-epoch runs of the tiny model: plain Skip Tuning, an adapter (pet.pt), LoRA (folded into
+    model.pt) and CoOp."""
     out = {}
-    for mode in ("skip", "lskip-adapter", "coop"):
+    for mode in ("skip", "lskip-adapter", "lskip-lora", "coop"):
         folder = tmp_path_factory.mktemp(mode)
         finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode=mode, skip_layers=1),
                  train=TrainConfig(epochs=1, **FAST), out_dir=folder)
@@ -63,10 +64,10 @@ def test_predictions_match_open_clip_computed_directly(runs, synthetic_root, tmp
     assert csv_lines[0] == "image,rank,class,probability" and len(csv_lines) == 1 + len(images) * len(names)
 
 
-@pytest.mark.parametrize("mode", ["skip", "lskip-adapter", "coop"])
+@pytest.mark.parametrize("mode", ["skip", "lskip-adapter", "lskip-lora", "coop"])
 def test_run_folder_predictions_reproduce_the_runs_accuracy(mode, runs, synthetic_root):
-    """A finetune folder brings its PET modules (pet.pt) or CoOp context (prompt_learner.pt):
-    top-1 over the base test images gives the accuracy the trainer reported."""
+    """A finetune folder brings its PET modules (pet.pt; LoRA is already in model.pt) or CoOp
+    context (prompt_learner.pt): top-1 over the base test images gives the trainer's accuracy."""
     splits = load_splits(synthetic_root, "synthetic")
     items, names = class_group(splits.test, splits.classnames, base_new_labels(len(splits.classnames))[0])
     tuner = load_classifier(names, checkpoint=str(runs[mode]))
