@@ -118,9 +118,13 @@ class CpuAllocatorPeak:
         begin = time.perf_counter()
         self._quiet = _stderr_silenced()
         self._quiet.__enter__()
-        self._profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                                profile_memory=True)
-        self._profiler.__enter__()
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        try:
+            profiler.__enter__()
+        except BaseException:
+            self._quiet.__exit__(None, None, None)  # never leave stderr silenced
+            raise
+        self._profiler = profiler
         self.overhead_s += time.perf_counter() - begin
 
     def stop(self) -> None:
