@@ -373,33 +373,15 @@ def format_table(results: dict, reference: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def bar_chart(results: dict, path: Path, title: str) -> None:
-    """Two bar panels (median step time, peak memory) drawn with PIL: no plotting dependency."""
-    from PIL import Image, ImageDraw
+def chart(results: dict, path: Path, title: str) -> bool:
+    """Median step time and (when measured) peak memory of every measured mode, as bar panels."""
+    from skipkernels.plots import bar_chart
     modes = [m for m, r in results.items() if "step_s" in r]
-    panels = [("median step time (ms)", [results[m]["step_s"]["median"] * 1e3 for m in modes]),
-              ("peak training memory (MB)", [results[m].get("memory", {}).get("peak_mb") or 0.0 for m in modes])]
-    width, height, margin = 900, 420, 40
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    draw.text((margin, 8), title, fill="black")
-    panel_w = (width - 3 * margin) // 2
-    colours = [(70, 110, 200), (200, 110, 60), (90, 170, 90), (170, 80, 160), (60, 160, 170), (150, 150, 60)]
-    for p, (label, values) in enumerate(panels):
-        x0 = margin + p * (panel_w + margin)
-        y0, y1 = 50, height - 80
-        draw.text((x0, 30), label, fill="black")
-        draw.line([(x0, y1), (x0 + panel_w, y1)], fill="black")
-        top = max(values) if values and max(values) > 0 else 1.0
-        bar_w = panel_w // max(1, len(values))
-        for i, value in enumerate(values):
-            h = int((y1 - y0) * value / top)
-            bx = x0 + i * bar_w + 4
-            draw.rectangle([bx, y1 - h, bx + bar_w - 8, y1], fill=colours[i % len(colours)])
-            draw.text((bx, y1 - h - 12), f"{value:.1f}", fill="black")
-            draw.text((bx, y1 + 6 + 12 * (i % 2)), modes[i], fill="black")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    panels = [("median step time (ms)", {m: results[m]["step_s"]["median"] * 1e3 for m in modes})]
+    if any("memory" in results[m] for m in modes):  # --no-memory: no panel of zeros
+        panels.append(("peak training memory (MB)",
+                       {m: results[m].get("memory", {}).get("peak_mb") or 0.0 for m in modes}))
+    return bar_chart(panels, path, title)
 
 
 def run(args) -> dict:
@@ -438,9 +420,9 @@ def run(args) -> dict:
     tag = f"{device.type}-{scenario.model}-b{scenario.batch}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"e2e-{tag}.json").write_text(json.dumps(report, indent=2))
-    bar_chart(results, out / f"e2e-{tag}.png", f"{report['environment']['device']}: {scenario.model}, "
-                                                 f"C={scenario.classes}, batch {scenario.batch}")
-    print(f"saved: {out / f'e2e-{tag}.json'} and .png")
+    drawn = chart(results, out / f"e2e-{tag}.png", f"{report['environment']['device']}: {scenario.model}, "
+                                                   f"C={scenario.classes}, batch {scenario.batch}")
+    print(f"saved: {out / f'e2e-{tag}.json'}" + (" and .png" if drawn else ""))
     return report
 
 

@@ -11,7 +11,10 @@ from pathlib import Path
 # pretrained weights; from random weights it does not move in a CPU minute (one-class batches
 # collapse to a constant prediction), so the demo uses mixed-class batches of 8 and lr 3e-3.
 DEMO = {"model": "skipkernels-tiny", "skip_layers": 2, "epochs": 15, "lr": 3e-3, "shots": 16, "batch_size": 8,
-        "same_class_batches": False}
+        "same_class_batches": False, "eval_every": 3}  # eval_every: the accuracy curve in training.png
+
+
+PREDICT_ROWS_SHOWN = 20  # rows printed by predict when --out holds them all
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +51,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms only (torch.use_deterministic_algorithms)")
     p.add_argument("--seed", type=int, default=t.seed)
+    p.add_argument("--eval-every", type=int, default=t.eval_every,
+                   help="also evaluate every N epochs (history and training.png); 0: only at the end")
     p.add_argument("--workers", type=int, default=t.workers)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     p.add_argument("--no-progress", action="store_true")
@@ -72,7 +77,8 @@ def _configs(args):
                         momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                         warmup_lr=args.warmup_lr, shots=args.shots, seed=args.seed, workers=args.workers,
                         same_class_batches=False if args.mixed_batches else None, deterministic=args.deterministic,
-                        amp=None if args.amp == "none" else args.amp, progress=not args.no_progress)
+                        amp=None if args.amp == "none" else args.amp, progress=not args.no_progress,
+                        eval_every=args.eval_every)
     return skip, train
 
 
@@ -85,8 +91,9 @@ def cmd_finetune(args) -> int:
         data, args.dataset = ensure_synthetic(), "synthetic"
     results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
                        base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume,
-                       tokenizer=args.tokenizer)
-    print(json.dumps({"accuracy": results["accuracy"], "time_s": results["time_s"],
+                       tokenizer=args.tokenizer, zero_shot=args.zero_shot)
+    print(json.dumps({"accuracy": results["accuracy"], "zero_shot_accuracy": results["zero_shot_accuracy"],
+                      "gain": results["gain"], "time_s": results["time_s"],
                       "peak_train_memory_mb": results["peak_train_memory_mb"],
                       "exact_savings": results["exact_savings"]}, indent=2))
     from skipkernels.train import distributed
@@ -95,45 +102,100 @@ def cmd_finetune(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def _device(name):
     import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _weights_note(args) -> None:
+    if not args.checkpoint and not args.pretrained:
+        print(f"note: neither --checkpoint nor --pretrained given: {args.model or 'the model'} has random weights",
+              file=sys.stderr)
+
+
+def cmd_eval(args) -> int:
     from skipkernels.data.coop import load_splits
-    from skipkernels.data.fewshot import base_new_labels, subset_classes
-    from skipkernels.models import create_model
-    from skipkernels.patch import patch_clip
-    from skipkernels.skip.tuner import SkipTuner
-    from skipkernels.train.evaluate import accuracy, harmonic_mean
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    splits = load_splits(args.data, args.dataset)
-    model, tokenizer = create_model(args.model, args.checkpoint, device=device, tokenizer=args.tokenizer)
-    patch_clip(model)
+    from skipkernels.data.fewshot import base_new_labels
+    from skipkernels.predict import load_classifier
+    from skipkernels.train.evaluate import class_group, evaluate_groups
+    from skipkernels.train.trainer import autocast_dtype_for
+    device = _device(args.device)
+    splits = load_splits(args.data, args.dataset, args.shots, args.seed)
     base, new = base_new_labels(len(splits.classnames))
-    groups = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
+    labels = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
     wanted = ["base", "new"] if args.classes == "base2new" else [args.classes]
-    out = {}
-    for group in wanted:
-        labels = groups[group]
-        names = [splits.classnames[i] for i in labels]
-        tuner = SkipTuner(model, names, tokenizer, mode="ft", template=args.template)
-        autocast = torch.bfloat16 if device.type == "cuda" else None
-        out[group] = accuracy(tuner, subset_classes(splits.test, labels), names, autocast_dtype=autocast,
-                              progress=not args.no_progress, description=f"eval {group}")
-    if args.classes == "base2new":
-        out["hm"] = harmonic_mean(out["base"], out["new"])
+    groups = {group: class_group(splits.test, splits.classnames, labels[group]) for group in wanted}
+    _weights_note(args)
+    tuner = load_classifier(splits.classnames, args.model, args.checkpoint, args.pretrained, device, args.template,
+                            tokenizer=args.tokenizer)
+    out = evaluate_groups(tuner, groups, autocast_dtype=autocast_dtype_for("auto", device),
+                          progress=not args.no_progress)
     print(json.dumps(out, indent=2))
     return 0
 
 
+def cmd_predict(args) -> int:
+    from skipkernels.predict import (check_output_path, collect_images, format_predictions, load_classifier,
+                                     predict, read_classnames, run_classnames, write_predictions)
+    from skipkernels.train.trainer import autocast_dtype_for
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    for path in args.out:  # before any work
+        check_output_path(path)
+    classnames = read_classnames(args.classes) if args.classes else run_classnames(args.checkpoint)
+    images = collect_images(args.images)
+    device = _device(args.device)
+    _weights_note(args)
+    tuner = load_classifier(classnames, args.model, args.checkpoint, args.pretrained, device, args.template,
+                            tokenizer=args.tokenizer)
+    predictions = predict(tuner, images, classnames, args.top_k, args.batch_size, args.workers,
+                          autocast_dtype_for("auto", device), progress=not args.no_progress)
+    # with files written, the terminal gets a sample; without, every row
+    print(format_predictions(predictions, limit=PREDICT_ROWS_SHOWN if args.out else None))
+    for path in args.out:
+        write_predictions(predictions, path)
+        print(f"saved: {path}")
+    return 0
+
+
+def _megabytes(value) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
 def _format_table(rows: list[dict]) -> str:
-    header = f"{'mode':<6} {'base %':>7} {'new %':>7} {'HM':>7} {'train s':>8} {'cache s':>8} " \
+    header = f"{'mode':<6} {'base %':>7} {'new %':>7} {'HM':>7} {'0-shot HM':>9} {'train s':>8} {'cache s':>8} " \
              f"{'peak MB':>8} {'trainable':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
         a = r["accuracy"]
+        zero_shot = (r.get("zero_shot_accuracy") or {}).get("hm")
         lines.append(f"{r['mode']:<6} {a.get('base', 0):7.2f} {a.get('new', 0):7.2f} {a.get('hm', 0):7.2f} "
+                     f"{'n/a' if zero_shot is None else f'{zero_shot:.2f}':>9} "
                      f"{r['time_s']['train']:8.2f} {r['time_s'].get('cache', 0):8.2f} "
-                     f"{r['peak_train_memory_mb']:8.1f} {r['trainable_params']:10,d}")
+                     f"{_megabytes(r['peak_train_memory_mb']):>8} {r['trainable_params']:10,d}")
     return "\n".join(lines)
+
+
+def _demo_chart(rows: list[dict], path: Path) -> bool:
+    """The comparison at a glance: accuracy against what it cost, one bar per mode."""
+    from skipkernels.plots import bar_chart
+
+    def per_mode(value):
+        return {r["mode"]: value(r) for r in rows}
+
+    panels = [("HM % (zero-shot HM as a line)", per_mode(lambda r: r["accuracy"].get("hm", 0.0))),
+              ("train s (+ LSkip cache s)", per_mode(lambda r: r["time_s"]["train"] + r["time_s"].get("cache", 0.0))),
+              ("trainable parameters (M)", per_mode(lambda r: r["trainable_params"] / 1e6))]
+    if all(r["peak_train_memory_mb"] is not None for r in rows):
+        panels.insert(2, ("peak training memory (MB)", per_mode(lambda r: r["peak_train_memory_mb"])))
+    zero_shot = (rows[0].get("zero_shot_accuracy") or {}).get("hm")
+    return bar_chart(panels, path, f"Skip Tuning vs full fine-tuning: {rows[0]['dataset']}, {rows[0]['model']}, "
+                                   f"{rows[0]['device']}", reference_line=(0, zero_shot))
 
 
 def cmd_demo(args) -> int:
@@ -151,11 +213,11 @@ def cmd_demo(args) -> int:
         skip = SkipConfig(mode=mode, skip_layers=DEMO["skip_layers"], seed=args.seed)
         train = TrainConfig(epochs=args.epochs or DEMO["epochs"], batch_size=DEMO["batch_size"], lr=DEMO["lr"],
                             lr_image=DEMO["lr"], shots=DEMO["shots"], same_class_batches=DEMO["same_class_batches"],
-                            warmup_epochs=0, seed=args.seed,
+                            warmup_epochs=0, seed=args.seed, eval_every=DEMO["eval_every"],
                             progress=not args.no_progress)
         out = Path(args.out) / mode
         result = finetune(root, "synthetic", DEMO["model"], None, skip, train, out, device=args.device,
-                          resume=False)
+                          resume=False, zero_shot=True)
         result["wall_s"] = time.perf_counter() - start
         rows.append(result)
     table = _format_table(rows)
@@ -163,11 +225,13 @@ def cmd_demo(args) -> int:
     print(table)
     device = rows[0]["device"]
     kind = rows[0]["peak_memory_kind"]
-    print(f"\ndevice: {device}; train s excludes LSkip caching (cache s); peak MB: {kind} during training")
+    print(f"\ndevice: {device}; train s excludes LSkip caching (cache s); peak MB during training: {kind}")
     summary = {"demo": DEMO, "rows": rows, "table": table}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"saved: {Path(args.out) / 'demo.json'}")
+    if _demo_chart(rows, Path(args.out) / "demo.png"):
+        print(f"saved: {Path(args.out) / 'demo.png'} (each run's curves: {Path(args.out)}/<mode>/training.png)")
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return 0
@@ -208,12 +272,26 @@ def model_info(name: str) -> dict:
     return out
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="open_clip model name (default: the run's when --checkpoint is a "
+                                                 "finetune folder, else ViT-B-16)")
+    p.add_argument("--checkpoint", default=None, help="tuned model: a finetune --out folder (PET and CoOp parts "
+                                                      "included) or its model.pt")
+    p.add_argument("--pretrained", default=None, help="without --checkpoint: open_clip weight name or local path "
+                                                      "(zero-shot)")
+    p.add_argument("--template", default=None, help="prompt template (default: the run's, else 'a photo of a {}.')")
+    _add_tokenizer_arg(p)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("finetune", help="fine-tune on a CoOp-layout dataset and evaluate base/new accuracy")
-    p.add_argument("--data", default=None, help="dataset root (default: the embedded synthetic set)")
+    p.add_argument("--data", default=None, help="dataset root, a folder in CoOp's layout, a split_zhou_*.json, or "
+                                                "an image folder DIR/<class>/<images> (default: the embedded "
+                                                "synthetic set)")
     p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
                                                    "as a folder with one split_zhou_*.json")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny)")
@@ -222,21 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
     p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="also evaluate the model before training; results.json then shows the gain")
     p.add_argument("--device", default=None)
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="accuracy of a (tuned) model on a dataset's test split")
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("eval", help="accuracy of a tuned or pretrained (zero-shot) model on a dataset's test split")
+    p.add_argument("--data", required=True, help="dataset root, split_zhou_*.json file or image folder")
     p.add_argument("--dataset", default=None)
-    p.add_argument("--model", default="ViT-B-16")
-    p.add_argument("--checkpoint", default=None, help="open_clip state_dict (e.g. <out>/model.pt)")
-    _add_tokenizer_arg(p)
+    _add_model_args(p)
     p.add_argument("--classes", default="base2new", choices=["base2new", "base", "new", "all"])
-    p.add_argument("--template", default="a photo of a {}.")
-    p.add_argument("--device", default=None)
+    p.add_argument("--shots", type=int, default=16, help="image folders: the split's shots (as in finetune)")
+    p.add_argument("--seed", type=int, default=1, help="image folders: the split's seed (as in finetune)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="top-k classes of images with a tuned or pretrained model")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--classes", default=None, help="a text file with one class per line, or a comma-separated list "
+                                                   "(default: the classes of the --checkpoint finetune folder)")
+    _add_model_args(p)
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--out", action="append", default=[], help="write the predictions to a .csv or .json file "
+                                                              "(repeat for both)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="FT vs Skip Tuning on the embedded synthetic set with a small random CLIP")
     p.add_argument("--modes", default="ft,skip")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from skipkernels._compat import import_open_clip
+from skipkernels.train.checkpoint import CheckpointError
 
 TINY_MODEL = "skipkernels-tiny"  # small random-weight ViT config for CPU runs and tests
 # Small random-weight members of the other supported families (configs/), for CPU runs and tests:
@@ -73,8 +74,11 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
         model = open_clip.create_model(name, pretrained=pretrained or None, device=device, **kwargs)
     except RuntimeError as err:
         if pretrained and not os.path.isfile(pretrained):
-            raise RuntimeError(f"could not load weights {pretrained!r} for {name}: {err}. Without network "
-                               "access pass a local checkpoint path") from err
+            raise CheckpointError(f"could not load weights {pretrained!r} for {name}: {err}. Without network "
+                                  "access pass a local checkpoint path") from err
+        if pretrained and "state_dict" in str(err):  # weights of another model (or not a model at all)
+            raise CheckpointError(f"{pretrained} does not hold weights of {name}: "
+                                  f"{str(err).splitlines()[-1].strip()[:300]}") from err
         raise
     return model, load_tokenizer(name, model, tokenizer)
 

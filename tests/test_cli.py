@@ -23,6 +23,8 @@ def test_demo_prints_the_comparison_table(tmp_path, capsys, monkeypatch):
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert [r["mode"] for r in saved["rows"]] == ["ft", "skip"]
     assert saved["rows"][1]["trainable_params"] < saved["rows"][0]["trainable_params"]
+    assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "skip" / "training.png").is_file()
+    assert saved["rows"][0]["zero_shot_accuracy"]["hm"] > 0
 
 
 # A plain CLIP, and a SigLIP-like model whose own tokenizer would come from the Hugging Face hub:

@@ -58,6 +58,7 @@ class Splits:
     val: list[Item]
     test: list[Item]
     classnames: list[str]  # indexed by label
+    generated: bool = False  # drawn here from a plain image folder (see write_split_json)
 
 
 def _classnames_from(items: list[Item], where: str) -> list[str]:
@@ -166,12 +167,30 @@ def resolve_folder(root: str | os.PathLike, dataset: str | None) -> tuple[str, P
     return dataset, root / dataset, None
 
 
-def load_splits(root: str | os.PathLike, dataset: str | None = None) -> Splits:
-    """Read a dataset: a standard name under ``root``, or any folder (``dataset=None``: ``root``
-    itself) holding one ``split_zhou_*.json``."""
+def write_split_json(splits: Splits, path: Path) -> None:
+    """Save ``splits`` in CoOp's split format. Paths are absolute, so ``--data <this file>``
+    repeats the run from anywhere on this machine."""
+    data = {part: [[str(Path(it.path).resolve()), it.label, it.classname] for it in getattr(splits, part)]
+            for part in ("train", "val", "test")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1), encoding="utf-8")
+
+
+def load_splits(root: str | os.PathLike, dataset: str | None = None, shots: int = 16, seed: int = 1) -> Splits:
+    """Read a dataset: a standard name under ``root``, a ``split_zhou_*.json`` file, any folder
+    (``dataset=None``: ``root`` itself) holding one, or a plain folder of class folders (split
+    drawn with ``shots`` and ``seed``, see ``imagefolder``)."""
     name, folder, spec = resolve_folder(root, dataset)
+    if dataset is None and folder.is_file() and folder.suffix == ".json":
+        train, val, test = _read_split_json(folder, folder.parent)
+        name = folder.stem.removeprefix("split_zhou_")
+        return Splits(name, train, val, test, _classnames_from(train + val + test, str(folder)))
     if not folder.is_dir():
         raise DatasetError(f"dataset folder not found: {folder}")
+    if spec is None:
+        from skipkernels.data.imagefolder import image_folder_splits, is_image_folder  # it imports this module
+        if is_image_folder(folder):
+            return image_folder_splits(folder, shots, seed)
     if spec is not None and spec.split_file is None:
         train, val, test = (_read_imagenet if name == "imagenet" else _read_aircraft)(folder)
     else:
@@ -182,7 +201,8 @@ def load_splits(root: str | os.PathLike, dataset: str | None = None) -> Splits:
             candidates = sorted(folder.glob("split_zhou_*.json"))
             if len(candidates) != 1:
                 raise DatasetError(f"{folder}: expected exactly one split_zhou_*.json, found "
-                                   f"{[c.name for c in candidates] or 'none'}")
+                                   f"{[c.name for c in candidates] or 'none'}, or class folders "
+                                   f"{folder}/<class name>/<images>")
             split_path = candidates[0]
             image_dir = folder / "images" if (folder / "images").is_dir() else folder
         train, val, test = _read_split_json(split_path, image_dir)

@@ -6,6 +6,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from skipkernels.data.fewshot import subset_classes
 from skipkernels.data.images import EvalTransform, ItemDataset, make_loader, preprocess_config
 from skipkernels.ops.subset_ce import class_scores_topk
 from skipkernels.train import distributed
@@ -48,3 +49,18 @@ def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, a
     if scored == 0:
         raise ValueError(f"{description}: none of the {len(items)} test images could be read")
     return 100.0 * correct / scored
+
+
+def class_group(items, classnames, labels) -> tuple[list, list[str]]:
+    """The items of ``labels`` (relabelled 0..n-1 in that order) and their class names."""
+    return subset_classes(items, labels), [classnames[i] for i in labels]
+
+
+def evaluate_groups(tuner, groups: dict, batch_size: int = 64, workers: int = 0, autocast_dtype=None,
+                    progress: bool = True, prefix: str = "eval") -> dict:
+    """Accuracy per group ``{name: (items, classnames)}``, plus "hm" when both base and new are in."""
+    acc = {name: accuracy(tuner, items, names, batch_size, workers, autocast_dtype, progress, f"{prefix} {name}")
+           for name, (items, names) in groups.items()}
+    if "base" in acc and "new" in acc:
+        acc["hm"] = harmonic_mean(acc["base"], acc["new"])
+    return acc

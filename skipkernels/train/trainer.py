@@ -1,6 +1,7 @@
 """Training loop of the paper's protocol with checkpoints, resume, evaluation and a results JSON."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -12,18 +13,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits
+from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_split_json
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
+from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train import checkpoint, distributed
-from skipkernels.train.evaluate import accuracy, harmonic_mean
-from skipkernels.train.memory import PeakMemory
+from skipkernels.train.evaluate import class_group, evaluate_groups
+from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.schedule import set_epoch_lr
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MEMORY_PROBE_STEPS = 4  # CPU peak memory window; from step 2 on, gradients, momentum and activations coexist
+PEAK_MEMORY_KINDS = {
+    "cuda": "cuda max_memory_allocated",
+    "cpu": f"cpu allocator peak in the first {MEMORY_PROBE_STEPS} steps above the level before them (torch.profiler)",
+}
 
 
 class _StepLoss(torch.nn.Module):
@@ -60,6 +67,7 @@ class TrainConfig:
     amp: str | None = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16", "fp16" or None
     progress: bool = True
     stop_after_epochs: int | None = None  # stop early (checkpoint kept), e.g. to test resume
+    eval_every: int = 0  # also evaluate after every N-th epoch (0: only after the last); for the accuracy curve
     # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
     # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
     deterministic: bool = False
@@ -76,6 +84,8 @@ class TrainConfig:
                              "size or pass same_class_batches=False")
         if not self.lr > 0 or not self.lr_image > 0:
             raise ValueError("learning rates must be > 0")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
 
 
 def protocol_epochs(dataset: str, epochs: int) -> int:
@@ -83,7 +93,7 @@ def protocol_epochs(dataset: str, epochs: int) -> int:
     return max(1, epochs // 4) if dataset in QUARTER_EPOCH_DATASETS else epochs
 
 
-def _autocast_dtype(amp, device):
+def autocast_dtype_for(amp, device):
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -117,7 +127,10 @@ def _signature(tuner: SkipTuner, model_name: str, train: TrainConfig) -> dict:
 class Trainer:
     """Fine-tunes a SkipTuner on few-shot items; checkpoints every epoch into ``out_dir``."""
 
-    def __init__(self, tuner: SkipTuner, train_items, config: TrainConfig, out_dir=None, model_name: str = ""):
+    def __init__(self, tuner: SkipTuner, train_items, config: TrainConfig, out_dir=None, model_name: str = "",
+                 evaluate=None):
+        """``evaluate()``, when given, returns test accuracies; it runs every ``config.eval_every``
+        epochs before the last, and its result goes into that epoch's history record."""
         if not train_items:
             raise ValueError("no training items")
         num_classes = len(tuner.classnames)
@@ -129,8 +142,9 @@ class Trainer:
         self.config = config
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.model_name = model_name
+        self.evaluate = evaluate
         self.device = tuner.device
-        self.autocast_dtype = _autocast_dtype(config.amp, self.device)
+        self.autocast_dtype = autocast_dtype_for(config.amp, self.device)
         if config.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=False)
             torch.backends.cudnn.benchmark = False
@@ -146,8 +160,9 @@ class Trainer:
                                          lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
         self.start_epoch = 0
         self.history: list[dict] = []
+        self.steps: list[dict] = []  # per step: METRICS_COLUMNS of skipkernels.plots (this rank's loss)
         self.times = {"cache": 0.0, "train": 0.0}
-        self.peak_train_bytes = 0
+        self.peak_train_bytes: int | None = None  # None: not measured
         self.cache_bytes = 0
         self.signature = _signature(tuner, model_name, config)
         self.step_module = _StepLoss(tuner)
@@ -170,7 +185,7 @@ class Trainer:
         state = {"epoch": epoch_done, "signature": self.signature,
                  "trainable": {n: p.detach().cpu() for n, p in self.tuner.trainable_named_parameters()},
                  "optimizer": self.optimizer.state_dict(), "tuner": self.tuner.extra_state(),
-                 "history": self.history, "times": self.times}
+                 "history": self.history, "steps": self.steps, "times": self.times}
         checkpoint.atomic_save(state, self.checkpoint_path)
         distributed.barrier()
 
@@ -195,6 +210,7 @@ class Trainer:
         self.tuner.load_extra_state(state["tuner"])
         self.start_epoch = state["epoch"]
         self.history = state["history"]
+        self.steps = state.get("steps", [])  # checkpoints from before the step log have none
         self.times = state["times"]
         return True
 
@@ -257,7 +273,13 @@ class Trainer:
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
             loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-item losses, item count
-            with PeakMemory(self.device) as peak:
+            # CUDA: the allocator's peak over every epoch. CPU: the allocator's peak over the first
+            # steps this process trains, from the profiler's allocation events (an RSS delta would
+            # not be one: the allocator reuses freed memory); the profiler's own time is left out.
+            cpu_probe = CpuAllocatorPeak(MEMORY_PROBE_STEPS) \
+                if self.device.type == "cpu" and epoch == self.start_epoch else None
+            meter = PeakMemory(self.device) if self.device.type == "cuda" else cpu_probe or contextlib.nullcontext()
+            with meter:
                 for step, (indices, inputs, labels, weight) in enumerate(self._batches(epoch, batches, cache)):
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                         enabled=self.autocast_dtype is not None):
@@ -270,14 +292,29 @@ class Trainer:
                     value = loss.item()
                     self._check_finite(value, epoch, step, indices)
                     loss_sum += torch.tensor([value * len(indices), len(indices)], dtype=torch.float64)
+                    if cpu_probe is not None:
+                        cpu_probe.step_done()
+                    probe_s = cpu_probe.overhead_s if cpu_probe is not None else 0.0
+                    # the last parameter group holds the main lr (text tower; the only one in CoOp/PET)
+                    self.steps.append({"step": len(self.steps) + 1, "epoch": epoch + 1, "loss": value,
+                                       "lr": self.optimizer.param_groups[-1]["lr"],
+                                       "time_s": self.times["cache"] + self.times["train"]
+                                       + time.perf_counter() - start - probe_s})
             loss_sum = distributed.all_reduce_sum(loss_sum)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
-            self.times["train"] += time.perf_counter() - start
-            self.peak_train_bytes = max(self.peak_train_bytes, peak.peak_bytes if self.device.type == "cuda"
-                                        else peak.delta_bytes)
+            self.times["train"] += time.perf_counter() - start - (cpu_probe.overhead_s if cpu_probe else 0.0)
+            if self.device.type == "cuda":
+                self.peak_train_bytes = max(self.peak_train_bytes or 0, meter.peak_bytes)
+            elif cpu_probe is not None:
+                self.peak_train_bytes = cpu_probe.peak_bytes
             record = {"epoch": epoch + 1, "loss": float(loss_sum[0] / max(1.0, float(loss_sum[1]))),
                       "lr": self.optimizer.param_groups[0]["lr"]}
+            done = epoch + 1
+            if self.evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.epochs:
+                start = time.perf_counter()  # outside train time; the caller evaluates the last epoch
+                record["accuracy"] = self.evaluate()
+                self.times["epoch_eval"] = self.times.get("epoch_eval", 0.0) + time.perf_counter() - start
             self.history.append(record)
             epochs.set_postfix(loss=f"{record['loss']:.4f}")
             del cache
@@ -304,9 +341,10 @@ def export_state_dict(model, path) -> None:
 def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | None = None,
              skip: SkipConfig | None = None, train: TrainConfig | None = None, out_dir=None,
              base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0,
-             tokenizer: str | None = None) -> dict:
+             tokenizer: str | None = None, zero_shot: bool = False) -> dict:
     """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export.
-    ``tokenizer``: a tokenizer folder or open_clip name (``skipkernels.models.load_tokenizer``)."""
+    ``tokenizer``: a tokenizer folder or open_clip name (``skipkernels.models.load_tokenizer``).
+    ``zero_shot``: also evaluate the model before training (results' zero_shot_accuracy, gain)."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
 
@@ -318,53 +356,69 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     out_dir = Path(out_dir) if out_dir is not None else None
     times = {}
 
-    splits = load_splits(data_root, dataset)
+    splits = load_splits(data_root, dataset, train.shots, train.seed)
+    if splits.generated and out_dir is not None and distributed.is_main():
+        # the split drawn from a plain image folder; --data <this file> repeats the run exactly
+        write_split_json(splits, out_dir / f"split_zhou_{splits.name}.json")
     if base_to_new:
         base, new = base_new_labels(len(splits.classnames))
     else:
         base, new = list(range(len(splits.classnames))), []
     train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
-    test_base = subset_classes(splits.test, base)
-    test_new = subset_classes(splits.test, new)
-    base_names = [splits.classnames[i] for i in base]
-    new_names = [splits.classnames[i] for i in new]
+    test_groups = {"base": class_group(splits.test, splits.classnames, base)}
+    if new:
+        test_groups["new"] = class_group(splits.test, splits.classnames, new)
+    base_names = test_groups["base"][1]
 
     start = time.perf_counter()
     model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed, tokenizer=tokenizer)
     patch_clip(model)
     times["model"] = time.perf_counter() - start
+    autocast_dtype = autocast_dtype_for(train.amp, device)
+
+    zero_shot_acc = None
+    if zero_shot:  # the model before any update, with the plain template: the gain's baseline
+        start = time.perf_counter()
+        zero_shot_tuner = SkipTuner(model, base_names, tokenizer, mode="ft", template=skip.template)
+        zero_shot_acc = evaluate_groups(zero_shot_tuner, test_groups, train.eval_batch_size, train.workers,
+                                        autocast_dtype, train.progress, "zero-shot")
+        del zero_shot_tuner
+        times["zero_shot_eval"] = time.perf_counter() - start
 
     start = time.perf_counter()
     tuner = SkipTuner(model, base_names, tokenizer, skip)
     times["text_prefix"] = time.perf_counter() - start
-    trainer = Trainer(tuner, train_items, train, out_dir, model_name=model_name)
+    trainer = Trainer(tuner, train_items, train, out_dir, model_name=model_name,
+                      evaluate=lambda: evaluate_groups(tuner, test_groups, train.eval_batch_size, train.workers,
+                                                       autocast_dtype, progress=False))
     resumed = trainer.resume() if resume else False
     trainer.train()
     times["cache"] = trainer.times["cache"]
     times["train"] = trainer.times["train"]
+    if "epoch_eval" in trainer.times:
+        times["epoch_eval"] = trainer.times["epoch_eval"]
     finished = len(trainer.history) >= train.epochs
 
     start = time.perf_counter()
-    autocast_dtype = _autocast_dtype(train.amp, device)
     acc = {}
     if finished:
-        acc["base"] = accuracy(tuner, test_base, base_names, train.eval_batch_size, train.workers, autocast_dtype,
-                               train.progress, "eval base")
-        if new:
-            acc["new"] = accuracy(tuner, test_new, new_names, train.eval_batch_size, train.workers, autocast_dtype,
-                                  train.progress, "eval new")
-            acc["hm"] = harmonic_mean(acc["base"], acc["new"])
+        acc = evaluate_groups(tuner, test_groups, train.eval_batch_size, train.workers, autocast_dtype,
+                              train.progress)
     times["eval"] = time.perf_counter() - start
 
     results = {
         "dataset": splits.name, "model": model_name, "pretrained": pretrained, "mode": skip.mode,
         "finished": finished, "resumed": resumed, "accuracy": acc, "time_s": times,
-        "peak_train_memory_mb": trainer.peak_train_bytes / 2**20,
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu rss increase",
+        "zero_shot_accuracy": zero_shot_acc,
+        "gain": {k: acc[k] - zero_shot_acc[k] for k in acc} if zero_shot_acc and acc else None,
+        "peak_train_memory_mb": None if trainer.peak_train_bytes is None else trainer.peak_train_bytes / 2**20,
+        "peak_memory_kind": PEAK_MEMORY_KINDS[device.type] if trainer.peak_train_bytes is not None
+        else "not measured",
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
         "exact_savings": tuner.savings,
         "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
+        "classnames": splits.classnames,  # label order; base = the first base_classes
         "history": trainer.history, "device": str(device),
         "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
         "versions": versions(),
@@ -387,5 +441,11 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
             if tuner.prompt_learner is not None:
                 checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
         (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        write_metrics_csv(trainer.steps, out_dir / "metrics.csv")
+        evaluations = ([{"epoch": 0, **zero_shot_acc}] if zero_shot_acc else []) + \
+            [{"epoch": h["epoch"], **h["accuracy"]} for h in trainer.history if "accuracy" in h] + \
+            ([{"epoch": len(trainer.history), **acc}] if acc else [])
+        training_chart(trainer.steps, evaluations, out_dir / "training.png",
+                       f"{model_name}, {skip.mode}, {splits.name}")
     distributed.barrier()
     return results

@@ -1,0 +1,104 @@
+"""Plain image folders: ``<dir>/<class folder>/*.jpg|png|...``, without a split file.
+
+Labels follow the sorted class-folder names, so the base classes are the first half of that order
+(the CoOp rule). The train / val / test split is drawn per class with the seed: ``shots`` images
+to train, up to ``min(shots, 4)`` to validate (CoOp's few-shot val size) and the rest to test, at
+least one. Unreadable training images are reported by the few-shot sampler, as for CoOp folders.
+The drawn split is returned as ordinary ``Splits``; ``write_split_json`` saves it in
+CoOp's format so the run can be repeated exactly from that file.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from skipkernels.data.coop import DatasetError, Item, Splits
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+CLASSNAMES_FILE = "classnames.txt"
+MAX_VAL_PER_CLASS = 4
+ALL_SHOTS_TEST_FRACTION = 0.2  # shots <= 0 (all images): a fifth of each class is held out to test
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def is_image_folder(folder: Path) -> bool:
+    """True for a folder of class sub-folders and no ``split_zhou_*.json`` (that layout wins)."""
+    return folder.is_dir() and not any(folder.glob("split_zhou_*.json")) and bool(_visible_dirs(folder))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (sub-folders included), by extension, in sorted order."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."))
+
+
+def _read_classnames(folder: Path, class_dirs: list[str]) -> dict[str, str]:
+    """Display names: ``classnames.txt`` lines ``<folder> <class name>`` (ImageNet's format in
+    CoOp), else the folder name with underscores as spaces."""
+    path = folder / CLASSNAMES_FILE
+    if not path.is_file():
+        return {d: d.replace("_", " ") for d in class_dirs}
+    names = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        key, _, name = line.strip().partition(" ")
+        if not name.strip():
+            raise DatasetError(f"{path}:{n}: expected '<folder> <class name>', got {line.strip()!r}")
+        names[key] = name.strip()
+    unknown = sorted(set(names) - set(class_dirs))
+    missing = sorted(set(class_dirs) - set(names))
+    if unknown or missing:
+        raise DatasetError(f"{path} does not match the class folders: no folder for {unknown[:5]}, "
+                           f"no name for {missing[:5]}")
+    return names
+
+
+def _split_sizes(count: int, shots: int) -> tuple[int, int]:
+    """(train, val) sizes for a class of ``count`` images; the rest is its test set."""
+    if shots <= 0:
+        test = max(1, round(count * ALL_SHOTS_TEST_FRACTION))
+        val = min(MAX_VAL_PER_CLASS, (count - test) // 5)
+        return count - test - val, val
+    val = min(shots, MAX_VAL_PER_CLASS, (count - shots) // 2)  # keep at least as many to test
+    return shots, val
+
+
+def image_folder_splits(folder, shots: int, seed: int) -> Splits:
+    """The seeded train / val / test split of an image folder; raises DatasetError with the
+    folder or file at fault."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder not found: {folder}")
+    class_dirs = _visible_dirs(folder)
+    if not class_dirs:
+        raise DatasetError(f"{folder} has no class folders: expected {folder}/<class name>/<images>")
+    if len(class_dirs) < 2:
+        raise DatasetError(f"{folder} has one class folder ({class_dirs[0].name}); classifying needs at least 2 "
+                           "(a folder in CoOp's layout needs its split_zhou_*.json)")
+    names = _read_classnames(folder, [d.name for d in class_dirs])
+    if len(set(names.values())) != len(names):
+        raise DatasetError(f"{folder}: two class folders have the same class name; rename one "
+                           f"(underscores become spaces) or give names in {CLASSNAMES_FILE}")
+    parts: dict[str, list[Item]] = {"train": [], "val": [], "test": []}
+    for label, class_dir in enumerate(class_dirs):
+        files = image_files(class_dir)
+        if not files:
+            raise DatasetError(f"class folder {class_dir} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        minimum = shots + 1 if shots > 0 else 2
+        if len(files) < minimum:
+            raise DatasetError(f"class folder {class_dir} has {len(files)} images, fewer than the {minimum} "
+                               f"needed for {shots} shots (at least one image is kept to test)"
+                               if shots > 0 else f"class folder {class_dir} has 1 image; at least 2 are "
+                               "needed (one to train, one to test)")
+        # One generator per class, seeded by its folder name: adding a class leaves the others' draws alone.
+        random.Random(f"{seed}:{class_dir.name}").shuffle(files)
+        n_train, n_val = _split_sizes(len(files), shots)
+        drawn = {"train": files[:n_train], "val": files[n_train:n_train + n_val], "test": files[n_train + n_val:]}
+        for part, paths in drawn.items():
+            parts[part].extend(Item(str(p), label, names[class_dir.name]) for p in sorted(paths))
+    classnames = [names[d.name] for d in class_dirs]
+    return Splits(folder.name, parts["train"], parts["val"], parts["test"], classnames, generated=True)

@@ -1,0 +1,99 @@
+"""Charts of training runs and benchmarks, drawn with matplotlib's Agg renderer.
+
+matplotlib is optional: without it a chart is skipped with a one-line message. Figures are made
+with ``matplotlib.figure.Figure`` on an Agg canvas, never through pyplot, so drawing changes no
+global backend or state of the calling program.
+"""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "time_s")
+
+
+def write_metrics_csv(steps: list[dict], path) -> None:
+    """One row per training step: ``METRICS_COLUMNS``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(steps)
+
+
+def _new_figure(path: Path, **kwargs):
+    """An Agg-backed Figure, or None (after saying so) when matplotlib is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print(f"matplotlib is not installed: {path.name} not drawn (pip install matplotlib)", file=sys.stderr)
+        return None
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
+
+def training_chart(steps: list[dict], evaluations: list[dict], path, title: str) -> bool:
+    """Loss and learning rate per step; accuracy (base, new, HM) at each evaluated epoch when
+    there is any (epoch 0 is the zero-shot model). Returns False when the chart was not drawn."""
+    path = Path(path)
+    panels = 3 if evaluations else 2
+    figure = _new_figure(path, figsize=(4.2 * panels, 3.6), layout="constrained")
+    if figure is None:
+        return False
+    axes = figure.subplots(1, panels, squeeze=False)[0]
+    x = [s["step"] for s in steps]
+    axes[0].plot(x, [s["loss"] for s in steps], lw=0.8, color="tab:blue", alpha=0.6, label="step")
+    by_epoch: dict[int, list[dict]] = {}
+    for s in steps:
+        by_epoch.setdefault(s["epoch"], []).append(s)
+    axes[0].plot([max(r["step"] for r in rows) for rows in by_epoch.values()],
+                 [sum(r["loss"] for r in rows) / len(rows) for rows in by_epoch.values()],
+                 "o-", color="tab:red", ms=3, label="epoch mean")
+    axes[0].set(title="training loss", xlabel="step", ylabel="cross-entropy")
+    axes[0].legend(fontsize="small")
+    axes[1].plot(x, [s["lr"] for s in steps], color="tab:green")
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    if evaluations:
+        epochs = [e["epoch"] for e in evaluations]
+        for key in ("base", "new", "hm"):
+            if all(key in e for e in evaluations):
+                axes[2].plot(epochs, [e[key] for e in evaluations], "o-", label=key if key != "hm" else "HM")
+        axes[2].set(title="test accuracy (epoch 0: zero-shot)", xlabel="epoch", ylabel="%")
+        axes[2].legend(fontsize="small")
+    figure.suptitle(title, fontsize="medium")
+    _save(figure, path)
+    return True
+
+
+def bar_chart(panels: list[tuple[str, dict[str, float]]], path, title: str,
+              reference_line: tuple[int, float | None] | None = None) -> bool:
+    """Side-by-side bar panels ``(label, {bar name: value})``, each bar labelled with its value.
+    ``reference_line=(panel index, value)`` draws a dashed horizontal line there (None: none)."""
+    path = Path(path)
+    figure = _new_figure(path, figsize=(max(3.6, 11 / len(panels)) * len(panels), 4.2), layout="constrained")
+    if figure is None:
+        return False
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, values) in zip(axes, panels):
+        colours = [f"C{i % 10}" for i in range(len(values))]
+        bars = ax.bar(list(values), list(values.values()), color=colours)
+        ax.bar_label(bars, fmt="%.1f", fontsize="small")
+        ax.set_title(label)
+        for tick in ax.get_xticklabels():  # long mode names
+            tick.set(rotation=35, ha="right", fontsize="small")
+        ax.margins(y=0.15)
+    if reference_line is not None and reference_line[1] is not None:
+        axes[reference_line[0]].axhline(reference_line[1], color="black", ls="--", lw=1)
+    figure.suptitle(title, fontsize="medium")
+    _save(figure, path)
+    return True

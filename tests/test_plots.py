@@ -1,0 +1,95 @@
+"""Pictures of runs: metrics.csv and training.png from finetune, the bench chart, no matplotlib."""
+import csv
+import sys
+
+import pytest
+from PIL import Image
+
+from skipkernels import bench
+from skipkernels.cli import _demo_chart
+from skipkernels.plots import METRICS_COLUMNS, training_chart, write_metrics_csv
+from skipkernels.skip.tuner import SkipConfig
+from skipkernels.train.trainer import TrainConfig, finetune
+
+FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=1,
+            progress=False)
+STEPS_PER_EPOCH = 6 * 8 // 8  # 6 base classes x 8 shots, batches of 8
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def _valid_png(path):
+    with Image.open(path) as img:
+        img.verify()  # a truncated or corrupt file raises
+    with Image.open(path) as img:
+        return img.format, img.size
+
+
+def test_finetune_writes_metrics_csv_and_training_png(synthetic_root, tmp_path):
+    skip, train = SkipConfig(mode="skip", skip_layers=2), TrainConfig(epochs=2, **FAST)
+    straight = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip,
+                        train=TrainConfig(epochs=2, eval_every=1, **FAST), out_dir=tmp_path / "straight",
+                        zero_shot=True)
+    assert set(straight["history"][0]["accuracy"]) == {"base", "new", "hm"}  # evaluated after epoch 1
+    assert "accuracy" not in straight["history"][1]  # the last epoch's is the run's accuracy
+    columns, rows = _rows(tmp_path / "straight" / "metrics.csv")
+    assert tuple(columns) == METRICS_COLUMNS
+    assert [int(r["step"]) for r in rows] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [int(r["epoch"]) for r in rows] == [1] * STEPS_PER_EPOCH + [2] * STEPS_PER_EPOCH
+    assert {float(r["lr"]) for r in rows[:STEPS_PER_EPOCH]} == {1e-6}  # the warm-up epoch
+    assert float(rows[-1]["lr"]) == pytest.approx(3e-3)
+    times = [float(r["time_s"]) for r in rows]
+    assert times == sorted(times) and times[0] > 0
+    fmt, (width, height) = _valid_png(tmp_path / "straight" / "training.png")
+    assert fmt == "PNG" and width > 2.5 * height  # three panels side by side: loss, lr, accuracy
+
+    # an interrupted and resumed run without evaluations logs the same steps: the log travels in
+    # the checkpoint, and evaluating between epochs leaves training unchanged
+    finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip,
+             train=TrainConfig(epochs=2, stop_after_epochs=1, **FAST), out_dir=tmp_path / "resumed")
+    assert len(_rows(tmp_path / "resumed" / "metrics.csv")[1]) == STEPS_PER_EPOCH
+    finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip, train=train, out_dir=tmp_path / "resumed")
+    resumed = _rows(tmp_path / "resumed" / "metrics.csv")[1]
+    assert [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in resumed] == \
+        [(r["step"], r["epoch"], r["loss"], r["lr"]) for r in rows]
+
+
+def test_bench_chart_is_a_matplotlib_png(tmp_path):
+    results = {"ft": {"step_s": {"median": 0.035}, "memory": {"peak_mb": 12.0}},
+               "skip-ref": {"step_s": {"median": 0.012}, "memory": {"peak_mb": 0.2}},
+               "skip-graph": {"skipped": "CUDA graphs need a GPU"}}
+    assert bench.chart(results, tmp_path / "e2e.png", "cpu: test")
+    fmt, (width, height) = _valid_png(tmp_path / "e2e.png")
+    assert fmt == "PNG" and width > height
+
+
+def test_demo_chart_compares_the_modes(tmp_path):
+    def row(mode, hm, train_s, peak_mb, params):
+        return {"mode": mode, "dataset": "synthetic", "model": "skipkernels-tiny", "device": "cpu",
+                "accuracy": {"hm": hm}, "zero_shot_accuracy": {"hm": 17.0}, "trainable_params": params,
+                "time_s": {"train": train_s, "cache": 0.5}, "peak_train_memory_mb": peak_mb}
+
+    assert _demo_chart([row("ft", 74.2, 3.6, 72.0, 3_588_928), row("skip", 71.8, 1.3, 2.8, 208_384)],
+                       tmp_path / "four.png")
+    assert _demo_chart([row("ft", 74.2, 3.6, None, 3_588_928), row("skip", 71.8, 1.3, None, 208_384)],
+                       tmp_path / "three.png")  # memory not measured: no memory panel
+    (_, four), (_, three) = _valid_png(tmp_path / "four.png"), _valid_png(tmp_path / "three.png")
+    assert four[0] > three[0]
+
+
+def test_without_matplotlib_charts_are_skipped_with_one_line(tmp_path, monkeypatch, capsys):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    steps = [{"step": 1, "epoch": 1, "loss": 2.0, "lr": 0.1, "time_s": 0.5}]
+    write_metrics_csv(steps, tmp_path / "metrics.csv")
+    assert not training_chart(steps, [], tmp_path / "training.png", "t")
+    assert not bench.chart({"ft": {"step_s": {"median": 0.1}}}, tmp_path / "e2e.png", "t")
+    assert not (tmp_path / "training.png").exists() and not (tmp_path / "e2e.png").exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["matplotlib is not installed: training.png not drawn (pip install matplotlib)",
+                   "matplotlib is not installed: e2e.png not drawn (pip install matplotlib)"]
+    assert _rows(tmp_path / "metrics.csv")[1][0]["loss"] == "2.0"
