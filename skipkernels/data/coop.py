@@ -12,12 +12,8 @@ import json
 import os
 from pathlib import Path
 
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    path: str
-    label: int
-    classname: str
+from skipkernels.data.imagefolder import image_folder_splits, is_image_folder
+from skipkernels.data.splits import DatasetError, Item, Splits  # noqa: F401  (re-exported: the data API)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +41,6 @@ STANDARD_DATASETS = {
 
 # The paper trains these three for a quarter of the epochs (they are large).
 QUARTER_EPOCH_DATASETS = ("imagenet", "sun397", "food101")
-
-
-class DatasetError(ValueError):
-    """A dataset folder or split file that can't be used, with the path that is wrong."""
-
-
-@dataclasses.dataclass
-class Splits:
-    name: str
-    train: list[Item]
-    val: list[Item]
-    test: list[Item]
-    classnames: list[str]  # indexed by label
-    generated: bool = False  # drawn here from a plain image folder (see write_split_json)
 
 
 def _classnames_from(items: list[Item], where: str) -> list[str]:
@@ -188,7 +170,6 @@ def load_splits(root: str | os.PathLike, dataset: str | None = None, shots: int 
     if not folder.is_dir():
         raise DatasetError(f"dataset folder not found: {folder}")
     if spec is None:
-        from skipkernels.data.imagefolder import image_folder_splits, is_image_folder  # it imports this module
         if is_image_folder(folder):
             return image_folder_splits(folder, shots, seed)
     if spec is not None and spec.split_file is None:

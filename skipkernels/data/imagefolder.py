@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from skipkernels.data.coop import DatasetError, Item, Splits
+from skipkernels.data.splits import DatasetError, Item, Splits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLASSNAMES_FILE = "classnames.txt"
