@@ -42,7 +42,7 @@ def _patched_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
 
 
 def _encode_text(self, text, normalize: bool = False):
-    # Exact savings (DESIGN.md section 3), each only where it is exact: causal attention pooled at
+    # Exact savings (docs/ARCHITECTURE.md, "The algorithm"), each only where it is exact: causal attention pooled at
     # one position per prompt runs only up to the last pooled position; the last block computes
     # only the pooled row.
     from skipkernels.skip import towers

@@ -1,4 +1,5 @@
-"""Shared checks of the kernel tests: poisoned outputs and the fp64 error rule (DESIGN.md section 7)."""
+"""Shared checks of the kernel tests: poisoned outputs and the fp64 error rule
+(docs/ARCHITECTURE.md, "Testing and measuring")."""
 import os
 
 import pytest

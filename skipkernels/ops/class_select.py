@@ -1,4 +1,4 @@
-"""CSkip class selection (DESIGN.md section 3).
+"""CSkip class selection (docs/ARCHITECTURE.md, "The algorithm").
 
 Given the batch's normalised image features f (B, E), the frozen zero-shot prototypes t (C, E),
 the batch labels (B,), a keep-mask over rank positions K..C-1 and K:

@@ -1,4 +1,4 @@
-"""CSkip: per-step class subset for the text tower (DESIGN.md section 3).
+"""CSkip: per-step class subset for the text tower (docs/ARCHITECTURE.md, "The algorithm").
 
 The keep-mask over rank positions K..C-1 is drawn once per run by default (as the paper's code
 does), which keeps the subset size K' = K + mask.sum() fixed whenever the batch has at most K

@@ -4,7 +4,7 @@ Image: stem -> blocks -> pool + norm -> projection; text: token + positional emb
 (causal, or bidirectional for SigLIP) -> final norm -> pool at the model's own pooling position ->
 projection. Where each family keeps these parts: ``skipkernels.families``.
 
-Two exact savings live here (DESIGN.md section 3), each only where it is exact:
+Two exact savings live here (docs/ARCHITECTURE.md, "The algorithm"), each only where it is exact:
 - text truncation: under a causal mask with the text pooled at one position per prompt, tokens
   after the last pooled position of a set of prompts never influence it; those prompts run on
   the prefix [0, T) with T = that position + 1, padded to a multiple of 8. Off without a causal

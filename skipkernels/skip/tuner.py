@@ -1,5 +1,5 @@
 """SkipTuner: Skip Tuning (LSkip + CSkip) of an open_clip CLIP model, and the baselines the
-paper compares against, computed on one engine (DESIGN.md section 3).
+paper compares against, computed on one engine (docs/ARCHITECTURE.md, "The algorithm").
 
 Modes:
 - ``skip``  (default) LSkip + CSkip
