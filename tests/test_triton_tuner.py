@@ -17,9 +17,9 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
-from conftest import tiny_clip  # noqa: E402
+from conftest import assert_grads_equal, plain_loss_and_grads, tiny_clip, tuner_loss_and_grads  # noqa: E402
 from skipkernels import SkipTuner, use_backend  # noqa: E402
-from test_tuner import CLASSES, _assert_grads_equal, _plain_loss_and_grads, _tuner_loss_and_grads  # noqa: E402
+from test_tuner import CLASSES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -45,14 +45,14 @@ def test_skip_tuning_step_on_triton_equals_open_clip(block, mode, tokenizer, mon
     images = torch.randn(4, 3, 32, 32, generator=g).to(DEVICE)
     labels = torch.tensor([6, 2, 6, 3], device=DEVICE)
     with use_backend("triton"):
-        loss, grads = _tuner_loss_and_grads(tuner, tuner.image_prefix(images), labels)
+        loss, grads = tuner_loss_and_grads(tuner, tuner.image_prefix(images), labels)
     classes, targets = CLASSES, labels
     if mode == "skip":  # CSkip: the same step over the selected classes only
         assert len(tuner.last_selected) < len(CLASSES)
         classes = [CLASSES[i] for i in tuner.last_selected.tolist()]
         targets = tuner.last_labels
-    expected_loss, expected = _plain_loss_and_grads(plain, images, targets, classes, tokenizer)
+    expected_loss, expected = plain_loss_and_grads(plain, images, targets, classes, tokenizer)
     assert torch.allclose(loss, expected_loss, rtol=1e-5)
-    _assert_grads_equal(expected, grads, rel=1e-4)
+    assert_grads_equal(expected, grads, rel=1e-4)
     # The kernels really ran, forward and backward (not a silent fall-back to the reference).
     assert all(calls.get(name, 0) > 0 for name in ("_forward", "_backward", "_fused", "_gemm")), calls
