@@ -63,29 +63,3 @@ def test_subset_ce_loss_is_a_custom_op_with_registered_autograd(with_logits):
     # schema, fake (meta) impl, autograd registration and tracing by AOTAutograd
     torch.library.opcheck(torch.ops.skipkernels.subset_ce_loss, (f, t, scale, labels, with_logits))
 
-
-def test_measured_table_is_not_read_inside_traced_code(monkeypatch, tmp_path):
-    """While torch.compile traces, auto's Triton decision comes from what eager calls decided:
-    no device-name query and no table read inside the graph (either would break it)."""
-    import json
-    import types
-
-    from skipkernels.ops import measured
-    table = tmp_path / "wins.json"
-    table.write_text(json.dumps({"entries": [
-        {"device": "G", "op": "linear_act", "pass": "fwd", "dtype": "torch.bfloat16",
-         "dims": [768, 3072, "gelu"], "rows": 788, "speedup": 1.4}]}))
-    monkeypatch.setattr(measured, "TABLE", table)
-    monkeypatch.setattr(measured, "_device_name", lambda index: "G")
-    monkeypatch.setattr(measured, "_traced", {})
-    x = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
-    seen = (x, (768, 3072, "gelu"), 800)
-    assert measured.prefers_triton("linear_act", *seen, dtype="torch.bfloat16")  # eager: from the table
-
-    def probe(*_):
-        raise AssertionError("device or table probed inside traced code")
-    monkeypatch.setattr(measured, "_device_name", probe)
-    monkeypatch.setattr(measured, "_entries", probe)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert measured.prefers_triton("linear_act", *seen, dtype="torch.bfloat16")
-    assert not measured.prefers_triton("linear_act", x, (512, 2048, "gelu"), 800, dtype="torch.bfloat16")

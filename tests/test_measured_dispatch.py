@@ -126,8 +126,8 @@ def test_triton_everywhere_forces_cuda_tensors_only(monkeypatch, tmp_path):
     assert not measured._everywhere
 
 
-def test_prefers_triton_reads_the_table_once_per_case(monkeypatch, tmp_path):
-    """The hot-path lookup: decided from the table, then memoised per (device, op, dims, rows...)."""
+def _one_win_table(monkeypatch, tmp_path):
+    """A table where the Triton GELU fc1 wins on device "G"; a fake CUDA tensor to ask with."""
     import types
     table = tmp_path / "wins.json"
     table.write_text(json.dumps({"entries": [
@@ -135,12 +135,33 @@ def test_prefers_triton_reads_the_table_once_per_case(monkeypatch, tmp_path):
          "dims": [768, 3072, "gelu"], "rows": 788, "speedup": 1.4}]}))
     monkeypatch.setattr(measured, "TABLE", table)
     monkeypatch.setattr(measured, "_device_name", lambda index: "G")
+    monkeypatch.setattr(measured, "_traced", {})
+    return types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
+
+
+def test_prefers_triton_reads_the_table_once_per_case(monkeypatch, tmp_path):
+    """The hot-path lookup: decided from the table, then memoised per (device, op, dims, rows...)."""
+    x = _one_win_table(monkeypatch, tmp_path)
     calls = []
     real_decide = measured.decide
     monkeypatch.setattr(measured, "decide", lambda *a: calls.append(a) or real_decide(*a))
     measured._decision.cache_clear()
-    x = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
     for _ in range(3):
         assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
         assert not measured.prefers_triton("linear_act", x, (768, 3072, "quick_gelu"), 800, dtype="torch.bfloat16")
     assert len(calls) == 2
+
+
+def test_the_table_is_not_read_inside_traced_code(monkeypatch, tmp_path):
+    """While torch.compile traces, auto's Triton decision comes from what eager calls decided:
+    no device-name query and no table read inside the graph (either would break it)."""
+    x = _one_win_table(monkeypatch, tmp_path)
+    assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")  # eager
+
+    def probe(*_):
+        raise AssertionError("device or table probed inside traced code")
+    monkeypatch.setattr(measured, "_device_name", probe)
+    monkeypatch.setattr(measured, "_entries", probe)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
+    assert not measured.prefers_triton("linear_act", x, (512, 2048, "gelu"), 800, dtype="torch.bfloat16")
