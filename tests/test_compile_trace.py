@@ -51,6 +51,18 @@ def test_tuner_static_loss_traces_in_one_graph(mode, tokenizer):
     assert torch.equal(tuner.last_selected, expected_selected)
 
 
+@pytest.mark.parametrize("family", ["siglip", "eva02"])
+def test_other_families_static_loss_traces_in_one_graph(family):
+    from skipkernels.models import create_model
+    model, tokenizer = create_model(f"skipkernels-tiny-{family}", tokenizer="ViT-B-16")
+    tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, top_ratio=0.5, max_top=4)
+    inputs = tuner.image_prefix(torch.randn(2, 3, 32, 32))
+    labels = torch.tensor([1, 6])
+    expected = tuner.loss(inputs, labels, static=True)
+    traced = torch.compile(lambda x, y: tuner.loss(x, y, static=True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(traced(inputs, labels), expected)
+
+
 @pytest.mark.skipif(not _ext.has_op("subset_logits_ce"), reason="skipkernels._C not built")
 @pytest.mark.parametrize("with_logits", [False, True])
 def test_subset_ce_loss_is_a_custom_op_with_registered_autograd(with_logits):

@@ -26,8 +26,18 @@ def test_captured_step_equals_eager_steps(kernels, tokenizer):
     return _captured_step_equals_eager_steps(tokenizer)
 
 
-def _captured_step_equals_eager_steps(tokenizer):
-    model = tiny_clip(layers=3).cuda()
+@pytest.mark.skipif(not _ext.cuda_built(), reason="compiled CUDA ops not built")
+@pytest.mark.parametrize("family", ["siglip", "eva02"])
+def test_captured_step_equals_eager_steps_for_other_families(family):
+    """SigLIP (timm ViT with attention pooling, bidirectional text) and EVA-02 (timm Eva with
+    rotary embeddings, blocks through their own forward) inside the same CUDA-graph step."""
+    from skipkernels.models import create_model
+    model, tokenizer = create_model(f"skipkernels-tiny-{family}", tokenizer="ViT-B-16")
+    _captured_step_equals_eager_steps(tokenizer, model)
+
+
+def _captured_step_equals_eager_steps(tokenizer, model=None):
+    model = (tiny_clip(layers=3) if model is None else model).cuda()
     eager = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, top_ratio=0.25, lam=0.5)
     graphed = copy.deepcopy(eager)
     opts = [torch.optim.SGD([p for _, p in t.trainable_named_parameters()], lr=1e-2, momentum=0.9,
