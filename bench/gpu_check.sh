@@ -29,6 +29,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+if ! "$PY" -c "import open_clip, ftfy" >>"$LOG" 2>&1; then
+  log "open_clip_torch / ftfy not importable: put their wheels in .whl/ (pip download --no-deps --only-binary=:all: \
+--python-version 3.12 --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 ftfy wcwidth) and carry it"
+  exit 2
+fi
+
 # Tests compile into one cache; the set-up measurement starts from another, empty one (Triton
 # kernels and GEMM tile choices), which every later stage then reuses warm.
 export SKIPKERNELS_CACHE="$OUT/cache/tests" TRITON_CACHE_DIR="$OUT/cache/tests/triton"
