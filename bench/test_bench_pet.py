@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import ON_GPU, RUN_COMPILE, synced
-from skipkernels.ops.pet_gate import gated_update, gated_update_reference
+from skipkernels.ops.measured import case_info
+from skipkernels.ops.pet_gate import gated_update, gated_update_case, gated_update_reference
 
 if ON_GPU:
     SHAPES = [(32, 197, 768), (4, 197, 768)]
@@ -67,6 +68,7 @@ def test_gated_update(benchmark, shape, gate, backend, pass_, device):
     size = x.element_size()
     fwd_bytes = (4 * elems + g.numel()) * size
     benchmark.extra_info.update(shape=list(shape), gate=gate, dtype=str(DTYPE), backend=backend,
+                                case=case_info("pet_gate", gated_update_case(x, h, dh, g)),
                                 mode="fwd_bwd" if grad else "fwd",
                                 bytes=fwd_bytes + (4 * elems + 2 * g.numel()) * size * grad,
                                 device=torch.cuda.get_device_name(0) if ON_GPU else "cpu",

@@ -26,6 +26,7 @@ from skipkernels.ops import layer_norm as ops_ln
 from skipkernels.ops import layer_norm_linear as ops_lnl
 from skipkernels.ops import layer_norm_mlp as ops_mlp
 from skipkernels.ops import linear as ops_lin
+from skipkernels.ops.measured import case_info
 
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 IMPLS = ["torch", "compile", "triton"]
@@ -119,7 +120,8 @@ def test_layer_norm(benchmark, tower, impl, mode, device):
     fn = _impl_fn(impl, ops_ln.layer_norm_reference, "layer_norm", "layer_norm")
     x, w, b = _randn(m, d, device=device), _randn(d, device=device), _randn(d, device=device)
     _run(benchmark, lambda x, w, b: fn(x, w, b, 1e-5), [x, w, b], mode,
-         flop=8 * m * d, nbytes=_nbytes(x, w, b) + _nbytes(x), shape=[m, d])
+         flop=8 * m * d, nbytes=_nbytes(x, w, b) + _nbytes(x), shape=[m, d],
+         case=case_info("layer_norm", ops_ln.layer_norm_case(x)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -131,7 +133,8 @@ def test_add_layer_norm(benchmark, tower, impl, mode, device):
     x, delta = _randn(m, d, device=device), _randn(m, d, device=device)
     w, b = _randn(d, device=device), _randn(d, device=device)
     _run(benchmark, lambda x, dl, w, b: fn(x, dl, w, b, 1e-5), [x, delta, w, b], mode,
-         flop=9 * m * d, nbytes=_nbytes(x, delta, w, b) + 2 * _nbytes(x), shape=[m, d])
+         flop=9 * m * d, nbytes=_nbytes(x, delta, w, b) + 2 * _nbytes(x), shape=[m, d],
+         case=case_info("add_layer_norm", ops_ln.layer_norm_case(x)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -145,7 +148,8 @@ def test_linear_act_fc1(benchmark, tower, act, impl, mode, device):
     w, b = _randn(4 * d, d, device=device, scale=d ** -0.5), _randn(4 * d, device=device)
     out_bytes = m * 4 * d * x.element_size()
     _run(benchmark, lambda x, w, b: fn(x, w, b, act), [x, w, b], mode,
-         flop=2 * m * d * 4 * d, nbytes=_nbytes(x, w, b) + out_bytes, shape=[m, d, 4 * d], act=act)
+         flop=2 * m * d * 4 * d, nbytes=_nbytes(x, w, b) + out_bytes, shape=[m, d, 4 * d], act=act,
+         case=case_info("linear_act", ops_lin.linear_act_case(x, w, b, act)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -161,7 +165,8 @@ def test_layer_norm_linear(benchmark, tower, proj, impl, mode, device):
     w, b = _randn(n, d, device=device, scale=d ** -0.5), _randn(n, device=device)
     _run(benchmark, lambda x, lw, lb, w, b: fn(x, lw, lb, 1e-5, w, b, act), [x, lw, lb, w, b], mode,
          flop=2 * m * d * n + 8 * m * d, nbytes=_nbytes(x, lw, lb, w, b) + m * n * x.element_size(),
-         shape=[m, d, n], act=act)
+         shape=[m, d, n], act=act,
+         case=case_info("layer_norm_linear", ops_lnl.layer_norm_linear_case(x, lw, lb, 1e-5, w, b, act)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -177,7 +182,8 @@ def test_layer_norm_mlp(benchmark, tower, act, impl, mode, device):
     w2, b2 = _randn(d, 4 * d, device=device, scale=(4 * d) ** -0.5), _randn(d, device=device)
     _run(benchmark, lambda x, lw, lb, w1, b1, w2, b2: fn(x, lw, lb, 1e-5, w1, b1, act, w2, b2),
          [x, lw, lb, w1, b1, w2, b2], mode, flop=2 * 2 * m * d * 4 * d + 8 * m * d,
-         nbytes=_nbytes(x, lw, lb, w1, b1, w2, b2) + _nbytes(x), shape=[m, d, 4 * d], act=act, scale="none")
+         nbytes=_nbytes(x, lw, lb, w1, b1, w2, b2) + _nbytes(x), shape=[m, d, 4 * d], act=act, scale="none",
+         case=case_info("layer_norm_mlp", ops_mlp.layer_norm_mlp_case(x, lw, lb, 1e-5, w1, b1, act, w2, b2)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -191,7 +197,8 @@ def test_linear_residual(benchmark, tower, layer, impl, mode, device):
     x, res = _randn(m, k, device=device), _randn(m, d, device=device)
     w, b = _randn(d, k, device=device, scale=k ** -0.5), _randn(d, device=device)
     _run(benchmark, fn, [x, w, b, res], mode,
-         flop=2 * m * k * d, nbytes=_nbytes(x, w, b, res) + _nbytes(res), shape=[m, k, d], scale="none")
+         flop=2 * m * k * d, nbytes=_nbytes(x, w, b, res) + _nbytes(res), shape=[m, k, d], scale="none",
+         case=case_info("linear_residual", ops_lin.linear_residual_case(x, w, b, res)))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -218,4 +225,5 @@ def test_attention(benchmark, tower, kind, impl, mode, device):
         pairs = length * (length + 1) / 2
     _run(benchmark, lambda q, k, v: fn(q, k, v, **kwargs), [q, k, v], mode,
          flop=int(4 * batch * heads * pairs * head_dim), nbytes=_nbytes(q, k, v, q),
-         shape=[batch, heads, lq, length, head_dim], mask=mask)
+         shape=[batch, heads, lq, length, head_dim], mask=mask,
+         case=case_info("attention", ops_attn.attention_case(q, k, v, **kwargs)))

@@ -3,14 +3,38 @@ import json
 
 import torch
 
+from skipkernels.ops import attention as ops_attn
+from skipkernels.ops import layer_norm as ops_ln
+from skipkernels.ops import layer_norm_linear as ops_lnl
+from skipkernels.ops import layer_norm_mlp as ops_mlp
+from skipkernels.ops import linear as ops_lin
 from skipkernels.ops import measured
 from skipkernels.ops.linear import linear_act
 
 
+def _meta(*shape):
+    return torch.empty(*shape, device="meta")
+
+
+# How each benchmark of bench/test_bench_triton.py records its case: the op's own case function on
+# the benchmark's inputs (here meta tensors of the benchmark's shape).
+CASES = {
+    "test_linear_act_fc1": lambda s, e: ("linear_act", ops_lin.linear_act_case(
+        _meta(s[0], s[1]), _meta(s[2], s[1]), None, e["act"])),
+    "test_layer_norm": lambda s, e: ("layer_norm", ops_ln.layer_norm_case(_meta(*s))),
+    "test_attention": lambda s, e: ("attention", ops_attn.attention_case(
+        _meta(s[0], s[1], s[2], s[4]), _meta(s[0], s[1], s[3], s[4]), None)),
+    "test_layer_norm_linear": lambda s, e: ("layer_norm_linear", ops_lnl.layer_norm_linear_case(
+        _meta(s[0], s[1]), None, None, 1e-5, _meta(s[2], s[1]), None, e["act"])),
+    "test_layer_norm_mlp": lambda s, e: ("layer_norm_mlp", ops_mlp.layer_norm_mlp_case(
+        _meta(s[0], s[1]), None, None, 1e-5, _meta(s[2], s[1]), None, e["act"], _meta(s[1], s[2]), None)),
+}
+
+
 def _bench(name, impl, mode, shape, median_ms, device="FakeGPU H100", **extra):
     return {"name": f"{name}[{impl}-{mode}]", "params": {"impl": impl, "mode": mode, "tower": "image"},
-            "extra_info": {"shape": shape, "mode": mode, "dtype": "torch.bfloat16", "device": device,
-                           "median_ms": median_ms, **extra}}
+            "extra_info": {"case": measured.case_info(*CASES[name](shape, extra)), "mode": mode,
+                           "dtype": "torch.bfloat16", "device": device, "median_ms": median_ms}}
 
 
 def test_entries_pair_triton_with_the_reference_case():
@@ -78,11 +102,14 @@ def test_no_table_means_reference(monkeypatch, tmp_path):
 
 def test_pet_gate_benchmarks_feed_the_table():
     """The PET benchmark names its implementations 'backend' and keys cases by gate granularity."""
+    from skipkernels.ops.pet_gate import gated_update_case
+
     def pet(backend, ms, gate="middle_x", mode="fwd"):
+        case = gated_update_case(None, _meta(32, 197, 768), None, _meta(32, 197, 1))  # a per-token gate
         return {"name": f"test_gated_update[32x197x768-{gate}-{backend}-forward]",
                 "params": {"shape": [32, 197, 768], "gate": gate, "backend": backend, "pass_": "forward"},
-                "extra_info": {"shape": [32, 197, 768], "gate": gate, "mode": mode, "dtype": "torch.bfloat16",
-                               "device": "G", "median_ms": ms}}
+                "extra_info": {"case": measured.case_info("pet_gate", case), "mode": mode,
+                               "dtype": "torch.bfloat16", "device": "G", "median_ms": ms}}
     entries = measured.build_entries([{"benchmarks": [pet("torch", 0.375), pet("triton", 0.125), pet("compile", 0.25)]}])
     assert entries == [{"device": "G", "op": "pet_gate", "pass": "fwd", "dtype": "torch.bfloat16",
                         "dims": [768, "middle_x"], "rows": 32 * 197, "speedup": 3.0}]

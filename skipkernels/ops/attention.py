@@ -40,7 +40,11 @@ def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, bac
                               attention_reference, q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
 
 
-def _auto_triton(q, k, v, causal, attn_mask, key_limit) -> bool:
+def attention_case(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
+    """The measured table's key: (head dim, mask kind, pooled query or full) and B·H·Lk."""
     mask = "key_limit" if key_limit is not None else "causal" if causal else "mask" if attn_mask is not None else "none"
-    dims = (q.shape[-1], mask, "pooled" if q.shape[-2] == 1 else "full")
-    return measured.prefers_triton("attention", q, dims, q.shape[0] * q.shape[1] * k.shape[-2], (k, v))
+    return (q.shape[-1], mask, "pooled" if q.shape[-2] == 1 else "full"), q.shape[0] * q.shape[1] * k.shape[-2]
+
+
+def _auto_triton(q, k, v, causal, attn_mask, key_limit) -> bool:
+    return measured.prefers_triton("attention", q, *attention_case(q, k, v, causal, attn_mask, key_limit), (k, v))

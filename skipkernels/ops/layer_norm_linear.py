@@ -29,9 +29,13 @@ def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activatio
                               composed, x, ln_weight, ln_bias, eps, weight, bias, activation)
 
 
+def layer_norm_linear_case(x, ln_weight, ln_bias, eps, weight, bias, activation: str = "none"):
+    """The measured table's key: (K, N, activation) and the row count."""
+    return (weight.shape[1], weight.shape[0], activation), measured.rows_of(x)
+
+
 def _auto_triton(x, activation, ln_weight, ln_bias, weight, bias) -> bool:
     # The fused kernel replaces an ATen LayerNorm plus a cuBLAS GEMM only where a GPU measurement
-    # (ops/measured.py) shows it winning at this (K, N), activation and row count.
-    dims = (weight.shape[1], weight.shape[0], activation)
-    return measured.prefers_triton("layer_norm_linear", x, dims, x.numel() // max(1, x.shape[-1]),
-                                   (ln_weight, ln_bias, weight, bias))
+    # (ops/measured.py) shows it winning at this key.
+    case = layer_norm_linear_case(x, ln_weight, ln_bias, None, weight, bias, activation)
+    return measured.prefers_triton("layer_norm_linear", x, *case, (ln_weight, ln_bias, weight, bias))

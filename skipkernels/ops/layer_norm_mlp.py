@@ -30,9 +30,13 @@ def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w
                               composed, x, ln_weight, ln_bias, eps, w1, b1, activation, w2, b2, scale)
 
 
-def _auto_triton(x, activation, *tensors) -> bool:
+def layer_norm_mlp_case(x, ln_weight, ln_bias, eps, w1, b1, activation, w2, b2, scale=None):
+    """The measured table's key: (width, hidden width, activation, LayerScale or not) and rows."""
+    return (w1.shape[1], w1.shape[0], activation, "scale" if scale is not None else "none"), measured.rows_of(x)
+
+
+def _auto_triton(x, activation, ln_weight, ln_bias, w1, b1, w2, b2, scale) -> bool:
     # Only where a GPU measurement (ops/measured.py) shows the fused sub-block beating the
-    # reference composition at this width, hidden width, activation, LayerScale or not, and rows.
-    w1, scale = tensors[2], tensors[-1]
-    dims = (w1.shape[1], w1.shape[0], activation, "scale" if scale is not None else "none")
-    return measured.prefers_triton("layer_norm_mlp", x, dims, x.numel() // max(1, x.shape[-1]), tensors)
+    # reference composition at this key.
+    case = layer_norm_mlp_case(x, ln_weight, ln_bias, None, w1, b1, activation, w2, b2, scale)
+    return measured.prefers_triton("layer_norm_mlp", x, *case, (ln_weight, ln_bias, w1, b1, w2, b2, scale))

@@ -41,20 +41,31 @@ LINEAR_RESIDUAL = _dispatch.TritonKernel("linear", "linear_residual", not_suppor
 
 
 def linear_act(x, weight, bias, activation: str, backend: str | None = None):
-    return _dispatch.dispatch(LINEAR_ACT, backend, lambda: _auto_triton("linear_act", activation, x, weight, bias),
+    return _dispatch.dispatch(LINEAR_ACT, backend, lambda: _auto_linear_act(x, weight, bias, activation),
                               linear_act_reference, x, weight, bias, activation)
 
 
 def linear_residual(x, weight, bias, residual, scale=None, backend: str | None = None):
-    epilogue = "scale" if scale is not None else "none"
-    return _dispatch.dispatch(
-        LINEAR_RESIDUAL, backend, lambda: _auto_triton("linear_residual", epilogue, x, weight, bias, residual, scale),
-        linear_residual_reference, x, weight, bias, residual, scale)
+    return _dispatch.dispatch(LINEAR_RESIDUAL, backend, lambda: _auto_linear_residual(x, weight, bias, residual, scale),
+                              linear_residual_reference, x, weight, bias, residual, scale)
 
 
-def _auto_triton(op, epilogue: str, x, weight, *tensors) -> bool:
-    # cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
-    # (ops/measured.py) shows the fused Triton GEMM winning at this (K, N), epilogue (activation,
-    # or whether a LayerScale is applied) and row count.
-    dims = (weight.shape[1], weight.shape[0], epilogue)
-    return measured.prefers_triton(op, x, dims, x.numel() // max(1, x.shape[-1]), (weight, *tensors))
+def linear_act_case(x, weight, bias, activation: str):
+    """The measured table's key: (K, N, activation) and the row count."""
+    return (weight.shape[1], weight.shape[0], activation), measured.rows_of(x)
+
+
+def linear_residual_case(x, weight, bias, residual, scale=None):
+    """The measured table's key: (K, N, whether a LayerScale is applied) and the row count."""
+    return (weight.shape[1], weight.shape[0], "scale" if scale is not None else "none"), measured.rows_of(x)
+
+
+# cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
+# (ops/measured.py) shows the fused Triton GEMM winning at this key.
+def _auto_linear_act(x, weight, bias, activation):
+    return measured.prefers_triton("linear_act", x, *linear_act_case(x, weight, bias, activation), (weight, bias))
+
+
+def _auto_linear_residual(x, weight, bias, residual, scale):
+    return measured.prefers_triton("linear_residual", x, *linear_residual_case(x, weight, bias, residual, scale),
+                                   (weight, bias, residual, scale))

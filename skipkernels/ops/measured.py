@@ -1,7 +1,9 @@
 """Which Triton kernels beat their references, as measured on a GPU: ``backend="auto"`` asks here.
 
 ``measured_wins.json`` beside this file is generated from the pytest-benchmark JSON of
-``bench/test_bench_triton.py`` run on a GPU (CUDA-event medians in ``extra_info``):
+``bench/test_bench_triton.py`` run on a GPU (CUDA-event medians in ``extra_info``). Each
+benchmark records its case with the op's own ``<op>_case`` function (``case_info``), the one
+that dispatch looks up with, so the key is written once:
 
     python -m skipkernels.ops.measured bench/results/kernels-<stamp>.json [more.json ...]
 
@@ -55,6 +57,18 @@ def decide(entries, device: str, op: str, pass_: str, dtype: str, dims, rows: in
     return nearest["speedup"] >= MIN_SPEEDUP
 
 
+def rows_of(x) -> int:
+    """Rows of a (..., D) activation: what the table's row count counts for most ops."""
+    return x.numel() // max(1, x.shape[-1])
+
+
+def case_info(op: str, case) -> dict:
+    """What a benchmark records (``extra_info["case"]``) for a call whose ``<op>_case`` is
+    ``case`` = (dims, rows): the same key dispatch looks up, written by the same function."""
+    dims, rows = case
+    return {"op": op, "dims": [d if isinstance(d, str) else int(d) for d in dims], "rows": int(rows)}
+
+
 def compute_dtype(x: torch.Tensor) -> str:
     if torch.is_autocast_enabled(x.device.type):
         return str(torch.get_autocast_dtype(x.device.type))
@@ -96,42 +110,16 @@ def _decision(table: str, device: str, op: str, pass_: str, dtype: str, dims: tu
     return decide(_entries(table), device, op, pass_, dtype, dims, rows)
 
 
-def _case(bench: dict):
-    """(op, dims, rows) of one benchmark of bench/test_bench_triton.py, or None."""
-    name = bench["name"].split("[")[0].removeprefix("test_")
-    info = bench["extra_info"]
-    shape = info.get("shape")
-    if shape is None:
-        return None
-    if name in ("layer_norm", "add_layer_norm"):
-        return name, [shape[1]], shape[0]
-    # GEMM ops are keyed by (K, N) and their epilogue: the activation, whether a LayerScale is applied.
-    if name == "linear_act_fc1":
-        return "linear_act", [shape[1], shape[2], info["act"]], shape[0]
-    if name == "linear_residual":
-        return name, [shape[1], shape[2], info["scale"]], shape[0]
-    if name == "layer_norm_linear":
-        return name, [shape[1], shape[2], info["act"]], shape[0]
-    if name == "layer_norm_mlp":
-        return name, [shape[1], shape[2], info["act"], info["scale"]], shape[0]
-    if name == "gated_update":
-        return "pet_gate", [shape[-1], info["gate"]], shape[0] * shape[1]
-    if name == "attention":
-        batch, heads, lq, lk, head_dim = shape
-        return "attention", [head_dim, info.get("mask", "none"), "pooled" if lq == 1 else "full"], batch * heads * lk
-    return None
-
-
 def build_entries(reports: list[dict]) -> list[dict]:
     """Pair each Triton case with the reference ('torch') case of the same parameters."""
     timed = {}
     for report in reports:
         for bench in report["benchmarks"]:
-            case = _case(bench)
             info, params = bench["extra_info"], bench.get("params") or {}
+            case = info.get("case")
             if case is None or "median_ms" not in info or info.get("device", "cpu") == "cpu":
                 continue
-            op, dims, rows = case
+            op, dims, rows = case["op"], case["dims"], case["rows"]
             impl = params.get("impl", params.get("backend"))  # the PET benchmark says "backend"
             rest = tuple(sorted((k, str(v)) for k, v in params.items() if k not in ("impl", "backend")))
             key = (info["device"], op, info["mode"], info["dtype"], json.dumps(dims), rows, rest)

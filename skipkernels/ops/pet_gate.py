@@ -54,10 +54,14 @@ def _auto_triton(x, h, delta_h, g) -> bool:
     # does not touch this elementwise op).
     if not h.is_cuda:
         return False
-    rows = h.numel() // max(1, h.shape[-1])
     dtype = h.dtype
     for t in (x, delta_h, g):
         if isinstance(t, torch.Tensor):
             dtype = torch.promote_types(dtype, t.dtype)
-    return measured.prefers_triton("pet_gate", h, (h.shape[-1], gate_kind(g, h)), rows, (x, delta_h, g),
+    return measured.prefers_triton("pet_gate", h, *gated_update_case(x, h, delta_h, g), (x, delta_h, g),
                                    dtype=str(dtype))
+
+
+def gated_update_case(x, h, delta_h, g, s=1.0):
+    """The measured table's key: (width, gate granularity) and the row count."""
+    return (h.shape[-1], gate_kind(g, h)), measured.rows_of(h)
