@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from skipkernels import _ext
 from skipkernels.ops import _dispatch
+from skipkernels.ops.class_select import check_label_range
 
 
 def _check(image_features, text_features, labels):
@@ -33,8 +34,7 @@ def _check(image_features, text_features, labels):
 
 def subset_logits_ce_reference(image_features, text_features, scale, labels, return_logits: bool = False):
     _check(image_features, text_features, labels)
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= text_features.shape[0]):
-        raise ValueError(f"labels must lie in [0, {text_features.shape[0]})")
+    check_label_range(labels, text_features.shape[0])
     f = F.normalize(image_features.float(), dim=-1)
     t = F.normalize(text_features.float(), dim=-1)
     logits = scale.float() * (f @ t.T)

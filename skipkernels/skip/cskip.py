@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels.ops.class_select import class_select, draw_rank_mask, top_k_for
+from skipkernels.ops.class_select import check_cskip_params, check_label_range, class_select, draw_rank_mask, top_k_for
 from skipkernels.train import distributed
 
 RESAMPLE_MODES = ("fixed", "step")
@@ -30,8 +30,7 @@ class ClassSkipper:
                  resample: str = "fixed", seed: int = 0):
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-        if not lam > 0:
-            raise ValueError(f"lam must be > 0, got {lam}")
+        check_cskip_params(top_ratio, max_top, lam)
         self.prototypes = F.normalize(prototypes.detach().float(), dim=-1)
         self.num_classes = prototypes.shape[0]
         self.top_k = top_k_for(self.num_classes, top_ratio, max_top)
@@ -64,9 +63,8 @@ class ClassSkipper:
         """image_features (B, E) of the current model (gradients are not needed); labels (B,).
         Returns (selected class indices ascending, labels remapped into them). ``check=False``
         skips the host-side label range check (the caller checked them)."""
-        if check and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if check:
+            check_label_range(labels, self.num_classes)
         if not self.enabled:
             selected = torch.arange(self.num_classes, device=labels.device)
             remapped = labels.long()

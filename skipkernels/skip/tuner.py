@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from skipkernels.families import model_towers
+from skipkernels.ops.class_select import check_cskip_params, check_label_range
 from skipkernels.ops.subset_ce import subset_logits_ce
 from skipkernels.skip import towers
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
@@ -51,12 +52,7 @@ class SkipConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.resample not in RESAMPLE_MODES:
             raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
-        if not self.top_ratio > 0:
-            raise ValueError(f"top_ratio must be > 0, got {self.top_ratio}")
-        if not self.lam > 0:
-            raise ValueError(f"lam must be > 0, got {self.lam}")
-        if self.max_top < 1:
-            raise ValueError(f"max_top must be >= 1, got {self.max_top}")
+        check_cskip_params(self.top_ratio, self.max_top, self.lam)
         keep_token_count(2, self.drop_ratio)  # validates the range
         if "{}" not in self.template:
             raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
@@ -333,9 +329,7 @@ class SkipTuner(nn.Module):
         return "\n".join(lines)
 
     def check_labels(self, labels) -> None:
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= len(self.classnames)):
-            raise ValueError(f"labels must lie in [0, {len(self.classnames)}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+        check_label_range(labels, len(self.classnames))
 
     # ------------------------------------------------------------------ state
     def extra_state(self) -> dict:
