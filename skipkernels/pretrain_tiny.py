@@ -4,8 +4,8 @@
 
 Every step draws fresh images of each pretraining class (``shapes.PRETRAIN_CLASSES``, never the
 demo's new classes) and pairs them with the captions "a photo of a <colour> <shape>.". Seeds are
-fixed and it runs on one thread, so a rerun writes the same file (on the same torch build): 600
-steps of 72 images, about 100 s on one CPU core.
+fixed and it runs on one thread, so a rerun writes the same weights (three full runs wrote the
+same bytes): 600 steps of 72 images, about 100 s on one CPU core.
 """
 from __future__ import annotations
 
@@ -77,13 +77,14 @@ def pretrain(out: Path = WEIGHTS, classes=shapes.PRETRAIN_CLASSES, steps: int = 
         if log_every and (step % log_every == 0 or step == steps - 1):
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:7.1f} s", flush=True)
     seconds = time.perf_counter() - start
-    save_weights(model, out, {"steps": str(steps)})  # no timing: a rerun writes the same bytes
+    save_weights(model, out, {"steps": str(steps)})  # no timing in the file, so reruns can match it
     return {"seconds": seconds, "out": str(out)}
 
 
 def save_weights(model, path: Path, metadata: dict) -> None:
     """fp16 safetensors: half the size, and the model is trained in fp32 again after loading."""
     from safetensors.torch import save_file
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}, str(path),
               metadata={"model": MODEL, **metadata})
