@@ -19,10 +19,10 @@ def test_demo_prints_the_comparison_table(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--epochs", "2", "--out", str(tmp_path / "demo"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "mode" in out and "base %" in out and "HM" in out
-    assert "\nft " in out and "\nskip " in out
+    assert "\nzero-shot " in out and "\nft " in out and "\ncoop " in out and "\nskip " in out
     saved = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert [r["mode"] for r in saved["rows"]] == ["ft", "skip"]
-    assert saved["rows"][1]["trainable_params"] < saved["rows"][0]["trainable_params"]
+    assert [r["mode"] for r in saved["rows"]] == ["ft", "coop", "skip"]
+    assert saved["rows"][2]["trainable_params"] < saved["rows"][0]["trainable_params"]
     assert (tmp_path / "demo" / "demo.png").is_file() and (tmp_path / "demo" / "skip" / "training.png").is_file()
     assert saved["rows"][0]["zero_shot_accuracy"]["hm"] > 0
 
