@@ -14,8 +14,8 @@ Modes (same model weights, same data, one process, interleaved repetitions):
   skip-triton-graph skip-triton captured in a CUDA graph: fewest launches, none from Python
 
 Times: CUDA events on a GPU, perf_counter on a CPU. Peak training memory is measured per mode in
-a subprocess of its own (CUDA max_memory_allocated, or peak RSS on a CPU), so modes don't share
-a baseline; the LSkip feature cache is reported separately.
+a subprocess of its own (CUDA max_memory_allocated, or the CPU allocator's peak from
+torch.profiler), so modes don't share a baseline; the LSkip feature cache is reported separately.
 """
 from __future__ import annotations
 
@@ -274,7 +274,7 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
     """Run in a fresh process: peak memory of ``steps`` training steps of one mode."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
-    from skipkernels.train.memory import PeakMemory
+    from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     model, tokenizer = create_model(scenario.model, None, device=device, seed=0, tokenizer=scenario.tokenizer)
     patch_clip(model)
@@ -283,18 +283,23 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
     images = _images(scenario, runner.tuner.model, scenario.batch, device, 0)
     labels = _labels(scenario, scenario.batch, 0, scenario.shots >= 4).to(device)
     inputs = runner.inputs_for(images)
+    if device.type == "cpu":
+        # The allocator's own accounting (torch.profiler's allocation events) from before the
+        # first step, which creates gradients and optimizer state: an RSS delta would not be a
+        # peak, since the allocator reuses freed memory.
+        with CpuAllocatorPeak() as probe:
+            for _ in range(1 + steps):
+                runner.step(inputs, labels)
+        peak_mb = None if probe.peak_bytes is None else probe.peak_bytes / 2**20
+        return {"peak_mb": peak_mb, "kind": f"cpu allocator peak over the first {1 + steps} steps, above the "
+                                            "level before them (torch.profiler)"}
     runner.step(inputs, labels)  # first step creates gradients and optimizer state; measured below
     with PeakMemory(device) as peak:
         for _ in range(steps):
             runner.step(inputs, labels)
-    if device.type == "cuda":
-        # everything allocated: weights, gradients, optimizer state, activations, the batch
-        return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps",
-                "breakdown_mb": memory_breakdown(runner, peak.start_bytes, peak.peak_bytes)}
-    # On a CPU the process RSS is dominated by the libraries; report what training adds on top of
-    # the loaded model (activations and temporaries), and the process peak beside it.
-    return {"peak_mb": peak.delta_bytes / 2**20, "process_peak_rss_mb": peak.peak_bytes / 2**20,
-            "before_steps_mb": peak.start_bytes / 2**20, "kind": "RSS increase during training steps"}
+    # everything allocated: weights, gradients, optimizer state, activations, the batch
+    return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps",
+            "breakdown_mb": memory_breakdown(runner, peak.start_bytes, peak.peak_bytes)}
 
 
 def _tensor_bytes(tensors, device_type: str) -> int:

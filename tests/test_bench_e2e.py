@@ -23,6 +23,9 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
         step = results[mode]["step_s"]
         assert 0 < step["min"] <= step["median"] <= step["max"] and step["n"] == 2
         assert results[mode]["epoch_s"] > 0 and "peak_mb" in results[mode]["memory"]
+        assert results[mode]["memory"]["kind"].startswith("cpu allocator peak")  # never an RSS delta
+    # FT keeps gradients and momentum for every weight: above Skip Tuning's suffix-only state
+    assert results["ft"]["memory"]["peak_mb"] > results["skip-ref"]["memory"]["peak_mb"]
     assert results["skip-ref"]["cache_mb"] > 0 and results["ft"]["cache_mb"] == 0
     env = report["environment"]
     assert {"device", "torch", "git_commit", "date"} <= set(env)
