@@ -15,7 +15,11 @@
 # own torch; open_clip_torch, ftfy and wcwidth wheels, when present in .whl/, are installed first
 # (the GPU machine has no network).
 set -uo pipefail
-OUT="$(mkdir -p "${1:-bench/results/gpu-check}" && cd "${1:-bench/results/gpu-check}" && pwd)"
+if [ $# -ne 1 ]; then
+  echo "usage: bash bench/gpu_check.sh OUT   (OUT: the folder for results, logs and caches)" >&2
+  exit 2
+fi
+OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 LOG="$OUT/gpu-check.log"
