@@ -93,3 +93,26 @@ def test_the_demo_table_has_zero_shot_ft_coop_and_skip():
     assert [line.split()[0] for line in lines[2:]] == ["zero-shot", "ft", "coop", "skip"]
     with pytest.raises(ValueError, match="zero_shot=True"):
         demo_rows([run("ft")])
+
+
+def test_predict_names_unseen_pairs_with_the_shipped_model(tmp_path, capsys):
+    """Known answers: `skipkernels predict` on the shipped weights, images of pairs it never saw."""
+    import json
+
+    from skipkernels.cli import main
+    rng = random.Random(3)
+    names = [shapes.classname(c, s) for c, s in shapes.DEMO_NEW]
+    paths, truth = [], {}
+    for colour, shape in shapes.DEMO_NEW:
+        for i in range(3):
+            path = tmp_path / f"{colour}_{shape}_{i}.png"
+            shapes.draw_pretraining_image(colour, shape, rng).save(path)
+            paths.append(str(path))
+            truth[str(path)] = shapes.classname(colour, shape)
+    out = tmp_path / "predictions.json"
+    assert main(["predict", *paths, "--model", MODEL, "--pretrained", str(WEIGHTS), "--classes", ",".join(names),
+                 "--top-k", "2", "--out", str(out), "--no-progress"]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(paths) and all(len(r["top"]) == 2 for r in rows)
+    hits = sum(r["top"][0]["class"] == truth[r["image"]] for r in rows)
+    assert hits >= 0.8 * len(rows), rows
