@@ -162,7 +162,7 @@ def _one_win_table(monkeypatch, tmp_path):
          "dims": [768, 3072, "gelu"], "rows": 788, "speedup": 1.4}]}))
     monkeypatch.setattr(measured, "TABLE", table)
     monkeypatch.setattr(measured, "_device_name", lambda index: "G")
-    monkeypatch.setattr(measured, "_traced", {})
+    monkeypatch.setattr(measured, "_decisions", {})
     return types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
 
 
@@ -172,7 +172,6 @@ def test_prefers_triton_reads_the_table_once_per_case(monkeypatch, tmp_path):
     calls = []
     real_decide = measured.decide
     monkeypatch.setattr(measured, "decide", lambda *a: calls.append(a) or real_decide(*a))
-    measured._decision.cache_clear()
     for _ in range(3):
         assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
         assert not measured.prefers_triton("linear_act", x, (768, 3072, "quick_gelu"), 800, dtype="torch.bfloat16")
@@ -192,3 +191,17 @@ def test_the_table_is_not_read_inside_traced_code(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
     assert not measured.prefers_triton("linear_act", x, (512, 2048, "gelu"), 800, dtype="torch.bfloat16")
+
+
+def test_a_rewritten_table_is_read_again(monkeypatch, tmp_path):
+    """main() writes the table inside the package; the decisions taken before it must not stick."""
+    x = _one_win_table(monkeypatch, tmp_path)
+    monkeypatch.setattr(measured, "TABLE", tmp_path / "empty.json")
+    measured._entries.cache_clear()
+    assert not measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 788, dtype="torch.bfloat16")
+    report = tmp_path / "kernels.json"
+    bench = _bench("test_linear_act_fc1", "torch", "fwd", [788, 768, 3072], 1.0, device="G", act="gelu")
+    fast = _bench("test_linear_act_fc1", "triton", "fwd", [788, 768, 3072], 0.5, device="G", act="gelu")
+    report.write_text(json.dumps({"benchmarks": [bench, fast]}))
+    assert measured.main([str(report)]) == 0
+    assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 788, dtype="torch.bfloat16")

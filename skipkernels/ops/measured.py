@@ -75,10 +75,11 @@ def compute_dtype(x: torch.Tensor) -> str:
     return str(x.dtype)
 
 
-# Decisions by (device index, op, pass, dtype, dims, rows), filled by eager calls. Code that
-# torch.compile traces only reads this dict: no device query, file read or cache wrapper runs
-# inside a graph (each would break it); a case first met while tracing runs the reference.
-_traced: dict[tuple, bool] = {}
+# Every op call on a GPU asks here, so each decision, by (device index, op, pass, dtype, dims,
+# rows), is looked up in the table once and kept. Code that torch.compile traces only reads this
+# dict: no device query, file read or cache wrapper runs inside a graph (each would break it); a
+# case first met while tracing runs the reference. Cleared when main() rewrites the table.
+_decisions: dict[tuple, bool] = {}
 
 
 def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype: str | None = None) -> bool:
@@ -90,24 +91,18 @@ def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype:
     backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                for t in (x, *tensors))
     key = (x.device.index, op, "fwd_bwd" if backward else "fwd", dtype or compute_dtype(x), tuple(dims), rows)
-    if torch.compiler.is_compiling():
-        return _traced.get(key, False)
-    table = str(TABLE)
-    hit = bool(_entries(table)) and _decision(table, _device_name(key[0]), *key[1:])
-    _traced[key] = hit
+    hit = _decisions.get(key)
+    if hit is None:
+        if torch.compiler.is_compiling():
+            return False
+        entries = _entries(str(TABLE))
+        hit = _decisions[key] = bool(entries) and decide(entries, _device_name(key[0]), *key[1:])
     return hit
 
 
-# Every op call on a GPU asks here; the answer for a (table, device, op, pass, dtype, dims, rows)
-# never changes, so it is looked up once, not by scanning the table per call.
 @functools.lru_cache(maxsize=None)
 def _device_name(index) -> str:
     return torch.cuda.get_device_name(index)
-
-
-@functools.lru_cache(maxsize=4096)
-def _decision(table: str, device: str, op: str, pass_: str, dtype: str, dims: tuple, rows: int) -> bool:
-    return decide(_entries(table), device, op, pass_, dtype, dims, rows)
 
 
 def build_entries(reports: list[dict]) -> list[dict]:
@@ -140,6 +135,8 @@ def main(argv=None) -> int:
     entries = build_entries([json.loads(Path(p).read_text()) for p in paths])
     old = [e for e in _entries(str(TABLE)) if e["device"] not in {n["device"] for n in entries}]
     TABLE.write_text(json.dumps({"entries": old + entries}, indent=1) + "\n")
+    _entries.cache_clear()  # this process decides from the new table from now on
+    _decisions.clear()
     wins = sum(e["speedup"] >= MIN_SPEEDUP for e in entries)
     print(f"{TABLE}: {len(entries)} measured cases, Triton wins {wins}")
     return 0
