@@ -40,16 +40,20 @@ def cuda_built() -> bool:
     return CUDA_BUILT
 
 
+def _kind(device) -> str:
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
 def has_kernel(name: str, device) -> bool:
     """True when the compiled op ``name`` has a kernel for tensors on ``device`` (cpu or cuda)."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    kind = _kind(device)
     return name in COMPILED_OPS and (kind == "cpu" or (kind == "cuda" and CUDA_BUILT))
 
 
 def use_compiled(name: str, backend: str, device) -> bool:
     """Whether op ``name`` runs its compiled kernel: always for backend 'cpu' / 'cuda' (which must
     match the tensors' device and be built), for 'auto' where built, never otherwise."""
-    kind = device.type if isinstance(device, torch.device) else torch.device(device).type
+    kind = _kind(device)
     if backend not in ("cpu", "cuda"):
         return backend == "auto" and has_kernel(name, kind)
     if backend != kind:
