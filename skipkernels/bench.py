@@ -20,7 +20,6 @@ torch.profiler), so modes don't share a baseline; the LSkip feature cache is rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import datetime
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from skipkernels.ops._dispatch import use_backend
+from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
 
 ALL_MODES = ("paper", "ft", "coop", "skip-ref", "skip-compile", "skip-compile-graphs", "skip-kernels",
              "skip-triton", "skip-graph", "skip-triton-graph")
@@ -98,6 +97,16 @@ def _summary(values):
     return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
 
 
+def mode_policy(name: str) -> KernelPolicy:
+    """The kernels a bench mode runs: our compiled / Triton ops as the measured table picks them,
+    every Triton kernel (the all-Triton modes), or the PyTorch reference (the others)."""
+    if name in ("skip-triton", "skip-triton-graph"):
+        return KernelPolicy("auto", table=ALL_TRITON)
+    if name in ("skip-kernels", "skip-graph"):
+        return KernelPolicy("auto")
+    return KernelPolicy("torch")
+
+
 class ModeRunner:
     """One mode's tuner, optimizer and a step function over synthetic data."""
 
@@ -106,7 +115,7 @@ class ModeRunner:
         self.name = name
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.backend = "auto" if name in ("skip-kernels", "skip-triton") + GRAPH_MODES else "torch"
+        self.policy = mode_policy(name)
         mode = name if name in MODES else "skip"
         model = copy.deepcopy(base_model)
         if name == "paper":
@@ -115,9 +124,8 @@ class ModeRunner:
             self.tuner = PaperSkipTuning(unpatch_clip(model), class_names(scenario.classes), tokenizer,
                                          skip_layers=scenario.skip_layers)
         else:
-            with self._ops():
-                self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
-                                       skip_layers=scenario.skip_layers)
+            self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
+                                   skip_layers=scenario.skip_layers, policy=self.policy)
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
                                          weight_decay=5e-4)
         self.loss_fn = self.tuner.loss
@@ -136,19 +144,9 @@ class ModeRunner:
         self.graph_step = None
         self.scenario = scenario
 
-    def _ops(self):
-        """The mode's op choice: a backend, plus every Triton kernel for skip-triton."""
-        from skipkernels.ops import measured
-        stack = contextlib.ExitStack()
-        stack.enter_context(use_backend(self.backend))
-        if self.name in ("skip-triton", "skip-triton-graph"):
-            stack.enter_context(measured.triton_everywhere())
-        return stack
-
     def inputs_for(self, images):
         if self.tuner.config.uses_lskip:
-            with self._ops(), torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                             enabled=self.autocast_dtype is not None):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 return self.tuner.image_prefix(images).to(self.tuner.cache_dtype)
         return images
 
@@ -156,15 +154,13 @@ class ModeRunner:
         if self.name in GRAPH_MODES:
             if self.graph_step is None:
                 from skipkernels.skip.graph import CapturedStep
-                with self._ops():
-                    self.graph_step = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype)
+                self.graph_step = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype)
             return self.graph_step(inputs, labels)
-        with self._ops():
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.loss_fn(inputs, labels)
-            loss.backward()
-            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.loss_fn(inputs, labels)
+        loss.backward()
+        self.optimizer.step()
         return loss
 
 

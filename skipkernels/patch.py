@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from skipkernels.families import model_towers
-from skipkernels.ops.block import block_forward, unsupported_reason
+from skipkernels.ops.block import POLICY_ATTR, block_forward, unsupported_reason
 
 _PATCHED_FLAG = "_skipkernels_patched"
 
@@ -38,33 +38,45 @@ def _patched_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
         attn_mask = args[0]
     elif args:
         raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
-    return block_forward(self, x, causal=is_causal, attn_mask=attn_mask)
+    from skipkernels.pet import block_hooks
+    hooks = block_hooks(self)
+    if hooks is None:  # PET modules the op layer would not apply: open_clip's forward with them
+        from skipkernels.pet.layouts import clip_block_forward
+        return clip_block_forward(self, x, attn_mask=attn_mask)
+    return block_forward(self, x, causal=is_causal, attn_mask=attn_mask, policy=self.__dict__[POLICY_ATTR],
+                         hooks=hooks)
 
 
 def _encode_text(self, text, normalize: bool = False):
-    # Exact savings (docs/ARCHITECTURE.md, "The algorithm"), each only where it is exact: causal attention pooled at
-    # one position per prompt runs only up to the last pooled position; the last block computes
-    # only the pooled row.
+    # Exact savings (docs/ARCHITECTURE.md, "The algorithm"), each only where it is exact: causal
+    # attention pooled at one position per prompt runs only up to the last pooled position; the
+    # last block computes only the pooled row.
     from skipkernels.skip import towers
-    features = towers.encode_text(self, text)
+    features = towers.encode_text(self, text, policy=self.__dict__[POLICY_ATTR])
     return F.normalize(features, dim=-1) if normalize else features
 
 
 def _encode_image(self, image, normalize: bool = False):
     from skipkernels.skip import towers
-    features = towers.encode_image(self, image)
+    features = towers.encode_image(self, image, policy=self.__dict__[POLICY_ATTR])
     return F.normalize(features, dim=-1) if normalize else features
 
 
-def patch_clip(model: nn.Module) -> nn.Module:
+def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     """Rebind the transformer blocks the op layer computes, and ``encode_text`` / ``encode_image``
-    to the tower path with the exact savings where they apply. Returns ``model``."""
+    to the tower path with the exact savings where they apply. Returns ``model``.
+
+    ``policy``: the ``KernelPolicy`` (or backend name) of every op the patched model runs, and the
+    default of a ``SkipTuner`` on it; None: the ambient policy at each call (``use_policy``).
+    Patching again replaces the policy."""
     for block in fused_blocks(model):
         block.forward = types.MethodType(_patched_forward, block)
+        setattr(block, POLICY_ATTR, policy)
     if model_towers(model)[1].mask_kind != "custom":  # the tower path knows causal masks and none
         model.encode_text = types.MethodType(_encode_text, model)
     if getattr(model.visual, "output_tokens", False) is False:
         model.encode_image = types.MethodType(_encode_image, model)
+    setattr(model, POLICY_ATTR, policy)
     setattr(model, _PATCHED_FLAG, True)
     return model
 
@@ -73,7 +85,8 @@ def unpatch_clip(model: nn.Module) -> nn.Module:
     """Restore open_clip's own forwards. Returns ``model``."""
     for block in fused_blocks(model):
         block.__dict__.pop("forward", None)
-    for name in ("encode_text", "encode_image", _PATCHED_FLAG):
+        block.__dict__.pop(POLICY_ATTR, None)
+    for name in ("encode_text", "encode_image", _PATCHED_FLAG, POLICY_ATTR):
         model.__dict__.pop(name, None)
     return model
 

@@ -140,17 +140,17 @@ def test_auto_pet_gate_accepts_scalar_gates_on_cpu():
         torch.testing.assert_close(gated_update(x, h, dh, g, 2.0, backend="auto"), x + (g * 2.0) * (h + dh))
 
 
-def test_triton_everywhere_forces_cuda_tensors_only(monkeypatch, tmp_path):
-    """The all-Triton switch of ``skipkernels bench``'s skip-triton mode: CUDA tensors get the
-    kernels without a table; CPU tensors still run the reference."""
+def test_all_triton_table_forces_cuda_tensors_only(monkeypatch, tmp_path):
+    """The all-Triton table of ``skipkernels bench``'s skip-triton mode: CUDA tensors get the
+    kernels without a measurement; CPU tensors still run the reference."""
+    from skipkernels.ops.policy import ALL_TRITON
+
     class FakeCudaTensor:
         is_cuda = True
     monkeypatch.setattr(measured, "TABLE", tmp_path / "absent.json")
     cpu = torch.randn(3, 8)
-    with measured.triton_everywhere():
-        assert measured.prefers_triton("linear_act", FakeCudaTensor(), (8, 32), 3)
-        assert not measured.prefers_triton("linear_act", cpu, (8, 32), 3)
-    assert not measured._everywhere
+    assert measured.prefers_triton("linear_act", FakeCudaTensor(), (8, 32), 3, table=ALL_TRITON)
+    assert not measured.prefers_triton("linear_act", cpu, (8, 32), 3, table=ALL_TRITON)
 
 
 def _one_win_table(monkeypatch, tmp_path):

@@ -154,11 +154,11 @@ def test_block_with_unfused_layer_norm(name, length, kind, prune, monkeypatch):
     from skipkernels.ops.layer_norm import layer_norm
     from skipkernels.ops.linear import linear_act, linear_residual
 
-    def unfused(x, ln_w, ln_b, eps, w, b, act):
-        return linear_act(layer_norm(x, ln_w, ln_b, eps), w, b, act)
+    def unfused(x, ln_w, ln_b, eps, w, b, act, backend=None):
+        return linear_act(layer_norm(x, ln_w, ln_b, eps, backend=backend), w, b, act, backend=backend)
 
-    def unfused_mlp(x, ln_w, ln_b, eps, w1, b1, act, w2, b2, scale):
-        return linear_residual(unfused(x, ln_w, ln_b, eps, w1, b1, act), w2, b2, x, scale)
+    def unfused_mlp(x, ln_w, ln_b, eps, w1, b1, act, w2, b2, scale, backend=None):
+        return linear_residual(unfused(x, ln_w, ln_b, eps, w1, b1, act, backend), w2, b2, x, scale, backend=backend)
     monkeypatch.setattr(ops_block, "layer_norm_linear", unfused)
     monkeypatch.setattr(ops_block, "layer_norm_mlp", unfused_mlp)
     seed = CASES.index((name, length, kind, prune))

@@ -1,52 +1,23 @@
-"""Backend choice for every op, and the one dispatch of the ops that have a Triton kernel.
+"""The one dispatch of the ops that have a Triton kernel, under a ``KernelPolicy`` (ops/policy.py).
 
 Backends: ``torch`` (the pure-PyTorch reference, always available), ``triton``, ``cuda`` and
 ``cpu`` (compiled ops in ``skipkernels._C``). ``auto`` lets each op pick the fastest backend that
-is available for the tensors it gets; an op only prefers a kernel over its reference where a
-measurement says the kernel wins (see each op's ``_auto_backend``).
+is available for the tensors it gets; an op only prefers a Triton kernel over its reference where
+the policy's measured table says the kernel wins (see ops/measured.py).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
-import os
 from typing import Callable
 
-BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+from skipkernels import _ext
+from skipkernels.ops import policy
 
-_current = os.environ.get("SKIPKERNELS_BACKEND", "auto")
-if _current not in BACKENDS:
-    raise ValueError(f"SKIPKERNELS_BACKEND={_current!r}; expected one of {BACKENDS}")
-
-
-def get_backend() -> str:
-    return _current
-
-
-def set_backend(name: str) -> None:
-    global _current
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    _current = name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run the enclosed code with every op on backend ``name``."""
-    previous = get_backend()
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def resolve(backend: str | None) -> str:
-    name = _current if backend is None else backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
-    return name
+# The policy and the ambient-policy conveniences live in ops/policy.py; re-exported here for the ops.
+BACKENDS = policy.BACKENDS
+KernelPolicy = policy.KernelPolicy
+resolve = policy.resolve
 
 
 _kernel_modules: dict = {}
@@ -79,16 +50,24 @@ class TritonKernel:
         return getattr(module, self.not_supported)(*args, **kwargs) if self.not_supported else []
 
 
-def dispatch(kernel: TritonKernel, backend: str | None, prefers: Callable[[], bool], reference: Callable,
+def dispatch(kernel: TritonKernel, backend, prefers: Callable[[str | None], bool], reference: Callable,
              *args, **kwargs):
-    """Run ``kernel`` for backend 'triton', or for 'auto' where ``prefers()`` (a GPU measurement,
-    see ops/measured.py) says it wins; ``reference(*args, **kwargs)`` otherwise and for the inputs
-    the kernel does not support."""
-    name = resolve(backend)
-    if name == "triton" or (name == "auto" and prefers()):
+    """Run ``kernel`` for backend 'triton', or for 'auto' where ``prefers(table)`` (a GPU
+    measurement in the policy's table, see ops/measured.py) says it wins; ``reference(*args,
+    **kwargs)`` otherwise and for the inputs the kernel does not support. ``backend``: a
+    KernelPolicy, a backend name or None (the ambient policy)."""
+    chosen = resolve(backend)
+    name = chosen.backend
+    if name == "triton" or (name == "auto" and prefers(chosen.table)):
         module = kernel.load()
         if module is None:
             raise RuntimeError(f"backend 'triton' requested but skipkernels.triton.{kernel.module} is unavailable")
         if not kernel.reasons(module, *args, **kwargs):
             return getattr(module, kernel.entry)(*args, **kwargs)
     return reference(*args, **kwargs)
+
+
+def use_compiled(op: str, backend, device) -> bool:
+    """Whether the compiled op ``op`` runs for tensors on ``device`` under ``backend`` (a policy, a
+    name or None): see ``_ext.use_compiled``."""
+    return _ext.use_compiled(op, resolve(backend).backend, device)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.policy import Backend
 
 
 def attention_reference(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
@@ -34,9 +35,10 @@ def attention_reference(q, k, v, causal: bool = False, attn_mask=None, key_limit
 ATTENTION = _dispatch.TritonKernel("attention", "attention")
 
 
-def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: str | None = None):
+def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: Backend = None):
     # auto without a measured win: SDPA, which itself picks flash / cuDNN / memory-efficient kernels.
-    return _dispatch.dispatch(ATTENTION, backend, lambda: _auto_triton(q, k, v, causal, attn_mask, key_limit),
+    return _dispatch.dispatch(ATTENTION, backend,
+                              lambda table: _auto_triton(table, q, k, v, causal, attn_mask, key_limit),
                               attention_reference, q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
 
 
@@ -46,5 +48,6 @@ def attention_case(q, k, v, causal: bool = False, attn_mask=None, key_limit=None
     return (q.shape[-1], mask, "pooled" if q.shape[-2] == 1 else "full"), q.shape[0] * q.shape[1] * k.shape[-2]
 
 
-def _auto_triton(q, k, v, causal, attn_mask, key_limit) -> bool:
-    return measured.prefers_triton("attention", q, *attention_case(q, k, v, causal, attn_mask, key_limit), (k, v))
+def _auto_triton(table, q, k, v, causal, attn_mask, key_limit) -> bool:
+    case = attention_case(q, k, v, causal, attn_mask, key_limit)
+    return measured.prefers_triton("attention", q, *case, (k, v), table=table)

@@ -19,8 +19,8 @@ import math
 
 import torch
 
-from skipkernels import _ext
 from skipkernels.ops import _dispatch
+from skipkernels.ops.policy import Backend
 
 
 def check_cskip_params(top_ratio: float, max_top: int, lam: float) -> None:
@@ -111,9 +111,9 @@ def class_select_reference(image_features, prototypes, labels, rank_mask, top_k:
 
 
 def class_select(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1,
-                 backend: str | None = None):
+                 backend: Backend = None):
     """Returns (selected class indices ascending (K',), labels remapped into them (B,))."""
-    if _ext.use_compiled("class_select", _dispatch.resolve(backend), image_features.device):
+    if _dispatch.use_compiled("class_select", backend, image_features.device):
         # With num_selected >= 0 on CUDA, bad labels are flagged on the device, not raised here:
         # see skipkernels._ext.check_cuda_errors.
         _check_inputs(image_features, prototypes, labels, rank_mask, top_k)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.policy import Backend
 
 
 def layer_norm_reference(x, weight, bias, eps: float):
@@ -27,13 +28,14 @@ LAYER_NORM = _dispatch.TritonKernel("layer_norm", "layer_norm")
 ADD_LAYER_NORM = _dispatch.TritonKernel("layer_norm", "add_layer_norm", not_supported="add_layer_norm_not_supported")
 
 
-def layer_norm(x, weight, bias, eps: float, backend: str | None = None):
-    return _dispatch.dispatch(LAYER_NORM, backend, lambda: _auto_triton("layer_norm", x, weight, bias),
+def layer_norm(x, weight, bias, eps: float, backend: Backend = None):
+    return _dispatch.dispatch(LAYER_NORM, backend, lambda table: _auto_triton(table, "layer_norm", x, weight, bias),
                               layer_norm_reference, x, weight, bias, eps)
 
 
-def add_layer_norm(x, delta, weight, bias, eps: float, backend: str | None = None):
-    return _dispatch.dispatch(ADD_LAYER_NORM, backend, lambda: _auto_triton("add_layer_norm", x, weight, bias, delta),
+def add_layer_norm(x, delta, weight, bias, eps: float, backend: Backend = None):
+    return _dispatch.dispatch(ADD_LAYER_NORM, backend,
+                              lambda table: _auto_triton(table, "add_layer_norm", x, weight, bias, delta),
                               add_layer_norm_reference, x, delta, weight, bias, eps)
 
 
@@ -42,6 +44,6 @@ def layer_norm_case(x, *_):
     return (x.shape[-1],), measured.rows_of(x)
 
 
-def _auto_triton(op, x, *tensors) -> bool:
+def _auto_triton(table, op, x, *tensors) -> bool:
     # Only where a GPU measurement (ops/measured.py) shows the kernel beating PyTorch's LayerNorm.
-    return measured.prefers_triton(op, x, *layer_norm_case(x), tensors)
+    return measured.prefers_triton(op, x, *layer_norm_case(x), tensors, table=table)

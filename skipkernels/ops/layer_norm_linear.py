@@ -8,6 +8,7 @@ two steps still go through the op layer, so each keeps its own backend choice.
 from __future__ import annotations
 
 from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.policy import Backend
 from skipkernels.ops.layer_norm import layer_norm, layer_norm_reference
 from skipkernels.ops.linear import linear_act, linear_act_reference
 
@@ -20,12 +21,12 @@ LAYER_NORM_LINEAR = _dispatch.TritonKernel("layer_norm_linear", "layer_norm_line
 
 
 def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none",
-                      backend: str | None = None):
+                      backend: Backend = None):
     def composed(x, ln_weight, ln_bias, eps, weight, bias, activation):
         h = layer_norm(x, ln_weight, ln_bias, eps, backend=backend)
         return linear_act(h, weight, bias, activation, backend=backend)
     return _dispatch.dispatch(LAYER_NORM_LINEAR, backend,
-                              lambda: _auto_triton(x, activation, ln_weight, ln_bias, weight, bias),
+                              lambda table: _auto_triton(table, x, activation, ln_weight, ln_bias, weight, bias),
                               composed, x, ln_weight, ln_bias, eps, weight, bias, activation)
 
 
@@ -34,8 +35,8 @@ def layer_norm_linear_case(x, ln_weight, ln_bias, eps, weight, bias, activation:
     return (weight.shape[1], weight.shape[0], activation), measured.rows_of(x)
 
 
-def _auto_triton(x, activation, ln_weight, ln_bias, weight, bias) -> bool:
+def _auto_triton(table, x, activation, ln_weight, ln_bias, weight, bias) -> bool:
     # The fused kernel replaces an ATen LayerNorm plus a cuBLAS GEMM only where a GPU measurement
     # (ops/measured.py) shows it winning at this key.
     case = layer_norm_linear_case(x, ln_weight, ln_bias, None, weight, bias, activation)
-    return measured.prefers_triton("layer_norm_linear", x, *case, (ln_weight, ln_bias, weight, bias))
+    return measured.prefers_triton("layer_norm_linear", x, *case, (ln_weight, ln_bias, weight, bias), table=table)

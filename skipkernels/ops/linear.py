@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.policy import Backend
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "none")
 
@@ -40,13 +41,14 @@ LINEAR_ACT = _dispatch.TritonKernel("linear", "linear_act")
 LINEAR_RESIDUAL = _dispatch.TritonKernel("linear", "linear_residual", not_supported="linear_residual_not_supported")
 
 
-def linear_act(x, weight, bias, activation: str, backend: str | None = None):
-    return _dispatch.dispatch(LINEAR_ACT, backend, lambda: _auto_linear_act(x, weight, bias, activation),
+def linear_act(x, weight, bias, activation: str, backend: Backend = None):
+    return _dispatch.dispatch(LINEAR_ACT, backend, lambda table: _auto_linear_act(table, x, weight, bias, activation),
                               linear_act_reference, x, weight, bias, activation)
 
 
-def linear_residual(x, weight, bias, residual, scale=None, backend: str | None = None):
-    return _dispatch.dispatch(LINEAR_RESIDUAL, backend, lambda: _auto_linear_residual(x, weight, bias, residual, scale),
+def linear_residual(x, weight, bias, residual, scale=None, backend: Backend = None):
+    return _dispatch.dispatch(LINEAR_RESIDUAL, backend,
+                              lambda table: _auto_linear_residual(table, x, weight, bias, residual, scale),
                               linear_residual_reference, x, weight, bias, residual, scale)
 
 
@@ -62,10 +64,11 @@ def linear_residual_case(x, weight, bias, residual, scale=None):
 
 # cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
 # (ops/measured.py) shows the fused Triton GEMM winning at this key.
-def _auto_linear_act(x, weight, bias, activation):
-    return measured.prefers_triton("linear_act", x, *linear_act_case(x, weight, bias, activation), (weight, bias))
+def _auto_linear_act(table, x, weight, bias, activation):
+    return measured.prefers_triton("linear_act", x, *linear_act_case(x, weight, bias, activation), (weight, bias),
+                                   table=table)
 
 
-def _auto_linear_residual(x, weight, bias, residual, scale):
+def _auto_linear_residual(table, x, weight, bias, residual, scale):
     return measured.prefers_triton("linear_residual", x, *linear_residual_case(x, weight, bias, residual, scale),
-                                   (weight, bias, residual, scale))
+                                   (weight, bias, residual, scale), table=table)

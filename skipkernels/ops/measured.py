@@ -14,7 +14,6 @@ speedup of at least MIN_SPEEDUP. No entry, no table or a CPU tensor: the referen
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -23,21 +22,10 @@ from pathlib import Path
 
 import torch
 
+from skipkernels.ops.policy import ALL_TRITON
+
 TABLE = Path(__file__).with_name("measured_wins.json")
 MIN_SPEEDUP = 1.05
-_everywhere = False
-
-
-@contextlib.contextmanager
-def triton_everywhere():
-    """Within it, ``auto`` picks every Triton kernel for CUDA tensors, table or not: the
-    all-Triton path, to measure it end to end against the reference and the table's choice."""
-    global _everywhere
-    previous, _everywhere = _everywhere, True
-    try:
-        yield
-    finally:
-        _everywhere = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,28 +63,32 @@ def compute_dtype(x: torch.Tensor) -> str:
     return str(x.dtype)
 
 
-# Every op call on a GPU asks here, so each decision, by (device index, op, pass, dtype, dims,
-# rows), is looked up in the table once and kept. Code that torch.compile traces only reads this
+# Every op call on a GPU asks here, so each decision, by (table, device index, op, pass, dtype,
+# dims, rows), is looked up in the table once and kept. Code that torch.compile traces only reads this
 # dict: no device query, file read or cache wrapper runs inside a graph (each would break it); a
 # case first met while tracing runs the reference. Cleared when main() rewrites the table.
 _decisions: dict[tuple, bool] = {}
 
 
-def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype: str | None = None) -> bool:
-    """``dtype``: the compute dtype to look up; by default x's, or the autocast dtype."""
+def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype: str | None = None,
+                   table: str | None = None) -> bool:
+    """Whether ``table`` (a KernelPolicy's: None for the packaged TABLE, a path, or ALL_TRITON)
+    shows op's Triton kernel winning for this call. ``dtype``: the compute dtype to look up; by
+    default x's, or the autocast dtype."""
     if not x.is_cuda:
         return False
-    if _everywhere:
+    if table == ALL_TRITON:
         return True
     backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                                for t in (x, *tensors))
-    key = (x.device.index, op, "fwd_bwd" if backward else "fwd", dtype or compute_dtype(x), tuple(dims), rows)
+    key = (table, x.device.index, op, "fwd_bwd" if backward else "fwd", dtype or compute_dtype(x), tuple(dims),
+           rows)
     hit = _decisions.get(key)
     if hit is None:
         if torch.compiler.is_compiling():
             return False
-        entries = _entries(str(TABLE))
-        hit = _decisions[key] = bool(entries) and decide(entries, _device_name(key[0]), *key[1:])
+        entries = _entries(str(TABLE) if table is None else table)
+        hit = _decisions[key] = bool(entries) and decide(entries, _device_name(key[1]), *key[2:])
     return hit
 
 

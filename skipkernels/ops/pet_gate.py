@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.policy import Backend
 
 
 def gated_update_reference(x, h, delta_h, g, s):
@@ -25,11 +26,11 @@ def gated_update_reference(x, h, delta_h, g, s):
 GATED_UPDATE = _dispatch.TritonKernel("pet_gate", "gated_update")
 
 
-def gated_update(x, h, delta_h, g, s=1.0, backend: str | None = None):
+def gated_update(x, h, delta_h, g, s=1.0, backend: Backend = None):
     """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring). No
     compiled (cpu/cuda) version exists: an elementwise op is Triton's job, and the reference is
     what every other backend runs."""
-    return _dispatch.dispatch(GATED_UPDATE, backend, lambda: _auto_triton(x, h, delta_h, g),
+    return _dispatch.dispatch(GATED_UPDATE, backend, lambda table: _auto_triton(table, x, h, delta_h, g),
                               gated_update_reference, x, h, delta_h, g, s)
 
 
@@ -48,7 +49,7 @@ def gate_kind(g, h) -> str:
     return "middle_x" if gate_rows == token_rows and token_rows > 1 else "small"
 
 
-def _auto_triton(x, h, delta_h, g) -> bool:
+def _auto_triton(table, x, h, delta_h, g) -> bool:
     # Only where a GPU measurement (ops/measured.py) shows the fused kernel beating the eager
     # reference at this width, gate granularity, row count and the tensors' own dtype (autocast
     # does not touch this elementwise op).
@@ -59,7 +60,7 @@ def _auto_triton(x, h, delta_h, g) -> bool:
         if isinstance(t, torch.Tensor):
             dtype = torch.promote_types(dtype, t.dtype)
     return measured.prefers_triton("pet_gate", h, *gated_update_case(x, h, delta_h, g), (x, delta_h, g),
-                                   dtype=str(dtype))
+                                   dtype=str(dtype), table=table)
 
 
 def gated_update_case(x, h, delta_h, g, s=1.0):

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels import _ext
 from skipkernels.ops import _dispatch
+from skipkernels.ops.policy import Backend
 from skipkernels.ops.class_select import check_label_range
 
 
@@ -43,8 +43,8 @@ def subset_logits_ce_reference(image_features, text_features, scale, labels, ret
 
 
 def subset_logits_ce(image_features, text_features, scale, labels, return_logits: bool = False,
-                     backend: str | None = None):
-    if _ext.use_compiled("subset_logits_ce", _dispatch.resolve(backend), image_features.device):
+                     backend: Backend = None):
+    if _dispatch.use_compiled("subset_logits_ce", backend, image_features.device):
         _check(image_features, text_features, labels)
         from skipkernels.ops import _subset_ce_autograd
         return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
@@ -63,9 +63,9 @@ def class_scores_topk_reference(image_features, text_features, scale, k: int = 1
 
 
 def class_scores_topk(image_features, text_features, scale, k: int = 1, labels=None, chunk_size: int = 4096,
-                      backend: str | None = None):
+                      backend: Backend = None):
     """Chunked over classes: never builds the (B, C) matrix; same result as the reference."""
-    if _ext.use_compiled("class_scores_topk", _dispatch.resolve(backend), image_features.device):
+    if _dispatch.use_compiled("class_scores_topk", backend, image_features.device):
         _check(image_features, text_features, labels)
         if scale.device != image_features.device:
             scale = scale.to(image_features.device)

@@ -21,6 +21,7 @@ the model's state_dict without them, key for key the original.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -129,9 +130,8 @@ class PetConfig:
 
 
 def has_pet(module: nn.Module) -> bool:
-    """Whether ``module`` (a block, or a whole model) holds PET modules. Blocks that do must be
-    run as modules (``block(x, attn_mask=...)``): the op layer's ``block_forward`` reads their
-    weights directly and would skip the modifiers and LoRA hooks."""
+    """Whether ``module`` (a block, or a whole model) holds PET modules. The op layer's
+    ``block_forward`` applies them only as the hooks ``block_hooks`` builds."""
     return any(name.rsplit(".", 1)[-1].startswith(("pet_", "lora"))
                for name, _ in module.named_modules() if name)
 
@@ -160,6 +160,72 @@ def block_has_pet(block: nn.Module) -> bool:
     value = has_pet(block)
     _block_cache[block] = (_generation, value)
     return value
+
+
+def _sublayer_hook(modifier: nn.Module):
+    """A ``BlockHooks`` sub-layer hook: the modifier owns the residual add; the route's policy
+    reaches the VL-PET gate's op unless the modifier was given its own backend."""
+    if isinstance(modifier, M.VLPETModifier):
+        return functools.partial(_vlpet_update, modifier)
+    return functools.partial(_adapter_update, modifier)
+
+
+def _vlpet_update(modifier, x, h, policy):
+    return modifier(x, h, backend=policy)
+
+
+def _adapter_update(modifier, x, h, policy):
+    return modifier(x, h)
+
+
+def _out_projection(block: nn.Module) -> nn.Module | None:
+    attn = block.attn
+    if isinstance(attn, nn.MultiheadAttention):
+        return None  # it reads out_proj.weight itself: LoRA there is weight-level and needs no hook
+    return getattr(attn, "out_proj", None) or getattr(attn, "proj", None)
+
+
+def _compute_block_hooks(block: nn.Module):
+    from skipkernels.ops.block import BlockHooks, block_parts
+    parts = block_parts(block)
+    lora = {}
+    for role, linear in (("out", _out_projection(block)), ("fc1", parts.fc1), ("fc2", parts.fc2)):
+        factors = linear._modules.get("lora") if linear is not None else None
+        if factors is not None:
+            lora[role] = factors
+    known = {id(m) for m in lora.values()}
+    modifiers = {kind: block._modules.get(f"pet_{kind}") for kind in ("attn", "mlp")}
+    known |= {id(m) for m in modifiers.values() if m is not None}
+    for name, module in block.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if not name or not last.startswith(("pet_", "lora")) or id(module) in known:
+            continue
+        if last.startswith("lora_"):
+            continue  # weight-level LoRA: the block reads W + ΔW through the weight itself
+        return None  # a module block_forward would not apply: the block runs its own forward
+    row_wise = all(getattr(m, "granularity", None) != "small" for m in modifiers.values() if m is not None)
+    return BlockHooks(attn=_sublayer_hook(modifiers["attn"]) if modifiers["attn"] is not None else None,
+                      mlp=_sublayer_hook(modifiers["mlp"]) if modifiers["mlp"] is not None else None,
+                      lora=lora, row_wise=row_wise)
+
+
+_hooks_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def block_hooks(block: nn.Module):
+    """The ``skipkernels.ops.block.BlockHooks`` that apply ``block``'s PET modules on the op
+    layer's route (``NO_HOOKS`` for a block without any), or None where it holds a module that
+    route would not apply (the block then runs its own forward). ``block`` must be one the op
+    layer computes (``ops.block.unsupported_reason`` is None). Remembered until PET modules are
+    next added or taken out."""
+    if torch.compiler.is_compiling():
+        return _compute_block_hooks(block)  # as in block_has_pet: no guard on the weak cache
+    hit = _hooks_cache.get(block)
+    if hit is not None and hit[0] == _generation:
+        return hit[1]
+    hooks = _compute_block_hooks(block)
+    _hooks_cache[block] = (_generation, hooks)
+    return hooks
 
 
 def trainable_modules_for_mode(mode: str, min_block: int = 0, **overrides) -> PetConfig:
@@ -332,6 +398,11 @@ def _block_param(block: L.Block) -> torch.Tensor:
 
 
 def _ensure_clip_forward(handle: PetHandle, block: L.Block) -> None:
+    """Blocks patch_clip routes through the op layer take PET's modules as hooks there
+    (``block_hooks``); the others get open_clip's forward with the modifiers owning the adds."""
+    from skipkernels.ops.block import routed_through_op_layer
+    if routed_through_op_layer(block.module):
+        return
     if block.owns_forward and block.name not in handle._clip_forwards:
         handle._undo.append(L.install_clip_forward(block.module))
         handle._clip_forwards.add(block.name)
@@ -442,8 +513,6 @@ def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
                 hook = M.install_linear_lora(child, lora)
                 handle._lora_undo.append(_linear_lora_undo(child, hook))
     if block.owns_forward and len(handle.modules) > count:
-        # Blocks patched onto the op layer read weights directly and skip the hooks: run them
-        # through module calls while LoRA is attached.
         _ensure_clip_forward(handle, block)
 
 

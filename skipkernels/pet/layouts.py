@@ -7,9 +7,10 @@ branch output H (``out_module``), and for cross-attention the value projection (
 
 Families:
 - ``clip``: open_clip ``ResidualAttentionBlock`` (nn.MultiheadAttention) and
-  ``CustomResidualAttentionBlock`` (open_clip ``Attention``). PET owns these blocks' forward
-  (``clip_block_forward``), so X and H are plain values there: H is the whole branch output
-  ``ls_1(attn(ln_1(X)))`` (``ls_1(ln_attn(attn(ln_1(X))))`` for the custom block), i.e. including
+  ``CustomResidualAttentionBlock`` (open_clip ``Attention``). A block ``patch_clip`` routes
+  through the op layer gets its PET modules as ``BlockHooks`` there (``pet.apply.block_hooks``);
+  on any other, PET owns the forward (``clip_block_forward``). Either way X and H are plain
+  values: H is the whole branch output ``ls_1(attn(ln_1(X)))`` (``ls_1(ln_attn(attn(ln_1(X))))`` for the custom block), i.e. including
   LayerScale and the post-attention norm, and the modifier adds the residual itself.
 - ``bart``: Hugging Face BART layers (post-norm). attn: X = the q-projection's input (the layer
   input), H = ``out_proj``'s output; mlp: X = ``fc1``'s input, H = ``fc2``'s output; cross: X =
@@ -173,13 +174,15 @@ def clip_block_forward(self, x, *args, attn_mask=None):
 
 def install_clip_forward(block: nn.Module):
     """Route ``block`` through ``clip_block_forward``; returns an undo callable that restores
-    whatever forward the instance had (e.g. skipkernels.patch_clip's op-layer forward, which
-    reads weights directly and so would bypass PET hooks)."""
+    whatever forward the instance had, unless another forward was bound over it since."""
     had = "forward" in block.__dict__
     previous = block.__dict__.get("forward")
-    block.forward = types.MethodType(clip_block_forward, block)
+    installed = types.MethodType(clip_block_forward, block)
+    block.forward = installed
 
     def undo():
+        if block.__dict__.get("forward") is not installed:
+            return  # replaced since (e.g. patch_clip routed the block through the op layer): keep that
         if had:
             block.forward = previous
         else:

@@ -202,13 +202,14 @@ class VLPETModifier(nn.Module):
         """G for residual stream ``x`` and branch output ``h`` (for inspection and tests)."""
         return self.gate(x, h + self.adapter(h))
 
-    def forward(self, x, h, gate_input=None):
+    def forward(self, x, h, gate_input=None, backend=None):
+        """``backend``: the policy of the route calling it, used unless this modifier has its own."""
         gx = x if gate_input is None else gate_input
         dh = self.adapter(h)
         # The middle-X and small gates read H + ΔH; the others do not need it materialised.
         u = h + dh if self.granularity in ("middle_x", "small") else None
         g = self.gate(gx, u)
-        return gated_update(x, h, dh, g, self.scale, backend=self.backend)
+        return gated_update(x, h, dh, g, self.scale, backend=self.backend if self.backend is not None else backend)
 
     def extra_repr(self):
         return f"granularity={self.granularity}, scale={self.scale}"

@@ -59,10 +59,11 @@ class ClassSkipper:
         return self._device_mask
 
     @torch.no_grad()
-    def select(self, image_features: torch.Tensor, labels: torch.Tensor, check: bool = True):
+    def select(self, image_features: torch.Tensor, labels: torch.Tensor, check: bool = True, policy=None):
         """image_features (B, E) of the current model (gradients are not needed); labels (B,).
         Returns (selected class indices ascending, labels remapped into them). ``check=False``
-        skips the host-side label range check (the caller checked them)."""
+        skips the host-side label range check (the caller checked them). ``policy``: the
+        KernelPolicy of class_select (None: the ambient one)."""
         if check:
             check_label_range(labels, self.num_classes)
         if not self.enabled:
@@ -76,7 +77,7 @@ class ClassSkipper:
             mask = self._mask_on(feats.device)
             static = self.resample == "fixed" and all_labels.shape[0] <= self.top_k and not distributed.enabled()
             selected, remapped = class_select(feats, self.prototypes.to(feats.device), all_labels, mask,
-                                              self.top_k, self.fixed_size if static else -1)
+                                              self.top_k, self.fixed_size if static else -1, backend=policy)
             remapped = remapped[offset:offset + labels.shape[0]]
         self.last_selected, self.last_labels = selected, remapped
         return selected, remapped

@@ -21,14 +21,15 @@ class TextPrefixCache:
     """Text tokens at block omega for every class prompt, truncated to the longest prompt."""
 
     @torch.no_grad()
-    def __init__(self, model, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True):
+    def __init__(self, model, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True,
+                 policy=None):
         self.tokens = tokens
         self.pool_index = towers.text_pool_index(model, tokens)
         self.pool_index_host = self.pool_index.cpu()
         self.truncate = truncate
         length = towers.truncated_length(self.pool_index_host, tokens.shape[1]) if truncate else tokens.shape[1]
         x = towers.text_embed(model, tokens[:, :length])
-        self.tokens_at_block = towers.text_blocks(model, x, 0, skip_layers).to(dtype)
+        self.tokens_at_block = towers.text_blocks(model, x, 0, skip_layers, policy=policy).to(dtype)
 
     def length_for(self, selected_host: torch.Tensor | None) -> int:
         # All classes: the cache is already truncated to their longest prompt. A constant, so the
@@ -81,12 +82,14 @@ class ImagePrefixCache:
     @torch.no_grad()
     def build(cls, model, loader, skip_layers: int, device: torch.device, dtype: torch.dtype,
               drop_ratio: float = 0.0, generator: torch.Generator | None = None,
-              budget_bytes: int = 8 << 30, progress: bool = True, autocast_dtype=None, description="caching"):
+              budget_bytes: int = 8 << 30, progress: bool = True, autocast_dtype=None, description="caching",
+              policy=None):
         """Run every (augmented) image of ``loader`` through the frozen prefix.
 
         ``loader`` yields (images, labels, dataset indices), over the whole dataset or a subset
         of it (one rank's share). The cache lives on ``device`` when it fits ``budget_bytes``,
-        else in pinned host memory and batches are copied in as needed.
+        else in pinned host memory and batches are copied in as needed. ``policy``: the prefix's
+        KernelPolicy (None: the ambient one).
         """
         dataset = loader.dataset
         if isinstance(dataset, torch.utils.data.Subset):
@@ -107,7 +110,7 @@ class ImagePrefixCache:
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 x = towers.image_stem(model, images)
-                x = towers.image_blocks(model, x, 0, skip_layers)
+                x = towers.image_blocks(model, x, 0, skip_layers, policy=policy)
             if drop_ratio > 0:
                 x = _drop_patch_tokens(x, drop_ratio, generator, image.prefix_tokens)
             if store is None:

@@ -8,7 +8,7 @@ Two exact savings live here (docs/ARCHITECTURE.md, "The algorithm"), each only w
 - text truncation: under a causal mask with the text pooled at one position per prompt, tokens
   after the last pooled position of a set of prompts never influence it; those prompts run on
   the prefix [0, T) with T = that position + 1, padded to a multiple of 8. Off without a causal
-  mask or for 'last' pooling (SigLIP);
+  mask, for 'last' pooling (SigLIP), and where a PET module mixes tokens (VL-PET's small gate);
 - last-block pruning: after the final block only the pooled token is read (CLS for 'token'
   pooling, the EOT/EOS/last position for text), so that block computes only that row's query,
   residual and MLP. Off where pooling reads more than one token ('avg', attention pooling 'map').
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from skipkernels.families import model_towers
-from skipkernels.ops.block import block_forward, blocks_forward, unsupported_reason
+from skipkernels.ops.block import block_forward, unsupported_reason
 
 TEXT_PAD_MULTIPLE = 8
 
@@ -34,40 +34,62 @@ def check_skip_layers(model, skip_layers: int) -> None:
                          f"{len(image.blocks)} blocks, text tower {len(text.blocks)} blocks), got {skip_layers}")
 
 
+def block_route(block):
+    """The ``BlockHooks`` with which the op layer computes ``block`` (its PET modules included),
+    or None where the block runs its own forward (a block the op layer does not know, or PET
+    modules it would not apply)."""
+    if unsupported_reason(block) is not None:
+        return None
+    from skipkernels.pet import block_hooks
+    return block_hooks(block)
+
+
 def fused_block(block) -> bool:
-    """Whether the op layer computes ``block``: an open_clip block it knows, without PET modules
-    (the op layer reads weights directly and would bypass them)."""
-    from skipkernels.pet import block_has_pet
-    return unsupported_reason(block) is None and not block_has_pet(block)
+    """Whether the op layer computes ``block``."""
+    return block_route(block) is not None
 
 
-def run_blocks(blocks, x, causal: bool = False, prune_index=None, block_kwargs=None):
-    """The one route through blocks: the op layer for the blocks it computes (``fused_block``),
-    every other block through its own forward with ``block_kwargs`` (e.g. Eva's rotary embedding).
-    A last block that runs its own forward is not pruned: it runs in full and the pooled rows
-    are taken after it."""
+def run_blocks(blocks, x, causal: bool = False, prune_index=None, block_kwargs=None, policy=None):
+    """The one route through blocks: ``block_forward`` for every block the op layer computes
+    (plain, patched or holding PET modules, under ``policy``), the others through their own forward
+    with ``block_kwargs`` (e.g. Eva's rotary embedding). A last block that cannot be pruned
+    exactly runs in full and the pooled rows are taken after it."""
     blocks = list(blocks)
-    if all(fused_block(b) for b in blocks):
-        return blocks_forward(blocks, x, causal=causal, prune_last_index=prune_index)
+    module_kwargs = None
+    for i, block in enumerate(blocks):
+        index = prune_index if i == len(blocks) - 1 else None
+        hooks = block_route(block)
+        if hooks is not None:
+            pruned = index if hooks.row_wise else None
+            x = block_forward(block, x, causal=causal, query_index=pruned, policy=policy, hooks=hooks)
+            if pruned is not None:
+                continue
+        else:
+            if module_kwargs is None:
+                module_kwargs = _module_kwargs(x, causal, block_kwargs)
+            x = block(x, **module_kwargs)
+        if index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), index].unsqueeze(1)
+    return x
+
+
+def _module_kwargs(x, causal: bool, block_kwargs) -> dict:
     kwargs = dict(block_kwargs or {})
     if causal:  # open_clip's additive causal mask, for the blocks that run as modules
         length = x.shape[1]
         kwargs["attn_mask"] = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
-    for i, block in enumerate(blocks):
-        last = i == len(blocks) - 1
-        if fused_block(block):
-            x = block_forward(block, x, causal=causal, query_index=prune_index if last else None)
-        else:
-            x = block(x, **kwargs)
-            if last and prune_index is not None:
-                x = x[torch.arange(x.shape[0], device=x.device), prune_index].unsqueeze(1)
-    return x
+    return kwargs
 
 
 def _off_reason(blocks, reason: str | None) -> str | None:
-    if reason is None and len(blocks) and not fused_block(blocks[-1]):
+    if reason is not None or not len(blocks):
+        return reason
+    hooks = block_route(blocks[-1])
+    if hooks is None:
         return f"the last block ({type(blocks[-1]).__name__}) runs its own forward"
-    return reason
+    if not hooks.row_wise:
+        return "a PET module of the last block reads every token (VL-PET's small gate)"
+    return None
 
 
 # ----------------------------------------------------------------------------------- image
@@ -89,7 +111,7 @@ def image_stem(model, images):
     return model_towers(model)[0].stem(images)
 
 
-def image_blocks(model, x, start: int, stop: int, prune_last: bool = False):
+def image_blocks(model, x, start: int, stop: int, prune_last: bool = False, policy=None):
     image = model_towers(model)[0]
     blocks = image.blocks[start:stop]
     if len(blocks) == 0:
@@ -97,7 +119,7 @@ def image_blocks(model, x, start: int, stop: int, prune_last: bool = False):
     prune = None
     if prune_last and stop == len(image.blocks) and image_prunable(model):
         prune = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS row
-    return run_blocks(blocks, x, prune_index=prune, block_kwargs=image.block_kwargs())
+    return run_blocks(blocks, x, prune_index=prune, block_kwargs=image.block_kwargs(), policy=policy)
 
 
 def image_head(model, x):
@@ -105,14 +127,14 @@ def image_head(model, x):
     return model_towers(model)[0].head(x)
 
 
-def encode_image_from(model, x, start: int, prune_last: bool = True):
+def encode_image_from(model, x, start: int, prune_last: bool = True, policy=None):
     """Image features from the tokens entering block ``start``."""
-    return image_head(model, image_blocks(model, x, start, image_depth(model), prune_last))
+    return image_head(model, image_blocks(model, x, start, image_depth(model), prune_last, policy))
 
 
-def encode_image(model, images, prune_last: bool = True):
+def encode_image(model, images, prune_last: bool = True, policy=None):
     """Image features of ``images`` through the whole tower."""
-    return encode_image_from(model, image_stem(model, images), 0, prune_last)
+    return encode_image_from(model, image_stem(model, images), 0, prune_last, policy)
 
 
 # ------------------------------------------------------------------------------------ text
@@ -122,7 +144,16 @@ def text_depth(model) -> int:
 
 def text_truncation_off_reason(model) -> str | None:
     """Why text truncation does not apply (None: it applies)."""
-    return model_towers(model)[1].truncation_off_reason()
+    text = model_towers(model)[1]
+    reason = text.truncation_off_reason()
+    if reason is None:
+        for block in text.blocks:
+            hooks = block_route(block)
+            if hooks is None and unsupported_reason(block) is None:
+                return "a text block holds PET modules that run in its own forward"
+            if hooks is not None and not hooks.row_wise:
+                return "a PET module of the text tower reads every token (VL-PET's small gate)"
+    return reason
 
 
 def text_pruning_off_reason(model) -> str | None:
@@ -174,7 +205,7 @@ def text_embed(model, tokens, prompt_embeddings=None):
     return x + text.positional_embedding[: tokens.shape[1]].to(cast_dtype)
 
 
-def text_blocks(model, x, start: int, stop: int, pool_index=None):
+def text_blocks(model, x, start: int, stop: int, pool_index=None, policy=None):
     """Blocks [start, stop); with ``pool_index`` and ``stop`` = depth the last is pruned."""
     text = model_towers(model)[1]
     blocks = text.blocks[start:stop]
@@ -183,7 +214,7 @@ def text_blocks(model, x, start: int, stop: int, pool_index=None):
     if text.mask_kind == "custom":
         raise ValueError("text attention masks other than causal or none are not supported")
     prune = pool_index if (pool_index is not None and stop == len(text.blocks)) else None
-    return run_blocks(blocks, x, causal=text.causal, prune_index=prune)
+    return run_blocks(blocks, x, causal=text.causal, prune_index=prune, policy=policy)
 
 
 def text_head(model, x, pool_index):
@@ -200,15 +231,15 @@ def text_head(model, x, pool_index):
     return pooled
 
 
-def encode_text_from(model, x, start: int, pool_index, prune_last: bool = True):
+def encode_text_from(model, x, start: int, pool_index, prune_last: bool = True, policy=None):
     """Text features from the tokens entering block ``start``."""
     depth = text_depth(model)
     prune_last = prune_last and text_pruning_off_reason(model) is None
-    out = text_blocks(model, x, start, depth, pool_index if prune_last else None)
+    out = text_blocks(model, x, start, depth, pool_index if prune_last else None, policy)
     return text_head(model, out, pool_index)
 
 
-def encode_text(model, tokens, prompt_embeddings=None, truncate: bool = True, prune_last: bool = True):
+def encode_text(model, tokens, prompt_embeddings=None, truncate: bool = True, prune_last: bool = True, policy=None):
     """Text features of ``tokens`` (C, L) through the whole tower, truncated to the longest prompt
     where that is exact (see the module docstring); ``prompt_embeddings`` replace the token
     embeddings (CoOp)."""
@@ -217,4 +248,4 @@ def encode_text(model, tokens, prompt_embeddings=None, truncate: bool = True, pr
     length = truncated_length(pool_index.cpu(), tokens.shape[1]) if truncate else tokens.shape[1]
     emb = None if prompt_embeddings is None else prompt_embeddings[:, :length]
     x = text_embed(model, tokens[:, :length], emb)
-    return encode_text_from(model, x, 0, pool_index, prune_last)
+    return encode_text_from(model, x, 0, pool_index, prune_last, policy)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from skipkernels.families import model_towers
+from skipkernels.ops.block import model_policy
 from skipkernels.ops.class_select import check_cskip_params, check_label_range
 from skipkernels.ops.subset_ce import subset_logits_ce
 from skipkernels.skip import towers
@@ -137,7 +138,10 @@ class SkipTuner(nn.Module):
     block omega from ``tuner.cache_images`` (LSkip modes) or images (other modes).
     """
 
-    def __init__(self, model, classnames, tokenizer, config: SkipConfig | None = None, **overrides):
+    def __init__(self, model, classnames, tokenizer, config: SkipConfig | None = None, *, policy=None,
+                 **overrides):
+        """``policy``: the KernelPolicy (or backend name) of every op the tuner runs; None: the one
+        ``patch_clip`` gave the model, else the ambient policy at each call."""
         super().__init__()
         if config is None:
             config = SkipConfig(**overrides)
@@ -164,6 +168,7 @@ class SkipTuner(nn.Module):
             raise ValueError(f"duplicated class names make classes indistinguishable: {duplicates[:5]}")
         self.config = config
         self.model = model
+        self.policy = policy if policy is not None else model_policy(model)
         self.classnames = classnames
         self.tokenizer = tokenizer
         self.skip_layers = config.skip_layers if config.uses_lskip else 0
@@ -183,7 +188,7 @@ class SkipTuner(nn.Module):
             self.pet = apply_pet(model, trainable_modules_for_mode(config.pet_method, min_block=self.skip_layers))
         else:
             self._set_trainable()
-        # after PET: blocks holding PET modules run their own forward, so they are not pruned
+        # after PET: its modules decide where last-block pruning stays exact
         self.savings = exact_savings(model, config)
         self.truncate_text = self.savings["text truncation"] == "on"
         self.prune_image = self.savings["image last-block pruning"] == "on"
@@ -195,7 +200,7 @@ class SkipTuner(nn.Module):
             self.text_cache = None
             if config.uses_lskip:
                 self.text_cache = TextPrefixCache(model, self.class_tokens, self.skip_layers, self.cache_dtype,
-                                                  truncate=self.truncate_text)
+                                                  truncate=self.truncate_text, policy=self.policy)
             self.skipper = None
             if config.uses_cskip:
                 # Zero-shot prototypes of the pretrained model, computed once before any update.
@@ -249,11 +254,12 @@ class SkipTuner(nn.Module):
     def image_prefix(self, images):
         """Frozen prefix of the image tower: tokens entering block omega (no autograd)."""
         with torch.no_grad():
-            return towers.image_blocks(self.model, towers.image_stem(self.model, images), 0, self.skip_layers)
+            return towers.image_blocks(self.model, towers.image_stem(self.model, images), 0, self.skip_layers,
+                                       policy=self.policy)
 
     def encode_images(self, images, normalize: bool = False):
         """Image features of the current model (the whole tower; last block pruned when exact)."""
-        f = towers.encode_image(self.model, images, self.prune_image)
+        f = towers.encode_image(self.model, images, self.prune_image, self.policy)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_classes(self, classnames, normalize: bool = False, batch_size: int = 256):
@@ -272,7 +278,7 @@ class SkipTuner(nn.Module):
         return F.normalize(t, dim=-1) if normalize else t
 
     def _encode_tokens(self, tokens, embeddings=None):
-        return towers.encode_text(self.model, tokens, embeddings, self.truncate_text, self.prune_text)
+        return towers.encode_text(self.model, tokens, embeddings, self.truncate_text, self.prune_text, self.policy)
 
     # ------------------------------------------------------------------ one step
     def image_features_for_step(self, inputs):
@@ -281,7 +287,8 @@ class SkipTuner(nn.Module):
                 return self.encode_images(inputs)
         if self.config.uses_lskip:
             # The cache may be bf16; the residual stream runs in fp32 as in open_clip under autocast.
-            return towers.encode_image_from(self.model, inputs.float(), self.skip_layers, self.prune_image)
+            return towers.encode_image_from(self.model, inputs.float(), self.skip_layers, self.prune_image,
+                                            self.policy)
         return self.encode_images(inputs)
 
     def text_features_for_step(self, selected, static: bool = False):
@@ -295,7 +302,8 @@ class SkipTuner(nn.Module):
             dynamic = selected is not None and self.truncate_text and not static
             selected_host = selected.cpu() if dynamic else None
             x, pool_index = self.text_cache.gather(selected, selected_host)
-            return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, self.prune_text)
+            return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, self.prune_text,
+                                           self.policy)
         tokens = self.class_tokens if selected is None else self.class_tokens[selected]
         return self._encode_tokens(tokens)
 
@@ -312,7 +320,7 @@ class SkipTuner(nn.Module):
         f = self.image_features_for_step(inputs)
         selected, targets = None, labels
         if self.skipper is not None:
-            selected, targets = self.skipper.select(f, labels, check=False)
+            selected, targets = self.skipper.select(f, labels, check=False, policy=self.policy)
         t = self.text_features_for_step(selected, static)
         self.last_selected = selected if selected is not None else torch.arange(len(self.classnames), device=self.device)
         self.last_labels = targets
@@ -320,7 +328,7 @@ class SkipTuner(nn.Module):
         # A SigLIP model's logits are scale * cos + logit_bias; the bias is one scalar added to every
         # logit, which cross-entropy over the subset cancels, so the loss equals CE of the model's own
         # logits (get_logits) over the subset without adding it.
-        return subset_logits_ce(f, t, scale, targets)
+        return subset_logits_ce(f, t, scale, targets, backend=self.policy)
 
     def extra_repr(self) -> str:
         cfg = self.config

@@ -17,6 +17,8 @@ from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_spl
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
+from skipkernels.ops.policy import deterministic_algorithms
+from skipkernels.ops.policy import resolve as resolve_policy
 from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
@@ -145,12 +147,9 @@ class Trainer:
         self.evaluate = evaluate
         self.device = tuner.device
         self.autocast_dtype = autocast_dtype_for(config.amp, self.device)
-        if config.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=False)
-            torch.backends.cudnn.benchmark = False
-            if self.device.type == "cuda":
-                import os
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # PyTorch's deterministic algorithms for the length of train() only (TrainConfig's flag or
+        # the tuner's KernelPolicy); the process's own setting is restored after.
+        self.deterministic = config.deterministic or resolve_policy(tuner.policy).deterministic
         size, mean, std = preprocess_config(tuner.model)
         self.dataset = ItemDataset(self.items, TrainTransform(size, mean, std), seed=config.seed)
         self.labels = [it.label for it in self.items]
@@ -233,7 +232,8 @@ class Trainer:
         cache = ImagePrefixCache.build(self.tuner.model, loader, self.tuner.skip_layers, self.device,
                                        self.tuner.cache_dtype, self.tuner.config.drop_ratio, gen,
                                        int(self.tuner.config.cache_budget_gb * (1 << 30)), self.config.progress,
-                                       self.autocast_dtype, description=f"cache epoch {epoch + 1}")
+                                       self.autocast_dtype, description=f"cache epoch {epoch + 1}",
+                                       policy=self.tuner.policy)
         self.cache_bytes = cache.nbytes
         return cache
 
@@ -255,6 +255,10 @@ class Trainer:
                 yield indices, images.to(self.device, non_blocking=True), labels, weight
 
     def train(self) -> list[dict]:
+        with deterministic_algorithms(self.deterministic):
+            return self._train()
+
+    def _train(self) -> list[dict]:
         cfg = self.config
         tuner = self.tuner
         last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)

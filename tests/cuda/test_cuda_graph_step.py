@@ -9,7 +9,8 @@ if not torch.cuda.is_available():
 
 from conftest import tiny_clip  # noqa: E402
 from skipkernels import SkipTuner, _ext  # noqa: E402
-from skipkernels.ops import measured  # noqa: E402
+from skipkernels import KernelPolicy, use_policy  # noqa: E402
+from skipkernels.ops.policy import ALL_TRITON  # noqa: E402
 from skipkernels.skip.graph import CapturedStep  # noqa: E402
 
 CLASSES = [f"class {i} " + "word " * (i % 5) for i in range(40)]
@@ -21,7 +22,7 @@ def test_captured_step_equals_eager_steps(kernels, tokenizer):
     """``all_triton``: every block op on a Triton kernel (bench mode skip-triton-graph), so the
     kernels must be capturable: no host sync, autotuning done in the warm-up."""
     if kernels == "all_triton":
-        with measured.triton_everywhere():
+        with use_policy(KernelPolicy("auto", table=ALL_TRITON)):
             return _captured_step_equals_eager_steps(tokenizer)
     return _captured_step_equals_eager_steps(tokenizer)
 

@@ -1,0 +1,128 @@
+"""KernelPolicy: which kernels the ops run, given once to ``patch_clip``, ``SkipTuner`` and the trainer.
+
+    policy = KernelPolicy(backend="auto")                  # the default
+    patch_clip(model, policy=policy)
+    tuner = SkipTuner(model, classnames, tokenizer, config, policy=policy)
+
+``backend``:
+- ``auto``: each op picks, for the tensors it gets, a compiled op (``skipkernels._C``) where one is
+  built for their device, and a Triton kernel only where ``table`` shows it beating the
+  PyTorch reference on this GPU (see ops/measured.py); the reference otherwise.
+- ``torch``: the PyTorch reference everywhere.
+- ``triton``: every Triton kernel (an error where Triton cannot be imported); ops without a
+  Triton kernel run their reference.
+- ``cpu`` / ``cuda``: the compiled ops, which must be built for the tensors' device; the other ops
+  run their reference.
+
+``table``: where ``auto`` reads the measured wins: ``None`` is the table shipped with the package,
+a path another table, and ``ALL_TRITON`` a table in which every Triton kernel wins on CUDA tensors
+(the all-Triton path, to measure it end to end against the reference and the table's choice).
+
+``deterministic``: PyTorch's deterministic algorithms while training (the trainer turns them on
+for the length of ``train()`` and restores the previous setting). skipkernels' own kernels are
+deterministic whatever this says: none accumulates results with atomics.
+
+Ops take ``backend=`` as a policy or a backend name (shorthand for ``KernelPolicy(name)``); with
+neither, the ambient policy applies, which is ``KernelPolicy()`` unless code runs inside
+``use_policy(...)`` / ``use_backend(...)``. Nothing here reads the environment.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
+ALL_TRITON = "all-triton"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPolicy:
+    backend: str = "auto"
+    table: str | None = None
+    deterministic: bool = False
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        if self.table is not None:
+            object.__setattr__(self, "table", str(self.table))
+
+    def deterministic_scope(self):
+        """``deterministic_algorithms(self.deterministic)``."""
+        return deterministic_algorithms(self.deterministic)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool):
+    """PyTorch's deterministic algorithms (and no cuDNN autotuning) inside where ``enabled``; the
+    previous settings are restored on exit. Nothing happens otherwise."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    # cuBLAS reads this when it creates a handle: a process that ran a GEMM on the GPU before keeps
+    # its handle, so for bitwise-reproducible GPU GEMMs set it before the process's first CUDA call.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+
+
+# What ops accept as ``backend=``: a policy, a backend name, or None for the ambient policy.
+Backend = "KernelPolicy | str | None"
+
+# One policy object per backend name, so an op given a name builds nothing (also while
+# torch.compile traces it).
+_BY_NAME = {name: KernelPolicy(name) for name in BACKENDS}
+_ambient = _BY_NAME["auto"]
+
+
+def resolve(backend: "KernelPolicy | str | None") -> KernelPolicy:
+    """The policy an op runs under: ``backend`` itself, the policy of that backend name, or the
+    ambient one (None)."""
+    if backend is None:
+        return _ambient
+    if isinstance(backend, KernelPolicy):
+        return backend
+    policy = _BY_NAME.get(backend)
+    if policy is None:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return policy
+
+
+def current_policy() -> KernelPolicy:
+    return _ambient
+
+
+@contextlib.contextmanager
+def use_policy(policy: "KernelPolicy | str"):
+    """Run the enclosed code with ``policy`` for every op not given one explicitly."""
+    global _ambient
+    previous, _ambient = _ambient, resolve(policy)
+    try:
+        yield _ambient
+    finally:
+        _ambient = previous
+
+
+def use_backend(name: str):
+    """``use_policy`` with only the backend changed."""
+    return use_policy(dataclasses.replace(_ambient, backend=resolve(name).backend))
+
+
+def get_backend() -> str:
+    return _ambient.backend
+
+
+def set_backend(name: str) -> None:
+    """Set the ambient policy's backend for the rest of the process (``use_backend`` scopes it)."""
+    global _ambient
+    _ambient = dataclasses.replace(_ambient, backend=resolve(name).backend)
