@@ -14,9 +14,8 @@ SEED = int(os.environ.get("SKIPKERNELS_TEST_SEED", "0"))  # redraw every random 
 def poison_outputs():
     """Kernel outputs start as NaN, so any element a kernel fails to write fails the test.
     Import it into a test module to apply it there."""
-    skt.set_poison(True)
-    yield
-    skt.set_poison(False)
+    with skt.launch_settings(poison=True):
+        yield
 
 
 def max_error(a, ref):

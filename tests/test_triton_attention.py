@@ -242,12 +242,17 @@ GPU_PATH_CASES = [((2, 2, 77, 64), "causal"), ((2, 2, 100, 32), "none"), ((3, 2,
 
 
 @pytest.mark.parametrize("shape,mode", GPU_PATH_CASES)
-def test_gpu_tiles_and_half_path(shape, mode, monkeypatch):
+def test_gpu_tiles_and_half_path(shape, mode):
     """The launch a GPU makes, run by the interpreter: the GPU tile sizes (several query and key
     tiles, partial ones) and fp16 dots without the interpreter's upcast."""
+    import skipkernels.triton as skt
     if DEVICE != "cpu":
         pytest.skip("on a GPU every test already takes this path")
-    monkeypatch.setattr(tattn, "_INTERPRET", False)
+    with skt.launch_settings(gpu_path=True):
+        _gpu_tiles_and_half_path(shape, mode)
+
+
+def _gpu_tiles_and_half_path(shape, mode):
     q, k, v = _qkv(shape, torch.float16, seed=20)
     kw = _to(_mask_cases(shape[0], shape[1], shape[2], torch.float16, seed=21)[mode])
     gout = _randn(shape, seed=22)

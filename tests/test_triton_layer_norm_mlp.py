@@ -159,16 +159,19 @@ def test_dispatch():
 
 
 @pytest.mark.parametrize("act", ["gelu", "none"])
-def test_gpu_tiles_and_half_path(act, monkeypatch):
+def test_gpu_tiles_and_half_path(act):
     """Both GEMM kernels (LN prologue; residual epilogue) the way a GPU runs them, under the
     interpreter: several row / column / K tiles with grouped ordering and partial edges, and
     fp16 dots without the interpreter's upcast."""
-    from skipkernels.triton import linear as tlin
+    import skipkernels.triton as skt
     if DEVICE != "cpu":
         pytest.skip("on a GPU every test already takes this path")
-    monkeypatch.setattr(tlin, "_UPCAST_ALL", False)
-    monkeypatch.setattr(tlin, "_interpret_blocks",
-                        lambda m, n, k: dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2))
+    tile = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, GROUP_M=2)  # several tiles, grouped, partial edges
+    with skt.launch_settings(gpu_path=True, interpreter_gemm_tile=tile):
+        _gpu_tiles_and_half_path(act)
+
+
+def _gpu_tiles_and_half_path(act):
     inputs = _inputs((3, 17), 96, 384, torch.float16, seed=7)
     gout = torch.randn(3, 17, 96, generator=torch.Generator().manual_seed(SEED + 8), dtype=torch.float64).to(DEVICE)
     out = _call(tmlp.layer_norm_mlp, act)(*inputs)

@@ -173,3 +173,13 @@ def test_kernel_names_what_it_does_not_support_and_dispatch_runs_the_reference()
         tlin.linear_residual(x, w, b, wide, scale)
     out = ops_lin.linear_residual(x, w, b, wide, scalar, backend="triton")
     torch.testing.assert_close(out, ops_lin.linear_residual_reference(x, w, b, wide, scalar))
+
+
+def test_launch_settings_are_scoped():
+    """The poison and GPU-path aids hold inside ``launch_settings`` only (no module global to patch)."""
+    import skipkernels.triton as skt
+    assert skt.poison_enabled()  # this module's autouse fixture
+    with skt.launch_settings(poison=False, gpu_path=True):
+        assert not skt.poison_enabled() and not skt.interpreter_shortcuts()
+    assert skt.poison_enabled() and torch.isnan(skt.new_empty((2,), torch.float32, "cpu")).all()
+    assert skt.interpreter_shortcuts() == skt.interpreting()

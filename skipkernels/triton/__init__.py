@@ -5,35 +5,64 @@ needs triton. This file holds only torch-level helpers shared by the kernel wrap
 free of triton imports.
 
 On a machine without a GPU the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (set before
-the kernel modules are imported). ``set_poison(True)`` (or ``SKIPKERNELS_TRITON_POISON=1``) makes
-every wrapper allocate its outputs filled with NaN, so a tile a kernel forgets to write shows up
-in tests instead of holding stale memory.
+the kernel modules are imported). There they take big tiles and compute every dot in fp32 (the
+interpreter pays per operation, and its half-precision dots are unreliable).
+
+``launch_settings(...)`` scopes the test and debug aids: ``poison=True`` makes every wrapper
+allocate its outputs filled with NaN, so a tile a kernel forgets to write shows up in tests
+instead of holding stale memory; ``gpu_path=True`` makes the interpreter run the tiles and dot
+dtypes a GPU runs (``interpreter_gemm_tile``: the GEMMs' tile there, as gemm_tiles would pick one).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 import torch
 
-_poison = os.environ.get("SKIPKERNELS_TRITON_POISON", "0") == "1"
+
+@dataclasses.dataclass(frozen=True)
+class LaunchSettings:
+    poison: bool = False
+    gpu_path: bool = False
+    interpreter_gemm_tile: dict | None = None
 
 
-def set_poison(enabled: bool) -> None:
-    """Fill kernel outputs with NaN before launch (a test/debug aid; costs one fill per output)."""
-    global _poison
-    _poison = bool(enabled)
+_settings = LaunchSettings()
+
+
+@contextlib.contextmanager
+def launch_settings(**changes):
+    """Kernel launches inside use these LaunchSettings fields (see the module docstring); the
+    previous settings come back on exit."""
+    global _settings
+    previous, _settings = _settings, dataclasses.replace(_settings, **changes)
+    try:
+        yield _settings
+    finally:
+        _settings = previous
+
+
+def current_launch_settings() -> LaunchSettings:
+    return _settings
 
 
 def poison_enabled() -> bool:
-    return _poison
+    return _settings.poison
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_shortcuts() -> bool:
+    """Big tiles and fp32 dots: under the interpreter, unless ``launch_settings(gpu_path=True)``."""
+    return interpreting() and not _settings.gpu_path
+
+
 def new_empty(shape, dtype, device) -> torch.Tensor:
-    if _poison and dtype.is_floating_point:
+    if _settings.poison and dtype.is_floating_point:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 

@@ -36,10 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
+from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreter_shortcuts, new_empty,
                                 store_dtype)
 
-_INTERPRET = interpreting()
 
 _NO_MASK, _FLOAT_MASK, _BOOL_MASK = 0, 1, 2
 
@@ -293,7 +292,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
 
 def _blocks(lq, lk, d):
     block_d = max(16, triton.next_power_of_2(d))
-    if _INTERPRET:
+    if interpreter_shortcuts():
         # Per-operation cost under the interpreter: whole (small) sequences per tile.
         return (min(128, max(16, triton.next_power_of_2(lq))),
                 min(128, max(16, triton.next_power_of_2(lk))), block_d, 4, 1)
@@ -307,7 +306,7 @@ def _blocks(lq, lk, d):
 def _bwd_blocks(lq, lk, d):
     """(dK/dV tile: BLOCK_M, BLOCK_N), (dQ tile: BLOCK_M, BLOCK_N), BLOCK_D, warps, stages."""
     block_d = max(16, triton.next_power_of_2(d))
-    if _INTERPRET:
+    if interpreter_shortcuts():
         m = min(128, max(16, triton.next_power_of_2(lq)))
         n = min(128, max(16, triton.next_power_of_2(lk)))
         return (m, n), (m, n), block_d, 4, 1
@@ -340,7 +339,7 @@ def _forward(q, k, v, causal, mask, mask_kind, key_limit, store_lse=False):
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *ms,
         heads, lq, lk, d,
         CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None, STORE_LSE=store_lse,
-        UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
+        UPCAST=interpreter_shortcuts() or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps, num_stages=num_stages)
     return out.to(q.dtype), lse
@@ -362,7 +361,7 @@ def _backward(q, k, v, out, g, lse, causal, mask, mask_kind, key_limit):
         out, g, delta, *out.stride(), *g.stride(), heads, lq, d, BLOCK_M=q_m, BLOCK_D=block_d)
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
     common = dict(CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None,
-                  UPCAST=_INTERPRET or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
+                  UPCAST=interpreter_shortcuts() or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
                   BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     scale = 1.0 / math.sqrt(d)
     _attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(lk, kv_n))](

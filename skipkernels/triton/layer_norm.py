@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import check_tensors, interpreting, new_empty, store_dtype
+from skipkernels.triton import check_tensors, interpreter_shortcuts, interpreting, new_empty, store_dtype
 
-_INTERPRET = interpreting()
 
 
 @triton.jit
@@ -106,7 +105,7 @@ def _ln_bwd_kernel(DY, DS, S, W, Mean, Rstd, DX, DWp, DBp, M, N, rows_per_prog,
 
 def _config(n: int):
     block_n = triton.next_power_of_2(n)
-    if _INTERPRET:
+    if interpreter_shortcuts():
         # The interpreter pays per operation, not per element: use big tiles.
         return max(1, min(64, 16384 // block_n)), block_n, 4
     # A few rows per program keep small widths (512-1024) from leaving warps idle.
@@ -153,7 +152,7 @@ def _bwd(dy2, ds2, s2, weight, mean, rstd, need_dw, need_db):
     block_m, block_n, num_warps = _config(n)
     tiles = triton.cdiv(m, block_m)
     # Enough programs to fill the GPU; each writes one fp32 row of dw/db partials.
-    target = 4 if _INTERPRET else 4 * torch.cuda.get_device_properties(dev).multi_processor_count
+    target = 4 if interpreting() else 4 * torch.cuda.get_device_properties(dev).multi_processor_count
     programs = max(1, min(tiles, target))
     rows_per_prog = triton.cdiv(tiles, programs) * block_m
     programs = triton.cdiv(m, rows_per_prog) if m > 0 else 0

@@ -28,12 +28,11 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
+from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreter_shortcuts, new_empty,
                                 store_dtype)
 from skipkernels.triton import layer_norm as tln
 from skipkernels.triton import linear as tlin
 
-_INTERPRET = interpreting()
 
 
 @triton.jit(do_not_specialize=["M"])  # M = rows changes with text length / batch: one variant
@@ -117,7 +116,7 @@ def _fused(x2, ln_weight, ln_bias, eps, weight, bias, act, store_z, store_stats)
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1))
         meta = dict(ACT=act, HAS_LN_W=ln_weight is not None, HAS_LN_B=ln_bias is not None,
                     HAS_BIAS=bias is not None, STORE_Z=store_z, STORE_STATS=store_stats,
-                    UPCAST=tlin._UPCAST_ALL or weight.dtype == torch.float32,
+                    UPCAST=interpreter_shortcuts() or weight.dtype == torch.float32,
                     PRECISION=dot_precision(weight.dtype))
         tlin.launch_gemm(_ln_linear_kernel, "layer_norm_linear", m, n, k, args, meta, weight.dtype, x2.dtype)
     out = out.to(weight.dtype)

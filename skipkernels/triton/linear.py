@@ -22,13 +22,9 @@ import triton
 import triton.language as tl
 
 from skipkernels.triton import gemm_tiles
-from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreting, new_empty,
-                                store_dtype)
+from skipkernels.triton import (autocast_inputs, check_tensors, current_launch_settings, dot_precision,
+                                interpreter_shortcuts, interpreting, new_empty, store_dtype)
 
-_INTERPRET = interpreting()
-# The interpreter computes every dot in fp32 (its bf16 is unreliable); a test can turn this off
-# to run the fp16 path a GPU takes.
-_UPCAST_ALL = _INTERPRET
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
@@ -154,8 +150,8 @@ def _interpret_blocks(m, n, k):
 def launch_gemm(kernel, name, m, n, k, args, meta, dtype, a_dtype):
     """One program per (BLOCK_M, BLOCK_N) output tile: fixed tiles under the interpreter; on a GPU
     the tile of ``gemm_tiles`` (heuristic for small M, tuned once per key otherwise)."""
-    if _INTERPRET:
-        blocks = _interpret_blocks(m, n, k)
+    if interpreting():
+        blocks = current_launch_settings().interpreter_gemm_tile or _interpret_blocks(m, n, k)
         grid = (triton.cdiv(m, blocks["BLOCK_M"]) * triton.cdiv(n, blocks["BLOCK_N"]),)
         kernel[grid](*args, **meta, **blocks)
         return
@@ -181,7 +177,7 @@ def _gemm(x2, weight, bias, act, residual2=None, scale=None, out_dtype=None, sto
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), rs[0], rs[1])
         meta = dict(ACT=act, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
                     HAS_SCALE=scale is not None, STORE_Z=store_z,
-                    UPCAST=_UPCAST_ALL or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
+                    UPCAST=interpreter_shortcuts() or x2.dtype == torch.float32, PRECISION=dot_precision(x2.dtype))
         launch_gemm(_linear_kernel, "linear", m, n, k, args, meta, weight.dtype, x2.dtype)
     out = out.to(out_dtype)
     if z is not None:
@@ -194,7 +190,7 @@ def _act_forward(z, act):
     out = new_empty(z.shape, store_dtype(z.dtype), z.device)
     numel = z.numel()
     if numel > 0:
-        block = 4096 if _INTERPRET else 1024
+        block = 4096 if interpreter_shortcuts() else 1024
         _act_fwd_kernel[(triton.cdiv(numel, block),)](z, out, numel, ACT=act, BLOCK=block)
     return out.to(z.dtype)
 
@@ -203,7 +199,7 @@ def _act_backward(g2, z, act):
     dz = new_empty(z.shape, store_dtype(z.dtype), z.device)
     numel = z.numel()
     if numel > 0:
-        block = 4096 if _INTERPRET else 1024
+        block = 4096 if interpreter_shortcuts() else 1024
         _act_bwd_kernel[(triton.cdiv(numel, block),)](g2, z, dz, numel, ACT=act, BLOCK=block)
     return dz.to(z.dtype)
 

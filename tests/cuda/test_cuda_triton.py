@@ -36,12 +36,11 @@ TOKENS = {"image": (4 * 197, 768), "text": (100 * 77, 512), "text_trunc": (100 *
 
 @pytest.fixture(autouse=True)
 def _poison_and_no_tf32():
-    skt.set_poison(True)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's default: fp32 GEMMs in full fp32
-    yield
+    with skt.launch_settings(poison=True):
+        yield
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    skt.set_poison(False)
 
 
 def _gen(seed):
