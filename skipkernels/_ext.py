@@ -25,9 +25,9 @@ except ImportError as err:
 # What the extension holds cannot change within a process, so it is read once here: the op
 # wrappers consult these constants inside code that torch.compile traces, where a call into the
 # extension (pybind) or a registry probe would break the graph.
+OP_NAMES = ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")  # csrc/ops.cpp
 COMPILED_OPS: frozenset[str] = frozenset(
-    name for name in ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")
-    if _C is not None and hasattr(torch.ops.skipkernels, name))
+    name for name in OP_NAMES if _C is not None and hasattr(torch.ops.skipkernels, name))
 CUDA_BUILT: bool = _C is not None and bool(getattr(_C, "built_with_cuda", lambda: False)())
 
 

@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 import platform
 
 import torch
 
 from skipkernels import _ext
 
-COMPILED_OPS = ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")
-# op -> its kernel module in skipkernels.triton
-TRITON_OPS = {"layer_norm": "layer_norm", "add_layer_norm": "layer_norm", "linear_act": "linear",
-              "linear_residual": "linear", "layer_norm_linear": "layer_norm_linear",
-              "layer_norm_mlp": "layer_norm_mlp",
-              "attention": "attention", "pet_gate": "pet_gate"}
+
+def triton_kernels() -> dict:
+    """Every op's Triton kernel declaration (``ops._dispatch.TritonKernel``) by op name: each op
+    module of ``skipkernels.ops`` declares its own, so importing them all fills the registry."""
+    import skipkernels.ops
+    from skipkernels.ops import _dispatch
+    for module in pkgutil.iter_modules(skipkernels.ops.__path__):
+        if not module.name.startswith("_"):
+            importlib.import_module(f"skipkernels.ops.{module.name}")
+    return dict(sorted(_dispatch.KERNELS.items()))
 
 
 def _triton_status():
@@ -34,12 +39,12 @@ def _triton_ops(usable: bool, device: str) -> dict:
     from skipkernels.ops import measured
     entries = [e for e in measured._entries(str(measured.TABLE)) if e["device"] == device]
     ops = {}
-    for op, module in TRITON_OPS.items():
+    for op, kernel in triton_kernels().items():
         if not usable:
             status = "needs a GPU (or TRITON_INTERPRET=1 on CPU)"
         else:
             try:
-                importlib.import_module(f"skipkernels.triton.{module}")
+                importlib.import_module(f"skipkernels.triton.{kernel.module}")
                 status = "available"
             except Exception as err:  # report why, as for the compiled ops
                 status = f"not loaded: {type(err).__name__}: {err}"
@@ -54,7 +59,7 @@ def _triton_ops(usable: bool, device: str) -> dict:
 def collect() -> dict:
     triton_version, triton_note = _triton_status()
     ops = {}
-    for name in COMPILED_OPS:
+    for name in _ext.OP_NAMES:
         if _ext.has_op(name):
             ops[name] = "cuda+cpu" if _ext.cuda_built() else "cpu"
         else:

@@ -21,20 +21,30 @@ resolve = policy.resolve
 
 
 _kernel_modules: dict = {}
+# Every declared Triton kernel by its op name: the registry `skipkernels info` lists (each
+# declaration adds itself; skipkernels.info imports every op module).
+KERNELS: dict[str, "TritonKernel"] = {}
 
 
 @dataclasses.dataclass(frozen=True)
 class TritonKernel:
     """An op's Triton kernel: ``skipkernels.triton.<module>.<entry>``, imported on first use.
 
-    ``not_supported`` names a function of that module returning the reasons the kernel cannot
-    run given inputs (empty: it can); such calls run the reference. Kernels never fall back
-    themselves: they are leaves and import nothing from the op layer.
+    ``op``: the op's name, under which the measured table and ``skipkernels info`` know it (the
+    entry's name unless given). ``not_supported`` names a function of that module returning the
+    reasons the kernel cannot run given inputs (empty: it can); such calls run the reference.
+    Kernels never fall back themselves: they are leaves and import nothing from the op layer.
     """
 
     module: str
     entry: str
     not_supported: str | None = None
+    op: str = ""
+
+    def __post_init__(self):
+        if not self.op:
+            object.__setattr__(self, "op", self.entry)
+        KERNELS[self.op] = self
 
     def load(self):
         """The kernel module, or None where Triton cannot be imported. Imported once; later

@@ -50,4 +50,4 @@ def attention_case(q, k, v, causal: bool = False, attn_mask=None, key_limit=None
 
 def _auto_triton(table, q, k, v, causal, attn_mask, key_limit) -> bool:
     case = attention_case(q, k, v, causal, attn_mask, key_limit)
-    return measured.prefers_triton("attention", q, *case, (k, v), table=table)
+    return measured.prefers_triton(ATTENTION.op, q, *case, (k, v), table=table)

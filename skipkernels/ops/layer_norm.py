@@ -25,17 +25,18 @@ def add_layer_norm_reference(x, delta, weight, bias, eps: float):
 
 
 LAYER_NORM = _dispatch.TritonKernel("layer_norm", "layer_norm")
-ADD_LAYER_NORM = _dispatch.TritonKernel("layer_norm", "add_layer_norm", not_supported="add_layer_norm_not_supported")
+ADD_LAYER_NORM = _dispatch.TritonKernel("layer_norm", "add_layer_norm",
+                                        not_supported="add_layer_norm_not_supported")
 
 
 def layer_norm(x, weight, bias, eps: float, backend: Backend = None):
-    return _dispatch.dispatch(LAYER_NORM, backend, lambda table: _auto_triton(table, "layer_norm", x, weight, bias),
+    return _dispatch.dispatch(LAYER_NORM, backend, lambda table: _auto_triton(table, LAYER_NORM.op, x, weight, bias),
                               layer_norm_reference, x, weight, bias, eps)
 
 
 def add_layer_norm(x, delta, weight, bias, eps: float, backend: Backend = None):
     return _dispatch.dispatch(ADD_LAYER_NORM, backend,
-                              lambda table: _auto_triton(table, "add_layer_norm", x, weight, bias, delta),
+                              lambda table: _auto_triton(table, ADD_LAYER_NORM.op, x, weight, bias, delta),
                               add_layer_norm_reference, x, delta, weight, bias, eps)
 
 

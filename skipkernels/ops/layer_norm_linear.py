@@ -39,4 +39,4 @@ def _auto_triton(table, x, activation, ln_weight, ln_bias, weight, bias) -> bool
     # The fused kernel replaces an ATen LayerNorm plus a cuBLAS GEMM only where a GPU measurement
     # (ops/measured.py) shows it winning at this key.
     case = layer_norm_linear_case(x, ln_weight, ln_bias, None, weight, bias, activation)
-    return measured.prefers_triton("layer_norm_linear", x, *case, (ln_weight, ln_bias, weight, bias), table=table)
+    return measured.prefers_triton(LAYER_NORM_LINEAR.op, x, *case, (ln_weight, ln_bias, weight, bias), table=table)

@@ -41,4 +41,5 @@ def _auto_triton(table, x, activation, ln_weight, ln_bias, w1, b1, w2, b2, scale
     # Only where a GPU measurement (ops/measured.py) shows the fused sub-block beating the
     # reference composition at this key.
     case = layer_norm_mlp_case(x, ln_weight, ln_bias, None, w1, b1, activation, w2, b2, scale)
-    return measured.prefers_triton("layer_norm_mlp", x, *case, (ln_weight, ln_bias, w1, b1, w2, b2, scale), table=table)
+    return measured.prefers_triton(LAYER_NORM_MLP.op, x, *case, (ln_weight, ln_bias, w1, b1, w2, b2, scale),
+                                   table=table)

@@ -38,7 +38,8 @@ def linear_residual_reference(x, weight, bias, residual, scale=None):
 
 
 LINEAR_ACT = _dispatch.TritonKernel("linear", "linear_act")
-LINEAR_RESIDUAL = _dispatch.TritonKernel("linear", "linear_residual", not_supported="linear_residual_not_supported")
+LINEAR_RESIDUAL = _dispatch.TritonKernel("linear", "linear_residual",
+                                         not_supported="linear_residual_not_supported")
 
 
 def linear_act(x, weight, bias, activation: str, backend: Backend = None):
@@ -65,10 +66,10 @@ def linear_residual_case(x, weight, bias, residual, scale=None):
 # cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
 # (ops/measured.py) shows the fused Triton GEMM winning at this key.
 def _auto_linear_act(table, x, weight, bias, activation):
-    return measured.prefers_triton("linear_act", x, *linear_act_case(x, weight, bias, activation), (weight, bias),
+    return measured.prefers_triton(LINEAR_ACT.op, x, *linear_act_case(x, weight, bias, activation), (weight, bias),
                                    table=table)
 
 
 def _auto_linear_residual(table, x, weight, bias, residual, scale):
-    return measured.prefers_triton("linear_residual", x, *linear_residual_case(x, weight, bias, residual, scale),
+    return measured.prefers_triton(LINEAR_RESIDUAL.op, x, *linear_residual_case(x, weight, bias, residual, scale),
                                    (weight, bias, residual, scale), table=table)

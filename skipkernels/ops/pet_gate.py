@@ -23,7 +23,7 @@ def gated_update_reference(x, h, delta_h, g, s):
     return y if x is None else x + y
 
 
-GATED_UPDATE = _dispatch.TritonKernel("pet_gate", "gated_update")
+GATED_UPDATE = _dispatch.TritonKernel("pet_gate", "gated_update", op="pet_gate")
 
 
 def gated_update(x, h, delta_h, g, s=1.0, backend: Backend = None):
@@ -59,7 +59,7 @@ def _auto_triton(table, x, h, delta_h, g) -> bool:
     for t in (x, delta_h, g):
         if isinstance(t, torch.Tensor):
             dtype = torch.promote_types(dtype, t.dtype)
-    return measured.prefers_triton("pet_gate", h, *gated_update_case(x, h, delta_h, g), (x, delta_h, g),
+    return measured.prefers_triton(GATED_UPDATE.op, h, *gated_update_case(x, h, delta_h, g), (x, delta_h, g),
                                    dtype=str(dtype), table=table)
 
 
