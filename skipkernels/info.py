@@ -11,14 +11,19 @@ from skipkernels import _ext
 
 
 def triton_kernels() -> dict:
-    """Every op's Triton kernel declaration (``ops._dispatch.TritonKernel``) by op name: each op
-    module of ``skipkernels.ops`` declares its own, so importing them all fills the registry."""
+    """Every op's Triton kernel declaration (``ops._dispatch.TritonKernel``) by op name: the
+    module-level declarations of the op modules in ``skipkernels.ops``."""
     import skipkernels.ops
     from skipkernels.ops import _dispatch
-    for module in pkgutil.iter_modules(skipkernels.ops.__path__):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"skipkernels.ops.{module.name}")
-    return dict(sorted(_dispatch.KERNELS.items()))
+    found = {}
+    for info in pkgutil.iter_modules(skipkernels.ops.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"skipkernels.ops.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, _dispatch.TritonKernel):
+                found[value.op] = value
+    return dict(sorted(found.items()))
 
 
 def _triton_status():

@@ -21,9 +21,6 @@ resolve = policy.resolve
 
 
 _kernel_modules: dict = {}
-# Every declared Triton kernel by its op name: the registry `skipkernels info` lists (each
-# declaration adds itself; skipkernels.info imports every op module).
-KERNELS: dict[str, "TritonKernel"] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +28,11 @@ class TritonKernel:
     """An op's Triton kernel: ``skipkernels.triton.<module>.<entry>``, imported on first use.
 
     ``op``: the op's name, under which the measured table and ``skipkernels info`` know it (the
-    entry's name unless given). ``not_supported`` names a function of that module returning the
-    reasons the kernel cannot run given inputs (empty: it can); such calls run the reference.
-    Kernels never fall back themselves: they are leaves and import nothing from the op layer.
+    entry's name unless given). Declared once, at module level in the op's file: that is the
+    registry (``skipkernels.info.triton_kernels`` collects the declarations). ``not_supported``
+    names a function of that module returning the reasons the kernel cannot run given inputs
+    (empty: it can); such calls run the reference. Kernels never fall back themselves: they are
+    leaves and import nothing from the op layer.
     """
 
     module: str
@@ -44,7 +43,6 @@ class TritonKernel:
     def __post_init__(self):
         if not self.op:
             object.__setattr__(self, "op", self.entry)
-        KERNELS[self.op] = self
 
     def load(self):
         """The kernel module, or None where Triton cannot be imported. Imported once; later
