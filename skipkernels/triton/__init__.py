@@ -17,6 +17,17 @@ import torch
 
 _poison = os.environ.get("SKIPKERNELS_TRITON_POISON", "0") == "1"
 
+# The one list of activation names, for the kernels' fused epilogues and the op layer's references
+# (skipkernels.ops.linear imports it). A name's index here is its ACT code inside the kernels.
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation_code(activation: str) -> int:
+    """The kernels' ACT code of an activation name; ValueError for a name not in ``ACTIVATIONS``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return ACTIVATIONS.index(activation)
+
 
 def set_poison(enabled: bool) -> None:
     """Fill kernel outputs with NaN before launch (a test/debug aid; costs one fill per output)."""
