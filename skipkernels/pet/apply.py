@@ -31,9 +31,7 @@ import torch.nn as nn
 
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
-
-# The one list of PET methods; the tuner's PET modes (skipkernels.skip.modes.PET_MODES) are this tuple.
-METHODS = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
+from skipkernels.skip.modes import PET_MODES as METHODS  # the one list of PET methods, the tuner's too
 _GRANULARITY = {"vlpet-large": "large", "vlpet-middle-x": "middle_x",
                 "vlpet-middle-y": "middle_y", "vlpet-small": "small"}
 SUBLAYER_TARGETS = ("attn", "mlp", "cross")

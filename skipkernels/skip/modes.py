@@ -8,7 +8,7 @@ trainer and the benchmark read the ``ModePlan`` it returns (``SkipTuner.plan``) 
 - ``cskip``     full fine-tuning with a class subset per step
 - ``ft``        full fine-tuning, all classes
 - ``coop``      learned context vectors, frozen model
-- a PET method (``skipkernels.pet.METHODS``): its modules in every block, the rest frozen
+- a PET method (``PET_MODES``): its modules in every block, the rest frozen
 - ``lskip-<PET method>``: the prefix below ω cached, the method's modules only in blocks ≥ ω
   (a combination none of the papers offers)
 """
@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from skipkernels.pet.apply import METHODS as PET_MODES
-
+# The one list of PET methods (skipkernels.pet imports it as METHODS). It lives here, below the PET
+# package in the layering, so that reading a mode needs nothing from it.
+PET_MODES = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
 MODES = ("skip", "lskip", "cskip", "ft", "coop") + PET_MODES + tuple(f"lskip-{m}" for m in PET_MODES)
 
 # What trains (every other parameter is frozen; logit_scale and a SigLIP logit_bias always are):
