@@ -76,6 +76,13 @@ def class_names(count: int) -> list[str]:
     return names
 
 
+def tuner_mode(name: str) -> str:
+    """The SkipTuner mode a bench mode trains: a tuner mode (ft, coop, a PET mode...) is its own;
+    paper and the skip-* ways of running a step all train Skip Tuning ("skip")."""
+    from skipkernels.skip.modes import MODES
+    return name if name in MODES else "skip"
+
+
 def _timer(device):
     if device.type == "cuda":
         def measure(fn):
@@ -108,24 +115,28 @@ def mode_policy(name: str) -> KernelPolicy:
 
 
 class ModeRunner:
-    """One mode's tuner, optimizer and a step function over synthetic data."""
+    """One mode's tuner, optimizer and a step function over synthetic data. ``plan``: what the
+    tuner caches, runs and trains (``SkipTuner.plan``; paper's is Skip Tuning's)."""
 
     def __init__(self, name, base_model, tokenizer, scenario: Scenario, device, autocast_dtype):
-        from skipkernels.skip.tuner import MODES, SkipTuner
+        from skipkernels.skip.modes import mode_plan
+        from skipkernels.skip.tuner import SkipTuner
         self.name = name
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.policy = mode_policy(name)
-        mode = name if name in MODES else "skip"
+        mode = tuner_mode(name)
         model = copy.deepcopy(base_model)
         if name == "paper":
             from skipkernels.patch import unpatch_clip
             from skipkernels.skip.paper import PaperSkipTuning
             self.tuner = PaperSkipTuning(unpatch_clip(model), class_names(scenario.classes), tokenizer,
                                          skip_layers=scenario.skip_layers)
+            self.plan = mode_plan(mode, scenario.skip_layers)
         else:
             self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
                                    skip_layers=scenario.skip_layers, policy=self.policy)
+            self.plan = self.tuner.plan
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
                                          weight_decay=5e-4)
         self.loss_fn = self.tuner.loss
@@ -145,7 +156,7 @@ class ModeRunner:
         self.scenario = scenario
 
     def inputs_for(self, images):
-        if self.tuner.config.uses_lskip:
+        if self.plan.caches_prefix:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 return self.tuner.image_prefix(images).to(self.tuner.cache_dtype)
         return images
@@ -240,7 +251,7 @@ def _measure_epoch(runner, scenario, device, measure, seed):
     tuner = runner.tuner
     cache_s = 0.0
     cached = None
-    if tuner.config.uses_lskip:
+    if runner.plan.caches_prefix:
         def cache():
             nonlocal cached
             parts = []

@@ -103,8 +103,8 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
                              "leave --model out to use the run's")
         model_name = results["model"]
         config = SkipConfig(**results["skip_config"])
-        method = config.pet_method
-        if (method is None and config.mode != "coop") or (method is not None and PetConfig(method=method).is_lora):
+        plan = config.plan
+        if plan.trains in ("all", "suffix") or (plan.trains == "pet" and PetConfig(method=plan.pet_method).is_lora):
             # only PET modules and CoOp's context live outside model.pt (LoRA is folded into it)
             config = SkipConfig(mode="ft", template=config.template)
         weights = str(run / "model.pt")

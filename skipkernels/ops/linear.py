@@ -9,8 +9,7 @@ import torch.nn.functional as F
 
 from skipkernels.ops import _dispatch, measured
 from skipkernels.ops.policy import Backend
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "none")
+from skipkernels.triton import ACTIVATIONS  # noqa: F401 - the one list, shared with the kernels
 
 
 def activation_reference(x, activation: str):

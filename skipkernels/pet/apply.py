@@ -1,6 +1,6 @@
 """apply_pet: inject VL-PET / Adapter / LoRA modules into a model, freeze the rest, undo cleanly.
 
-    handle = apply_pet(model, PetConfig("vlpet-large", min_block=6))
+    handle = apply_pet(model, PetConfig("vlpet-large", skip_layers=6))
     optimizer = torch.optim.SGD(handle.parameters(), lr=...)
     ...
     handle.merge()    # LoRA only: fold into the weights, leaving the plain model
@@ -8,7 +8,7 @@
 
 What goes where (see ``skipkernels.pet.layouts`` for the hook points of each family):
 - ``vlpet-*``: a ``VLPETModifier`` on each chosen sub-layer (default ``attn`` and ``mlp``) of
-  every encoder block with index ≥ ``min_block``. In encoder-decoders the decoder blocks get
+  every encoder block with index ≥ ``skip_layers``. In encoder-decoders the decoder blocks get
   the paper's lightweight design instead (``decoder="value_adapter"``): a parallel adapter on
   the cross-attention value projection, no gate.
 - ``adapter``: a ``HoulsbyAdapter`` on each chosen sub-layer of every block (decoders too).
@@ -31,8 +31,7 @@ import torch.nn as nn
 
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
-
-METHODS = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
+from skipkernels.skip.modes import PET_MODES as METHODS  # the one list of PET methods, the tuner's too
 _GRANULARITY = {"vlpet-large": "large", "vlpet-middle-x": "middle_x",
                 "vlpet-middle-y": "middle_y", "vlpet-small": "small"}
 SUBLAYER_TARGETS = ("attn", "mlp", "cross")
@@ -48,6 +47,23 @@ LORA_ALIASES = {
 DECODER_MODES = ("value_adapter", "same", "none")
 
 
+def _accepts_min_block(cls):
+    """``min_block``, the former name of ``skip_layers``, is still accepted as a keyword."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, min_block: int | None = None, **kwargs):
+        if min_block is not None:
+            if kwargs.get("skip_layers", min_block) != min_block:
+                raise TypeError("give skip_layers or its former name min_block, not both")
+            kwargs["skip_layers"] = min_block
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+@_accepts_min_block
 @dataclass
 class PetConfig:
     """What to inject.
@@ -64,7 +80,8 @@ class PetConfig:
         projections for LoRA: canonical names in ``LORA_ALIASES`` (q/k/v also select slices of a
         packed in-projection), ``"in_proj"`` for one factor pair over a whole packed q/k/v
         weight, or raw attribute names; default q, k, v.
-    min_block: ω; only blocks with index ≥ ω get modules (the frozen LSkip prefix stays as is).
+    skip_layers: ω; only blocks with index ≥ ω get modules (the frozen LSkip prefix stays as is).
+        ``min_block``, its former name, is accepted as a keyword and readable as a property.
     decoder: for decoder blocks (those with cross-attention): ``"value_adapter"`` (VL-PET's
         lightweight decoder design, default for vlpet-*), ``"same"`` (as the encoder; default for
         adapter and lora) or ``"none"``.
@@ -80,7 +97,7 @@ class PetConfig:
     lora_alpha: float | None = None
     lora_dropout: float = 0.0
     targets: tuple[str, ...] | None = None
-    min_block: int = 0
+    skip_layers: int = 0
     decoder: str | None = None
     train_extra: tuple[str, ...] = field(default_factory=tuple)
     backend: str | None = None
@@ -96,11 +113,20 @@ class PetConfig:
                     raise ValueError(f"targets {bad} are not sub-layers {SUBLAYER_TARGETS}")
         if self.decoder is not None and self.decoder not in DECODER_MODES:
             raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
-        if self.min_block < 0:
-            raise ValueError(f"min_block must be >= 0, got {self.min_block}")
+        if self.skip_layers < 0:
+            raise ValueError(f"skip_layers must be >= 0, got {self.skip_layers}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be positive, got {self.rank}")
         self.train_extra = tuple(self.train_extra)
+
+    @property
+    def min_block(self) -> int:
+        """The former name of ``skip_layers``."""
+        return self.skip_layers
+
+    @min_block.setter
+    def min_block(self, value: int) -> None:
+        self.skip_layers = value
 
     @property
     def is_lora(self) -> bool:
@@ -228,11 +254,14 @@ def block_hooks(block: nn.Module):
     return hooks
 
 
-def trainable_modules_for_mode(mode: str, min_block: int = 0, **overrides) -> PetConfig:
+def trainable_modules_for_mode(mode: str, skip_layers: int | None = None, **overrides) -> PetConfig:
     """The PetConfig for a trainer mode (``"vlpet-large"``, ..., ``"adapter"``, ``"lora"``;
-    ``"vlpet"`` means ``"vlpet-large"``); ``min_block`` is LSkip's ω."""
+    ``"vlpet"`` means ``"vlpet-large"``); ``skip_layers`` is LSkip's ω, 0 when not given
+    (``min_block``, its former name, is accepted as a keyword, as by ``PetConfig``)."""
     method = "vlpet-large" if mode == "vlpet" else mode
-    return PetConfig(method=method, min_block=min_block, **overrides)
+    if skip_layers is not None:
+        overrides["skip_layers"] = skip_layers
+    return PetConfig(method=method, **overrides)
 
 
 class PetHandle:
@@ -352,7 +381,7 @@ def apply_pet(model: nn.Module, config: PetConfig,
     handle._base_keys = list(model.state_dict().keys())
     try:
         for block in blocks:
-            if block.index < config.min_block:
+            if block.index < config.skip_layers:
                 continue
             if block.is_decoder:
                 mode = config.resolved_decoder()
@@ -367,7 +396,7 @@ def apply_pet(model: nn.Module, config: PetConfig,
                 _add_modifiers(handle, block, filter_fn)
         if not handle.modules:
             raise ValueError(f"apply_pet({config.method}) matched nothing: check targets "
-                             f"{config.resolved_targets()}, min_block={config.min_block} and filter_fn")
+                             f"{config.resolved_targets()}, skip_layers={config.skip_layers} and filter_fn")
         _freeze(handle)
     except Exception:
         if handle.active:

@@ -1,4 +1,4 @@
-"""LSkip: the frozen prefix (stem + blocks [0, omega)) of both towers, computed once and cached.
+"""LSkip: the frozen prefix (stem + blocks [0, ω), ω = ``skip_layers``) of both towers, computed once and cached.
 
 Text prompts are deterministic, so their prefix tokens are computed once per run (the paper's
 code recomputed them every epoch). Images are augmented, so every epoch each augmented training

@@ -20,7 +20,6 @@ Trainable: blocks [omega, L) of both towers, ln_post, proj, ln_final, text_proje
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -56,9 +55,8 @@ class PaperSkipTuning(nn.Module):
                 f"the paper-style step runs open_clip CLIP models with their own ViT image tower (the "
                 f"paper's models), not {type(model).__name__} with {type(model.visual).__name__}")
         self.model = model
-        self.omega = skip_layers
+        self.skip_layers = skip_layers
         self.device = next(model.parameters()).device
-        self.config = SimpleNamespace(uses_lskip=True)  # what the bench's mode runner asks
         self.cache_dtype = torch.float32
         visual = model.visual
         for p in model.parameters():
@@ -96,7 +94,7 @@ class PaperSkipTuning(nn.Module):
     def image_prefix(self, images):
         visual = self.model.visual
         x = visual._embeds(images)
-        for block in visual.transformer.resblocks[:self.omega]:
+        for block in visual.transformer.resblocks[:self.skip_layers]:
             x = block(x)
         return x
 
@@ -124,14 +122,14 @@ class PaperSkipTuning(nn.Module):
     def loss(self, image_tokens, labels):
         model, visual = self.model, self.model.visual
         x = image_tokens
-        for block in visual.transformer.resblocks[self.omega:]:
+        for block in visual.transformer.resblocks[self.skip_layers:]:
             x = block(x)
         pooled, _ = visual._pool(x)
         f = pooled @ visual.proj if visual.proj is not None else pooled
 
         selected, targets = self.select_classes(f, labels)
         t = self.text_tokens[selected]
-        for block in model.transformer.resblocks[self.omega:]:
+        for block in model.transformer.resblocks[self.skip_layers:]:
             t = block(t, attn_mask=model.attn_mask)
         t = text_global_pool(model.ln_final(t), self.tokens[selected], model.text_pool_type,
                              eos_token_id=getattr(model, "text_eos_id", None))

@@ -112,6 +112,7 @@ def image_stem(model, images):
 
 
 def image_blocks(model, x, start: int, stop: int, prune_last: bool = False, policy=None):
+    """Image blocks [start, stop); LSkip's prefix is [0, skip_layers), its suffix [skip_layers, L)."""
     image = model_towers(model)[0]
     blocks = image.blocks[start:stop]
     if len(blocks) == 0:
@@ -128,7 +129,7 @@ def image_head(model, x):
 
 
 def encode_image_from(model, x, start: int, prune_last: bool = True, policy=None):
-    """Image features from the tokens entering block ``start``."""
+    """Image features from the tokens entering block ``start`` (ω = ``skip_layers`` from LSkip)."""
     return image_head(model, image_blocks(model, x, start, image_depth(model), prune_last, policy))
 
 
@@ -206,7 +207,8 @@ def text_embed(model, tokens, prompt_embeddings=None):
 
 
 def text_blocks(model, x, start: int, stop: int, pool_index=None, policy=None):
-    """Blocks [start, stop); with ``pool_index`` and ``stop`` = depth the last is pruned."""
+    """Blocks [start, stop); with ``pool_index`` and ``stop`` = depth the last is pruned. LSkip's
+    prefix is [0, skip_layers), its suffix [skip_layers, L)."""
     text = model_towers(model)[1]
     blocks = text.blocks[start:stop]
     if len(blocks) == 0:
@@ -232,7 +234,7 @@ def text_head(model, x, pool_index):
 
 
 def encode_text_from(model, x, start: int, pool_index, prune_last: bool = True, policy=None):
-    """Text features from the tokens entering block ``start``."""
+    """Text features from the tokens entering block ``start`` (ω = ``skip_layers`` from LSkip)."""
     depth = text_depth(model)
     prune_last = prune_last and text_pruning_off_reason(model) is None
     out = text_blocks(model, x, start, depth, pool_index if prune_last else None, policy)

@@ -1,12 +1,8 @@
 """SkipTuner: Skip Tuning (LSkip + CSkip) of an open_clip CLIP model, and the baselines the
 paper compares against, computed on one engine (docs/ARCHITECTURE.md, "The algorithm").
 
-Modes:
-- ``skip``  (default) LSkip + CSkip
-- ``lskip`` frozen cached prefix, all classes every step
-- ``cskip`` full fine-tuning with a class subset per step
-- ``ft``    full fine-tuning, all classes
-- ``coop``  learned context vectors, frozen model
+The modes and what each caches, runs and trains: ``skipkernels.skip.modes``. The tuner resolves
+its mode once (``SkipTuner.plan``) and reads the plan, never the name.
 """
 from __future__ import annotations
 
@@ -23,11 +19,7 @@ from skipkernels.ops.subset_ce import subset_logits_ce
 from skipkernels.skip import towers
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
-
-PET_MODES = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
-# Each PET method alone (modules in every block) or on top of LSkip ("lskip-<method>": modules only
-# in blocks >= omega, the prefix below cached), a combination none of the papers offers.
-MODES = ("skip", "lskip", "cskip", "ft", "coop") + PET_MODES + tuple(f"lskip-{m}" for m in PET_MODES)
+from skipkernels.skip.modes import MODES, PET_MODES, ModePlan, mode_plan  # noqa: F401 - re-exported
 
 
 @dataclasses.dataclass
@@ -49,8 +41,7 @@ class SkipConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        mode_plan(self.mode, self.skip_layers)  # validates the mode
         if self.resample not in RESAMPLE_MODES:
             raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {self.resample!r}")
         check_cskip_params(self.top_ratio, self.max_top, self.lam)
@@ -63,17 +54,21 @@ class SkipConfig:
             raise ValueError(f"coop_n_ctx must be >= 1, got {self.coop_n_ctx}")
 
     @property
+    def plan(self) -> ModePlan:
+        """What this mode caches, which classes it runs and what it trains."""
+        return mode_plan(self.mode, self.skip_layers)
+
+    @property
     def uses_lskip(self) -> bool:
-        return self.mode in ("skip", "lskip") or self.mode.startswith("lskip-")
+        return self.plan.caches_prefix
 
     @property
     def pet_method(self) -> str | None:
-        method = self.mode[len("lskip-"):] if self.mode.startswith("lskip-") else self.mode
-        return method if method in PET_MODES else None
+        return self.plan.pet_method
 
     @property
     def uses_cskip(self) -> bool:
-        return self.mode in ("skip", "cskip")
+        return self.plan.class_subset
 
 
 def exact_savings(model, config: SkipConfig) -> dict:
@@ -135,7 +130,8 @@ class SkipTuner(nn.Module):
     """Fine-tunes ``model`` on ``classnames`` with Skip Tuning or one of the baselines.
 
     ``tuner.loss(inputs, labels)`` is one training step's loss: ``inputs`` are the cached tokens at
-    block omega from ``tuner.cache_images`` (LSkip modes) or images (other modes).
+    block ω from ``tuner.image_prefix`` (modes whose ``plan.caches_prefix``) or images (other modes).
+    ``tuner.plan`` is the mode resolved once: what is cached, which classes run, what trains.
     """
 
     def __init__(self, model, classnames, tokenizer, config: SkipConfig | None = None, *, policy=None,
@@ -150,7 +146,8 @@ class SkipTuner(nn.Module):
         image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
         if text_tower.mask_kind == "custom":
             raise ValueError("text attention masks other than causal or none are not supported")
-        if config.pet_method is not None:
+        plan = config.plan
+        if plan.pet_method is not None:
             from skipkernels.pet.layouts import CLIP_BLOCKS
             foreign = {type(b).__name__ for t in (image_tower, text_tower) for b in t.blocks} - set(CLIP_BLOCKS)
             if foreign:  # apply_pet would silently leave those blocks without modules
@@ -167,25 +164,26 @@ class SkipTuner(nn.Module):
             duplicates = sorted({c for c in classnames if classnames.count(c) > 1})
             raise ValueError(f"duplicated class names make classes indistinguishable: {duplicates[:5]}")
         self.config = config
+        self.plan = plan
         self.model = model
         self.policy = policy if policy is not None else model_policy(model)
         self.classnames = classnames
         self.tokenizer = tokenizer
-        self.skip_layers = config.skip_layers if config.uses_lskip else 0
-        if config.uses_lskip:
-            towers.check_skip_layers(model, config.skip_layers)
+        self.skip_layers = plan.skip_layers
+        if plan.caches_prefix:
+            towers.check_skip_layers(model, plan.skip_layers)
         self.device = next(model.parameters()).device
         self.cache_dtype = self._cache_dtype()
         self.class_tokens = tokenizer([config.template.format(c) for c in classnames]).to(self.device)
         check_tokens(model, self.class_tokens)
         self.prompt_learner = None
-        if config.mode == "coop":
+        if plan.trains == "prompt":
             self.prompt_learner = PromptLearner(model, tokenizer, config.coop_n_ctx, config.coop_init).to(self.device)
         self.pet = None
-        if config.pet_method is not None:
+        if plan.trains == "pet":
             from skipkernels.pet import apply_pet, trainable_modules_for_mode
-            # apply_pet freezes everything but its modules; they go only in blocks >= omega
-            self.pet = apply_pet(model, trainable_modules_for_mode(config.pet_method, min_block=self.skip_layers))
+            # apply_pet freezes everything but its modules; they go only in blocks >= skip_layers
+            self.pet = apply_pet(model, trainable_modules_for_mode(plan.pet_method, skip_layers=plan.skip_layers))
         else:
             self._set_trainable()
         # after PET: its modules decide where last-block pruning stays exact
@@ -198,11 +196,11 @@ class SkipTuner(nn.Module):
             was_training = model.training
             model.eval()
             self.text_cache = None
-            if config.uses_lskip:
+            if plan.caches_prefix:
                 self.text_cache = TextPrefixCache(model, self.class_tokens, self.skip_layers, self.cache_dtype,
                                                   truncate=self.truncate_text, policy=self.policy)
             self.skipper = None
-            if config.uses_cskip:
+            if plan.class_subset:
                 # Zero-shot prototypes of the pretrained model, computed once before any update.
                 prototypes = self.encode_classes(classnames, normalize=True)
                 self.skipper = ClassSkipper(prototypes, config.top_ratio, config.max_top, config.lam,
@@ -217,18 +215,21 @@ class SkipTuner(nn.Module):
         return getattr(torch, name)
 
     def _set_trainable(self) -> None:
-        model, mode, omega = self.model, self.config.mode, self.config.skip_layers
+        """Freezes the model but for what ``plan.trains`` (all, suffix or prompt; PET: apply_pet)."""
+        model, plan = self.model, self.plan
         for p in model.parameters():
             p.requires_grad_(False)
-        if mode == "coop":
+        if plan.trains == "prompt":
             return  # only the prompt learner's context trains
-        if mode in ("ft", "cskip"):
+        if plan.trains == "all":
             for p in model.parameters():
                 p.requires_grad_(True)
-        else:  # LSkip: blocks [omega, L) and the heads (norm, pooling, projection) of both towers
+        elif plan.trains == "suffix":  # blocks [skip_layers, L) and the heads (norm, pooling, projection)
             for tower in model_towers(model):
-                for p in [*tower.blocks[omega:].parameters(), *tower.head_parameters()]:
+                for p in [*tower.blocks[plan.skip_layers:].parameters(), *tower.head_parameters()]:
                     p.requires_grad_(True)
+        else:
+            raise ValueError(f"_set_trainable does not set up {plan.trains!r}")
         # logit_scale (and a SigLIP bias, which CE ignores) stay frozen in every mode
         model.logit_scale.requires_grad_(False)
         if getattr(model, "logit_bias", None) is not None:
@@ -252,7 +253,7 @@ class SkipTuner(nn.Module):
 
     # ------------------------------------------------------------------ encoders
     def image_prefix(self, images):
-        """Frozen prefix of the image tower: tokens entering block omega (no autograd)."""
+        """Frozen prefix of the image tower: tokens entering block ω = ``skip_layers`` (no autograd)."""
         with torch.no_grad():
             return towers.image_blocks(self.model, towers.image_stem(self.model, images), 0, self.skip_layers,
                                        policy=self.policy)
@@ -282,21 +283,21 @@ class SkipTuner(nn.Module):
 
     # ------------------------------------------------------------------ one step
     def image_features_for_step(self, inputs):
-        if self.config.mode == "coop":
+        if self.plan.trains == "prompt":  # the image tower is frozen: no graph through it
             with torch.no_grad():
                 return self.encode_images(inputs)
-        if self.config.uses_lskip:
+        if self.plan.caches_prefix:
             # The cache may be bf16; the residual stream runs in fp32 as in open_clip under autocast.
             return towers.encode_image_from(self.model, inputs.float(), self.skip_layers, self.prune_image,
                                             self.policy)
         return self.encode_images(inputs)
 
     def text_features_for_step(self, selected, static: bool = False):
-        cfg = self.config
-        if cfg.mode == "coop":
+        plan = self.plan
+        if plan.trains == "prompt":
             tokens = self.prompt_learner.prompts(self.classnames).to(self.device)
             return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.model, tokens))
-        if cfg.uses_lskip:
+        if plan.caches_prefix:
             # static: truncate to the longest prompt of all classes (known at set-up), so the step
             # needs no host copy of the selection; otherwise to the longest selected prompt.
             dynamic = selected is not None and self.truncate_text and not static

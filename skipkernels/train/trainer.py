@@ -269,7 +269,7 @@ class Trainer:
             tuner.model.train()
             batches = self._global_batches(epoch)
             cache = None
-            if tuner.config.uses_lskip:
+            if tuner.plan.caches_prefix:
                 start = time.perf_counter()
                 tuner.model.eval()  # the frozen prefix runs in inference mode
                 cache = self._cache_epoch(epoch, batches)

@@ -28,6 +28,17 @@ class LaunchSettings:
     gpu_path: bool = False
     interpreter_gemm_tile: dict | None = None
 
+# The one list of activation names, for the kernels' fused epilogues and the op layer's references
+# (skipkernels.ops.linear imports it). A name's index here is its ACT code inside the kernels.
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation_code(activation: str) -> int:
+    """The kernels' ACT code of an activation name; ValueError for a name not in ``ACTIVATIONS``."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return ACTIVATIONS.index(activation)
+
 
 _settings = LaunchSettings()
 

@@ -28,8 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from skipkernels.triton import (autocast_inputs, check_tensors, dot_precision, interpreter_shortcuts, new_empty,
-                                store_dtype)
+from skipkernels.triton import (activation_code, autocast_inputs, check_tensors, dot_precision,
+                                interpreter_shortcuts, new_empty, store_dtype)
 from skipkernels.triton import layer_norm as tln
 from skipkernels.triton import linear as tlin
 
@@ -183,8 +183,7 @@ def backward_from_preactivation(dz, x2, ln_weight, ln_bias, eps, weight, bias, m
 
 def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activation: str = "none"):
     """act(layer_norm(x) @ weight.T + bias), x (..., K), weight (N, K); one kernel forward."""
-    if activation not in tlin.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(tlin.ACTIVATIONS)}")
+    act = activation_code(activation)
     # Under autocast only the GEMM's operands are cast (F.linear's); the LN stays in x's dtype.
     weight, bias = autocast_inputs(weight, bias)
     check_tensors(x, ln_weight, ln_bias, weight, bias)
@@ -203,5 +202,5 @@ def layer_norm_linear(x, ln_weight, ln_bias, eps: float, weight, bias, activatio
     return _LayerNormLinearFn.apply(
         x, None if ln_weight is None else ln_weight.contiguous(),
         None if ln_bias is None else ln_bias.contiguous(), float(eps),
-        weight, None if bias is None else bias.contiguous(), tlin.ACTIVATIONS[activation],
+        weight, None if bias is None else bias.contiguous(), act,
         torch.is_grad_enabled())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from skipkernels.triton import autocast_inputs, check_tensors
+from skipkernels.triton import activation_code, autocast_inputs, check_tensors
 from skipkernels.triton import layer_norm_linear as tlnl
 from skipkernels.triton import linear as tlin
 
@@ -71,8 +71,7 @@ class _LayerNormMlpFn(torch.autograd.Function):
 
 def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w2, b2, scale=None):
     """``x + scale * (act(layer_norm(x) @ w1.T + b1) @ w2.T + b2)``; ``scale`` a LayerScale (D,)."""
-    if activation not in tlin.ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(tlin.ACTIVATIONS)}")
+    act = activation_code(activation)
     # Under autocast only the GEMM operands are cast; the LN and the residual keep x's dtype.
     w1, b1, w2, b2 = autocast_inputs(w1, b1, w2, b2)
     check_tensors(x, ln_weight, ln_bias, w1, b1, w2, b2, scale)
@@ -92,5 +91,5 @@ def layer_norm_mlp(x, ln_weight, ln_bias, eps: float, w1, b1, activation: str, w
                                 "(F.linear refuses this too)")
     contiguous = [None if t is None else t.contiguous() for t in (ln_weight, ln_bias, b1, b2, scale)]
     ln_weight, ln_bias, b1, b2, scale = contiguous
-    return _LayerNormMlpFn.apply(x, ln_weight, ln_bias, float(eps), w1, b1, tlin.ACTIVATIONS[activation],
+    return _LayerNormMlpFn.apply(x, ln_weight, ln_bias, float(eps), w1, b1, act,
                                  w2, b2, scale, torch.is_grad_enabled())

@@ -22,13 +22,12 @@ import triton
 import triton.language as tl
 
 from skipkernels.triton import gemm_tiles
-from skipkernels.triton import (autocast_inputs, check_tensors, current_launch_settings, dot_precision,
-                                interpreter_shortcuts, interpreting, new_empty, store_dtype)
+from skipkernels.triton import (activation_code, autocast_inputs, check_tensors, current_launch_settings,
+                                dot_precision, interpreter_shortcuts, interpreting, new_empty, store_dtype)
 
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "quick_gelu": 3}
 
-
+# ACT codes: skipkernels.triton.ACTIVATIONS (none 0, gelu 1, gelu_tanh 2, quick_gelu 3).
 @triton.jit
 def _act_fwd(z, ACT: tl.constexpr):
     if ACT == 1:
@@ -294,12 +293,11 @@ def _check(x, weight, bias):
 
 def linear_act(x, weight, bias, activation: str):
     """act(x @ weight.T + bias) with x (..., K), weight (N, K); act in gelu|gelu_tanh|quick_gelu|none."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {activation!r}; expected one of {tuple(ACTIVATIONS)}")
+    act = activation_code(activation)
     x, weight, bias = autocast_inputs(x, weight, bias)
     _check(x, weight, bias)
     return _LinearActFn.apply(x, weight, None if bias is None else bias.contiguous(),
-                              ACTIVATIONS[activation], torch.is_grad_enabled())
+                              act, torch.is_grad_enabled())
 
 
 def linear_residual_not_supported(x, weight, bias, residual, scale=None) -> list[str]:
