@@ -17,6 +17,7 @@ from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_spl
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
+from skipkernels.options import option
 from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
@@ -48,29 +49,36 @@ class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the message names where and the last good checkpoint."""
 
 
+AMP_MODES = ("auto", "bf16", "fp16", None)  # "auto": bf16 autocast on GPU, fp32 on CPU (autocast_dtype_for)
+
+
+# Each field's option() is also its command-line flag (skipkernels.options, skipkernels.cli).
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 4
-    lr: float = 2e-5
-    lr_image: float = 5e-6
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    shots: int = 16
-    same_class_batches: bool | None = None  # None: the protocol's rule, one class per batch for shots >= 4
-    seed: int = 1
-    workers: int = 0
-    cache_batch_size: int = 64
-    eval_batch_size: int = 64
-    amp: str | None = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16", "fp16" or None
-    progress: bool = True
-    stop_after_epochs: int | None = None  # stop early (checkpoint kept), e.g. to test resume
-    eval_every: int = 0  # also evaluate after every N-th epoch (0: only after the last); for the accuracy curve
+    epochs: int = option(20, "training epochs")
+    batch_size: int = option(4, "images per batch")
+    lr: float = option(2e-5, "learning rate of all but the image tower (text tower, CoOp's context, PET modules)")
+    lr_image: float = option(5e-6, "learning rate of the image tower")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    warmup_epochs: int = option(1, "epochs at the warmup learning rate, before the cosine schedule")
+    warmup_lr: float = option(1e-6, "learning rate during warmup")
+    shots: int = option(16, "images per class (<= 0: all)")
+    # None: the protocol's rule, one class per batch for shots >= 4
+    same_class_batches: bool | None = option(None, "batches mix classes (the protocol puts one class per batch "
+                                             "for shots >= 4)", flag="--mixed-batches", const=False)
+    seed: int = option(1, "seed of the few-shot sample, batches and augmentation (command line: CSkip's too)")
+    workers: int = option(0, "data loader workers")
+    cache_batch_size: int = option(64, "images per batch when the LSkip image cache is built")
+    eval_batch_size: int = option(64, "images per batch when evaluating")
+    amp: str | None = option("auto", "autocast: auto is bf16 on GPU, fp32 on CPU; none is fp32", choices=AMP_MODES)
+    progress: bool = option(True, "progress bars")
+    # stop early (checkpoint kept), e.g. to test resume; a test's setting, not the command line's
+    stop_after_epochs: int | None = option(None, cli=False)
+    eval_every: int = option(0, "also evaluate every N epochs (history and training.png); 0: only at the end")
     # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
     # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
-    deterministic: bool = False
+    deterministic: bool = option(False, "deterministic algorithms only (torch.use_deterministic_algorithms)")
 
     def __post_init__(self):
         if self.epochs < 1:
