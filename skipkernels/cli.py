@@ -22,44 +22,14 @@ PREDICT_ROWS_SHOWN = 20  # rows printed by predict when --out holds them all
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """The flags of SkipConfig's and TrainConfig's fields (skipkernels.options), and --protocol-epochs."""
+    from skipkernels.options import add_options
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig
-    s, t = SkipConfig(), TrainConfig()
-    from skipkernels.skip.tuner import MODES
-    p.add_argument("--mode", default=s.mode, choices=MODES,
-                   help="skip (LSkip+CSkip), lskip, cskip, ft, coop, a PET method (vlpet-large, vlpet-middle-x, "
-                        "vlpet-middle-y, vlpet-small, adapter, lora) or lskip-<PET method>")
-    p.add_argument("--skip-layers", type=int, default=s.skip_layers, help="omega: frozen, cached blocks")
-    p.add_argument("--top-ratio", type=float, default=s.top_ratio)
-    p.add_argument("--max-top", type=int, default=s.max_top)
-    p.add_argument("--lam", type=float, default=s.lam)
-    p.add_argument("--resample", default=s.resample, choices=["fixed", "step"])
-    p.add_argument("--drop-ratio", type=float, default=s.drop_ratio)
-    p.add_argument("--template", default=s.template)
-    p.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--no-truncate-text", action="store_true", help="disable exact text truncation")
-    p.add_argument("--no-prune-last-block", action="store_true", help="disable exact last-block pruning")
-    p.add_argument("--epochs", type=int, default=t.epochs)
+    add_options(p, SkipConfig)
+    add_options(p, TrainConfig)
     p.add_argument("--protocol-epochs", action="store_true",
                    help="divide --epochs by 4 for ImageNet, SUN397 and Food101 as the paper does")
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--lr-image", type=float, default=t.lr_image)
-    p.add_argument("--momentum", type=float, default=t.momentum)
-    p.add_argument("--weight-decay", type=float, default=t.weight_decay)
-    p.add_argument("--warmup-epochs", type=int, default=t.warmup_epochs)
-    p.add_argument("--warmup-lr", type=float, default=t.warmup_lr)
-    p.add_argument("--shots", type=int, default=t.shots, help="images per class (<= 0: all)")
-    p.add_argument("--mixed-batches", action="store_true",
-                   help="batches mix classes (the protocol puts one class per batch for shots >= 4)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms only (torch.use_deterministic_algorithms)")
-    p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--eval-every", type=int, default=t.eval_every,
-                   help="also evaluate every N epochs (history and training.png); 0: only at the end")
-    p.add_argument("--workers", type=int, default=t.workers)
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
-    p.add_argument("--no-progress", action="store_true")
 
 
 def _add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
@@ -70,20 +40,12 @@ def _add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _configs(args):
+    from skipkernels.options import from_args
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig, protocol_epochs
-    skip = SkipConfig(mode=args.mode, skip_layers=args.skip_layers, top_ratio=args.top_ratio, max_top=args.max_top,
-                      lam=args.lam, resample=args.resample, drop_ratio=args.drop_ratio, template=args.template,
-                      cache_dtype=args.cache_dtype, truncate_text=not args.no_truncate_text,
-                      prune_last_block=not args.no_prune_last_block, seed=args.seed)
+    skip = from_args(SkipConfig, args, seed=args.seed)  # one --seed for both
     epochs = protocol_epochs((args.dataset or "").lower(), args.epochs) if args.protocol_epochs else args.epochs
-    train = TrainConfig(epochs=epochs, batch_size=args.batch_size, lr=args.lr, lr_image=args.lr_image,
-                        momentum=args.momentum, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                        warmup_lr=args.warmup_lr, shots=args.shots, seed=args.seed, workers=args.workers,
-                        same_class_batches=False if args.mixed_batches else None, deterministic=args.deterministic,
-                        amp=None if args.amp == "none" else args.amp, progress=not args.no_progress,
-                        eval_every=args.eval_every)
-    return skip, train
+    return skip, from_args(TrainConfig, args, epochs=epochs)
 
 
 def cmd_finetune(args) -> int:

@@ -1,10 +1,17 @@
+import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from skipkernels.cli import main
+from skipkernels.cli import _add_train_args, _configs, build_parser, main
+from skipkernels.options import add_options, cli_fields, flag_of, from_args, option, spec
+from skipkernels.skip.cskip import RESAMPLE_MODES
+from skipkernels.skip.tuner import CACHE_DTYPES, MODES, SkipConfig
+from skipkernels.train.trainer import AMP_MODES, TrainConfig, autocast_dtype_for
 
 
 def test_info_command(capsys):
@@ -62,6 +69,121 @@ def test_bad_arguments_exit_cleanly_with_a_message(extra, message, tmp_path, cap
     assert main(args + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- flags derived from the configs
+
+# Kept off the command line: SkipConfig.seed is set by --seed (TrainConfig's), stop_after_epochs
+# is a test's setting.
+OFF_THE_COMMAND_LINE = {(SkipConfig, "seed"), (TrainConfig, "stop_after_epochs")}
+# The validated constants behind each field with choices; None is "none" on the command line.
+CHOICES = {(SkipConfig, "mode"): MODES, (SkipConfig, "resample"): RESAMPLE_MODES,
+           (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES}
+
+
+def _train_parser():
+    parser = argparse.ArgumentParser()
+    _add_train_args(parser)
+    return parser
+
+
+def _finetune(*argv):
+    return _configs(build_parser().parse_args(["finetune", *argv]))
+
+
+@pytest.mark.parametrize("cls", [SkipConfig, TrainConfig])
+def test_every_config_field_declares_its_flag(cls):
+    off = {f.name for f in dataclasses.fields(cls) if not spec(f).cli}
+    assert off == {name for c, name in OFF_THE_COMMAND_LINE if c is cls}
+    for field in cli_fields(cls):
+        assert spec(field).help, f"{cls.__name__}.{field.name} has no help"
+
+
+@pytest.mark.parametrize("cls", [SkipConfig, TrainConfig])
+def test_each_flag_defaults_to_the_dataclass_default_with_the_validated_choices(cls):
+    parser = _train_parser()
+    defaults = parser.parse_args([])
+    for field in cli_fields(cls):
+        action = parser._option_string_actions[flag_of(field)]
+        assert action.dest == field.name
+        assert getattr(defaults, field.name) == field.default, field.name
+        choices = CHOICES.get((cls, field.name))
+        expected = None if choices is None else ["none" if c is None else c for c in choices]
+        assert action.choices == expected, field.name
+
+
+def test_the_choices_are_what_the_configs_accept():
+    for mode in MODES:
+        assert SkipConfig(mode=mode).mode == mode
+    for dtype in CACHE_DTYPES + (None,):
+        assert SkipConfig(cache_dtype=dtype).cache_dtype == dtype
+    with pytest.raises(ValueError, match="cache_dtype"):
+        SkipConfig(cache_dtype="int8")
+    for amp in AMP_MODES:
+        autocast_dtype_for(amp, torch.device("cpu"))
+        autocast_dtype_for(amp, torch.device("cuda"))
+
+
+def test_the_default_command_line_gives_the_default_configs():
+    skip, train = _finetune()
+    assert train == TrainConfig()
+    assert skip == SkipConfig(seed=TrainConfig().seed)  # the one documented difference: --seed sets both
+
+
+def test_flags_that_are_not_one_to_one_with_a_field():
+    skip, train = _finetune("--no-truncate-text", "--no-prune-last-block", "--mixed-batches", "--amp", "none",
+                            "--no-progress", "--seed", "7", "--cache-dtype", "bfloat16", "--deterministic")
+    assert not skip.truncate_text and not skip.prune_last_block and skip.cache_dtype == "bfloat16"
+    assert train.same_class_batches is False and train.amp is None and not train.progress and train.deterministic
+    assert skip.seed == train.seed == 7
+    assert _finetune("--amp", "fp16")[1].amp == "fp16"
+    assert _finetune("--epochs", "8", "--protocol-epochs", "--dataset", "SUN397")[1].epochs == 2
+    assert _finetune("--epochs", "8", "--protocol-epochs", "--dataset", "dtd")[1].epochs == 8
+    assert _finetune("--epochs", "8", "--dataset", "imagenet")[1].epochs == 8
+
+
+def test_non_default_flags_round_trip():
+    skip, train = _finetune("--mode", "lskip-lora", "--skip-layers", "3", "--top-ratio", "0.25", "--max-top", "7",
+                            "--lam", "0.5", "--resample", "step", "--drop-ratio", "0.1", "--template", "a {} photo",
+                            "--coop-n-ctx", "2", "--coop-init", "a photo", "--cache-budget-gb", "0.5",
+                            "--batch-size", "2", "--lr", "0.1", "--lr-image", "0.2", "--momentum", "0.5",
+                            "--weight-decay", "0", "--warmup-epochs", "0", "--warmup-lr", "1e-3", "--shots", "0",
+                            "--workers", "3", "--eval-every", "2", "--cache-batch-size", "8",
+                            "--eval-batch-size", "16")
+    assert skip == SkipConfig(mode="lskip-lora", skip_layers=3, top_ratio=0.25, max_top=7, lam=0.5,
+                              resample="step", drop_ratio=0.1, template="a {} photo", coop_n_ctx=2,
+                              coop_init="a photo", cache_budget_gb=0.5, seed=1)
+    assert train == TrainConfig(batch_size=2, lr=0.1, lr_image=0.2, momentum=0.5, weight_decay=0.0, warmup_epochs=0,
+                                warmup_lr=1e-3, shots=0, workers=3, eval_every=2, cache_batch_size=8,
+                                eval_batch_size=16)
+
+
+@pytest.mark.parametrize("argv", [["--mode", "nope"], ["--resample", "never"], ["--amp", "fp8"],
+                                  ["--cache-dtype", "int8"], ["--skip-layers", "two"], ["--stop-after-epochs", "1"]])
+def test_values_outside_a_field_are_rejected_by_the_parser(argv):
+    with pytest.raises(SystemExit):
+        _train_parser().parse_args(argv)
+
+
+def test_options_of_a_dataclass():
+    @dataclasses.dataclass
+    class Config:
+        count: int = option(3, "a count")
+        ratio: float = option(1, "a ratio")  # the annotation, not the default, gives the type
+        name: str | None = option(None, "a name", choices=("a", "b", None))
+        on: bool = option(True, "a feature")
+        strict: bool = option(False, "strictness")
+        rule: bool | None = option(None, "the other rule", flag="--other-rule", const=False)
+        hidden: int = option(5, cli=False)
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, Config)
+    assert from_args(Config, parser.parse_args([])) == Config()
+    args = parser.parse_args(["--count", "4", "--ratio", "2.5", "--name", "b", "--no-on", "--strict", "--other-rule"])
+    assert from_args(Config, args, hidden=6) == Config(4, 2.5, "b", False, True, False, 6)
+    assert from_args(Config, parser.parse_args(["--name", "none"])).name is None
+    assert isinstance(from_args(Config, parser.parse_args(["--ratio", "2"])).ratio, float)
+    assert "disable a feature" in parser.format_help()
 
 
 def test_module_entry_point_runs():

@@ -16,29 +16,37 @@ from skipkernels.families import model_towers
 from skipkernels.ops.block import model_policy
 from skipkernels.ops.class_select import check_cskip_params, check_label_range
 from skipkernels.ops.subset_ce import subset_logits_ce
+from skipkernels.options import option
 from skipkernels.skip import towers
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
 from skipkernels.skip.modes import MODES, PET_MODES, ModePlan, mode_plan  # noqa: F401 - re-exported
 
+CACHE_DTYPES = ("float32", "bfloat16", "float16")  # of the LSkip caches; None: by device
 
+
+# Each field's option() is also its command-line flag (skipkernels.options, skipkernels.cli).
 @dataclasses.dataclass
 class SkipConfig:
-    mode: str = "skip"
-    skip_layers: int = 6           # omega: blocks [0, omega) of both towers are frozen and cached
-    top_ratio: float = 0.5         # r: K = min(ceil(r*C), max_top); r > 1 is a count
-    max_top: int = 50
-    lam: float = 0.3               # scale of the exponential keep-probability over lower ranks
-    resample: str = "fixed"        # "fixed": one rank mask per run (static K'); "step": redraw
-    drop_ratio: float = 0.0        # LSkip token dropping; the class token is never dropped
-    truncate_text: bool = True     # exact: run text blocks only up to the last pooled token
-    prune_last_block: bool = True  # exact: final block computes only the pooled row
-    template: str = "a photo of a {}."
-    cache_dtype: str | None = None  # None: bfloat16 on GPU, float32 on CPU
-    cache_budget_gb: float = 8.0    # image cache on the GPU up to this size, else pinned host memory
-    coop_n_ctx: int = 4
-    coop_init: str = "a photo of a"
-    seed: int = 0
+    mode: str = option("skip", "skip (LSkip+CSkip), lskip, cskip, ft, coop, a PET method (vlpet-large, "
+                       "vlpet-middle-x, vlpet-middle-y, vlpet-small, adapter, lora) or lskip-<PET method>",
+                       choices=MODES)
+    skip_layers: int = option(6, "omega: blocks [0, omega) of both towers are frozen and cached")
+    top_ratio: float = option(0.5, "CSkip's r: K = min(ceil(r*C), max_top) top-ranked classes; r > 1 is a count")
+    max_top: int = option(50, "CSkip: at most this many top-ranked classes")
+    lam: float = option(0.3, "CSkip: scale of the exponential keep-probability over lower ranks")
+    resample: str = option("fixed", "CSkip: fixed, one rank mask per run (static K'); step, one per step",
+                           choices=RESAMPLE_MODES)
+    drop_ratio: float = option(0.0, "LSkip token dropping; the class token is never dropped")
+    truncate_text: bool = option(True, "exact text truncation: text blocks run only up to the last pooled token")
+    prune_last_block: bool = option(True, "exact last-block pruning: the final block computes only the pooled row")
+    template: str = option("a photo of a {}.", "prompt template; {} is the class name")
+    cache_dtype: str | None = option(None, "dtype of the LSkip caches (default: bfloat16 on GPU, float32 on CPU)",
+                                     choices=CACHE_DTYPES)
+    cache_budget_gb: float = option(8.0, "image cache on the GPU up to this size, else in pinned host memory")
+    coop_n_ctx: int = option(4, "CoOp: learned context vectors")
+    coop_init: str = option("a photo of a", "CoOp: the words the context starts from, if that many tokens")
+    seed: int = option(0, cli=False)  # the command line's --seed (TrainConfig's) sets it too
 
     def __post_init__(self):
         mode_plan(self.mode, self.skip_layers)  # validates the mode
@@ -48,8 +56,8 @@ class SkipConfig:
         keep_token_count(2, self.drop_ratio)  # validates the range
         if "{}" not in self.template:
             raise ValueError(f"template must contain '{{}}' for the class name, got {self.template!r}")
-        if self.cache_dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"cache_dtype must be float32, bfloat16 or float16, got {self.cache_dtype!r}")
+        if self.cache_dtype not in (None, *CACHE_DTYPES):
+            raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} or None, got {self.cache_dtype!r}")
         if self.coop_n_ctx < 1:
             raise ValueError(f"coop_n_ctx must be >= 1, got {self.coop_n_ctx}")
 

@@ -17,8 +17,10 @@ from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_spl
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
                                      preprocess_config)
+from skipkernels.data.splits import Splits
 from skipkernels.ops.policy import deterministic_algorithms
 from skipkernels.ops.policy import resolve as resolve_policy
+from skipkernels.options import option
 from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
@@ -50,31 +52,40 @@ class TrainingError(RuntimeError):
     """Training stopped (e.g. a non-finite loss); the message names where and the last good checkpoint."""
 
 
+AMP_MODES = ("auto", "bf16", "fp16", None)  # "auto": bf16 autocast on GPU, fp32 on CPU (autocast_dtype_for)
+
+
+# Each field's option() is also its command-line flag (skipkernels.options, skipkernels.cli).
 @dataclasses.dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 4
-    lr: float = 2e-5
-    lr_image: float = 5e-6
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    shots: int = 16
-    same_class_batches: bool | None = None  # None: the protocol's rule, one class per batch for shots >= 4
-    seed: int = 1
-    workers: int = 0
-    cache_batch_size: int = 64
-    eval_batch_size: int = 64
-    amp: str | None = "auto"  # "auto": bf16 autocast on GPU, fp32 on CPU; "bf16", "fp16" or None
-    progress: bool = True
-    stop_after_epochs: int | None = None  # stop early (checkpoint kept), e.g. to test resume
-    eval_every: int = 0  # also evaluate after every N-th epoch (0: only after the last); for the accuracy curve
+    epochs: int = option(20, "training epochs")
+    batch_size: int = option(4, "images per batch")
+    lr: float = option(2e-5, "learning rate of all but the image tower (text tower, CoOp's context, PET modules)")
+    lr_image: float = option(5e-6, "learning rate of the image tower")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    warmup_epochs: int = option(1, "epochs at the warmup learning rate, before the cosine schedule")
+    warmup_lr: float = option(1e-6, "learning rate during warmup")
+    shots: int = option(16, "images per class (<= 0: all)")
+    # None: the protocol's rule, one class per batch for shots >= 4
+    same_class_batches: bool | None = option(None, "batches mix classes (the protocol puts one class per batch "
+                                             "for shots >= 4)", flag="--mixed-batches", const=False)
+    seed: int = option(1, "seed of the few-shot sample, batches and augmentation (command line: CSkip's too)")
+    workers: int = option(0, "data loader workers")
+    cache_batch_size: int = option(64, "images per batch when the LSkip image cache is built")
+    eval_batch_size: int = option(64, "images per batch when evaluating")
+    amp: str | None = option("auto", "autocast: auto is bf16 on GPU, fp32 on CPU; none is fp32", choices=AMP_MODES)
+    progress: bool = option(True, "progress bars")
+    # stop early (checkpoint kept), e.g. to test resume; a test's setting, not the command line's
+    stop_after_epochs: int | None = option(None, cli=False)
+    eval_every: int = option(0, "also evaluate every N epochs (history and training.png); 0: only at the end")
     # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
     # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
-    deterministic: bool = False
+    deterministic: bool = option(False, "deterministic algorithms only (torch.use_deterministic_algorithms)")
 
     def __post_init__(self):
+        if self.amp not in AMP_MODES and self.amp != "none":
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
@@ -342,6 +353,101 @@ def export_state_dict(model, path) -> None:
     checkpoint.atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
 
 
+@contextlib.contextmanager
+def _timed(times: dict, key: str):
+    """``times[key]``: the seconds the block took."""
+    start = time.perf_counter()
+    yield
+    times[key] = time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class _RunData:
+    """What a run trains and is tested on: the split, base and new labels, few-shot training items,
+    and the test groups ("base", and "new" for base-to-new) as ``(items, classnames)``."""
+    splits: Splits
+    base: list[int]
+    new: list[int]
+    train_items: list
+    test_groups: dict
+
+    @property
+    def base_names(self) -> list[str]:
+        return self.test_groups["base"][1]
+
+
+def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool, out_dir) -> _RunData:
+    splits = load_splits(data_root, dataset, train.shots, train.seed)
+    if splits.generated and out_dir is not None and distributed.is_main():
+        # the split drawn from a plain image folder; --data <this file> repeats the run exactly
+        write_split_json(splits, out_dir / f"split_zhou_{splits.name}.json")
+    if base_to_new:
+        base, new = base_new_labels(len(splits.classnames))
+    else:
+        base, new = list(range(len(splits.classnames))), []
+    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
+    test_groups = {"base": class_group(splits.test, splits.classnames, base)}
+    if new:
+        test_groups["new"] = class_group(splits.test, splits.classnames, new)
+    return _RunData(splits, base, new, train_items, test_groups)
+
+
+def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, train: TrainConfig, tuner: SkipTuner,
+             trainer: Trainer, finished: bool, resumed: bool, acc: dict, zero_shot_acc, times: dict,
+             device) -> dict:
+    """results.json: what was run, its accuracy (and gain over zero-shot), time, memory and history."""
+    peak = trainer.peak_train_bytes
+    return {
+        "dataset": data.splits.name, "model": model_name, "pretrained": pretrained, "mode": skip.mode,
+        "finished": finished, "resumed": resumed, "accuracy": acc, "time_s": times,
+        "zero_shot_accuracy": zero_shot_acc,
+        "gain": {k: acc[k] - zero_shot_acc[k] for k in acc} if zero_shot_acc and acc else None,
+        "peak_train_memory_mb": None if peak is None else peak / 2**20,
+        "peak_memory_kind": PEAK_MEMORY_KINDS[device.type] if peak is not None else "not measured",
+        "cache_mb": trainer.cache_bytes / 2**20,
+        "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
+        "exact_savings": tuner.savings,
+        "num_train_items": len(data.train_items), "base_classes": len(data.base), "new_classes": len(data.new),
+        "classnames": data.splits.classnames,  # label order; base = the first base_classes
+        "history": trainer.history, "device": str(device),
+        "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
+        "versions": versions(),
+        "world_size": distributed.world_size(),
+    }
+
+
+def _export_tuned(tuner: SkipTuner, out_dir: Path) -> None:
+    """model.pt (a plain open_clip state_dict), and beside it pet.pt or prompt_learner.pt."""
+    if tuner.pet is not None:
+        # model.pt stays a plain open_clip state_dict: LoRA is folded into the weights; the
+        # other PET modules are saved beside it (they are not part of open_clip's model).
+        checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.pet_state_dict().items()},
+                               out_dir / "pet.pt")
+        if tuner.pet.config.is_lora:
+            tuner.pet.merge()
+        checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.base_state_dict().items()},
+                               out_dir / "model.pt")
+    else:
+        export_state_dict(tuner.model, out_dir / "model.pt")
+    if tuner.prompt_learner is not None:
+        checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
+
+
+def _write_outputs(out_dir: Path, results: dict, tuner: SkipTuner, trainer: Trainer) -> None:
+    """The tuned model (when finished), results.json, metrics.csv and training.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if results["finished"]:
+        _export_tuned(tuner, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    write_metrics_csv(trainer.steps, out_dir / "metrics.csv")
+    zero_shot_acc, acc = results["zero_shot_accuracy"], results["accuracy"]
+    evaluations = ([{"epoch": 0, **zero_shot_acc}] if zero_shot_acc else []) + \
+        [{"epoch": h["epoch"], **h["accuracy"]} for h in trainer.history if "accuracy" in h] + \
+        ([{"epoch": len(trainer.history), **acc}] if acc else [])
+    training_chart(trainer.steps, evaluations, out_dir / "training.png",
+                   f"{results['model']}, {results['mode']}, {results['dataset']}")
+
+
 def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | None = None,
              skip: SkipConfig | None = None, train: TrainConfig | None = None, out_dir=None,
              base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0,
@@ -360,96 +466,38 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     out_dir = Path(out_dir) if out_dir is not None else None
     times = {}
 
-    splits = load_splits(data_root, dataset, train.shots, train.seed)
-    if splits.generated and out_dir is not None and distributed.is_main():
-        # the split drawn from a plain image folder; --data <this file> repeats the run exactly
-        write_split_json(splits, out_dir / f"split_zhou_{splits.name}.json")
-    if base_to_new:
-        base, new = base_new_labels(len(splits.classnames))
-    else:
-        base, new = list(range(len(splits.classnames))), []
-    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
-    test_groups = {"base": class_group(splits.test, splits.classnames, base)}
-    if new:
-        test_groups["new"] = class_group(splits.test, splits.classnames, new)
-    base_names = test_groups["base"][1]
+    data = _run_data(data_root, dataset, train, base_to_new, out_dir)
 
-    start = time.perf_counter()
-    model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed, tokenizer=tokenizer)
-    patch_clip(model)
-    times["model"] = time.perf_counter() - start
+    with _timed(times, "model"):
+        model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed, tokenizer=tokenizer)
+        patch_clip(model)
     autocast_dtype = autocast_dtype_for(train.amp, device)
+
+    def evaluate(tuner, progress=train.progress, prefix="eval"):
+        return evaluate_groups(tuner, data.test_groups, train.eval_batch_size, train.workers, autocast_dtype,
+                               progress, prefix)
 
     zero_shot_acc = None
     if zero_shot:  # the model before any update, with the plain template: the gain's baseline
-        start = time.perf_counter()
-        zero_shot_tuner = SkipTuner(model, base_names, tokenizer, mode="ft", template=skip.template)
-        zero_shot_acc = evaluate_groups(zero_shot_tuner, test_groups, train.eval_batch_size, train.workers,
-                                        autocast_dtype, train.progress, "zero-shot")
-        del zero_shot_tuner
-        times["zero_shot_eval"] = time.perf_counter() - start
+        with _timed(times, "zero_shot_eval"):
+            zero_shot_acc = evaluate(SkipTuner(model, data.base_names, tokenizer, mode="ft", template=skip.template),
+                                     prefix="zero-shot")
 
-    start = time.perf_counter()
-    tuner = SkipTuner(model, base_names, tokenizer, skip)
-    times["text_prefix"] = time.perf_counter() - start
-    trainer = Trainer(tuner, train_items, train, out_dir, model_name=model_name,
-                      evaluate=lambda: evaluate_groups(tuner, test_groups, train.eval_batch_size, train.workers,
-                                                       autocast_dtype, progress=False))
+    with _timed(times, "text_prefix"):
+        tuner = SkipTuner(model, data.base_names, tokenizer, skip)
+    trainer = Trainer(tuner, data.train_items, train, out_dir, model_name=model_name,
+                      evaluate=lambda: evaluate(tuner, progress=False))
     resumed = trainer.resume() if resume else False
     trainer.train()
-    times["cache"] = trainer.times["cache"]
-    times["train"] = trainer.times["train"]
-    if "epoch_eval" in trainer.times:
-        times["epoch_eval"] = trainer.times["epoch_eval"]
+    times.update((key, trainer.times[key]) for key in ("cache", "train", "epoch_eval") if key in trainer.times)
     finished = len(trainer.history) >= train.epochs
 
-    start = time.perf_counter()
-    acc = {}
-    if finished:
-        acc = evaluate_groups(tuner, test_groups, train.eval_batch_size, train.workers, autocast_dtype,
-                              train.progress)
-    times["eval"] = time.perf_counter() - start
+    with _timed(times, "eval"):
+        acc = evaluate(tuner) if finished else {}
 
-    results = {
-        "dataset": splits.name, "model": model_name, "pretrained": pretrained, "mode": skip.mode,
-        "finished": finished, "resumed": resumed, "accuracy": acc, "time_s": times,
-        "zero_shot_accuracy": zero_shot_acc,
-        "gain": {k: acc[k] - zero_shot_acc[k] for k in acc} if zero_shot_acc and acc else None,
-        "peak_train_memory_mb": None if trainer.peak_train_bytes is None else trainer.peak_train_bytes / 2**20,
-        "peak_memory_kind": PEAK_MEMORY_KINDS[device.type] if trainer.peak_train_bytes is not None
-        else "not measured",
-        "cache_mb": trainer.cache_bytes / 2**20,
-        "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
-        "exact_savings": tuner.savings,
-        "num_train_items": len(train_items), "base_classes": len(base), "new_classes": len(new),
-        "classnames": splits.classnames,  # label order; base = the first base_classes
-        "history": trainer.history, "device": str(device),
-        "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
-        "versions": versions(),
-    }
-    results["world_size"] = distributed.world_size()
+    results = _results(data, model_name, pretrained, skip, train, tuner, trainer, finished, resumed, acc,
+                       zero_shot_acc, times, device)
     if out_dir is not None and distributed.is_main():
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if finished:
-            if tuner.pet is not None:
-                # model.pt stays a plain open_clip state_dict: LoRA is folded into the weights; the
-                # other PET modules are saved beside it (they are not part of open_clip's model).
-                checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.pet_state_dict().items()},
-                                       out_dir / "pet.pt")
-                if tuner.pet.config.is_lora:
-                    tuner.pet.merge()
-                checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.base_state_dict().items()},
-                                       out_dir / "model.pt")
-            else:
-                export_state_dict(model, out_dir / "model.pt")
-            if tuner.prompt_learner is not None:
-                checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
-        (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        write_metrics_csv(trainer.steps, out_dir / "metrics.csv")
-        evaluations = ([{"epoch": 0, **zero_shot_acc}] if zero_shot_acc else []) + \
-            [{"epoch": h["epoch"], **h["accuracy"]} for h in trainer.history if "accuracy" in h] + \
-            ([{"epoch": len(trainer.history), **acc}] if acc else [])
-        training_chart(trainer.steps, evaluations, out_dir / "training.png",
-                       f"{model_name}, {skip.mode}, {splits.name}")
+        _write_outputs(out_dir, results, tuner, trainer)
     distributed.barrier()
     return results

@@ -1,0 +1,100 @@
+"""Config dataclass fields that carry their command-line flag.
+
+A field declared with ``option(default, help, ...)`` holds its help text (and its choices, taken
+from the constant the dataclass validates against) in ``dataclasses.field(metadata=...)``.
+``add_options`` turns the fields of a dataclass into argparse arguments and ``from_args`` builds
+the dataclass back from the parsed arguments:
+
+- the flag is the field name with dashes (``skip_layers`` -> ``--skip-layers``), its default the
+  dataclass default, its type the field's annotation;
+- a bool field is one flag that flips its default: ``--deterministic`` (default False) or
+  ``--no-progress`` (default True);
+- a None among the choices is written ``none`` on the command line (``--amp none``);
+- ``flag=`` names the flag otherwise; with ``const=`` it takes no value and stores that one
+  (``--mixed-batches`` stores ``same_class_batches=False``);
+- ``cli=False`` keeps a field off the command line (a field without option() gets a flag too).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+_KEY = "skipkernels.option"
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_UNSET = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    help: str | None = None
+    choices: tuple | None = None
+    flag: str | None = None    # the flag, when it is not the field name's
+    const: object = _UNSET     # the value a flag without an argument stores
+    cli: bool = True           # False: no flag; the field keeps its default (or the caller sets it)
+
+
+def option(default, help: str | None = None, *, choices=None, flag: str | None = None, const=_UNSET,
+           cli: bool = True):
+    """A dataclass field with default ``default`` and its command-line flag."""
+    meta = Option(help, tuple(choices) if choices is not None else None, flag, const, cli)
+    return dataclasses.field(default=default, metadata={_KEY: meta})
+
+
+def spec(field: dataclasses.Field) -> Option:
+    return field.metadata.get(_KEY, Option())
+
+
+def cli_fields(cls) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` that have a flag."""
+    return [f for f in dataclasses.fields(cls) if spec(f).cli]
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    s = spec(field)
+    if s.flag is not None:
+        return s.flag
+    name = "--" + field.name.replace("_", "-")
+    if _field_type(field) is bool:
+        return "--no-" + name[2:] if field.default else name
+    return name
+
+
+def _field_type(field: dataclasses.Field):
+    # "int", "str | None" under `from __future__ import annotations`; else int, str | None
+    kinds = [k.strip() for k in field.type.split("|")] if isinstance(field.type, str) \
+        else list(typing.get_args(field.type)) or [field.type]
+    kinds = [_TYPES.get(k, k) for k in kinds if k not in ("None", type(None))]
+    kind = kinds[0] if len(kinds) == 1 else None
+    if kind not in _TYPES.values():
+        raise TypeError(f"field {field.name!r}: no command-line type for annotation {field.type!r}")
+    return kind
+
+
+def add_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One argument per flagged field of dataclass ``cls`` (dest: the field name)."""
+    for field in cli_fields(cls):
+        s = spec(field)
+        kwargs = {"dest": field.name, "default": field.default}
+        help = (s.help or "").replace("%", "%%")  # argparse formats help with %
+        if s.const is not _UNSET:
+            kwargs.update(action="store_const", const=s.const)
+        elif _field_type(field) is bool:
+            kwargs["action"] = "store_false" if field.default else "store_true"
+            help = f"disable {help}" if field.default and help else help
+        else:
+            kwargs["type"] = _field_type(field)
+            if s.choices is not None:
+                kwargs["choices"] = ["none" if c is None else c for c in s.choices]
+        parser.add_argument(flag_of(field), help=help or None, **kwargs)
+
+
+def from_args(cls, args: argparse.Namespace, **overrides):
+    """Dataclass ``cls`` from the parsed ``args`` of ``add_options``; ``overrides`` win."""
+    values = {}
+    for field in cli_fields(cls):
+        value = getattr(args, field.name)
+        if value == "none" and None in (spec(field).choices or ()):
+            value = None
+        values[field.name] = value
+    return cls(**{**values, **overrides})
