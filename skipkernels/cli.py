@@ -26,8 +26,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from skipkernels.options import add_options
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig
+    from skipkernels.ops.policy import KernelPolicy
     add_options(p, SkipConfig)
     add_options(p, TrainConfig)
+    add_options(p, KernelPolicy)
     p.add_argument("--protocol-epochs", action="store_true",
                    help="divide --epochs by 4 for ImageNet, SUN397 and Food101 as the paper does")
 
@@ -48,6 +50,13 @@ def _configs(args):
     return skip, from_args(TrainConfig, args, epochs=epochs)
 
 
+def _policy(args, train):
+    """The run's KernelPolicy: --backend, --kernel-table, and --deterministic (TrainConfig's)."""
+    from skipkernels.ops.policy import KernelPolicy
+    from skipkernels.options import from_args
+    return from_args(KernelPolicy, args, deterministic=train.deterministic)
+
+
 def cmd_finetune(args) -> int:
     from skipkernels.data.synthetic import ensure_synthetic
     from skipkernels.train.trainer import finetune
@@ -57,7 +66,7 @@ def cmd_finetune(args) -> int:
         data, args.dataset = ensure_synthetic(), "synthetic"
     results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
                        base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume,
-                       tokenizer=args.tokenizer, zero_shot=args.zero_shot)
+                       tokenizer=args.tokenizer, zero_shot=args.zero_shot, policy=_policy(args, train))
     print(json.dumps({"accuracy": results["accuracy"], "zero_shot_accuracy": results["zero_shot_accuracy"],
                       "gain": results["gain"], "time_s": results["time_s"],
                       "peak_train_memory_mb": results["peak_train_memory_mb"],

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from skipkernels.cli import _add_train_args, _configs, build_parser, main
+from skipkernels.cli import _add_train_args, _configs, _policy, build_parser, main
+from skipkernels.ops.policy import BACKENDS, KernelPolicy
 from skipkernels.options import add_options, cli_fields, flag_of, from_args, option, spec
 from skipkernels.skip.cskip import RESAMPLE_MODES
 from skipkernels.skip.tuner import CACHE_DTYPES, MODES, SkipConfig
@@ -75,10 +76,11 @@ def test_bad_arguments_exit_cleanly_with_a_message(extra, message, tmp_path, cap
 
 # Kept off the command line: SkipConfig.seed is set by --seed (TrainConfig's), stop_after_epochs
 # is a test's setting.
-OFF_THE_COMMAND_LINE = {(SkipConfig, "seed"), (TrainConfig, "stop_after_epochs")}
+OFF_THE_COMMAND_LINE = {(SkipConfig, "seed"), (TrainConfig, "stop_after_epochs"), (KernelPolicy, "deterministic")}
 # The validated constants behind each field with choices; None is "none" on the command line.
 CHOICES = {(SkipConfig, "mode"): MODES, (SkipConfig, "resample"): RESAMPLE_MODES,
-           (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES}
+           (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES,
+           (KernelPolicy, "backend"): BACKENDS}
 
 
 def _train_parser():
@@ -91,7 +93,7 @@ def _finetune(*argv):
     return _configs(build_parser().parse_args(["finetune", *argv]))
 
 
-@pytest.mark.parametrize("cls", [SkipConfig, TrainConfig])
+@pytest.mark.parametrize("cls", [SkipConfig, TrainConfig, KernelPolicy])
 def test_every_config_field_declares_its_flag(cls):
     off = {f.name for f in dataclasses.fields(cls) if not spec(f).cli}
     assert off == {name for c, name in OFF_THE_COMMAND_LINE if c is cls}
@@ -99,7 +101,7 @@ def test_every_config_field_declares_its_flag(cls):
         assert spec(field).help, f"{cls.__name__}.{field.name} has no help"
 
 
-@pytest.mark.parametrize("cls", [SkipConfig, TrainConfig])
+@pytest.mark.parametrize("cls", [SkipConfig, TrainConfig, KernelPolicy])
 def test_each_flag_defaults_to_the_dataclass_default_with_the_validated_choices(cls):
     parser = _train_parser()
     defaults = parser.parse_args([])
@@ -122,6 +124,14 @@ def test_the_choices_are_what_the_configs_accept():
     for amp in AMP_MODES:
         autocast_dtype_for(amp, torch.device("cpu"))
         autocast_dtype_for(amp, torch.device("cuda"))
+
+
+def test_the_kernel_policy_comes_from_its_flags_and_deterministic():
+    args = build_parser().parse_args(["finetune"])
+    assert _policy(args, TrainConfig()) == KernelPolicy()
+    args = build_parser().parse_args(["finetune", "--backend", "torch", "--kernel-table", "t.json", "--deterministic"])
+    _, train = _configs(args)
+    assert _policy(args, train) == KernelPolicy("torch", table="t.json", deterministic=True)
 
 
 def test_the_default_command_line_gives_the_default_configs():

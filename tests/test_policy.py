@@ -141,3 +141,14 @@ def test_the_trainer_is_deterministic_while_it_trains_only(source, synthetic_roo
     trainer.train()
     assert during and all(during)
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_finetune_runs_under_its_policy_and_records_it(synthetic_root, tmp_path, seen_policies):
+    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.train.trainer import TrainConfig, finetune
+    policy = KernelPolicy("torch", table="run.json")
+    results = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode="skip", skip_layers=1),
+                       train=TrainConfig(epochs=1, batch_size=8, shots=2, same_class_batches=False, warmup_epochs=0,
+                                         progress=False), out_dir=tmp_path, policy=policy)
+    assert results["kernel_policy"] == {"backend": "torch", "table": "run.json", "deterministic": False}
+    assert seen_policies and all(p is policy for p in seen_policies)

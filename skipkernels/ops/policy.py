@@ -34,15 +34,22 @@ import os
 
 import torch
 
+from skipkernels.options import option
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpu")
 ALL_TRITON = "all-triton"
 
 
+# Each field's option() is also its command-line flag (skipkernels.options, skipkernels.cli).
 @dataclasses.dataclass(frozen=True)
 class KernelPolicy:
-    backend: str = "auto"
-    table: str | None = None
-    deterministic: bool = False
+    backend: str = option("auto", "which kernels the ops run: auto (compiled ops where built, Triton where "
+                          "the measured table shows it winning), torch (the PyTorch references), triton, cpu "
+                          "or cuda (the compiled ops)", choices=BACKENDS)
+    table: str | None = option(None, f"the measured-wins table auto reads (default: the packaged one; "
+                               f"{ALL_TRITON}: every Triton kernel)", flag="--kernel-table")
+    # On the command line: finetune's --deterministic (TrainConfig's), which the trainer honours too.
+    deterministic: bool = option(False, "PyTorch's deterministic algorithms while training", cli=False)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

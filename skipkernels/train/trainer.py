@@ -451,10 +451,11 @@ def _write_outputs(out_dir: Path, results: dict, tuner: SkipTuner, trainer: Trai
 def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | None = None,
              skip: SkipConfig | None = None, train: TrainConfig | None = None, out_dir=None,
              base_to_new: bool = True, device=None, resume: bool = True, model_seed: int = 0,
-             tokenizer: str | None = None, zero_shot: bool = False) -> dict:
+             tokenizer: str | None = None, zero_shot: bool = False, policy=None) -> dict:
     """The whole job: data, model, Skip Tuning (or a baseline), evaluation, results JSON, export.
     ``tokenizer``: a tokenizer folder or open_clip name (``skipkernels.models.load_tokenizer``).
-    ``zero_shot``: also evaluate the model before training (results' zero_shot_accuracy, gain)."""
+    ``zero_shot``: also evaluate the model before training (results' zero_shot_accuracy, gain).
+    ``policy``: the KernelPolicy (or backend name) of every op of the run (None: the ambient one)."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
 
@@ -470,7 +471,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
 
     with _timed(times, "model"):
         model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed, tokenizer=tokenizer)
-        patch_clip(model)
+        patch_clip(model, policy=policy)
     autocast_dtype = autocast_dtype_for(train.amp, device)
 
     def evaluate(tuner, progress=train.progress, prefix="eval"):
@@ -497,6 +498,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
 
     results = _results(data, model_name, pretrained, skip, train, tuner, trainer, finished, resumed, acc,
                        zero_shot_acc, times, device)
+    results["kernel_policy"] = dataclasses.asdict(resolve_policy(policy))
     if out_dir is not None and distributed.is_main():
         _write_outputs(out_dir, results, tuner, trainer)
     distributed.barrier()
