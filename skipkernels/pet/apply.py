@@ -162,9 +162,9 @@ def has_pet(module: nn.Module) -> bool:
                for name, _ in module.named_modules() if name)
 
 
-# has_pet walks every submodule (~0.2 ms for the 24 blocks of ViT-B/16), and training asks it for
-# every block of every step. PET modules come and go only through apply_pet / merge / remove,
-# which bump this generation; block_has_pet answers from a cache until then.
+# has_pet and block_hooks walk every submodule (~0.2 ms for the 24 blocks of ViT-B/16), and
+# training asks for every block of every step. PET modules come and go only through apply_pet /
+# merge / remove, which bump this generation; both answer from a cache until then.
 _generation = 0
 _block_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]]" = weakref.WeakKeyDictionary()
 
@@ -174,18 +174,23 @@ def _pet_changed() -> None:
     _generation += 1
 
 
-def block_has_pet(block: nn.Module) -> bool:
-    """``has_pet(block)``, remembered until PET modules are next added or taken out."""
+def _remembered(cache: "weakref.WeakKeyDictionary", block: nn.Module, compute: Callable):
+    """``compute(block)``, kept in ``cache`` until PET modules are next added or taken out."""
     if torch.compiler.is_compiling():
         # Traced code asks the block itself: a lookup in the weak cache would make dynamo guard
         # on the cache's keys, blocks of other models that may be gone when the guard is built.
-        return has_pet(block)
-    hit = _block_cache.get(block)
+        return compute(block)
+    hit = cache.get(block)
     if hit is not None and hit[0] == _generation:
         return hit[1]
-    value = has_pet(block)
-    _block_cache[block] = (_generation, value)
+    value = compute(block)
+    cache[block] = (_generation, value)
     return value
+
+
+def block_has_pet(block: nn.Module) -> bool:
+    """``has_pet(block)``, remembered until PET modules are next added or taken out."""
+    return _remembered(_block_cache, block, has_pet)
 
 
 def _sublayer_hook(modifier: nn.Module):
@@ -244,14 +249,7 @@ def block_hooks(block: nn.Module):
     route would not apply (the block then runs its own forward). ``block`` must be one the op
     layer computes (``ops.block.unsupported_reason`` is None). Remembered until PET modules are
     next added or taken out."""
-    if torch.compiler.is_compiling():
-        return _compute_block_hooks(block)  # as in block_has_pet: no guard on the weak cache
-    hit = _hooks_cache.get(block)
-    if hit is not None and hit[0] == _generation:
-        return hit[1]
-    hooks = _compute_block_hooks(block)
-    _hooks_cache[block] = (_generation, hooks)
-    return hooks
+    return _remembered(_hooks_cache, block, _compute_block_hooks)
 
 
 def trainable_modules_for_mode(mode: str, skip_layers: int | None = None, **overrides) -> PetConfig:
