@@ -15,7 +15,7 @@ import torch
 
 from conftest import ON_GPU, RUN_COMPILE, synced
 from skipkernels._compat import import_open_clip
-from skipkernels.ops._dispatch import use_backend
+from skipkernels import use_backend
 from skipkernels.ops.block import block_forward
 
 if ON_GPU:
