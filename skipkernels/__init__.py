@@ -1,9 +1,9 @@
 """skipkernels: fast, lean Skip Tuning (LSkip + CSkip) of open_clip CLIP models."""
+from skipkernels._version import __version__
 from skipkernels.info import info
 from skipkernels.ops.policy import KernelPolicy, get_backend, set_backend, use_backend, use_policy
 from skipkernels.patch import patch_clip, unpatch_clip
 
-__version__ = "0.1.0"
 
 __all__ = ["patch_clip", "unpatch_clip", "SkipTuner", "SkipConfig", "KernelPolicy", "info",
            "use_policy", "get_backend", "set_backend", "use_backend", "__version__"]

@@ -71,7 +71,7 @@ def cmd_finetune(args) -> int:
                       "gain": results["gain"], "time_s": results["time_s"],
                       "peak_train_memory_mb": results["peak_train_memory_mb"],
                       "exact_savings": results["exact_savings"]}, indent=2))
-    from skipkernels.train import distributed
+    from skipkernels import distributed
     if distributed.is_main():
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0

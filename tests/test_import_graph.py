@@ -1,6 +1,7 @@
 """The package's import graph has no cycle: every import, also those inside functions, is an
 edge (a lazy import still ties two modules together). Kernels are leaves: nothing under
-skipkernels/triton imports the op layer."""
+skipkernels/triton imports the op layer. No import runs from a lower layer back up
+(docs/ARCHITECTURE.md, "Layers")."""
 import ast
 from pathlib import Path
 
@@ -80,3 +81,41 @@ def test_kernels_import_nothing_from_the_op_layer():
 def test_the_walk_finds_a_cycle_when_there_is_one():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+# docs/ARCHITECTURE.md's layer table, bottom up: a module imports only from its own layer and below.
+LAYERS = (
+    ("skipkernels._compat", "skipkernels._ext", "skipkernels._version", "skipkernels.options",
+     "skipkernels.distributed"),
+    ("skipkernels.triton",),
+    ("skipkernels.ops",),
+    ("skipkernels.families",),
+    ("skipkernels.pet",),
+    ("skipkernels.skip", "skipkernels.patch"),
+    ("skipkernels.data", "skipkernels.train", "skipkernels.plots", "skipkernels.models"),
+    ("skipkernels.cli", "skipkernels.bench", "skipkernels.pretrain_tiny", "skipkernels.predict",
+     "skipkernels.info", "skipkernels.__main__", "skipkernels"),
+)
+
+
+def layer_of(module: str) -> int:
+    """The layer of the longest prefix of ``module`` named in LAYERS."""
+    best = None
+    for level, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > len(best[1]):
+                    best = (level, prefix)
+    assert best is not None, f"{module} is in no layer of LAYERS (and of docs/ARCHITECTURE.md)"
+    return best[0]
+
+
+def test_imports_only_go_to_the_same_layer_or_below():
+    upward = [f"{name} -> {target}" for name, targets in sorted(import_graph().items())
+              for target in sorted(targets) if layer_of(target) > layer_of(name)]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer_of("skipkernels.ops.linear") < layer_of("skipkernels.skip.tuner")
+    assert layer_of("skipkernels.cli") == len(LAYERS) - 1 and layer_of("skipkernels") == len(LAYERS) - 1

@@ -155,7 +155,7 @@ def _literals_listing(names) -> list[str]:
 
 def test_the_names_are_written_once():
     from skipkernels.triton import ACTIVATIONS
-    assert [p.split(":")[0] for p in _literals_listing(METHODS)] == ["skipkernels/skip/modes.py"]
+    assert [p.split(":")[0] for p in _literals_listing(METHODS)] == ["skipkernels/pet/apply.py"]
     assert [p.split(":")[0] for p in _literals_listing(ACTIVATIONS)] == ["skipkernels/triton/__init__.py"]
 
 

@@ -31,7 +31,9 @@ import torch.nn as nn
 
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
-from skipkernels.skip.modes import PET_MODES as METHODS  # the one list of PET methods, the tuner's too
+
+# The one list of PET methods; skipkernels.skip.modes offers each as a tuning mode (PET_MODES).
+METHODS = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
 _GRANULARITY = {"vlpet-large": "large", "vlpet-middle-x": "middle_x",
                 "vlpet-middle-y": "middle_y", "vlpet-small": "small"}
 SUBLAYER_TARGETS = ("attn", "mlp", "cross")

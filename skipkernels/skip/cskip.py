@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from skipkernels import distributed
 from skipkernels.ops.class_select import check_cskip_params, check_label_range, class_select, draw_rank_mask, top_k_for
-from skipkernels.train import distributed
 
 RESAMPLE_MODES = ("fixed", "step")
 

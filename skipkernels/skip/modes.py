@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 
-# The one list of PET methods (skipkernels.pet imports it as METHODS). It lives here, below the PET
-# package in the layering, so that reading a mode needs nothing from it.
-PET_MODES = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
+from skipkernels.pet.apply import METHODS as PET_MODES  # the one list of PET methods
+
 MODES = ("skip", "lskip", "cskip", "ft", "coop") + PET_MODES + tuple(f"lskip-{m}" for m in PET_MODES)
 
 # What trains (every other parameter is frozen; logit_scale and a SigLIP logit_bias always are):

@@ -6,10 +6,10 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from skipkernels import distributed
 from skipkernels.data.fewshot import subset_classes
 from skipkernels.data.images import EvalTransform, ItemDataset, make_loader, preprocess_config
 from skipkernels.ops.subset_ce import class_scores_topk
-from skipkernels.train import distributed
 
 
 def harmonic_mean(base: float, new: float) -> float:

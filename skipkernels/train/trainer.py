@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from skipkernels import distributed
 from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_split_json
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
@@ -24,7 +25,7 @@ from skipkernels.options import option
 from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
-from skipkernels.train import checkpoint, distributed
+from skipkernels.train import checkpoint
 from skipkernels.train.evaluate import class_group, evaluate_groups
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.schedule import set_epoch_lr
@@ -113,7 +114,8 @@ def autocast_dtype_for(amp, device):
 
 
 def versions() -> dict:
-    from skipkernels import __version__, _ext
+    from skipkernels import _ext
+    from skipkernels._version import __version__
     out = {"skipkernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "cuda": torch.version.cuda, "extension": _ext._C is not None}
     try:
