@@ -82,10 +82,15 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
 
 
 def unpatch_clip(model: nn.Module) -> nn.Module:
-    """Restore open_clip's own forwards. Returns ``model``."""
+    """Restore open_clip's own forwards; a block holding PET modules gets PET's forward, which
+    applies them (open_clip's own would skip them). Returns ``model``."""
+    from skipkernels.pet import block_has_pet
+    from skipkernels.pet.layouts import clip_block_forward
     for block in fused_blocks(model):
         block.__dict__.pop("forward", None)
         block.__dict__.pop(POLICY_ATTR, None)
+        if block_has_pet(block):
+            block.forward = types.MethodType(clip_block_forward, block)
     for name in ("encode_text", "encode_image", _PATCHED_FLAG, POLICY_ATTR):
         model.__dict__.pop(name, None)
     return model

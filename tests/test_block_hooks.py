@@ -123,3 +123,17 @@ def test_modules_the_route_would_not_apply_send_the_block_to_its_own_forward():
     _pet_changed()
     assert block_hooks(block) is None
     assert not towers.fused_block(block)
+
+
+def test_unpatching_keeps_the_pet_modules_and_remove_then_restores_open_clip():
+    model, handle = _with_pet("vlpet-large", "default")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = model.encode_image(images)
+        patch_clip(model)
+        unpatch_clip(model)
+        _close(model.encode_image(images), expected)  # the modules still apply
+        handle.remove()
+        assert not any("forward" in b.__dict__ for b in model.visual.transformer.resblocks)
+        plain = tiny_clip("default", seed=0).eval()
+        torch.testing.assert_close(model.encode_image(images), plain.encode_image(images), rtol=0, atol=0)

@@ -324,6 +324,9 @@ class PetHandle:
         for undo in reversed(self._undo):
             undo()
         self._undo.clear()
+        for module in self.model.modules():  # PET's forward bound since (e.g. by unpatch_clip)
+            if L.runs_clip_forward(module):
+                module.__dict__.pop("forward")
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
         self._requires_grad.clear()

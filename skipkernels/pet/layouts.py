@@ -172,6 +172,11 @@ def clip_block_forward(self, x, *args, attn_mask=None):
     return _modify(self, "mlp", x, h)
 
 
+def runs_clip_forward(block: nn.Module) -> bool:
+    """Whether ``block``'s instance forward is ``clip_block_forward``."""
+    return getattr(block.__dict__.get("forward"), "__func__", None) is clip_block_forward
+
+
 def install_clip_forward(block: nn.Module):
     """Route ``block`` through ``clip_block_forward``; returns an undo callable that restores
     whatever forward the instance had, unless another forward was bound over it since."""
