@@ -57,10 +57,6 @@ class KernelPolicy:
         if self.table is not None:
             object.__setattr__(self, "table", str(self.table))
 
-    def deterministic_scope(self):
-        """``deterministic_algorithms(self.deterministic)``."""
-        return deterministic_algorithms(self.deterministic)
-
 
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
