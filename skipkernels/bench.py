@@ -236,7 +236,8 @@ def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, e
     for _ in range(repeats):  # interleaved: each repetition runs every mode once
         for r in runners:
             step_times[r.name].append(measure(lambda r=r: r.step(inputs[r.name], labels)))
-    result = {name: {"step_s": _summary(times)} for name, times in step_times.items()}
+    result = {r.name: {"step_s": _summary(step_times[r.name]), "kernel_policy": dataclasses.asdict(r.policy)}
+              for r in runners}
     if epoch:
         for r in runners:
             result[r.name].update(_measure_epoch(r, scenario, device, measure, seed))
