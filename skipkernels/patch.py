@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 from skipkernels.families import model_towers
 from skipkernels.ops.block import POLICY_ATTR, block_forward, unsupported_reason
+from skipkernels.pet import block_has_pet, block_hooks
+from skipkernels.pet.layouts import clip_block_forward
+from skipkernels.skip import towers
 
 _PATCHED_FLAG = "_skipkernels_patched"
 
@@ -38,10 +41,8 @@ def _patched_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
         attn_mask = args[0]
     elif args:
         raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
-    from skipkernels.pet import block_hooks
     hooks = block_hooks(self)
     if hooks is None:  # PET modules the op layer would not apply: open_clip's forward with them
-        from skipkernels.pet.layouts import clip_block_forward
         return clip_block_forward(self, x, attn_mask=attn_mask)
     return block_forward(self, x, causal=is_causal, attn_mask=attn_mask, policy=self.__dict__[POLICY_ATTR],
                          hooks=hooks)
@@ -51,13 +52,11 @@ def _encode_text(self, text, normalize: bool = False):
     # Exact savings (docs/ARCHITECTURE.md, "The algorithm"), each only where it is exact: causal
     # attention pooled at one position per prompt runs only up to the last pooled position; the
     # last block computes only the pooled row.
-    from skipkernels.skip import towers
     features = towers.encode_text(self, text, policy=self.__dict__[POLICY_ATTR])
     return F.normalize(features, dim=-1) if normalize else features
 
 
 def _encode_image(self, image, normalize: bool = False):
-    from skipkernels.skip import towers
     features = towers.encode_image(self, image, policy=self.__dict__[POLICY_ATTR])
     return F.normalize(features, dim=-1) if normalize else features
 
@@ -84,8 +83,6 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
 def unpatch_clip(model: nn.Module) -> nn.Module:
     """Restore open_clip's own forwards; a block holding PET modules gets PET's forward, which
     applies them (open_clip's own would skip them). Returns ``model``."""
-    from skipkernels.pet import block_has_pet
-    from skipkernels.pet.layouts import clip_block_forward
     for block in fused_blocks(model):
         block.__dict__.pop("forward", None)
         block.__dict__.pop(POLICY_ATTR, None)

@@ -12,12 +12,7 @@ import importlib
 from typing import Callable
 
 from skipkernels import _ext
-from skipkernels.ops import policy
-
-# The policy and the ambient-policy conveniences live in ops/policy.py; re-exported here for the ops.
-BACKENDS = policy.BACKENDS
-KernelPolicy = policy.KernelPolicy
-resolve = policy.resolve
+from skipkernels.ops.policy import resolve
 
 
 _kernel_modules: dict = {}

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from skipkernels.families import model_towers
 from skipkernels.ops.block import block_forward, unsupported_reason
+from skipkernels.pet import block_hooks
 
 TEXT_PAD_MULTIPLE = 8
 
@@ -40,13 +41,7 @@ def block_route(block):
     modules it would not apply)."""
     if unsupported_reason(block) is not None:
         return None
-    from skipkernels.pet import block_hooks
     return block_hooks(block)
-
-
-def fused_block(block) -> bool:
-    """Whether the op layer computes ``block``."""
-    return block_route(block) is not None
 
 
 def run_blocks(blocks, x, causal: bool = False, prune_index=None, block_kwargs=None, policy=None):
