@@ -38,6 +38,10 @@ def _setup_context(ctx, inputs, output):
     image_features, text_features, scale, labels, with_logits = inputs
     _, _, cos, row_max, row_log_sum, image_norm, text_norm = output
     ctx.with_logits = with_logits
+    # The saved statistics are not results to differentiate, and an output nobody used must come
+    # back as None, not as a zero tensor built (and read by the kernel) on every step.
+    ctx.mark_non_differentiable(*output[2:])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(image_features, text_features, scale, labels, cos, row_max, row_log_sum,
                           image_norm, text_norm)
 
