@@ -25,26 +25,36 @@ from skipkernels.ops.policy import Backend
 
 def check_cskip_params(top_ratio: float, max_top: int, lam: float) -> None:
     """The one check of CSkip's parameters (SkipConfig, ClassSkipper and the functions below)."""
+    _check_top(top_ratio, max_top)
+    _check_lam(lam)
+
+
+def _check_top(top_ratio: float, max_top: int) -> None:
     if not top_ratio > 0:
         raise ValueError(f"top_ratio must be > 0, got {top_ratio}")
     if max_top < 1:
         raise ValueError(f"max_top must be >= 1, got {max_top}")
+
+
+def _check_lam(lam: float) -> None:
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam}")
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
     """Labels (on the host, or read back: one synchronisation) must index the classes."""
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if not labels.numel():
+        return
+    low, high = (int(v) for v in torch.stack(torch.aminmax(labels)).tolist())  # one read-back
+    if low < 0 or high >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{low}, {high}]")
 
 
 def top_k_for(num_classes: int, top_ratio: float, max_top: int) -> int:
     """K = min(ceil(r*C), max_top); for r > 1, r is a count: K = min(r, C)."""
     if num_classes < 1:
         raise ValueError("class selection needs at least one class")
-    check_cskip_params(top_ratio, max_top, 1.0)
+    _check_top(top_ratio, max_top)
     if top_ratio > 1:
         return int(min(int(top_ratio), num_classes))
     return int(min(math.ceil(top_ratio * num_classes), max_top, num_classes))
@@ -53,7 +63,7 @@ def top_k_for(num_classes: int, top_ratio: float, max_top: int) -> int:
 def rank_keep_probs(count: int, lam: float) -> torch.Tensor:
     """Keep probability of rank positions K..C-1: the min-max normalised exponential pdf with
     scale ``lam`` at linspace(0, 5, count), so the first is 1 and the last 0."""
-    check_cskip_params(1.0, 1, lam)
+    _check_lam(lam)
     if count <= 0:
         return torch.zeros(0, dtype=torch.float64)
     if count == 1:
