@@ -98,14 +98,15 @@ def model_policy(model):
     return model.__dict__.get(POLICY_ATTR)
 
 
-def _residual_linear(x, weight, bias, residual, gamma, hook, lora, policy):
-    """``residual + gamma * (x @ weight.T + bias + lora(x))``, or ``hook(residual, branch)``: one op
-    (the GEMM with its epilogue) where there is neither a hook nor a LoRA."""
-    if hook is None and lora is None:
+def _residual_linear(x, weight, bias, residual, gamma, hook, lora, policy, norm=None):
+    """``residual + gamma * norm(x @ weight.T + bias + lora(x))``, or ``hook(residual, branch)``:
+    one op (the GEMM with its epilogue) where there is no hook, LoRA or norm."""
+    if hook is None and lora is None and _is_identity(norm):
         return linear_residual(x, weight, bias, residual, gamma, backend=policy)
     h = linear_act(x, weight, bias, "none", backend=policy)
     if lora is not None:
         h = h + lora(x).to(h.dtype)
+    h = apply_norm(norm, h, policy)
     if gamma is not None:
         h = h * gamma
     return residual + h if hook is None else hook(residual, h, policy)
@@ -254,16 +255,8 @@ def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=No
     a = apply_norm(ln_inner, a, policy)
 
     lora = hooks.lora
-    if _is_identity(ln_attn):
-        x = _residual_linear(a, w_out, b_out, residual, layer_scale(ls_1), hooks.attn, lora.get("out"), policy)
-    else:
-        h = linear_act(a, w_out, b_out, "none", backend=policy)
-        if lora.get("out") is not None:
-            h = h + lora["out"](a).to(h.dtype)
-        y = apply_norm(ln_attn, h, policy)
-        gamma = layer_scale(ls_1)
-        y = y if gamma is None else y * gamma
-        x = residual + y if hooks.attn is None else hooks.attn(residual, y, policy)
+    x = _residual_linear(a, w_out, b_out, residual, layer_scale(ls_1), hooks.attn, lora.get("out"), policy,
+                         norm=ln_attn)
 
     act = activation_name(act_module)
     if (act is not None and _plain_layer_norm(ln_2) and _is_identity(mlp_ln) and hooks.mlp is None
