@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from skipkernels.ops.policy import Backend
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
 
@@ -89,7 +90,9 @@ class PetConfig:
         adapter and lora) or ``"none"``.
     train_extra: fnmatch patterns of base parameter names that stay trainable (e.g. the paper's
         unfrozen encoder LayerNorms ``"*.layer_norm.weight"``, or ``"visual.proj"``).
-    backend: op backend for the VL-PET gated update (None: the global one).
+    backend: the KernelPolicy (or backend name) of the VL-PET gated update where no route hands one
+        in: the hook-based families (BART, T5). None: the route's policy on open_clip blocks, else
+        the ambient one.
     """
     method: str = "vlpet-large"
     rank: int | None = None
@@ -102,7 +105,7 @@ class PetConfig:
     skip_layers: int = 0
     decoder: str | None = None
     train_extra: tuple[str, ...] = field(default_factory=tuple)
-    backend: str | None = None
+    backend: Backend = None
 
     def __post_init__(self):
         if self.method not in METHODS:
