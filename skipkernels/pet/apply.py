@@ -222,7 +222,9 @@ def _out_projection(block: nn.Module) -> nn.Module | None:
 
 
 def _compute_block_hooks(block: nn.Module):
-    from skipkernels.ops.block import BlockHooks, block_parts
+    from skipkernels.ops.block import BlockHooks, block_parts, unsupported_reason
+    if unsupported_reason(block) is not None:
+        return None
     parts = block_parts(block)
     lora = {}
     for role, linear in (("out", _out_projection(block)), ("fc1", parts.fc1), ("fc2", parts.fc2)):
@@ -250,10 +252,10 @@ _hooks_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDic
 
 def block_hooks(block: nn.Module):
     """The ``skipkernels.ops.block.BlockHooks`` that apply ``block``'s PET modules on the op
-    layer's route (``NO_HOOKS`` for a block without any), or None where it holds a module that
-    route would not apply (the block then runs its own forward). ``block`` must be one the op
-    layer computes (``ops.block.unsupported_reason`` is None). Remembered until PET modules are
-    next added or taken out."""
+    layer's route (``NO_HOOKS`` for a block without any), or None where the block runs its own
+    forward: the op layer does not compute it (``ops.block.unsupported_reason``) or it holds a
+    module that route would not apply. Remembered until PET modules are next added or taken out
+    (a block's structure is fixed once it is built)."""
     return _remembered(_hooks_cache, block, _compute_block_hooks)
 
 

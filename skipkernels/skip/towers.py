@@ -35,15 +35,6 @@ def check_skip_layers(model, skip_layers: int) -> None:
                          f"{len(image.blocks)} blocks, text tower {len(text.blocks)} blocks), got {skip_layers}")
 
 
-def block_route(block):
-    """The ``BlockHooks`` with which the op layer computes ``block`` (its PET modules included),
-    or None where the block runs its own forward (a block the op layer does not know, or PET
-    modules it would not apply)."""
-    if unsupported_reason(block) is not None:
-        return None
-    return block_hooks(block)
-
-
 def run_blocks(blocks, x, causal: bool = False, prune_index=None, block_kwargs=None, policy=None):
     """The one route through blocks: ``block_forward`` for every block the op layer computes
     (plain, patched or holding PET modules, under ``policy``), the others through their own forward
@@ -53,7 +44,7 @@ def run_blocks(blocks, x, causal: bool = False, prune_index=None, block_kwargs=N
     module_kwargs = None
     for i, block in enumerate(blocks):
         index = prune_index if i == len(blocks) - 1 else None
-        hooks = block_route(block)
+        hooks = block_hooks(block)
         if hooks is not None:
             pruned = index if hooks.row_wise else None
             x = block_forward(block, x, causal=causal, query_index=pruned, policy=policy, hooks=hooks)
@@ -79,7 +70,7 @@ def _module_kwargs(x, causal: bool, block_kwargs) -> dict:
 def _off_reason(blocks, reason: str | None) -> str | None:
     if reason is not None or not len(blocks):
         return reason
-    hooks = block_route(blocks[-1])
+    hooks = block_hooks(blocks[-1])
     if hooks is None:
         return f"the last block ({type(blocks[-1]).__name__}) runs its own forward"
     if not hooks.row_wise:
@@ -144,7 +135,7 @@ def text_truncation_off_reason(model) -> str | None:
     reason = text.truncation_off_reason()
     if reason is None:
         for block in text.blocks:
-            hooks = block_route(block)
+            hooks = block_hooks(block)
             if hooks is None and unsupported_reason(block) is None:
                 return "a text block holds PET modules that run in its own forward"
             if hooks is not None and not hooks.row_wise:
