@@ -89,22 +89,25 @@ def image_pruning_off_reason(model) -> str | None:
     return _off_reason(image.blocks, image.pruning_off_reason())
 
 
-def image_prunable(model) -> bool:
-    return image_pruning_off_reason(model) is None
-
-
 def image_stem(model, images):
     return model_towers(model)[0].stem(images)
 
 
-def image_blocks(model, x, start: int, stop: int, prune_last: bool = False, policy=None):
-    """Image blocks [start, stop); LSkip's prefix is [0, skip_layers), its suffix [skip_layers, L)."""
+def _exact(wanted: bool | None, off_reason, model) -> bool:
+    """A saving's switch: None asks ``off_reason`` here; True or False is a caller's answer to that
+    same question, decided once (SkipTuner.savings) instead of on every step."""
+    return off_reason(model) is None if wanted is None else wanted
+
+
+def image_blocks(model, x, start: int, stop: int, prune_last: bool | None = False, policy=None):
+    """Image blocks [start, stop); LSkip's prefix is [0, skip_layers), its suffix [skip_layers, L).
+    ``prune_last``: see ``_exact``."""
     image = model_towers(model)[0]
     blocks = image.blocks[start:stop]
     if len(blocks) == 0:
         return x
     prune = None
-    if prune_last and stop == len(image.blocks) and image_prunable(model):
+    if stop == len(image.blocks) and _exact(prune_last, image_pruning_off_reason, model):
         prune = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # CLS row
     return run_blocks(blocks, x, prune_index=prune, block_kwargs=image.block_kwargs(), policy=policy)
 
@@ -114,12 +117,12 @@ def image_head(model, x):
     return model_towers(model)[0].head(x)
 
 
-def encode_image_from(model, x, start: int, prune_last: bool = True, policy=None):
+def encode_image_from(model, x, start: int, prune_last: bool | None = None, policy=None):
     """Image features from the tokens entering block ``start`` (ω = ``skip_layers`` from LSkip)."""
     return image_head(model, image_blocks(model, x, start, image_depth(model), prune_last, policy))
 
 
-def encode_image(model, images, prune_last: bool = True, policy=None):
+def encode_image(model, images, prune_last: bool | None = None, policy=None):
     """Image features of ``images`` through the whole tower."""
     return encode_image_from(model, image_stem(model, images), 0, prune_last, policy)
 
@@ -219,21 +222,32 @@ def text_head(model, x, pool_index):
     return pooled
 
 
-def encode_text_from(model, x, start: int, pool_index, prune_last: bool = True, policy=None):
-    """Text features from the tokens entering block ``start`` (ω = ``skip_layers`` from LSkip)."""
+def encode_text_from(model, x, start: int, pool_index, prune_last: bool | None = None, policy=None):
+    """Text features from the tokens entering block ``start`` (ω = ``skip_layers`` from LSkip).
+    ``prune_last``: see ``_exact``."""
     depth = text_depth(model)
-    prune_last = prune_last and text_pruning_off_reason(model) is None
+    prune_last = _exact(prune_last, text_pruning_off_reason, model)
     out = text_blocks(model, x, start, depth, pool_index if prune_last else None, policy)
     return text_head(model, out, pool_index)
 
 
-def encode_text(model, tokens, prompt_embeddings=None, truncate: bool = True, prune_last: bool = True, policy=None):
+def text_length(model, tokens, truncate: bool | None = None) -> int:
+    """How many tokens of ``tokens`` (C, L) the tower runs: up to the last pooled position where
+    truncation is exact (one read-back of the pool positions), else all. ``truncate``: see
+    ``_exact``."""
+    if not _exact(truncate, text_truncation_off_reason, model):
+        return tokens.shape[1]
+    return truncated_length(text_pool_index(model, tokens).cpu(), tokens.shape[1])
+
+
+def encode_text(model, tokens, prompt_embeddings=None, truncate: bool | None = None,
+                prune_last: bool | None = None, policy=None, length: int | None = None):
     """Text features of ``tokens`` (C, L) through the whole tower, truncated to the longest prompt
     where that is exact (see the module docstring); ``prompt_embeddings`` replace the token
-    embeddings (CoOp)."""
+    embeddings (CoOp). ``length``: ``text_length`` of these tokens, when the caller kept it."""
     pool_index = text_pool_index(model, tokens)
-    truncate = truncate and text_truncation_off_reason(model) is None
-    length = truncated_length(pool_index.cpu(), tokens.shape[1]) if truncate else tokens.shape[1]
+    if length is None:
+        length = text_length(model, tokens, truncate)
     emb = None if prompt_embeddings is None else prompt_embeddings[:, :length]
     x = text_embed(model, tokens[:, :length], emb)
     return encode_text_from(model, x, 0, pool_index, prune_last, policy)

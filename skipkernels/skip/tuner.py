@@ -199,6 +199,12 @@ class SkipTuner(nn.Module):
         self.truncate_text = self.savings["text truncation"] == "on"
         self.prune_image = self.savings["image last-block pruning"] == "on"
         self.prune_text = self.savings["text last-block pruning"] == "on"
+        # The prompts every step runs when it runs them all (ft, coop), and how many of their
+        # tokens it runs: known now, so no step reads the pool positions back from the device.
+        self.step_tokens = self.class_tokens
+        if self.prompt_learner is not None:
+            self.step_tokens = self.prompt_learner.prompts(classnames).to(self.device)
+        self.step_length = towers.text_length(model, self.step_tokens, self.truncate_text)
 
         with torch.no_grad():
             was_training = model.training
@@ -286,8 +292,9 @@ class SkipTuner(nn.Module):
         t = torch.cat(outs)
         return F.normalize(t, dim=-1) if normalize else t
 
-    def _encode_tokens(self, tokens, embeddings=None):
-        return towers.encode_text(self.model, tokens, embeddings, self.truncate_text, self.prune_text, self.policy)
+    def _encode_tokens(self, tokens, embeddings=None, length: int | None = None):
+        return towers.encode_text(self.model, tokens, embeddings, self.truncate_text, self.prune_text, self.policy,
+                                  length)
 
     # ------------------------------------------------------------------ one step
     def image_features_for_step(self, inputs):
@@ -303,8 +310,8 @@ class SkipTuner(nn.Module):
     def text_features_for_step(self, selected, static: bool = False):
         plan = self.plan
         if plan.trains == "prompt":
-            tokens = self.prompt_learner.prompts(self.classnames).to(self.device)
-            return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.model, tokens))
+            tokens = self.step_tokens
+            return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.model, tokens), self.step_length)
         if plan.caches_prefix:
             # static: truncate to the longest prompt of all classes (known at set-up), so the step
             # needs no host copy of the selection; otherwise to the longest selected prompt.
@@ -313,8 +320,9 @@ class SkipTuner(nn.Module):
             x, pool_index = self.text_cache.gather(selected, selected_host)
             return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, self.prune_text,
                                            self.policy)
-        tokens = self.class_tokens if selected is None else self.class_tokens[selected]
-        return self._encode_tokens(tokens)
+        if selected is None:
+            return self._encode_tokens(self.step_tokens, length=self.step_length)
+        return self._encode_tokens(self.class_tokens[selected])
 
     def loss(self, inputs, labels, static: bool = False):
         """Cross-entropy of one batch over the step's class subset.
