@@ -30,7 +30,8 @@ def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, a
     shard = items[distributed.rank()::distributed.world_size()]  # each rank scores its share
     loader = make_loader(ItemDataset(shard, EvalTransform(size, mean, std), skip_unreadable=True), batch_size,
                          workers)
-    correct = scored = 0
+    correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no read-back a batch
+    scored = 0
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         text = tuner.encode_classes(classnames, normalize=True).float()
         scale = torch.ones((), device=device)
@@ -39,10 +40,10 @@ def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, a
                 continue
             f = tuner.encode_images(images.to(device), normalize=True).float()
             _, top, _ = class_scores_topk(f, text, scale, k=1)
-            correct += int((top[:, 0].cpu() == labels).sum())
+            correct += (top[:, 0] == labels.to(device)).sum()
             scored += labels.numel()
     model.train(was_training)
-    correct, scored = (int(v) for v in distributed.all_reduce_sum(torch.tensor([correct, scored])))
+    correct, scored = (int(v) for v in distributed.all_reduce_sum(torch.tensor([int(correct), scored])))
     if scored < len(items):
         warnings.warn(f"{description}: skipped {len(items) - scored} unreadable test images; accuracy is over "
                       f"the {scored} readable ones", stacklevel=2)

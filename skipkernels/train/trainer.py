@@ -289,7 +289,7 @@ class Trainer:
                 tuner.model.train()
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
-            loss_sum = torch.zeros(2, dtype=torch.float64)  # sum of per-item losses, item count
+            loss_total, item_count = 0.0, 0  # sum of per-item losses and items, on the host
             # CUDA: the allocator's peak over every epoch. CPU: the allocator's peak over the first
             # steps this process trains, from the profiler's allocation events (an RSS delta would
             # not be one: the allocator reuses freed memory); the profiler's own time is left out.
@@ -308,7 +308,8 @@ class Trainer:
                     # non-finite loss stops training here; the last checkpoint on disk predates it.
                     value = loss.item()
                     self._check_finite(value, epoch, step, indices)
-                    loss_sum += torch.tensor([value * len(indices), len(indices)], dtype=torch.float64)
+                    loss_total += value * len(indices)
+                    item_count += len(indices)
                     if cpu_probe is not None:
                         cpu_probe.step_done()
                     probe_s = cpu_probe.overhead_s if cpu_probe is not None else 0.0
@@ -317,7 +318,7 @@ class Trainer:
                                        "lr": self.optimizer.param_groups[-1]["lr"],
                                        "time_s": self.times["cache"] + self.times["train"]
                                        + time.perf_counter() - start - probe_s})
-            loss_sum = distributed.all_reduce_sum(loss_sum)
+            loss_sum = distributed.all_reduce_sum(torch.tensor([loss_total, item_count], dtype=torch.float64))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             self.times["train"] += time.perf_counter() - start - (cpu_probe.overhead_s if cpu_probe else 0.0)
