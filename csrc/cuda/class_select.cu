@@ -193,13 +193,7 @@ cudaError_t launch_class_select(const ClassSelectLaunch& args, cudaStream_t stre
 }
 
 cudaError_t read_class_select_flags(unsigned int* value, bool reset) noexcept {
-  cudaError_t err = cudaDeviceSynchronize();
-  if (err == cudaSuccess) err = cudaMemcpyFromSymbol(value, g_class_select_flags, sizeof(*value));
-  if (err == cudaSuccess && reset) {
-    const unsigned int zero = 0;
-    err = cudaMemcpyToSymbol(g_class_select_flags, &zero, sizeof(zero));
-  }
-  return err;
+  return read_flag_word(g_class_select_flags, value, reset);
 }
 
 }  // namespace cuda

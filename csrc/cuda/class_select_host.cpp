@@ -20,14 +20,9 @@ std::tuple<at::Tensor, at::Tensor> class_select_cuda(const at::Tensor& image_fea
   cuda::check_cuda_inputs({&image_features, &prototypes, &labels_in, &rank_mask_in}, op);
   const c10::cuda::CUDAGuard guard(image_features.device());
 
-  at::Tensor f = image_features, t = prototypes;
-  if (f.scalar_type() != t.scalar_type()) {  // upcasts are exact, so fp64 scores are unchanged
-    const at::ScalarType common = compute_dtype(f, t);
-    f = f.to(common);
-    t = t.to(common);
-  }
-  f = f.contiguous();
-  t = t.contiguous();
+  // upcasts are exact, so the fp64 scores are unchanged
+  const auto [f, t] =
+      cuda::common_features(image_features, prototypes, compute_dtype(image_features, prototypes));
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const at::Tensor rank_mask = rank_mask_in.contiguous();
   const int64_t B = f.size(0), C = t.size(0), E = f.size(1);

@@ -163,5 +163,18 @@ cudaError_t by_dtype(Dtype dtype, const Fn& fn) {
   return cudaErrorInvalidValue;
 }
 
+// Reads an op's device-side error word (and clears it when `reset`). Kernels on any stream may
+// still be running: it waits for the device first.
+template <typename Word>
+cudaError_t read_flag_word(const Word& symbol, unsigned int* value, bool reset) noexcept {
+  cudaError_t err = cudaDeviceSynchronize();
+  if (err == cudaSuccess) err = cudaMemcpyFromSymbol(value, symbol, sizeof(*value));
+  if (err == cudaSuccess && reset) {
+    const unsigned int zero = 0;
+    err = cudaMemcpyToSymbol(symbol, &zero, sizeof(zero));
+  }
+  return err;
+}
+
 }  // namespace cuda
 }  // namespace skipkernels

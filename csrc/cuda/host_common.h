@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <initializer_list>
+#include <utility>
 
 #include "cuda/launch.h"
 
@@ -30,6 +31,19 @@ inline Dtype launch_dtype(at::ScalarType type) {
   }
   TORCH_CHECK_TYPE(false, "skipkernels CUDA ops: unsupported dtype ", type);
   return Dtype::kFloat32;
+}
+
+// Features in one dtype (mixed inputs run in `common`, the accumulation type; upcasts are exact),
+// contiguous.
+inline std::pair<at::Tensor, at::Tensor> common_features(const at::Tensor& image,
+                                                         const at::Tensor& text,
+                                                         at::ScalarType common) {
+  at::Tensor f = image, t = text;
+  if (f.scalar_type() != t.scalar_type()) {
+    f = f.to(common);
+    t = t.to(common);
+  }
+  return {f.contiguous(), t.contiguous()};
 }
 
 // Raise (from C++-compiled code) the error a launcher returned.

@@ -359,14 +359,7 @@ cudaError_t launch_subset_ce_backward(const SubsetCeBackwardLaunch& args, cudaSt
 }
 
 cudaError_t read_subset_ce_flags(unsigned int* value, bool reset) noexcept {
-  // Kernels on any stream may still be running: wait for the device, then read the word.
-  cudaError_t err = cudaDeviceSynchronize();
-  if (err == cudaSuccess) err = cudaMemcpyFromSymbol(value, g_subset_ce_flags, sizeof(*value));
-  if (err == cudaSuccess && reset) {
-    const unsigned int zero = 0;
-    err = cudaMemcpyToSymbol(g_subset_ce_flags, &zero, sizeof(zero));
-  }
-  return err;
+  return read_flag_word(g_subset_ce_flags, value, reset);
 }
 
 }  // namespace cuda

@@ -9,21 +9,6 @@
 
 namespace skipkernels {
 
-namespace {
-
-// Features in one dtype (mixed inputs run in the accumulation type), contiguous.
-std::pair<at::Tensor, at::Tensor> common_features(const at::Tensor& image, const at::Tensor& text,
-                                                  at::ScalarType acc) {
-  at::Tensor f = image, t = text;
-  if (f.scalar_type() != t.scalar_type()) {
-    f = f.to(acc);
-    t = t.to(acc);
-  }
-  return {f.contiguous(), t.contiguous()};
-}
-
-}  // namespace
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_cuda(
     const at::Tensor& image_features, const at::Tensor& text_features, const at::Tensor& scale,
     const at::Tensor& labels_in) {
@@ -33,7 +18,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(image_features.device());
 
   const at::ScalarType acc = compute_dtype(image_features, text_features);
-  const auto [f, t] = common_features(image_features, text_features, acc);
+  const auto [f, t] = cuda::common_features(image_features, text_features, acc);
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const at::Tensor s = scale.to(acc).reshape({1}).contiguous();
   const int64_t B = f.size(0), K = t.size(0), E = f.size(1);
@@ -89,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> subset_logits_ce_backward_cuda(
   const c10::cuda::CUDAGuard guard(image_features.device());
 
   const at::ScalarType acc = compute_dtype(image_features, text_features);
-  const auto [f, t] = common_features(image_features, text_features, acc);
+  const auto [f, t] = cuda::common_features(image_features, text_features, acc);
   const at::Tensor labels = labels_in.to(at::kLong).contiguous();
   const at::Tensor s = scale.to(acc).reshape({1}).contiguous();
   const at::Tensor g = grad_loss.to(acc).reshape({1}).contiguous();

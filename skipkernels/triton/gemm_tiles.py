@@ -103,7 +103,7 @@ class TileTable:
         self._lock = threading.Lock()
         self._memo: dict[tuple, Tile] = {}
         self._loaded: dict | None = None
-        self.benchmarks = 0  # candidates timed by this process (tests and `info` read it)
+        self.benchmarks = 0  # candidates timed by this process (tests and bench/gpu_setup_profile.py read it)
 
     @staticmethod
     def _scope() -> str:
