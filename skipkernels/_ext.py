@@ -130,5 +130,5 @@ def _register_fakes() -> None:
         return values, indices, loss
 
 
-if _C is not None and hasattr(torch.ops.skipkernels, "class_select"):
+if COMPILED_OPS:
     _register_fakes()

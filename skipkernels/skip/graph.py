@@ -20,7 +20,7 @@ class CapturedStep:
                  warmup_steps: int = 3):
         if tuner.device.type != "cuda":
             raise RuntimeError("CUDA graph capture needs the tuner on a CUDA device")
-        if not (_ext.has_op("class_select") and _ext.has_op("subset_logits_ce") and _ext.cuda_built()):
+        if not (_ext.has_kernel("class_select", "cuda") and _ext.has_kernel("subset_logits_ce", "cuda")):
             raise RuntimeError(f"CUDA graph capture needs the compiled CUDA ops: {_ext.load_error or 'not built'}")
         if tuner.skipper is not None:
             if tuner.skipper.resample != "fixed" or example_labels.shape[0] > tuner.skipper.top_k:
