@@ -32,20 +32,17 @@ def main(argv=None) -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     from skipkernels import bench
-    from skipkernels._compat import import_open_clip
     from skipkernels.triton import gemm_tiles
 
     device = torch.device("cuda")
     scenario = bench.Scenario.default("cuda")
-    open_clip = import_open_clip()
-    model = open_clip.create_model(scenario.model, pretrained=None).to(device)
-    tokenizer = open_clip.get_tokenizer(scenario.model)
+    model, tokenizer, autocast_dtype = bench.base_model(scenario, device)  # as skipkernels bench builds it
     images = bench._images(scenario, model, scenario.batch, device, seed=0)
     labels = bench._labels(scenario, scenario.batch, seed=0, same_class=True).to(device)
 
     torch.cuda.synchronize()
     start = time.perf_counter()
-    runner = bench.ModeRunner(args.mode, model, tokenizer, scenario, device, torch.bfloat16)
+    runner = bench.ModeRunner(args.mode, model, tokenizer, scenario, device, autocast_dtype)
     inputs = runner.inputs_for(images)
     runner.step(inputs, labels)
     torch.cuda.synchronize()

@@ -209,21 +209,25 @@ def _available_modes(modes, device):
     return out, skipped
 
 
-def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, epoch: bool, seed: int = 0):
+def base_model(scenario: Scenario, device, seed: int = 0):
+    """The scenario's model (seeded random weights, patched) and tokenizer, and the autocast dtype
+    every mode runs under: what each measurement starts from."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    base_model, tokenizer = create_model(scenario.model, None, device=device, seed=seed,
-                                         tokenizer=scenario.tokenizer)
-    patch_clip(base_model)
+    model, tokenizer = create_model(scenario.model, None, device=device, seed=seed, tokenizer=scenario.tokenizer)
+    return patch_clip(model), tokenizer, torch.bfloat16 if device.type == "cuda" else None
+
+
+def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, epoch: bool, seed: int = 0):
+    base, tokenizer, autocast_dtype = base_model(scenario, device, seed)
     from skipkernels.skip.paper import UnsupportedPaperModel
     runners, refused = [], {}
     for mode in modes:
         try:
-            runners.append(ModeRunner(mode, base_model, tokenizer, scenario, device, autocast_dtype))
+            runners.append(ModeRunner(mode, base, tokenizer, scenario, device, autocast_dtype))
         except UnsupportedPaperModel as err:
             refused[mode] = {"skipped": str(err)}
-    del base_model
+    del base
     measure = _timer(device)
     same_class = scenario.shots >= 4
     images = _images(scenario, runners[0].tuner.model, scenario.batch, device, seed)
@@ -280,12 +284,8 @@ def _measure_epoch(runner, scenario, device, measure, seed):
 
 def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) -> dict:
     """Run in a fresh process: peak memory of ``steps`` training steps of one mode."""
-    from skipkernels.models import create_model
-    from skipkernels.patch import patch_clip
     from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    model, tokenizer = create_model(scenario.model, None, device=device, seed=0, tokenizer=scenario.tokenizer)
-    patch_clip(model)
+    model, tokenizer, autocast_dtype = base_model(scenario, device)
     runner = ModeRunner(mode, model, tokenizer, scenario, device, autocast_dtype)
     del model
     images = _images(scenario, runner.tuner.model, scenario.batch, device, 0)
