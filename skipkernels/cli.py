@@ -61,12 +61,14 @@ def cmd_finetune(args) -> int:
     from skipkernels.data.synthetic import ensure_synthetic
     from skipkernels.train.trainer import finetune
     skip, train = _configs(args)
+    policy = _policy(args, train)
+    _check_finetune_flags(args, train, policy)
     data = args.data
     if data is None:
         data, args.dataset = ensure_synthetic(), "synthetic"
     results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
                        base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume,
-                       tokenizer=args.tokenizer, zero_shot=args.zero_shot, policy=_policy(args, train))
+                       tokenizer=args.tokenizer, zero_shot=args.zero_shot, policy=policy)
     print(json.dumps({"accuracy": results["accuracy"], "zero_shot_accuracy": results["zero_shot_accuracy"],
                       "gain": results["gain"], "time_s": results["time_s"],
                       "peak_train_memory_mb": results["peak_train_memory_mb"],
@@ -78,13 +80,56 @@ def cmd_finetune(args) -> int:
 
 
 def _device(name):
+    """--device of every command, checked before any work: cpu, cuda or cuda:N where that GPU is
+    there (default: cuda where available, else cpu)."""
     import torch
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def _check_autocast(device, dtype) -> None:
+    """--amp: ValueError where torch's autocast cannot run ``dtype`` on ``device`` (it would
+    otherwise warn and run in fp32, or fail at the first step)."""
+    import warnings
+
+    import torch
+    if dtype is None:
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.autocast(device.type, dtype=dtype)
+        except RuntimeError as err:
+            caught.append(warnings.WarningMessage(str(err), RuntimeWarning, "", 0))
+    refused = [str(w.message) for w in caught if "not supported" in str(w.message)]
+    if refused:
+        raise ValueError(f"--amp {str(dtype).removeprefix('torch.')}: autocast on {device.type} does not support it "
+                         f"({refused[0].splitlines()[-1]}); use --amp none or another dtype")
+
+
+def _check_finetune_flags(args, train, policy) -> None:
+    """Every flag that cannot work on this machine fails here, before the data or the model is
+    loaded: --device, --backend, --kernel-table, --amp, --report-to."""
+    from skipkernels.ops.measured import check_table
+    from skipkernels.ops.policy import check_runnable
+    from skipkernels.train.report import check_report_to
+    from skipkernels.train.trainer import autocast_dtype_for
+    device = _device(args.device)
+    check_runnable(policy, device)  # --backend
+    check_table(policy.table)  # --kernel-table
+    _check_autocast(device, autocast_dtype_for(train.amp, device))
+    check_report_to(train.report_to)
 
 
 def _weights_note(args) -> None:
@@ -96,14 +141,18 @@ def _weights_note(args) -> None:
 def cmd_eval(args) -> int:
     from skipkernels.data.coop import load_splits
     from skipkernels.data.fewshot import base_new_labels
-    from skipkernels.predict import load_classifier
+    from skipkernels.predict import load_classifier, run_defaults
     from skipkernels.train.evaluate import class_group, evaluate_groups
     from skipkernels.train.trainer import autocast_dtype_for
     device = _device(args.device)
-    splits = load_splits(args.data, args.dataset, args.shots, args.seed)
+    run = run_defaults(args.checkpoint)  # the split and classes of the run, where not given
+    shots = args.shots if args.shots is not None else run.get("train_config", {}).get("shots", 16)
+    seed = args.seed if args.seed is not None else run.get("train_config", {}).get("seed", 1)
+    classes = args.classes or ("all" if run.get("new_classes") == 0 else "base2new")
+    splits = load_splits(args.data, args.dataset, shots, seed)
     base, new = base_new_labels(len(splits.classnames))
     labels = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
-    wanted = ["base", "new"] if args.classes == "base2new" else [args.classes]
+    wanted = ["base", "new"] if classes == "base2new" else [classes]
     groups = {group: class_group(splits.test, splits.classnames, labels[group]) for group in wanted}
     _weights_note(args)
     tuner = load_classifier(splits.classnames, args.model, args.checkpoint, args.pretrained, device, args.template,
@@ -188,6 +237,7 @@ def cmd_demo(args) -> int:
     from skipkernels.pretrain_tiny import WEIGHTS
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig, finetune
+    _device(args.device)
     root = ensure_shapes()
     print(f"shapes dataset: {root / DEMO['dataset']} (12 colour-shape classes; base = first 6, new = last 6, "
           "none of the new ones seen in pretraining)")
@@ -227,6 +277,7 @@ def cmd_demo(args) -> int:
 
 def cmd_bench(args) -> int:
     from skipkernels import bench
+    _device(args.device)
     bench.run(args)
     return 0
 
@@ -262,9 +313,9 @@ def model_info(name: str) -> dict:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="open_clip model name (default: the run's when --checkpoint is a "
-                                                 "finetune folder, else ViT-B-16)")
-    p.add_argument("--checkpoint", default=None, help="tuned model: a finetune --out folder (PET and CoOp parts "
-                                                      "included) or its model.pt")
+                                                 "finetune folder or its model.pt, else ViT-B-16)")
+    p.add_argument("--checkpoint", default=None, help="tuned model: a finetune --out folder or its model.pt (PET "
+                                                      "and CoOp parts included)")
     p.add_argument("--pretrained", default=None, help="without --checkpoint: open_clip weight name or local path "
                                                       "(zero-shot)")
     p.add_argument("--template", default=None, help="prompt template (default: the run's, else 'a photo of a {}.')")
@@ -287,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tokenizer_arg(p)
     p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
     p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
-    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over: the run in --out (checkpoint, results, model) is replaced")
     p.add_argument("--zero-shot", action="store_true",
                    help="also evaluate the model before training; results.json then shows the gain")
     p.add_argument("--device", default=None)
@@ -298,9 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset root, split_zhou_*.json file or image folder")
     p.add_argument("--dataset", default=None)
     _add_model_args(p)
-    p.add_argument("--classes", default="base2new", choices=["base2new", "base", "new", "all"])
-    p.add_argument("--shots", type=int, default=16, help="image folders: the split's shots (as in finetune)")
-    p.add_argument("--seed", type=int, default=1, help="image folders: the split's seed (as in finetune)")
+    p.add_argument("--classes", default=None, choices=["base2new", "base", "new", "all"],
+                   help="the classes evaluated (default: all for a --checkpoint run trained on all classes, else "
+                        "base2new)")
+    p.add_argument("--shots", type=int, default=None, help="image folders: the split's shots (as in finetune; "
+                                                           "default: the --checkpoint run's, else 16)")
+    p.add_argument("--seed", type=int, default=None, help="image folders: the split's seed (as in finetune; "
+                                                          "default: the --checkpoint run's, else 1)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 

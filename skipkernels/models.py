@@ -8,6 +8,7 @@ import torch
 
 from skipkernels._compat import import_open_clip
 from skipkernels.train.checkpoint import CheckpointError
+from skipkernels.train.export import read_tuned
 
 TINY_MODEL = "skipkernels-tiny"  # small random-weight ViT config for CPU runs and tests
 # Small random-weight members of the other supported families (configs/), for CPU runs and tests:
@@ -68,16 +69,23 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
     if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
+        tuned = read_tuned(pretrained) if pretrained.endswith(".pt") else None
+        if tuned is not None:
+            raise CheckpointError(f"{pretrained} is a tuned {tuned['model']} with {tuned['skip_config']['mode']}'s "
+                                  "modules, more than open_clip's weights: give it as --checkpoint (eval, predict) "
+                                  "or to skipkernels.predict.load_classifier(checkpoint=...)")
     if seed is not None:
         torch.manual_seed(seed)
     try:
         model = open_clip.create_model(name, pretrained=pretrained or None, device=device, **kwargs)
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError) as err:
         if pretrained and not os.path.isfile(pretrained):
             raise CheckpointError(f"could not load weights {pretrained!r} for {name}: {err}. Without network "
                                   "access pass a local checkpoint path") from err
-        if pretrained and "state_dict" in str(err):  # weights of another model (or not a model at all)
-            raise CheckpointError(f"{pretrained} does not hold weights of {name}: "
+        # weights of another model (or not a model at all): a state_dict mismatch, or open_clip's
+        # assertions on the shapes it resizes (e.g. "text pos_embed width changed!")
+        if pretrained and ("state_dict" in str(err) or isinstance(err, AssertionError)):
+            raise CheckpointError(f"{pretrained} does not hold weights of {name} (weights of another model?): "
                                   f"{str(err).splitlines()[-1].strip()[:300]}") from err
         raise
     return model, load_tokenizer(name, model, tokenizer)

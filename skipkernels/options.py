@@ -12,7 +12,11 @@ the dataclass back from the parsed arguments:
 - a None among the choices is written ``none`` on the command line (``--amp none``);
 - ``flag=`` names the flag otherwise; with ``const=`` it takes no value and stores that one
   (``--mixed-batches`` stores ``same_class_batches=False``);
-- ``cli=False`` keeps a field off the command line (a field without option() gets a flag too).
+- ``cli=False`` keeps a field off the command line (a field without option() gets a flag too);
+- ``identity=False`` marks a field that changes neither the trained weights nor the reported
+  result (workers, progress bars, batch sizes of caching and evaluation): a run's folder may be
+  resumed with another value. Every other field is part of the run's identity
+  (``identity_fields``), so a new field is by default.
 """
 from __future__ import annotations
 
@@ -32,12 +36,13 @@ class Option:
     flag: str | None = None    # the flag, when it is not the field name's
     const: object = _UNSET     # the value a flag without an argument stores
     cli: bool = True           # False: no flag; the field keeps its default (or the caller sets it)
+    identity: bool = True      # False: changes neither the trained weights nor the reported result
 
 
 def option(default, help: str | None = None, *, choices=None, flag: str | None = None, const=_UNSET,
-           cli: bool = True):
+           cli: bool = True, identity: bool = True):
     """A dataclass field with default ``default`` and its command-line flag."""
-    meta = Option(help, tuple(choices) if choices is not None else None, flag, const, cli)
+    meta = Option(help, tuple(choices) if choices is not None else None, flag, const, cli, identity)
     return dataclasses.field(default=default, metadata={_KEY: meta})
 
 
@@ -48,6 +53,11 @@ def spec(field: dataclasses.Field) -> Option:
 def cli_fields(cls) -> list[dataclasses.Field]:
     """The fields of dataclass ``cls`` that have a flag."""
     return [f for f in dataclasses.fields(cls) if spec(f).cli]
+
+
+def identity_fields(cls) -> list[dataclasses.Field]:
+    """The fields of dataclass ``cls`` that are part of a run's identity (all but identity=False)."""
+    return [f for f in dataclasses.fields(cls) if spec(f).identity]
 
 
 def flag_of(field: dataclasses.Field) -> str:

@@ -1,15 +1,16 @@
 """Classifying images with a tuned or pretrained CLIP: top-k classes and their probabilities.
 
 ``load_classifier`` rebuilds a model as the trainer evaluated it: from a ``finetune`` output
-folder (its results.json names the model, mode, omega and template; PET modules and CoOp's context
-are loaded from pet.pt / prompt_learner.pt beside model.pt), from a plain open_clip state_dict,
-or from pretrained weights.
+folder or its model.pt (the run's results.json names the model, tokenizer, mode and template; a
+model.pt with PET modules or CoOp's context carries them and its own settings, see
+``train.export``), from a plain open_clip state_dict, or from pretrained weights.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -42,14 +43,27 @@ def read_classnames(spec: str) -> list[str]:
 
 
 def run_classnames(checkpoint: str | None) -> list[str]:
-    """The classes (base and new) of the finetune folder ``checkpoint``: predict's default."""
-    run = Path(checkpoint).expanduser() if checkpoint else None
-    if run is None or not run.is_dir():
-        raise ValueError("--classes is needed unless --checkpoint is a finetune output folder")
-    names = _run_settings(run).get("classnames")
+    """The classes (base and new) of the run ``checkpoint`` belongs to: predict's default."""
+    from skipkernels.train import export, run_folder
+    path = Path(checkpoint).expanduser() if checkpoint else None
+    source = None
+    if path is not None and path.exists():
+        source = run_folder.results_of(path) or (export.read_tuned(path) if path.is_file() else None)
+    if source is None:
+        raise ValueError("--classes is needed unless --checkpoint is a finetune output folder, its model.pt, or "
+                         "a model.pt with PET modules or CoOp's context")
+    names = source.get("classnames")
     if not names:
-        raise ValueError(f"{run}/results.json lists no classes (written by an older version); pass --classes")
+        raise ValueError(f"{checkpoint} lists no classes (written by an older version); pass --classes")
     return names
+
+
+def run_defaults(checkpoint: str | None) -> dict:
+    """The results.json of the run that ``checkpoint`` (a finetune folder or its model.pt) belongs
+    to, or {}: where eval takes the split's shots and seed and the classes evaluated from."""
+    from skipkernels.train import run_folder
+    path = Path(checkpoint).expanduser() if checkpoint else None
+    return (run_folder.results_of(path) if path is not None and path.exists() else None) or {}
 
 
 def collect_images(inputs) -> list[str]:
@@ -79,44 +93,99 @@ def _run_settings(run: Path) -> dict:
     return results
 
 
+def _inference_config(config, tuned: dict | None, folder: Path | None):
+    """The tuner config that evaluates a run of ``config``: plain inference (mode ft, the run's
+    template) where every tuned weight is in open_clip's model; else the run's own mode, whose
+    modules come from the tuned model.pt or, as earlier versions wrote them, a file beside it."""
+    from skipkernels.pet import PetConfig
+    from skipkernels.skip.tuner import SkipConfig
+    plan = config.plan
+    if plan.trains in ("all", "suffix") or (plan.trains == "pet" and PetConfig(method=plan.pet_method).is_lora):
+        return SkipConfig(mode="ft", template=config.template), None
+    if tuned is not None:
+        return config, None
+    part = folder / ("prompt_learner.pt" if plan.trains == "prompt" else "pet.pt")
+    if not part.is_file():
+        raise FileNotFoundError(f"{folder / 'model.pt'} holds only open_clip's weights, but the run tuned "
+                                f"{config.mode}'s modules, which {part} (missing) should hold: train the run "
+                                "again to get a complete model.pt")
+    return config, part
+
+
+def _model_from_state_dict(name: str, state: dict, path, device, tokenizer):
+    """open_clip model ``name`` with the weights ``state`` (a tuned model.pt's), and its tokenizer."""
+    from skipkernels.models import load_tokenizer, open_clip_module
+    from skipkernels.train.checkpoint import CheckpointError
+    open_clip = open_clip_module()
+    if name not in open_clip.list_models():
+        raise ValueError(f"{path} was tuned from the open_clip model {name!r}, which this open_clip does not know")
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly": the weights follow
+    try:
+        model = open_clip.create_model(name, pretrained=None, device=device)
+    finally:
+        logging.disable(logging.NOTSET)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not hold weights of {name}: {str(err).splitlines()[-1].strip()[:300]}") \
+            from err
+    return model, load_tokenizer(name, model, tokenizer)
+
+
 def load_classifier(classnames, model_name: str | None = None, checkpoint: str | None = None,
                     pretrained: str | None = None, device="cpu", template: str | None = None,
                     tokenizer: str | None = None):
     """A SkipTuner in eval mode that scores ``classnames``. ``checkpoint``: a finetune output
-    folder or a model.pt state_dict; else ``pretrained`` (an open_clip weight name or a path);
-    neither: random weights. ``tokenizer``: a name or folder (see models.load_tokenizer), else the model's own."""
+    folder or a model.pt (the run's results.json beside it, or the tuned model.pt itself, gives the
+    model name, tokenizer, template and tuned modules; see ``train.export``), or a plain
+    state_dict of ``model_name``; else ``pretrained`` (an open_clip weight name or a path);
+    neither: random weights. ``tokenizer``: a name or folder (see models.load_tokenizer), else the
+    run's, else the model's own."""
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
-    from skipkernels.pet import PetConfig
     from skipkernels.skip.tuner import SkipConfig, SkipTuner
     from skipkernels.train import checkpoint as ckpt
+    from skipkernels.train import export, run_folder
 
-    config = SkipConfig(mode="ft")  # plain inference: no class subsets, no caches
-    run = Path(checkpoint).expanduser() if checkpoint else None
-    if run is not None and not run.exists():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint} (a finetune --out folder or its model.pt)")
-    weights = str(run) if run else pretrained
-    if run is not None and run.is_dir():
-        results = _run_settings(run)
-        if model_name and model_name != results["model"]:
-            raise ValueError(f"--model {model_name} differs from the model {results['model']} that {run} tuned; "
-                             "leave --model out to use the run's")
-        model_name = results["model"]
-        config = SkipConfig(**results["skip_config"])
-        plan = config.plan
-        if plan.trains in ("all", "suffix") or (plan.trains == "pet" and PetConfig(method=plan.pet_method).is_lora):
-            # only PET modules and CoOp's context live outside model.pt (LoRA is folded into it)
-            config = SkipConfig(mode="ft", template=config.template)
-        weights = str(run / "model.pt")
+    config, part, tuned = SkipConfig(mode="ft"), None, None  # plain inference: no class subsets, no caches
+    weights = pretrained
+    if checkpoint:
+        path = Path(checkpoint).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {checkpoint} (a finetune --out folder or its model.pt)")
+        if path.is_dir():
+            _run_settings(path)
+        weights_path = path / run_folder.MODEL_NAME if path.is_dir() else path
+        tuned = export.read_tuned(weights_path)
+        source = tuned if tuned is not None else run_folder.results_of(path)
+        if source is not None:
+            if model_name and model_name != source["model"]:
+                raise ValueError(f"--model {model_name} differs from the model {source['model']} that {path} was "
+                                 "tuned from; leave --model out to use the run's")
+            model_name = source["model"]
+            tokenizer = tokenizer or source.get("tokenizer")
+            config, part = _inference_config(SkipConfig(**source["skip_config"]), tuned,
+                                             None if tuned is not None else weights_path.parent)
+        weights = str(weights_path)
     if template is not None:
         config = dataclasses.replace(config, template=template)
-    model, tokenizer = create_model(model_name or DEFAULT_MODEL, weights, device=device, tokenizer=tokenizer)
+    if tuned is not None:
+        model, tokenizer = _model_from_state_dict(model_name, tuned["weights"], weights, device, tokenizer)
+    else:
+        try:
+            model, tokenizer = create_model(model_name or DEFAULT_MODEL, weights, device=device, tokenizer=tokenizer)
+        except ckpt.CheckpointError as err:
+            if model_name is None and checkpoint:
+                raise ckpt.CheckpointError(f"{err}; without --model, and without the run's results.json beside it, "
+                                           f"the model is {DEFAULT_MODEL}: give the model it was tuned from as "
+                                           "--model") from err
+            raise
     patch_clip(model)
     tuner = SkipTuner(model, classnames, tokenizer, config)
     if tuner.pet is not None:
-        tuner.pet.load_pet_state_dict(ckpt.load(run / "pet.pt"))
+        tuner.pet.load_pet_state_dict(tuned["pet"] if tuned is not None else ckpt.load(part))
     if tuner.prompt_learner is not None:
-        tuner.prompt_learner.load_state_dict(ckpt.load(run / "prompt_learner.pt"))
+        tuner.prompt_learner.load_state_dict(tuned["prompt_learner"] if tuned is not None else ckpt.load(part))
     tuner.eval()
     return tuner
 

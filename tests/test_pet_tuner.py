@@ -48,7 +48,7 @@ def test_lskip_lora_run_exports_a_plain_open_clip_model(synthetic_root, tmp_path
     assert results["finished"]
     model = open_clip.create_model("skipkernels-tiny", pretrained=str(tmp_path / "model.pt"))
     assert not any("lora" in k for k in model.state_dict())
-    assert (tmp_path / "pet.pt").exists()
+    assert not (tmp_path / "pet.pt").exists()  # folded: model.pt is the whole tuned model
 
 
 def test_block_has_pet_follows_apply_merge_and_remove():

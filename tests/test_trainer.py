@@ -6,6 +6,7 @@ import torch
 from skipkernels.data.coop import load_splits
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.checkpoint import CheckpointError
+from skipkernels.train.export import read_tuned
 from skipkernels.train.trainer import TrainConfig, TrainingError, finetune
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=0,
@@ -60,7 +61,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(mode, synthetic_root
 def test_checkpoint_from_another_config_is_refused(synthetic_root, tmp_path):
     finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode="skip", skip_layers=1),
              train=TrainConfig(epochs=2, stop_after_epochs=1, **FAST), out_dir=tmp_path)
-    with pytest.raises(CheckpointError, match="another model or configuration"):
+    with pytest.raises(CheckpointError, match="other settings.*skip_config.skip_layers: 1 there, 2 now"):
         finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode="skip", skip_layers=2),
                  train=TrainConfig(epochs=2, **FAST), out_dir=tmp_path)
     (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
@@ -91,6 +92,8 @@ def test_coop_and_cskip_modes_run(synthetic_root, tmp_path):
         results = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode=mode),
                            train=TrainConfig(epochs=1, **FAST), out_dir=tmp_path / mode)
         assert results["finished"] and 0 <= results["accuracy"]["hm"] <= 100
-    assert (tmp_path / "coop" / "prompt_learner.pt").exists()
+    # model.pt carries CoOp's context (skipkernels.train.export)
+    assert read_tuned(tmp_path / "coop" / "model.pt")["prompt_learner"]["ctx"].shape[0] == 4
+    assert not (tmp_path / "coop" / "prompt_learner.pt").exists()
     splits = load_splits(synthetic_root, "synthetic")
     assert len(splits.classnames) == 12

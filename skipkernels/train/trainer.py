@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from skipkernels.options import option
 from skipkernels.plots import training_chart, write_metrics_csv
 from skipkernels.skip.lskip import ImagePrefixCache
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
-from skipkernels.train import checkpoint
+from skipkernels.train import checkpoint, run_folder
 from skipkernels.train.evaluate import class_group, evaluate_groups
+from skipkernels.train.export import export_model, fold_lora
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.schedule import set_epoch_lr
 
@@ -72,14 +74,16 @@ class TrainConfig:
     same_class_batches: bool | None = option(None, "batches mix classes (the protocol puts one class per batch "
                                              "for shots >= 4)", flag="--mixed-batches", const=False)
     seed: int = option(1, "seed of the few-shot sample, batches and augmentation (command line: CSkip's too)")
-    workers: int = option(0, "data loader workers")
-    cache_batch_size: int = option(64, "images per batch when the LSkip image cache is built")
-    eval_batch_size: int = option(64, "images per batch when evaluating")
+    # identity=False: a run's folder may be resumed with another value (skipkernels.options)
+    workers: int = option(0, "data loader workers", identity=False)
+    cache_batch_size: int = option(64, "images per batch when the LSkip image cache is built", identity=False)
+    eval_batch_size: int = option(64, "images per batch when evaluating", identity=False)
     amp: str | None = option("auto", "autocast: auto is bf16 on GPU, fp32 on CPU; none is fp32", choices=AMP_MODES)
-    progress: bool = option(True, "progress bars")
+    progress: bool = option(True, "progress bars", identity=False)
     # stop early (checkpoint kept), e.g. to test resume; a test's setting, not the command line's
-    stop_after_epochs: int | None = option(None, cli=False)
-    eval_every: int = option(0, "also evaluate every N epochs (history and training.png); 0: only at the end")
+    stop_after_epochs: int | None = option(None, cli=False, identity=False)
+    eval_every: int = option(0, "also evaluate every N epochs (history and training.png); 0: only at the end",
+                             identity=False)
     # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
     # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
     deterministic: bool = option(False, "deterministic algorithms only (torch.use_deterministic_algorithms)")
@@ -143,9 +147,10 @@ class Trainer:
     """Fine-tunes a SkipTuner on few-shot items; checkpoints every epoch into ``out_dir``."""
 
     def __init__(self, tuner: SkipTuner, train_items, config: TrainConfig, out_dir=None, model_name: str = "",
-                 evaluate=None):
+                 evaluate=None, identity: dict | None = None):
         """``evaluate()``, when given, returns test accuracies; it runs every ``config.eval_every``
-        epochs before the last, and its result goes into that epoch's history record."""
+        epochs before the last, and its result goes into that epoch's history record.
+        ``identity``: the run's identity (``run_folder.run_identity``), recorded in each checkpoint."""
         if not train_items:
             raise ValueError("no training items")
         num_classes = len(tuner.classnames)
@@ -177,6 +182,7 @@ class Trainer:
         self.peak_train_bytes: int | None = None  # None: not measured
         self.cache_bytes = 0
         self.signature = _signature(tuner, model_name, config)
+        self.identity = identity
         self.step_module = _StepLoss(tuner)
         if distributed.enabled():
             # Gradients are averaged over ranks; each rank's loss is weighted by its share of the
@@ -194,7 +200,7 @@ class Trainer:
         if self.checkpoint_path is None or not distributed.is_main():
             distributed.barrier()
             return
-        state = {"epoch": epoch_done, "signature": self.signature,
+        state = {"epoch": epoch_done, "signature": self.signature, "identity": self.identity,
                  "trainable": {n: p.detach().cpu() for n, p in self.tuner.trainable_named_parameters()},
                  "optimizer": self.optimizer.state_dict(), "tuner": self.tuner.extra_state(),
                  "history": self.history, "steps": self.steps, "times": self.times}
@@ -351,11 +357,6 @@ class Trainer:
                                 f"last good checkpoint: {good}")
 
 
-def export_state_dict(model, path) -> None:
-    """The tuned model as a plain open_clip state_dict (``open_clip.create_model(name, pretrained=path)``)."""
-    checkpoint.atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-
-
 @contextlib.contextmanager
 def _timed(times: dict, key: str):
     """``times[key]``: the seconds the block took."""
@@ -379,11 +380,8 @@ class _RunData:
         return self.test_groups["base"][1]
 
 
-def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool, out_dir) -> _RunData:
+def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool) -> _RunData:
     splits = load_splits(data_root, dataset, train.shots, train.seed)
-    if splits.generated and out_dir is not None and distributed.is_main():
-        # the split drawn from a plain image folder; --data <this file> repeats the run exactly
-        write_split_json(splits, out_dir / f"split_zhou_{splits.name}.json")
     if base_to_new:
         base, new = base_new_labels(len(splits.classnames))
     else:
@@ -397,7 +395,7 @@ def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool, out_dir
 
 def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, train: TrainConfig, tuner: SkipTuner,
              trainer: Trainer, finished: bool, resumed: bool, acc: dict, zero_shot_acc, times: dict,
-             device) -> dict:
+             device, trainable_params: int) -> dict:
     """results.json: what was run, its accuracy (and gain over zero-shot), time, memory and history."""
     peak = trainer.peak_train_bytes
     return {
@@ -408,40 +406,25 @@ def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, trai
         "peak_train_memory_mb": None if peak is None else peak / 2**20,
         "peak_memory_kind": PEAK_MEMORY_KINDS[device.type] if peak is not None else "not measured",
         "cache_mb": trainer.cache_bytes / 2**20,
-        "trainable_params": sum(p.numel() for _, p in tuner.trainable_named_parameters()),
+        "trainable_params": trainable_params,
         "exact_savings": tuner.savings,
         "num_train_items": len(data.train_items), "base_classes": len(data.base), "new_classes": len(data.new),
         "classnames": data.splits.classnames,  # label order; base = the first base_classes
         "history": trainer.history, "device": str(device),
-        "skip_config": dataclasses.asdict(skip), "train_config": dataclasses.asdict(train),
+        # the tuner's config: skip_layers resolved from the model where it was left to the default
+        "skip_config": dataclasses.asdict(tuner.config), "train_config": dataclasses.asdict(train),
         "versions": versions(),
         "world_size": distributed.world_size(),
     }
 
 
-def _export_tuned(tuner: SkipTuner, out_dir: Path) -> None:
-    """model.pt (a plain open_clip state_dict), and beside it pet.pt or prompt_learner.pt."""
-    if tuner.pet is not None:
-        # model.pt stays a plain open_clip state_dict: LoRA is folded into the weights; the
-        # other PET modules are saved beside it (they are not part of open_clip's model).
-        checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.pet_state_dict().items()},
-                               out_dir / "pet.pt")
-        if tuner.pet.config.is_lora:
-            tuner.pet.merge()
-        checkpoint.atomic_save({k: v.detach().cpu() for k, v in tuner.pet.base_state_dict().items()},
-                               out_dir / "model.pt")
-    else:
-        export_state_dict(tuner.model, out_dir / "model.pt")
-    if tuner.prompt_learner is not None:
-        checkpoint.atomic_save(tuner.prompt_learner.state_dict(), out_dir / "prompt_learner.pt")
-
-
 def _write_outputs(out_dir: Path, results: dict, tuner: SkipTuner, trainer: Trainer) -> None:
-    """The tuned model (when finished), results.json, metrics.csv and training.png."""
+    """The tuned model (when finished; ``export.export_model``), results.json, metrics.csv and training.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if results["finished"]:
-        _export_tuned(tuner, out_dir)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        export_model(tuner, out_dir / run_folder.MODEL_NAME, results["model"], results["tokenizer"],
+                     results["classnames"])
+    checkpoint.atomic_write_text(json.dumps(results, indent=2, default=str), out_dir / run_folder.RESULTS_NAME)
     write_metrics_csv(trainer.steps, out_dir / "metrics.csv")
     zero_shot_acc, acc = results["zero_shot_accuracy"], results["accuracy"]
     evaluations = ([{"epoch": 0, **zero_shot_acc}] if zero_shot_acc else []) + \
@@ -469,13 +452,35 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         train = dataclasses.replace(train, progress=False)
     out_dir = Path(out_dir) if out_dir is not None else None
     times = {}
+    tokenizer_spec = tokenizer
 
-    data = _run_data(data_root, dataset, train, base_to_new, out_dir)
+    data = _run_data(data_root, dataset, train, base_to_new)
+    autocast_dtype = autocast_dtype_for(train.amp, device)
+    identity = run_folder.run_identity(
+        model=model_name, pretrained=pretrained, model_seed=model_seed, tokenizer=tokenizer_spec, data_root=data_root,
+        dataset=data.splits.name, base_to_new=base_to_new, train_items=data.train_items,
+        test_groups=data.test_groups, skip=skip, train=train, policy=resolve_policy(policy),
+        autocast_dtype=autocast_dtype, world_size=distributed.world_size())
+    if out_dir is not None:  # before any work: the folder holds this run or nothing
+        if resume:
+            done = run_folder.check(out_dir, identity)
+            if done is not None:
+                if distributed.is_main():
+                    print(f"{out_dir} holds this run, finished: nothing to do (its results.json and model.pt are "
+                          "kept; --no-resume trains it again)", file=sys.stderr)
+                return done
+        elif distributed.is_main():
+            removed = run_folder.clear(out_dir)
+            if removed:
+                print(f"starting over in {out_dir}: removed the earlier run's {', '.join(removed)}", file=sys.stderr)
+        distributed.barrier()
+        if data.splits.generated and distributed.is_main():
+            # the split drawn from a plain image folder; --data <this file> repeats the run exactly
+            write_split_json(data.splits, out_dir / f"split_zhou_{data.splits.name}.json")
 
     with _timed(times, "model"):
         model, tokenizer = create_model(model_name, pretrained, device=device, seed=model_seed, tokenizer=tokenizer)
         patch_clip(model, policy=policy)
-    autocast_dtype = autocast_dtype_for(train.amp, device)
 
     def evaluate(tuner, progress=train.progress, prefix="eval"):
         return evaluate_groups(tuner, data.test_groups, train.eval_batch_size, train.workers, autocast_dtype,
@@ -490,18 +495,23 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     with _timed(times, "text_prefix"):
         tuner = SkipTuner(model, data.base_names, tokenizer, skip)
     trainer = Trainer(tuner, data.train_items, train, out_dir, model_name=model_name,
-                      evaluate=lambda: evaluate(tuner, progress=False))
+                      evaluate=lambda: evaluate(tuner, progress=False), identity=identity)
     resumed = trainer.resume() if resume else False
     trainer.train()
     times.update((key, trainer.times[key]) for key in ("cache", "train", "epoch_eval") if key in trainer.times)
     finished = len(trainer.history) >= train.epochs
+    trainable_params = sum(p.numel() for _, p in tuner.trainable_named_parameters())
+    if finished:
+        fold_lora(tuner)  # the accuracy reported is that of the model exported
 
     with _timed(times, "eval"):
         acc = evaluate(tuner) if finished else {}
 
     results = _results(data, model_name, pretrained, skip, train, tuner, trainer, finished, resumed, acc,
-                       zero_shot_acc, times, device)
+                       zero_shot_acc, times, device, trainable_params)
     results["kernel_policy"] = dataclasses.asdict(resolve_policy(policy))
+    results["tokenizer"] = tokenizer_spec
+    results["identity"] = identity  # how the weights in the folder were trained (run_folder)
     if out_dir is not None and distributed.is_main():
         _write_outputs(out_dir, results, tuner, trainer)
     distributed.barrier()
