@@ -19,6 +19,7 @@ def main():
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--pretrained", default=None)
     parser.add_argument("--modes", default="skip")
+    parser.add_argument("--skip-layers", type=int, default=None, help="omega (default: half the blocks, 6 for ViT-B/16)")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--out", default="runs/base_to_new")
     args = parser.parse_args()
@@ -28,7 +29,7 @@ def main():
         rows = []
         for seed in (int(s) for s in args.seeds.split(",")):
             results = finetune(args.data, args.dataset, args.model, args.pretrained,
-                               SkipConfig(mode=mode, skip_layers=6, seed=seed),
+                               SkipConfig(mode=mode, skip_layers=args.skip_layers, seed=seed),
                                TrainConfig(epochs=epochs, seed=seed), out_dir=f"{args.out}/{mode}-seed{seed}")
             rows.append(results["accuracy"])
         mean = {k: statistics.mean(r[k] for r in rows) for k in ("base", "new", "hm")}

@@ -18,7 +18,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="skipkernels-tiny")
     parser.add_argument("--pretrained", default=None)
-    parser.add_argument("--skip-layers", type=int, default=2)
+    parser.add_argument("--skip-layers", type=int, default=None, help="omega (default: half the blocks)")
     parser.add_argument("--epochs", type=int, default=5)
     args = parser.parse_args()
 

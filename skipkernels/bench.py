@@ -52,19 +52,19 @@ class Scenario:
     classes: int
     shots: int
     batch: int
-    skip_layers: int
+    skip_layers: int | None  # None: the model's default ω (half its blocks), the number once the model is built
     epoch_images: int
     tokenizer: str | None = None  # None: the model's own (see models.load_tokenizer)
 
     @classmethod
     def default(cls, device: str, quick: bool = False, batch: int | None = None):
         if quick:
-            return cls("skipkernels-tiny", 12, 4, batch or 4, 2, 24)
+            return cls("skipkernels-tiny", 12, 4, batch or 4, None, 24)
         if device == "cuda":
             # An epoch of the ImageNet-like scenario is 8000 images (--epoch-images 8000); the
             # default times 800 so that every mode's epoch fits one run.
-            return cls("ViT-B-16", 500, 16, batch or 4, 6, 800)
-        return cls("skipkernels-tiny", 100, 16, batch or 4, 2, 400)
+            return cls("ViT-B-16", 500, 16, batch or 4, None, 800)
+        return cls("skipkernels-tiny", 100, 16, batch or 4, None, 400)
 
 
 def class_names(count: int) -> list[str]:
@@ -132,7 +132,7 @@ class ModeRunner:
             from skipkernels.skip.paper import PaperSkipTuning
             self.tuner = PaperSkipTuning(unpatch_clip(model), class_names(scenario.classes), tokenizer,
                                          skip_layers=scenario.skip_layers)
-            self.plan = mode_plan(mode, scenario.skip_layers)
+            self.plan = mode_plan(mode, self.tuner.skip_layers)
         else:
             self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
                                    skip_layers=scenario.skip_layers, policy=self.policy)
@@ -220,6 +220,9 @@ def base_model(scenario: Scenario, device, seed: int = 0):
 
 def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, epoch: bool, seed: int = 0):
     base, tokenizer, autocast_dtype = base_model(scenario, device, seed)
+    if scenario.skip_layers is None:  # resolved once, where the model is known: the report and memory runs get it
+        from skipkernels.skip.towers import default_skip_layers
+        scenario.skip_layers = default_skip_layers(base)[0]
     from skipkernels.skip.paper import UnsupportedPaperModel
     runners, refused = [], {}
     for mode in modes:
@@ -404,6 +407,8 @@ def run(args) -> dict:
         scenario.model = args.model
     if args.classes:
         scenario.classes = args.classes
+    if args.skip_layers is not None:
+        scenario.skip_layers = args.skip_layers
     if args.tokenizer:
         scenario.tokenizer = args.tokenizer
     if args.epoch_images:
@@ -444,6 +449,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="tiny scenario (smoke test)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--model", default=None)
+    p.add_argument("--skip-layers", type=int, default=None, help="omega (default: half the blocks of the model's "
+                   "shallower tower, 6 for ViT-B/16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the model's own)")
     p.add_argument("--classes", type=int, default=None)
     p.add_argument("--epoch-images", type=int, default=None)

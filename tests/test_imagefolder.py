@@ -129,3 +129,26 @@ def test_finetune_on_an_image_folder_writes_its_split(tmp_path, capsys):
     assert main(args[:2] + [str(tmp_path / "nowhere")] + args[3:] + ["--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "dataset folder not found" in err and "Traceback" not in err
+
+
+def test_finetune_on_an_image_folder_with_default_flags(tmp_path, capsys):
+    """`skipkernels finetune --data pics --model skipkernels-tiny`: every setting its default (the
+    paper's 16 shots, 20 epochs, batch 4; omega half of the tiny model's 4 blocks)."""
+    import torch
+    from skipkernels.models import create_model
+    folder = make_image_folder(tmp_path / "pics", classes=("ant", "bee", "cow", "dog"), per_class=17)
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", str(folder), "--model", "skipkernels-tiny", "--out", str(out),
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] and results["skip_config"]["skip_layers"] == 2
+    assert len(results["history"]) == 20 and set(results["accuracy"]) == {"base", "new", "hm"}
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 20 * (2 * 16 // 4)  # header, then 20 epochs of 2 base classes x 16 shots / 4
+    # It trained: blocks >= omega moved from the initial weights, blocks below it are frozen.
+    initial = create_model("skipkernels-tiny", None, seed=0)[0].state_dict()
+    tuned = torch.load(out / "model.pt", map_location="cpu")
+    for tower in ("visual.transformer", "transformer"):
+        frozen, trained = (f"{tower}.resblocks.{i}.mlp.c_fc.weight" for i in (1, 2))
+        assert torch.equal(tuned[frozen], initial[frozen])
+        assert not torch.equal(tuned[trained], initial[trained])

@@ -140,5 +140,28 @@ def test_bad_inputs_raise_clear_errors(tokenizer):
         tuner.loss(x, torch.tensor([-1, 0]))
 
 
+def test_omega_defaults_to_half_the_blocks_and_says_why(tokenizer, open_clip):
+    assert SkipConfig().skip_layers is None  # the default, resolved where the model is known
+    tuner = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer)
+    assert tuner.skip_layers == tuner.plan.skip_layers == tuner.config.skip_layers == 2
+    assert "omega 2 (default: half of the 4 blocks)" in repr(tuner)
+    assert tuner.text_cache.tokens_at_block.shape[0] == len(CLASSES)
+    trainable = {n for n, _ in tuner.trainable_named_parameters()}
+    assert "model.transformer.resblocks.2.attn.in_proj_weight" in trainable
+    assert "model.transformer.resblocks.1.attn.in_proj_weight" not in trainable
+    # One omega cuts both towers: towers of different depth get half of the shallower one.
+    vision = dict(image_size=32, patch_size=8, width=64, head_width=16, layers=5)
+    text = dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=3)
+    uneven = SkipTuner(open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text), CLASSES, tokenizer)
+    assert uneven.skip_layers == 1
+    assert "omega 1 (default: half of the shallower tower's 3 blocks (image 5, text 3))" in repr(uneven)
+    given = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, skip_layers=3)
+    assert given.skip_layers == 3 and "omega 3 (given)" in repr(given)
+    ft = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, mode="ft")
+    assert ft.plan.skip_layers == 0 and "omega 0 (nothing is cached in mode ft)" in repr(ft)
+    with pytest.raises(ValueError, match="skip_layers must be in \\[0, 4\\)"):
+        SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, skip_layers=6)  # the paper's 6 is out of range here
+
+
 def test_public_api_exports():
     assert skipkernels.SkipTuner is SkipTuner and skipkernels.SkipConfig is SkipConfig

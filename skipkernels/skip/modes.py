@@ -36,7 +36,8 @@ class ModePlan:
     class_subset: bool        # CSkip: a class subset per step; otherwise every class every step
     trains: str               # one of TRAINS
     pet_method: str | None    # the PET method (one of PET_MODES) where trains == "pet"
-    skip_layers: int          # ω: blocks [0, skip_layers) frozen and cached; 0 where nothing is cached
+    skip_layers: int | None   # ω: blocks [0, skip_layers) frozen and cached; 0 where nothing is cached;
+    #                           None: the model's default (SkipTuner resolves it: towers.default_skip_layers)
 
     def __post_init__(self):
         if self.trains not in TRAINS:
@@ -47,8 +48,9 @@ class ModePlan:
             raise ValueError("skip_layers is 0 where nothing is cached")
 
 
-def mode_plan(mode: str, skip_layers: int) -> ModePlan:
-    """The plan of tuner mode ``mode`` (one of ``MODES``) with ω = ``skip_layers``."""
+def mode_plan(mode: str, skip_layers: int | None) -> ModePlan:
+    """The plan of tuner mode ``mode`` (one of ``MODES``) with ω = ``skip_layers`` (None: the model's
+    default, not known here)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cached = mode in ("skip", "lskip") or mode.startswith("lskip-")

@@ -46,7 +46,7 @@ class UnsupportedPaperModel(ValueError):
 class PaperSkipTuning(nn.Module):
     """``loss(image_tokens, labels)`` of one step; ``image_prefix(images)`` gives the tokens."""
 
-    def __init__(self, model, classnames, tokenizer, skip_layers: int = 6, top_ratio: float = 0.5,
+    def __init__(self, model, classnames, tokenizer, skip_layers: int | None = None, top_ratio: float = 0.5,
                  max_top: int = 50, lam: float = 0.3, template: str = "a photo of a {}.", seed: int = 0,
                  rank_mask: torch.Tensor | None = None):
         super().__init__()
@@ -55,6 +55,8 @@ class PaperSkipTuning(nn.Module):
                 f"the paper-style step runs open_clip CLIP models with their own ViT image tower (the "
                 f"paper's models), not {type(model).__name__} with {type(model.visual).__name__}")
         self.model = model
+        if skip_layers is None:  # the paper's proportion: half the blocks (6 of ViT-B/16's 12)
+            skip_layers = min(len(model.visual.transformer.resblocks), len(model.transformer.resblocks)) // 2
         self.skip_layers = skip_layers
         self.device = next(model.parameters()).device
         self.cache_dtype = torch.float32

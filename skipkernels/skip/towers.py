@@ -25,6 +25,17 @@ from skipkernels.pet import block_hooks
 TEXT_PAD_MULTIPLE = 8
 
 
+def default_skip_layers(model) -> tuple[int, str]:
+    """The default ω and why: the paper's proportion, half the blocks (6 of ViT-B/16's 12). One ω
+    cuts both towers, so where their depths differ it is half of the shallower one."""
+    image, text = model_towers(model)
+    n_image, n_text = len(image.blocks), len(text.blocks)
+    depth = min(n_image, n_text)
+    blocks = f"the {depth} blocks" if n_image == n_text else \
+        f"the shallower tower's {depth} blocks (image {n_image}, text {n_text})"
+    return depth // 2, f"default: half of {blocks}"
+
+
 def check_skip_layers(model, skip_layers: int) -> None:
     image, text = model_towers(model)
     depth = min(len(image.blocks), len(text.blocks))

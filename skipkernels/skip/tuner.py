@@ -31,7 +31,8 @@ class SkipConfig:
     mode: str = option("skip", "skip (LSkip+CSkip), lskip, cskip, ft, coop, a PET method (vlpet-large, "
                        "vlpet-middle-x, vlpet-middle-y, vlpet-small, adapter, lora) or lskip-<PET method>",
                        choices=MODES)
-    skip_layers: int = option(6, "omega: blocks [0, omega) of both towers are frozen and cached")
+    skip_layers: int | None = option(None, "omega: blocks [0, omega) of both towers are frozen and cached "
+                                     "(default: half the blocks of the shallower tower, 6 for ViT-B/16)")
     top_ratio: float = option(0.5, "CSkip's r: K = min(ceil(r*C), max_top) top-ranked classes; r > 1 is a count")
     max_top: int = option(50, "CSkip: at most this many top-ranked classes")
     lam: float = option(0.3, "CSkip: scale of the exponential keep-probability over lower ranks")
@@ -43,7 +44,8 @@ class SkipConfig:
     template: str = option("a photo of a {}.", "prompt template; {} is the class name")
     cache_dtype: str | None = option(None, "dtype of the LSkip caches (default: bfloat16 on GPU, float32 on CPU)",
                                      choices=CACHE_DTYPES)
-    cache_budget_gb: float = option(8.0, "image cache on the GPU up to this size, else in pinned host memory")
+    cache_budget_gb: float = option(8.0, "image cache on the GPU up to this size, else in pinned host memory",
+                                    identity=False)  # where the cache lives, not what it holds
     coop_n_ctx: int = option(4, "CoOp: learned context vectors")
     coop_init: str = option("a photo of a", "CoOp: the words the context starts from, if that many tokens")
     seed: int = option(0, cli=False)  # the command line's --seed (TrainConfig's) sets it too
@@ -154,6 +156,11 @@ class SkipTuner(nn.Module):
         image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
         if text_tower.mask_kind == "custom":
             raise ValueError("text attention masks other than causal or none are not supported")
+        # ω: None in the config means the model's default, resolved here once; tuner.config holds the number.
+        self.skip_layers_reason = "given"
+        if config.skip_layers is None:
+            omega, self.skip_layers_reason = towers.default_skip_layers(model)
+            config = dataclasses.replace(config, skip_layers=omega)
         plan = config.plan
         if plan.pet_method is not None:
             from skipkernels.pet.layouts import CLIP_BLOCKS
@@ -349,7 +356,8 @@ class SkipTuner(nn.Module):
 
     def extra_repr(self) -> str:
         cfg = self.config
-        lines = [f"mode={cfg.mode}, skip_layers={self.skip_layers}, classes={len(self.classnames)}"]
+        why = self.skip_layers_reason if self.plan.caches_prefix else f"nothing is cached in mode {cfg.mode}"
+        lines = [f"mode={cfg.mode}, omega {self.skip_layers} ({why}), classes={len(self.classnames)}"]
         lines += [f"{name}: {state}" for name, state in self.savings.items()]
         return "\n".join(lines)
 
