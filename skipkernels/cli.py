@@ -133,7 +133,8 @@ def _check_finetune_flags(args, train, policy) -> None:
 
 
 def _weights_note(args) -> None:
-    if not args.checkpoint and not args.pretrained:
+    from skipkernels.models import SHIPPED_WEIGHTS
+    if not args.checkpoint and not args.pretrained and args.model not in SHIPPED_WEIGHTS:
         print(f"note: neither --checkpoint nor --pretrained given: {args.model or 'the model'} has random weights",
               file=sys.stderr)
 
@@ -192,12 +193,13 @@ def _megabytes(value) -> str:
 
 
 def _format_table(rows: list[dict]) -> str:
-    header = f"{'mode':<9} {'base %':>7} {'new %':>7} {'HM':>7} {'train s':>8} {'cache s':>8} " \
+    width = max([len("zero-shot")] + [len(r["mode"]) for r in rows])  # the longest mode name fits
+    header = f"{'mode':<{width}} {'base %':>7} {'new %':>7} {'HM':>7} {'train s':>8} {'cache s':>8} " \
              f"{'peak MB':>8} {'trainable':>10}"
     lines = [header, "-" * len(header)]
     for r in rows:
         a = r["accuracy"]
-        lines.append(f"{r['mode']:<9} {a.get('base', 0):7.2f} {a.get('new', 0):7.2f} {a.get('hm', 0):7.2f} "
+        lines.append(f"{r['mode']:<{width}} {a.get('base', 0):7.2f} {a.get('new', 0):7.2f} {a.get('hm', 0):7.2f} "
                      f"{r['time_s']['train']:8.2f} {r['time_s'].get('cache', 0):8.2f} "
                      f"{_megabytes(r['peak_train_memory_mb']):>8} {r['trainable_params']:10,d}")
     return "\n".join(lines)
@@ -320,21 +322,28 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                       "(zero-shot)")
     p.add_argument("--template", default=None, help="prompt template (default: the run's, else 'a photo of a {}.')")
     _add_tokenizer_arg(p)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from skipkernels.options import HelpFormatter
     parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
 
-    p = sub.add_parser("finetune", help="fine-tune on a CoOp-layout dataset and evaluate base/new accuracy")
+    def add_command(name, **kwargs):  # every command's --help shows each default
+        return add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    p = add_command("finetune", help="fine-tune on a CoOp-layout dataset and evaluate base/new accuracy")
     p.add_argument("--data", default=None, help="dataset root, a folder in CoOp's layout, a split_zhou_*.json, or "
                                                 "an image folder DIR/<class>/<images> (default: the embedded "
                                                 "synthetic set)")
     p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
                                                    "as a folder with one split_zhou_*.json")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny)")
-    p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name")
+    p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name; none: random "
+                                                   "weights (default: the shipped ones for skipkernels-tiny-shapes, "
+                                                   "else random)")
     _add_tokenizer_arg(p)
     p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
     p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
@@ -342,11 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over: the run in --out (checkpoint, results, model) is replaced")
     p.add_argument("--zero-shot", action="store_true",
                    help="also evaluate the model before training; results.json then shows the gain")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("eval", help="accuracy of a tuned or pretrained (zero-shot) model on a dataset's test split")
+    p = add_command("eval", help="accuracy of a tuned or pretrained (zero-shot) model on a dataset's test split")
     p.add_argument("--data", required=True, help="dataset root, split_zhou_*.json file or image folder")
     p.add_argument("--dataset", default=None)
     _add_model_args(p)
@@ -360,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("predict", help="top-k classes of images with a tuned or pretrained model")
+    p = add_command("predict", help="top-k classes of images with a tuned or pretrained model")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--classes", default=None, help="a text file with one class per line, or a comma-separated list "
                                                    "(default: the classes of the --checkpoint finetune folder)")
@@ -373,23 +382,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("demo", help="zero-shot, FT, CoOp and Skip Tuning, base-to-new, on the embedded shapes "
+    p = add_command("demo", help="zero-shot, FT, CoOp and Skip Tuning, base-to-new, on the embedded shapes "
                                     "set with a small pretrained CLIP")
     p.add_argument("--modes", default=DEMO_MODES)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="step and epoch time, peak memory: FT, CoOp, Skip (reference, "
+    p = add_command("bench", help="step and epoch time, peak memory: FT, CoOp, Skip (reference, "
                                      "torch.compile, our kernels, CUDA graph) side by side")
     from skipkernels.bench import add_arguments
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("info", help="torch, CUDA, Triton and which compiled ops loaded (and why not)")
+    p = add_command("info", help="torch, CUDA, Triton and which compiled ops loaded (and why not)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", default=None, help="also show this open_clip model's towers and which exact "
                                                  "savings apply to it (built with random weights)")

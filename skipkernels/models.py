@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +26,23 @@ _TINY_TIMM_TRUNKS = {
         global_pool="token")),
 }
 _registered = False
+
+# Models whose weights ship with the package: they load by name unless ``pretrained`` says otherwise.
+SHIPPED_WEIGHTS = {"skipkernels-tiny-shapes": Path(__file__).parent / "weights" / "skipkernels-tiny-shapes.safetensors"}
+RANDOM_WEIGHTS = "none"  # pretrained="none" (--pretrained none): random weights, shipped ones or not
+
+
+def resolve_pretrained(name: str, pretrained: str | None, say: bool = True) -> str | None:
+    """The weights ``create_model`` loads: ``pretrained`` as given; None becomes the shipped weights
+    of ``name`` where there are some (said on stderr when ``say``); "none" is None (random)."""
+    if pretrained == RANDOM_WEIGHTS:
+        return None
+    if pretrained is None and name in SHIPPED_WEIGHTS:
+        if say:
+            print(f"{name}: the shipped pretrained weights ({SHIPPED_WEIGHTS[name]}); --pretrained none for random "
+                  "weights", file=sys.stderr)
+        return str(SHIPPED_WEIGHTS[name])
+    return pretrained or None
 
 
 def _register_tiny_timm_trunks() -> None:
@@ -61,8 +79,10 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
                  tokenizer: str | None = None, **kwargs):
     """Returns (model, tokenizer). ``pretrained``: a local checkpoint path, an open_clip weight
     name (e.g. 'openai'; needs those weights to be reachable or cached), or None for random
-    weights drawn with ``seed``. ``tokenizer``: see ``load_tokenizer``."""
+    weights drawn with ``seed`` ("none": random even where the model has shipped weights; None: the
+    shipped ones where there are some, see ``resolve_pretrained``). ``tokenizer``: see ``load_tokenizer``."""
     open_clip = open_clip_module()
+    pretrained = resolve_pretrained(name, pretrained)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models() "
                          f"(the embedded small configs are {(TINY_MODEL,) + TINY_FAMILIES})")

@@ -21,6 +21,7 @@ the dataclass back from the parsed arguments:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import typing
 
@@ -79,6 +80,29 @@ def _field_type(field: dataclasses.Field):
     if kind not in _TYPES.values():
         raise TypeError(f"field {field.name!r}: no command-line type for annotation {field.type!r}")
     return kind
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, as ``(default: ...)`` after its help: every option
+    that takes a value and has a default (a None among its choices shows as ``none``), unless its
+    help already says what the default is. Flags without a value (``--no-progress``) have none."""
+
+    def _format_action(self, action):
+        if not (action.help or "").strip() and action.nargs != 0 and action.option_strings and \
+                action.default not in (None, [], argparse.SUPPRESS):
+            action = copy.copy(action)  # an option without help still shows its default
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        help, default = action.help or "", action.default
+        if action.nargs == 0 or "%(default)" in help or "(default:" in help or default is argparse.SUPPRESS:
+            return action.help
+        if default is None and "none" in (action.choices or ()):
+            return f"{help} (default: none)"
+        if default is None or default == []:
+            return action.help
+        return f"{help} (default: %(default)s)"
 
 
 def add_options(parser: argparse.ArgumentParser, cls) -> None:

@@ -13,13 +13,15 @@ from pathlib import Path
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "time_s")
 
 
-def write_metrics_csv(steps: list[dict], path) -> None:
-    """One row per training step: ``METRICS_COLUMNS``."""
+def write_metrics_csv(steps: list[dict], path, append: bool = False) -> None:
+    """One row per training step: ``METRICS_COLUMNS``. ``append``: add the rows to the file
+    (flushed on return) instead of writing it anew with its header."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as f:
+    with path.open("a" if append else "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
+        if not append:
+            writer.writeheader()
         writer.writerows(steps)
 
 
@@ -42,7 +44,7 @@ def _save(figure, path: Path) -> None:
 
 
 def training_chart(steps: list[dict], evaluations: list[dict], path, title: str) -> bool:
-    """Loss and learning rate per step; accuracy (base, new, HM) at each evaluated epoch when
+    """Loss and learning rate per step; accuracy (base, new, HM, or all) at each evaluated epoch when
     there is any (epoch 0 is the zero-shot model). Returns False when the chart was not drawn."""
     path = Path(path)
     panels = 3 if evaluations else 2
@@ -65,7 +67,7 @@ def training_chart(steps: list[dict], evaluations: list[dict], path, title: str)
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if evaluations:
         epochs = [e["epoch"] for e in evaluations]
-        for key in ("base", "new", "hm"):
+        for key in ("all", "base", "new", "hm"):  # all: a run on all classes (no base/new split)
             if all(key in e for e in evaluations):
                 axes[2].plot(epochs, [e[key] for e in evaluations], "o-", label=key if key != "hm" else "HM")
         axes[2].set(title="test accuracy (epoch 0: zero-shot)", xlabel="epoch", ylabel="%")

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 
 from skipkernels.data import shapes
 from skipkernels.data.images import EvalTransform, preprocess_config
-from skipkernels.models import create_model
+from skipkernels.models import SHIPPED_WEIGHTS, create_model
 
 MODEL = "skipkernels-tiny-shapes"
-WEIGHTS = Path(__file__).parent / "weights" / f"{MODEL}.safetensors"
+WEIGHTS = SHIPPED_WEIGHTS[MODEL]
 TEMPLATE = "a photo of a {}."  # the trainer's default template, so zero-shot prompts match the captions
 PRETRAIN = {"steps": 600, "images_per_class": 4, "lr": 2e-3, "weight_decay": 0.05, "warmup_steps": 100, "seed": 0}
 
@@ -55,7 +55,7 @@ def pretrain(out: Path = WEIGHTS, classes=shapes.PRETRAIN_CLASSES, steps: int = 
     seed = PRETRAIN["seed"]
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model, tokenizer = create_model(MODEL, seed=seed)
+    model, tokenizer = create_model(MODEL, "none", seed=seed)  # pretraining starts from random weights
     model.train()
     transform = EvalTransform(*preprocess_config(model))  # the drawing's randomness is the augmentation
     captions = tokenizer([TEMPLATE.format(shapes.classname(c, s)) for c, s in classes])

@@ -12,6 +12,7 @@ from skipkernels.ops.policy import BACKENDS, KernelPolicy
 from skipkernels.options import add_options, cli_fields, flag_of, from_args, option, spec
 from skipkernels.skip.cskip import RESAMPLE_MODES
 from skipkernels.skip.tuner import CACHE_DTYPES, MODES, SkipConfig
+from skipkernels.train.report import REPORT_TO
 from skipkernels.train.trainer import AMP_MODES, TrainConfig, autocast_dtype_for
 
 
@@ -80,7 +81,7 @@ OFF_THE_COMMAND_LINE = {(SkipConfig, "seed"), (TrainConfig, "stop_after_epochs")
 # The validated constants behind each field with choices; None is "none" on the command line.
 CHOICES = {(SkipConfig, "mode"): MODES, (SkipConfig, "resample"): RESAMPLE_MODES,
            (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES,
-           (KernelPolicy, "backend"): BACKENDS}
+           (TrainConfig, "report_to"): REPORT_TO, (KernelPolicy, "backend"): BACKENDS}
 
 
 def _train_parser():
@@ -210,3 +211,120 @@ def test_quickstart_example_runs(tmp_path):
                           env={**os.environ, "SKIPKERNELS_CACHE": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "epoch 1: loss" in proc.stdout
+
+
+# ---------------------------------------------------------------- flags that cannot work here
+
+def _finetune_never_called(monkeypatch):
+    import skipkernels.train.trainer as trainer
+    calls = []
+    monkeypatch.setattr(trainer, "finetune", lambda *a, **k: calls.append(a) or pytest.fail("finetune ran"))
+    return calls
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--device", "gpu"], "expected cpu, cuda"),
+    (["--backend", "triton"], "TRITON_INTERPRET=1"),
+    (["--backend", "cuda", "--device", "cpu"], "the device is cpu"),
+    (["--kernel-table", "/no/such/table.json"], "no such file"),
+    (["--kernel-table", "{bad}"], "not a measured table"),
+    (["--kernel-table", "{entry}"], "an entry lacks"),
+    (["--report-to", "tensorboard"], "pip install tensorboard"),
+])
+def test_a_flag_that_cannot_work_fails_before_the_model_loads(extra, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    (tmp_path / "bad.json").write_text("[1, 2")
+    (tmp_path / "entry.json").write_text(json.dumps({"entries": [{"device": "H200", "op": "linear"}]}))
+    extra = [a.format(bad=tmp_path / "bad.json", entry=tmp_path / "entry.json") for a in extra]
+    calls = _finetune_never_called(monkeypatch)
+    assert main(["finetune", "--model", "skipkernels-tiny", "--out", str(tmp_path / "run"), "--no-progress",
+                 *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not calls
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_demo_and_bench_share_the_device_check(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in (["eval", "--data", str(tmp_path), "--device", "cuda"], ["demo", "--device", "cuda:0"],
+                 ["bench", "--device", "cuda"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "CUDA is not available" in err and "Traceback" not in err
+
+
+def test_backends_that_can_run_pass_the_check(monkeypatch):
+    from skipkernels import _ext
+    from skipkernels.ops.policy import check_runnable
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for backend in ("auto", "torch", "triton") + (("cpu",) if _ext.COMPILED_OPS else ()):
+        check_runnable(KernelPolicy(backend), torch.device("cpu"))
+    with pytest.raises(ValueError, match="the device is cuda"):
+        check_runnable("cpu", torch.device("cuda"))
+
+
+def test_an_autocast_dtype_the_device_lacks_is_refused():
+    from skipkernels.cli import _check_autocast
+    for dtype in (None, torch.bfloat16, torch.float16):  # torch's CPU autocast runs both
+        _check_autocast(torch.device("cpu"), dtype)
+    with pytest.raises(ValueError, match="--amp float64: autocast on cpu does not support it"):
+        _check_autocast(torch.device("cpu"), torch.float64)
+
+
+def test_a_measured_table_written_by_the_tool_passes_the_check(tmp_path):
+    from skipkernels.ops.measured import check_table
+    entry = {"device": "H200", "op": "linear", "pass": "fwd", "dtype": "bf16", "dims": [8, 8], "rows": 4,
+             "speedup": 1.2}
+    (tmp_path / "t.json").write_text(json.dumps({"entries": [entry]}))
+    for table in (None, "all-triton", str(tmp_path / "t.json")):
+        check_table(table)
+
+
+# ---------------------------------------------------------------- help, table, shipped weights, repr
+
+@pytest.mark.parametrize("command", ["finetune", "eval", "predict", "demo", "bench"])
+def test_help_shows_each_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    options = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # argparse wraps lines
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    formatter = sub.formatter_class(command)
+    entries = [formatter._format_action_invocation(a) for a in sub._actions]
+    for action, entry in zip(sub._actions, entries):
+        if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS) or not action.option_strings:
+            continue
+        text = options.split(entry + " ", 1)[1]
+        text = min((text.split(e + " ", 1)[0] for e in entries if e != entry), key=len)  # up to the next entry
+        assert "(default:" in text, f"{command} {entry}: no default shown in {text!r}"
+    if command == "finetune":
+        assert "(default: 0.5)" in options and "(default: 20)" in options and "(default: ViT-B-16)" in options
+
+
+def test_the_demo_table_fits_its_longest_mode_name():
+    from skipkernels.cli import _format_table
+    row = {"accuracy": {"base": 80.0, "new": 70.0, "hm": 74.67}, "time_s": {"train": 1.0, "cache": 0.5},
+           "peak_train_memory_mb": 3.0, "trainable_params": 1234}
+    lines = _format_table([{**row, "mode": m} for m in ("ft", "lskip-vlpet-middle-x", "skip")]).splitlines()
+    width = len("lskip-vlpet-middle-x")
+    assert lines[0].startswith(f"{'mode':<{width}}  base %")
+    for line, mode in zip(lines[2:], ("ft", "lskip-vlpet-middle-x", "skip")):
+        assert len(line) == len(lines[0]) and line[:width + 1] == f"{mode:<{width}} ", line  # columns line up
+    assert lines[3].split()[:2] == ["lskip-vlpet-middle-x", "80.00"]
+
+
+def test_the_shipped_weights_load_by_name(capsys):
+    from skipkernels.models import SHIPPED_WEIGHTS, create_model
+    from skipkernels.pretrain_tiny import WEIGHTS
+    from safetensors.torch import load_file
+    assert SHIPPED_WEIGHTS["skipkernels-tiny-shapes"] == WEIGHTS and WEIGHTS.is_file()
+    model, _ = create_model("skipkernels-tiny-shapes")
+    assert "shipped pretrained weights" in capsys.readouterr().err
+    shipped = load_file(str(WEIGHTS))
+    name = "visual.transformer.resblocks.0.attn.in_proj_weight"
+    assert torch.equal(model.state_dict()[name], shipped[name])
+    random, _ = create_model("skipkernels-tiny-shapes", "none", seed=0)
+    assert not torch.equal(random.state_dict()[name], shipped[name])
+    assert "shipped" not in capsys.readouterr().err

@@ -93,3 +93,50 @@ def test_without_matplotlib_charts_are_skipped_with_one_line(tmp_path, monkeypat
     assert err == ["matplotlib is not installed: training.png not drawn (pip install matplotlib)",
                    "matplotlib is not installed: e2e.png not drawn (pip install matplotlib)"]
     assert _rows(tmp_path / "metrics.csv")[1][0]["loss"] == "2.0"
+
+
+def test_metrics_csv_grows_every_epoch_and_tensorboard_logs_the_same(synthetic_root, tmp_path, monkeypatch):
+    """A long run can be watched: after each epoch metrics.csv holds its steps; with
+    report_to="tensorboard" the same numbers go to the writer (a stand-in records them)."""
+    import skipkernels.train.report as report
+    import skipkernels.train.trainer as trainer
+    logged, seen_at_epoch = [], {}
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            logged.append((tag, float(value), int(step)))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            logged.append(("closed", 0.0, 0))
+
+    monkeypatch.setattr(report, "summary_writer_class", lambda: Writer)
+    set_lr = trainer.set_epoch_lr
+
+    def spy(optimizer, epoch, *args):  # called as each epoch starts: the file as it is then
+        path = tmp_path / "run" / "metrics.csv"
+        seen_at_epoch[epoch] = len(_rows(path)[1]) if path.is_file() else None
+        return set_lr(optimizer, epoch, *args)
+
+    monkeypatch.setattr(trainer, "set_epoch_lr", spy)
+    finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(skip_layers=2),
+             train=TrainConfig(epochs=3, eval_every=2, report_to="tensorboard", **FAST), out_dir=tmp_path / "run")
+    assert seen_at_epoch == {0: 0, 1: STEPS_PER_EPOCH, 2: 2 * STEPS_PER_EPOCH}
+    rows = _rows(tmp_path / "run" / "metrics.csv")[1]
+    losses = [(float(r["loss"]), int(r["step"])) for r in rows]
+    assert [(v, s) for tag, v, s in logged if tag == "train/loss"] == losses
+    assert [s for tag, _, s in logged if tag == "train/epoch_loss"] == [STEPS_PER_EPOCH * e for e in (1, 2, 3)]
+    assert {tag for tag, _, s in logged if tag.startswith("eval/") and s == 2 * STEPS_PER_EPOCH} == \
+        {"eval/base", "eval/new", "eval/hm"}  # the evaluated epoch's accuracies
+    assert logged[-1][0] == "closed"
+
+
+def test_an_all_classes_run_reports_all(synthetic_root, tmp_path):
+    result = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(skip_layers=2),
+                      train=TrainConfig(epochs=1, **FAST), out_dir=tmp_path / "all", base_to_new=False)
+    assert set(result["accuracy"]) == {"all"}

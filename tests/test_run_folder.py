@@ -72,7 +72,7 @@ CONFIG_CHANGES = {
 }
 CONFIGS = {"skip_config": SkipConfig, "train_config": TrainConfig, "kernel_policy": KernelPolicy}
 # the run's other settings: (identity key, finetune's keyword arguments)
-OTHER_CHANGES = [("model", {"model": "skipkernels-tiny"}), ("pretrained", {"pretrained": None}),
+OTHER_CHANGES = [("model", {"model": "skipkernels-tiny"}), ("pretrained", {"pretrained": "none"}),
                  ("model_seed", {"model_seed": 3}), ("tokenizer", {"tokenizer": "ViT-B-16"}),
                  ("classes", {"base_to_new": False})]
 

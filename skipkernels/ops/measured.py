@@ -34,6 +34,28 @@ def _entries(path: str) -> tuple:
     return tuple(json.loads(p.read_text())["entries"]) if p.is_file() else ()
 
 
+_ENTRY_KEYS = frozenset({"device", "op", "pass", "dtype", "dims", "rows", "speedup"})
+
+
+def check_table(table: str | None) -> None:
+    """ValueError unless ``table`` (a KernelPolicy's) is None (the packaged table), ``ALL_TRITON``
+    or a readable table file as ``main`` writes it."""
+    if table is None or table == ALL_TRITON:
+        return
+    path = Path(table)
+    if not path.is_file():
+        raise ValueError(f"kernel table {table!r}: no such file (a table written by `python -m "
+                         f"skipkernels.ops.measured`, or {ALL_TRITON!r})")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["entries"]
+        bad = next((e for e in entries if not isinstance(e, dict) or not _ENTRY_KEYS <= e.keys()), None)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"kernel table {table!r} is not a measured table ({{\"entries\": [...]}}): "
+                         f"{type(err).__name__}: {err}") from None
+    if bad is not None:
+        raise ValueError(f"kernel table {table!r}: an entry lacks {sorted(_ENTRY_KEYS)}: {str(bad)[:200]}")
+
+
 def decide(entries, device: str, op: str, pass_: str, dtype: str, dims, rows: int) -> bool:
     """Pure decision over measured entries (see the module docstring)."""
     dims = [d if isinstance(d, str) else int(d) for d in dims]

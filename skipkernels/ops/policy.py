@@ -58,6 +58,32 @@ class KernelPolicy:
             object.__setattr__(self, "table", str(self.table))
 
 
+def check_runnable(policy: "KernelPolicy | str", device) -> None:
+    """ValueError where ``policy``'s backend can never run on ``device``, so a run says so before it
+    builds a model: ``triton`` without Triton, or on a CPU without ``TRITON_INTERPRET=1``; ``cpu`` /
+    ``cuda`` on the other device or without their compiled ops. ``auto`` and ``torch`` always run."""
+    import importlib.util
+
+    from skipkernels import _ext
+    from skipkernels.triton import interpreting
+    backend = resolve(policy).backend
+    kind = torch.device(device).type
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("backend 'triton' needs the triton package, which is not installed "
+                             "(pip install triton); use backend 'auto' or 'torch'")
+        if kind == "cpu" and not interpreting():
+            raise ValueError("backend 'triton' on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                             "before starting (or run on a CUDA device); backend 'auto' runs everywhere")
+    elif backend in ("cpu", "cuda"):
+        if backend != kind:
+            raise ValueError(f"backend {backend!r} runs the compiled ops on {backend} tensors, but the device is "
+                             f"{kind}; use backend {kind!r} or 'auto'")
+        if not _ext.COMPILED_OPS or (kind == "cuda" and not _ext.CUDA_BUILT):
+            reason = _ext.load_error or "skipkernels._C was built without CUDA"
+            raise ValueError(f"backend {backend!r} needs the compiled ops, which are not available: {reason}")
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool):
     """PyTorch's deterministic algorithms (and no cuDNN autotuning) inside where ``enabled``; the

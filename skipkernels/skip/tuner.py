@@ -354,6 +354,10 @@ class SkipTuner(nn.Module):
         # logits (get_logits) over the subset without adding it.
         return subset_logits_ce(f, t, scale, targets, backend=self.policy)
 
+    def __repr__(self) -> str:
+        # A summary: nn.Module's repr would print the whole model after it (print(tuner.model) does that).
+        return f"{type(self).__name__}(\n  " + self.extra_repr().replace("\n", "\n  ") + "\n)"
+
     def extra_repr(self) -> str:
         cfg = self.config
         why = self.skip_layers_reason if self.plan.caches_prefix else f"nothing is cached in mode {cfg.mode}"

@@ -30,6 +30,7 @@ from skipkernels.train import checkpoint, run_folder
 from skipkernels.train.evaluate import class_group, evaluate_groups
 from skipkernels.train.export import export_model, fold_lora
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
+from skipkernels.train.report import REPORT_TO, RunLog, check_report_to
 from skipkernels.train.schedule import set_epoch_lr
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -87,8 +88,15 @@ class TrainConfig:
     # Deterministic algorithms only. On CPU runs are reproducible anyway; on GPUs the backward of
     # index/gather ops (atomics) and flash / memory-efficient attention are not bit-reproducible.
     deterministic: bool = option(False, "deterministic algorithms only (torch.use_deterministic_algorithms)")
+    # metrics.csv is always written, every epoch; this adds a logger of the same numbers (train/report.py)
+    report_to: str | None = option(None, "also log the training numbers to tensorboard (OUT/tensorboard; needs "
+                                   "the tensorboard package), or none", choices=REPORT_TO, identity=False)
 
     def __post_init__(self):
+        if self.report_to == "none":
+            self.report_to = None
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {REPORT_TO} ('none' for None), got {self.report_to!r}")
         if self.amp not in AMP_MODES and self.amp != "none":
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.epochs < 1:
@@ -168,6 +176,9 @@ class Trainer:
         # PyTorch's deterministic algorithms for the length of train() only (TrainConfig's flag or
         # the tuner's KernelPolicy); the process's own setting is restored after.
         self.deterministic = config.deterministic or resolve_policy(tuner.policy).deterministic
+        check_report_to(config.report_to)  # before any training: the logger's package is there
+        if config.report_to is not None and self.out_dir is None:
+            raise ValueError(f"report_to={config.report_to!r} logs into the run's folder: give an out_dir")
         size, mean, std = preprocess_config(tuner.model)
         self.dataset = ItemDataset(self.items, TrainTransform(size, mean, std), seed=config.seed)
         self.labels = [it.label for it in self.items]
@@ -274,16 +285,24 @@ class Trainer:
                 yield indices, images.to(self.device, non_blocking=True), labels, weight
 
     def train(self) -> list[dict]:
-        with deterministic_algorithms(self.deterministic):
-            return self._train()
+        # metrics.csv, appended every epoch, and report_to's logger: the main rank of a run with a folder
+        log = RunLog(self.out_dir, self.config.report_to, self.steps) \
+            if self.out_dir is not None and distributed.is_main() else None
+        try:
+            with deterministic_algorithms(self.deterministic):
+                return self._train(log)
+        finally:
+            if log is not None:
+                log.close()
 
-    def _train(self) -> list[dict]:
+    def _train(self, log: RunLog | None = None) -> list[dict]:
         cfg = self.config
         tuner = self.tuner
         last_epoch = cfg.epochs if cfg.stop_after_epochs is None else min(cfg.epochs, cfg.stop_after_epochs)
         epochs = tqdm(range(self.start_epoch, last_epoch), desc=f"{tuner.config.mode} epochs",
                       disable=not cfg.progress, initial=self.start_epoch, total=cfg.epochs)
         for epoch in epochs:
+            first_step = len(self.steps)
             set_epoch_lr(self.optimizer, epoch, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
             tuner.model.train()
             batches = self._global_batches(epoch)
@@ -343,6 +362,8 @@ class Trainer:
             epochs.set_postfix(loss=f"{record['loss']:.4f}")
             del cache
             self.save_checkpoint(epoch + 1)
+            if log is not None:  # after the checkpoint: a resumed run rewrites the file from its steps
+                log.epoch_done(self.steps[first_step:], record)
         return self.history
 
     def _check_finite(self, value: float, epoch: int, step: int, indices) -> None:
@@ -368,7 +389,8 @@ def _timed(times: dict, key: str):
 @dataclasses.dataclass
 class _RunData:
     """What a run trains and is tested on: the split, base and new labels, few-shot training items,
-    and the test groups ("base", and "new" for base-to-new) as ``(items, classnames)``."""
+    and the test groups as ``(items, classnames)``: "base" and "new" for base-to-new, else "all"
+    (``base`` then holds every label)."""
     splits: Splits
     base: list[int]
     new: list[int]
@@ -377,7 +399,7 @@ class _RunData:
 
     @property
     def base_names(self) -> list[str]:
-        return self.test_groups["base"][1]
+        return self.test_groups["base" if self.new else "all"][1]
 
 
 def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool) -> _RunData:
@@ -387,7 +409,7 @@ def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool) -> _Run
     else:
         base, new = list(range(len(splits.classnames))), []
     train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
-    test_groups = {"base": class_group(splits.test, splits.classnames, base)}
+    test_groups = {"base" if new else "all": class_group(splits.test, splits.classnames, base)}
     if new:
         test_groups["new"] = class_group(splits.test, splits.classnames, new)
     return _RunData(splits, base, new, train_items, test_groups)
@@ -442,9 +464,10 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     ``tokenizer``: a tokenizer folder or open_clip name (``skipkernels.models.load_tokenizer``).
     ``zero_shot``: also evaluate the model before training (results' zero_shot_accuracy, gain).
     ``policy``: the KernelPolicy (or backend name) of every op of the run (None: the ambient one)."""
-    from skipkernels.models import create_model
+    from skipkernels.models import create_model, resolve_pretrained
     from skipkernels.patch import patch_clip
 
+    pretrained = resolve_pretrained(model_name, pretrained)  # shipped weights by name: the run records their path
     skip = skip or SkipConfig()
     train = train or TrainConfig()
     device = distributed.init_from_env(torch.device(device) if device else None)

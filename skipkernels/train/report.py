@@ -1,0 +1,73 @@
+"""What a training run reports while it runs: ``metrics.csv``, appended every epoch, and the same
+numbers in TensorBoard with ``report_to="tensorboard"`` (``--report-to``, the Hugging Face
+Trainer's convention; tensorboard is an optional dependency)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from skipkernels.plots import write_metrics_csv
+
+REPORT_TO = (None, "tensorboard")  # None: metrics.csv only ("none" on the command line)
+METRICS_NAME = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"  # under the run's folder
+
+
+class MissingDependency(ImportError, ValueError):
+    """An optional package a setting needs is not installed (the message says which and how)."""
+
+
+def summary_writer_class():
+    """``torch.utils.tensorboard.SummaryWriter``; MissingDependency without tensorboard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise MissingDependency("report_to 'tensorboard' (--report-to tensorboard) needs the tensorboard package, "
+                                f"which is not installed ({err}): pip install tensorboard, or report to none") \
+            from err
+    return SummaryWriter
+
+
+def check_report_to(report_to) -> None:
+    """ValueError for a value outside ``REPORT_TO``; MissingDependency where its package is missing."""
+    if report_to not in REPORT_TO:
+        raise ValueError(f"report_to must be one of {REPORT_TO}, got {report_to!r}")
+    if report_to == "tensorboard":
+        summary_writer_class()
+
+
+class RunLog:
+    """The numbers of a run as it trains, in ``out_dir``.
+
+    ``metrics.csv`` (one row per step, ``plots.METRICS_COLUMNS``) is written from the steps so far
+    when training starts (a resumed run's included) and appended, flushed, after every epoch, so a
+    long run can be watched. With ``report_to="tensorboard"`` the same numbers go to
+    ``out_dir/tensorboard``: each step's loss and learning rate, each epoch's mean loss and, where
+    the epoch was evaluated, its test accuracies, all at the global step.
+    """
+
+    def __init__(self, out_dir, report_to=None, steps=()):
+        check_report_to(report_to)
+        out_dir = Path(out_dir)
+        self.path = out_dir / METRICS_NAME
+        write_metrics_csv(list(steps), self.path)
+        self.writer = summary_writer_class()(log_dir=str(out_dir / TENSORBOARD_DIR)) \
+            if report_to == "tensorboard" else None
+
+    def epoch_done(self, steps: list[dict], record: dict) -> None:
+        """The epoch's ``steps`` and its history ``record`` (epoch, loss, accuracy if evaluated)."""
+        write_metrics_csv(steps, self.path, append=True)
+        if self.writer is None:
+            return
+        for s in steps:
+            self.writer.add_scalar("train/loss", s["loss"], s["step"])
+            self.writer.add_scalar("train/lr", s["lr"], s["step"])
+        step = steps[-1]["step"] if steps else 0
+        self.writer.add_scalar("train/epoch_loss", record["loss"], step)
+        for name, value in (record.get("accuracy") or {}).items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
