@@ -23,6 +23,13 @@
 //   -> (values (B, min(k, C)) float32, indices (B, min(k, C)) int64, loss 0-d float32 or None)
 //
 // Fake (meta) implementations are registered from Python in skipkernels/_ext.py.
+//
+// Under torch.autocast every op is an fp32 op, as torch's own losses are (autocast's fp32 list):
+// it takes its inputs in the dtypes they come in (a bf16 / fp16 tower's features included),
+// computes and accumulates in float32 (float64 for float64 inputs), and returns the outputs above
+// in those dtypes. Its body runs with autocast excluded, so the ATen calls inside it (the CPU
+// kernels' at::mm, class_scores_topk's at::matmul) run in the op's compute dtype instead of being
+// recast to the autocast dtype.
 #include <torch/extension.h>
 
 #include "skipkernels.h"
@@ -52,6 +59,26 @@ TORCH_LIBRARY_IMPL(skipkernels, CPU, m) {
   m.impl("subset_logits_ce_backward", &skipkernels::subset_logits_ce_backward_cpu);
   m.impl("class_scores_topk", &skipkernels::class_scores_topk_impl);
 }
+
+namespace {
+
+// The Autocast kernel of every op: the op again, below autocast (see the top of this file).
+void without_autocast(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+void register_without_autocast(torch::Library& m) {
+  for (const char* name : {"class_select", "subset_logits_ce", "subset_logits_ce_backward",
+                           "class_scores_topk"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(skipkernels, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(skipkernels, AutocastCUDA, m) { register_without_autocast(m); }
 
 #ifdef SKIPKERNELS_WITH_CUDA
 TORCH_LIBRARY_IMPL(skipkernels, CUDA, m) {

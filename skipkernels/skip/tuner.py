@@ -22,7 +22,7 @@ from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
 from skipkernels.skip.modes import MODES, PET_MODES, ModePlan, mode_plan  # noqa: F401 - re-exported
 
-CACHE_DTYPES = ("float32", "bfloat16", "float16")  # of the LSkip caches; None: by device
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "float64")  # of the LSkip caches; None: see _cache_dtype
 
 
 # Each field's option() is also its command-line flag (skipkernels.options, skipkernels.cli).
@@ -42,7 +42,8 @@ class SkipConfig:
     truncate_text: bool = option(True, "exact text truncation: text blocks run only up to the last pooled token")
     prune_last_block: bool = option(True, "exact last-block pruning: the final block computes only the pooled row")
     template: str = option("a photo of a {}.", "prompt template; {} is the class name")
-    cache_dtype: str | None = option(None, "dtype of the LSkip caches (default: bfloat16 on GPU, float32 on CPU)",
+    cache_dtype: str | None = option(None, "dtype of the LSkip caches (default: the model's dtype; for float32 models "
+                                     "bfloat16 on GPU, float32 on CPU)",
                                      choices=CACHE_DTYPES)
     cache_budget_gb: float = option(8.0, "image cache on the GPU up to this size, else in pinned host memory",
                                     identity=False)  # where the cache lives, not what it holds
@@ -188,6 +189,9 @@ class SkipTuner(nn.Module):
         if plan.caches_prefix:
             towers.check_skip_layers(model, plan.skip_layers)
         self.device = next(model.parameters()).device
+        # The model's compute dtype (bf16, fp16, fp32 or fp64 weights): the cached prefix re-enters
+        # the suffix blocks in it, whatever the cache's dtype.
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.cache_dtype = self._cache_dtype()
         self.class_tokens = tokenizer([config.template.format(c) for c in classnames]).to(self.device)
         check_tokens(model, self.class_tokens)
@@ -231,7 +235,9 @@ class SkipTuner(nn.Module):
     # ------------------------------------------------------------------ set-up helpers
     def _cache_dtype(self) -> torch.dtype:
         name = self.config.cache_dtype
-        if name is None:
+        if name is None and self.dtype != torch.float32:
+            return self.dtype  # a bf16 / fp16 / fp64 model: its own dtype
+        if name is None:  # fp32 weights: on GPUs the bf16 cache halves its bytes (autocast runs bf16 anyway)
             return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         return getattr(torch, name)
 
@@ -309,8 +315,9 @@ class SkipTuner(nn.Module):
             with torch.no_grad():
                 return self.encode_images(inputs)
         if self.plan.caches_prefix:
-            # The cache may be bf16; the residual stream runs in fp32 as in open_clip under autocast.
-            return towers.encode_image_from(self.model, inputs.float(), self.skip_layers, self.prune_image,
+            # The cache may be bf16; the residual stream runs in the model's dtype (fp32 weights: fp32,
+            # as in open_clip under autocast).
+            return towers.encode_image_from(self.model, inputs.to(self.dtype), self.skip_layers, self.prune_image,
                                             self.policy)
         return self.encode_images(inputs)
 
@@ -325,7 +332,7 @@ class SkipTuner(nn.Module):
             dynamic = selected is not None and self.truncate_text and not static
             selected_host = selected.cpu() if dynamic else None
             x, pool_index = self.text_cache.gather(selected, selected_host)
-            return towers.encode_text_from(self.model, x.float(), self.skip_layers, pool_index, self.prune_text,
+            return towers.encode_text_from(self.model, x.to(self.dtype), self.skip_layers, pool_index, self.prune_text,
                                            self.policy)
         if selected is None:
             return self._encode_tokens(self.step_tokens, length=self.step_length)
