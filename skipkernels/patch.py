@@ -68,6 +68,12 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     ``policy``: the ``KernelPolicy`` (or backend name) of every op the patched model runs, and the
     default of a ``SkipTuner`` on it; None: the ambient policy at each call (``use_policy``).
     Patching again replaces the policy."""
+    from skipkernels.checks import check_model
+    from skipkernels.ops.policy import resolve
+    check_model("model", model)
+    if policy is not None:
+        resolve(policy)  # an unknown backend name fails here, not at the first op
+    model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
     for block in fused_blocks(model):
         block.forward = types.MethodType(_patched_forward, block)
         setattr(block, POLICY_ATTR, policy)
@@ -83,6 +89,8 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
 def unpatch_clip(model: nn.Module) -> nn.Module:
     """Restore open_clip's own forwards; a block holding PET modules gets PET's forward, which
     applies them (open_clip's own would skip them). Returns ``model``."""
+    from skipkernels.checks import check_model
+    check_model("model", model)
     for block in fused_blocks(model):
         block.__dict__.pop("forward", None)
         block.__dict__.pop(POLICY_ATTR, None)

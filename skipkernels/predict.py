@@ -141,11 +141,23 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
     state_dict of ``model_name``; else ``pretrained`` (an open_clip weight name or a path);
     neither: random weights. ``tokenizer``: a name or folder (see models.load_tokenizer), else the
     run's, else the model's own."""
+    from skipkernels import checks
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
     from skipkernels.skip.tuner import SkipConfig, SkipTuner
     from skipkernels.train import checkpoint as ckpt
     from skipkernels.train import export, run_folder
+
+    classnames = checks.check_classnames("classnames", classnames)
+    for name, value in (("model_name", model_name), ("pretrained", pretrained), ("template", template),
+                        ("tokenizer", tokenizer)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}"[:200])
+    if checkpoint is not None:
+        checks.check_path("checkpoint", checkpoint)
+    if template is not None and "{}" not in template:
+        raise ValueError(f"template must contain {{}} for the class name, got {template!r}")
+    device = checks.check_device("device", device)
 
     config, part, tuned = SkipConfig(mode="ft"), None, None  # plain inference: no class subsets, no caches
     weights = pretrained
@@ -201,6 +213,21 @@ def predict(tuner, images, classnames, top_k: int = 5, batch_size: int = 64, wor
             autocast_dtype=None, progress: bool = True) -> list[Prediction]:
     """Top-k of softmax(exp(logit_scale) * cos(image, class prompt)) over ``classnames`` for each
     image path. Unreadable files are skipped with one warning that names them."""
+    from skipkernels import checks
+    if not hasattr(tuner, "encode_classes") or not hasattr(tuner, "encode_images"):
+        raise TypeError(f"tuner must be a SkipTuner (e.g. from load_classifier), got {type(tuner).__name__}")
+    if isinstance(images, (str, os.PathLike)):
+        raise TypeError(f"images must be a list of image paths, got the single path {str(images)!r}: pass "
+                        f"[{str(images)!r}], or collect_images([folder]) for a folder")
+    images = list(images)
+    for path in images:
+        checks.check_path("each image", path)
+    classnames = checks.check_classnames("classnames", classnames)
+    if not classnames:
+        raise ValueError("classnames is empty: give the classes to choose between")
+    checks.check_positive("top_k", top_k, integer=True)
+    checks.check_positive("batch_size", batch_size, integer=True)
+    checks.check_positive("workers", workers, integer=True, allow_zero=True)
     model, device = tuner.model, tuner.device
     size, mean, std = preprocess_config(model)
     items = [Item(path, -1, "") for path in images]

@@ -89,7 +89,7 @@ LAYERS = (
      "skipkernels.distributed"),
     ("skipkernels.triton",),
     ("skipkernels.ops",),
-    ("skipkernels.families",),
+    ("skipkernels.families", "skipkernels.checks"),
     ("skipkernels.pet",),
     ("skipkernels.skip", "skipkernels.patch"),
     ("skipkernels.data", "skipkernels.train", "skipkernels.plots", "skipkernels.models"),

@@ -379,6 +379,12 @@ def apply_pet(model: nn.Module, config: PetConfig,
     name and module of each LoRA target (an nn.Linear, or the attention module for a packed
     in-projection). Raises ValueError when nothing matched.
     """
+    from skipkernels.checks import check_model
+    check_model("model", model)
+    if not isinstance(config, PetConfig):
+        raise TypeError(f"config must be a PetConfig, e.g. PetConfig(method='lora'), got {type(config).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable (name, module) -> bool, got {type(filter_fn).__name__}")
     if has_pet(model):
         raise ValueError("the model already holds PET modules; remove() them before applying again")
     blocks = L.find_blocks(model)

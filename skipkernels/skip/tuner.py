@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from skipkernels import checks
 from skipkernels.families import model_towers
 from skipkernels.ops.block import model_policy
 from skipkernels.ops.class_select import check_cskip_params, check_label_range
+from skipkernels.ops.policy import resolve as resolve_policy
 from skipkernels.ops.subset_ce import subset_logits_ce
 from skipkernels.options import option
 from skipkernels.skip import towers
@@ -150,6 +152,13 @@ class SkipTuner(nn.Module):
         """``policy``: the KernelPolicy (or backend name) of every op the tuner runs; None: the one
         ``patch_clip`` gave the model, else the ambient policy at each call."""
         super().__init__()
+        checks.check_model("model", model)
+        classnames = checks.check_classnames("classnames", classnames)
+        checks.check_tokenizer(tokenizer)
+        if config is not None and not isinstance(config, SkipConfig):
+            raise TypeError(f"config must be a SkipConfig, got {type(config).__name__}")
+        if policy is not None:
+            resolve_policy(policy)
         if config is None:
             config = SkipConfig(**overrides)
         elif overrides:
@@ -171,7 +180,6 @@ class SkipTuner(nn.Module):
                                  f"{', '.join(sorted(foreign))} blocks would get none")
         if config.drop_ratio > 0 and image_tower.token_dropping_off_reason() is not None:
             raise ValueError(f"drop_ratio > 0 is not possible for this model: {image_tower.token_dropping_off_reason()}")
-        classnames = list(classnames) if classnames is not None else []
         if not classnames:
             raise ValueError("classnames is empty: SkipTuner needs at least one class")
         if any(not isinstance(c, str) or not c.strip() for c in classnames):
@@ -267,6 +275,10 @@ class SkipTuner(nn.Module):
 
     def parameter_groups(self, lr: float, lr_image: float | None = None, weight_decay: float = 5e-4):
         """SGD groups: the image tower at ``lr_image`` (the paper's 5e-6), the rest at ``lr``."""
+        checks.check_positive("lr", lr)
+        if lr_image is not None:
+            checks.check_positive("lr_image", lr_image)
+        checks.check_positive("weight_decay", weight_decay, allow_zero=True)
         image, other = [], []
         for name, p in self.trainable_named_parameters():
             (image if name.startswith("model.visual.") else other).append(p)
@@ -281,17 +293,23 @@ class SkipTuner(nn.Module):
     # ------------------------------------------------------------------ encoders
     def image_prefix(self, images):
         """Frozen prefix of the image tower: tokens entering block ω = ``skip_layers`` (no autograd)."""
+        checks.check_images("images", images, self.model)
         with torch.no_grad():
             return towers.image_blocks(self.model, towers.image_stem(self.model, images), 0, self.skip_layers,
                                        policy=self.policy)
 
     def encode_images(self, images, normalize: bool = False):
         """Image features of the current model (the whole tower; last block pruned when exact)."""
+        checks.check_images("images", images, self.model)
         f = towers.encode_image(self.model, images, self.prune_image, self.policy)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_classes(self, classnames, normalize: bool = False, batch_size: int = 256):
         """Text features of any class list with the current model (CoOp: with the learned context)."""
+        classnames = checks.check_classnames("classnames", classnames)
+        checks.check_positive("batch_size", batch_size, integer=True)
+        if not classnames:
+            raise ValueError("classnames is empty: give at least one class")
         outs = []
         for start in range(0, len(classnames), batch_size):
             names = classnames[start:start + batch_size]
@@ -345,6 +363,13 @@ class SkipTuner(nn.Module):
         are not range-checked here (check them before copying them in), the class subset has its
         fixed size and text is truncated to the longest prompt of all classes.
         """
+        # shapes and dtypes (metadata only: also on the static path), then the label range, which
+        # reads values (off the static path: check host labels before copying them in)
+        if self.plan.caches_prefix:
+            checks.check_prefix("inputs", inputs, self.model)
+        else:
+            checks.check_images("inputs", inputs, self.model)
+        checks.check_labels("labels", labels, inputs.shape[0])
         if not static:
             self.check_labels(labels)  # before the copy: host labels need no device sync
         labels = labels.to(self.device)

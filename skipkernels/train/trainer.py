@@ -464,13 +464,30 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     ``tokenizer``: a tokenizer folder or open_clip name (``skipkernels.models.load_tokenizer``).
     ``zero_shot``: also evaluate the model before training (results' zero_shot_accuracy, gain).
     ``policy``: the KernelPolicy (or backend name) of every op of the run (None: the ambient one)."""
+    from skipkernels import checks
     from skipkernels.models import create_model, resolve_pretrained
     from skipkernels.patch import patch_clip
 
+    checks.check_path("data_root", data_root)
+    for name, value in (("dataset", dataset), ("pretrained", pretrained), ("tokenizer", tokenizer)):
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}"[:200])
+    if not isinstance(model_name, str):
+        raise TypeError(f"model_name must be an open_clip model name (str), got {type(model_name).__name__}")
+    if skip is not None and not isinstance(skip, SkipConfig):
+        raise TypeError(f"skip must be a SkipConfig, got {type(skip).__name__}")
+    if train is not None and not isinstance(train, TrainConfig):
+        raise TypeError(f"train must be a TrainConfig, got {type(train).__name__}")
+    if out_dir is not None:
+        checks.check_path("out_dir", out_dir)
+    if device is not None:
+        device = checks.check_device("device", device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: CUDA is not available on this machine")
     pretrained = resolve_pretrained(model_name, pretrained)  # shipped weights by name: the run records their path
     skip = skip or SkipConfig()
     train = train or TrainConfig()
-    device = distributed.init_from_env(torch.device(device) if device else None)
+    device = distributed.init_from_env(device)
     if distributed.world_size() > 1 and not distributed.is_main():
         train = dataclasses.replace(train, progress=False)
     out_dir = Path(out_dir) if out_dir is not None else None
