@@ -116,8 +116,6 @@ def cases(quick: bool):
                         dict(flags, BLOCK_M=kv_m, BLOCK_N=kv_n, BLOCK_D=bd), w, s))
             out.append((f"attn_bwd_dq {dt} L{lq}x{lk} d{d}", tattn._attn_bwd_dq_kernel, ptrs,
                         dict(flags, BLOCK_M=q_m, BLOCK_N=q_n, BLOCK_D=bd), w, s))
-        out.append((f"attn_bwd_delta {dt}", tattn._attn_bwd_delta_kernel,
-                    dict(O=dt, DO=dt, Delta="fp32"), dict(BLOCK_M=64, BLOCK_D=64), 4, 2))
 
     # GEMMs: every tile once in bf16, the first one in the other dtypes.
     for dt in dtypes:

@@ -17,10 +17,11 @@ Scores, softmax statistics and the output accumulator are fp32. The output is al
 (B, Lq, H, Dh) memory order and returned as a (B, H, Lq, Dh) view, so the block's following
 ``transpose(1, 2).reshape(B, L, D)`` is free.
 
-Backward is FlashAttention-2's, in two Triton kernels after a small ``delta = rowsum(dO * O)``
-pass: one program per key tile accumulates dK and dV over the query tiles that see it, one
-program per query tile accumulates dQ over its key tiles, both recomputing P from the saved
-per-row log-sum-exp (fp32, B*H*Lq floats) instead of storing the Lq x Lk probabilities. No atomics,
+Backward is FlashAttention-2's, in two Triton kernels: one program per query tile accumulates dQ
+over its key tiles, one program per key tile then accumulates dK and dV over the query tiles that
+see it, both recomputing P from the saved per-row log-sum-exp (fp32, B*H*Lq floats) instead of
+storing the Lq x Lk probabilities. The dQ kernel first computes ``delta = rowsum(P * dP)`` (not
+FlashAttention's ``rowsum(dO * O)``: see the kernel) and stores it for the dK/dV kernel. No atomics,
 so gradients are deterministic. Key tiles past ``key_limit`` / the causal diagonal are skipped in
 both, and a fully masked row has log-sum-exp +inf, so its P (and gradient) is exactly 0.
 
@@ -140,23 +141,6 @@ def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, Delta, sob, soh, som, sod, sgb, sgh, sgm, sgd, H, Lq, D,
-                           BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(0)  # batch x heads on axis 0: axis 1 is capped at 65535
-    pid_m = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < Lq)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(O + b.to(tl.int64) * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(DO + b.to(tl.int64) * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
-                mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o * g, axis=1), mask=offs_m < Lq)
-
-
-@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_scale,
                           sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                           sgb, sgh, sgm, sgd, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
@@ -164,8 +148,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_sc
                           CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_LIMIT: tl.constexpr,
                           UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    # One key tile per program; tiles are transposed (keys x queries) so dV += Pᵀ dO and
-    # dK += dSᵀ Q need no transpose of P.
+    # One key tile per program, accumulating dV += Pᵀ dO and dK += dSᵀ Q over the query tiles.
     bh = tl.program_id(0)  # batch x heads on axis 0: axis 1 is capped at 65535
     pid_n = tl.program_id(1)
     b = bh // H
@@ -186,13 +169,17 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_sc
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # query tiles above the diagonal see none of it
 
     kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(K + b.to(tl.int64) * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-                mask=kv_mask, other=0.0)
+    # K and V as (Dh x keys) tiles, and below P and dP as (queries x keys): the same operands in the
+    # same orientation as the dQ kernel's, so this dP is the one its delta = rowsum(P * dP) was
+    # summed from and dP - delta cancels here as there.
+    kv_t_mask = dmask[:, None] & nmask[None, :]
+    k_t = tl.load(K + b.to(tl.int64) * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
+                  mask=kv_t_mask, other=0.0)
+    v_t = tl.load(V + b.to(tl.int64) * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
+                  mask=kv_t_mask, other=0.0)
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        k_t = k_t.to(tl.float32)
+        v_t = v_t.to(tl.float32)
     q_base = Q + b.to(tl.int64) * sqb + h * sqh
     g_base = DO + b.to(tl.int64) * sgb + h * sgh
     mask_off = b.to(tl.int64) * smb + h * smh
@@ -202,26 +189,24 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_sc
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mmask = offs_m < Lq
-        q_t = tl.load(q_base + offs_m[None, :] * sqm + offs_d[:, None] * sqd,
-                      mask=dmask[:, None] & mmask[None, :], other=0.0)
-        g = tl.load(g_base + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
-                    mask=mmask[:, None] & dmask[None, :], other=0.0)
+        qd_mask = mmask[:, None] & dmask[None, :]
+        q = tl.load(q_base + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_mask, other=0.0)
+        g = tl.load(g_base + offs_m[:, None] * sgm + offs_d[None, :] * sgd, mask=qd_mask, other=0.0)
         if UPCAST:
-            q_t = q_t.to(tl.float32)
+            q = q.to(tl.float32)
             g = g.to(tl.float32)
         lse = tl.load(Lse + row_base + offs_m, mask=mmask, other=0.0)
         delta = tl.load(Delta + row_base + offs_m, mask=mmask, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=PRECISION) * sm_scale
-        p_t = _masked_probs(s_t, lse[None, :], offs_m[None, :], offs_n[:, None],
-                            nvisible[:, None] & mmask[None, :], Mask, mask_off, smm, smn,
-                            CAUSAL, MASK_KIND)
-        dp_t = tl.dot(v, tl.trans(g), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
+        p = _masked_probs(s, lse[:, None], offs_m[:, None], offs_n[None, :],
+                          mmask[:, None] & nvisible[None, :], Mask, mask_off, smm, smn,
+                          CAUSAL, MASK_KIND)
+        ds = p * (tl.dot(g, v_t, input_precision=PRECISION) - delta[:, None])
         if not UPCAST:
-            p_t = p_t.to(g.dtype)
-            ds_t = ds_t.to(q_t.dtype)
-        dv = tl.dot(p_t, g, dv, input_precision=PRECISION)
-        dk = tl.dot(ds_t, tl.trans(q_t), dk, input_precision=PRECISION)
+            p = p.to(g.dtype)
+            ds = ds.to(q.dtype)
+        dv = tl.dot(tl.trans(p), g, dv, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds), q, dk, input_precision=PRECISION)
 
     tl.store(DK + b.to(tl.int64) * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -256,7 +241,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
         g = g.to(tl.float32)
     row_base = bh.to(tl.int64) * Lq
     lse = tl.load(Lse + row_base + offs_m, mask=mmask, other=0.0)
-    delta = tl.load(Delta + row_base + offs_m, mask=mmask, other=0.0)
     k_base = K + b.to(tl.int64) * skb + h * skh
     v_base = V + b.to(tl.int64) * svb + h * svh
     mask_off = b.to(tl.int64) * smb + h * smh
@@ -266,6 +250,34 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
         hi = tl.minimum(hi, tl.load(KeyLimit + b).to(tl.int32))
     if CAUSAL:
         hi = tl.minimum(hi, (pid_m + 1) * BLOCK_M)
+
+    # Pass 1: delta = rowsum(P * dP) / rowsum(P) from the very P and dP tiles pass 2 recomputes.
+    # FlashAttention's rowsum(dO * O) is equal in exact arithmetic, but rounded independently of
+    # dP, so where one key takes nearly all of a row's softmax, dS = P (dP - delta) is a cancellation
+    # of two unrelated roundings (dQ's error several times PyTorch's). Dividing by rowsum(P) removes
+    # the error P = exp(s - lse) shares across the row through lse's rounding, which grows with the
+    # logits: dP - delta is then a difference of one weighted mean's own terms, as in autograd.
+    delta = tl.zeros((BLOCK_M,), tl.float32)
+    p_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        nmask = cols < hi
+        k_t = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
+                      mask=dmask[:, None] & nmask[None, :], other=0.0)
+        v_t = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd,
+                      mask=dmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            k_t = k_t.to(tl.float32)
+            v_t = v_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
+        p = _masked_probs(s, lse[:, None], offs_m[:, None], cols[None, :],
+                          mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn,
+                          CAUSAL, MASK_KIND)
+        delta += tl.sum(p * tl.dot(g, v_t, input_precision=PRECISION), axis=1)
+        p_sum += tl.sum(p, axis=1)
+    delta = delta / tl.where(p_sum == 0.0, 1.0, p_sum)  # a row that sees no key: P = 0, delta = 0
+    tl.store(Delta + row_base + offs_m, delta, mask=mmask)  # for the dK/dV kernel, launched next
+
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -345,7 +357,7 @@ def _forward(q, k, v, causal, mask, mask_kind, key_limit, store_lse=False):
     return out.to(q.dtype), lse
 
 
-def _backward(q, k, v, out, g, lse, causal, mask, mask_kind, key_limit):
+def _backward(q, k, v, g, lse, causal, mask, mask_kind, key_limit):
     """FlashAttention-2 backward: returns dq, dk, dv (B, H, L, D views in token-major memory)."""
     batch, heads, lq, d = q.shape
     lk = k.shape[2]
@@ -356,22 +368,20 @@ def _backward(q, k, v, out, g, lse, causal, mask, mask_kind, key_limit):
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_().to(q.dtype), dk.zero_().to(k.dtype), dv.zero_().to(v.dtype)
     (kv_m, kv_n), (q_m, q_n), block_d, num_warps, num_stages = _bwd_blocks(lq, lk, d)
-    delta = new_empty((batch * heads, lq), torch.float32, q.device)
-    _attn_bwd_delta_kernel[(batch * heads, triton.cdiv(lq, q_m))](
-        out, g, delta, *out.stride(), *g.stride(), heads, lq, d, BLOCK_M=q_m, BLOCK_D=block_d)
+    delta = new_empty((batch * heads, lq), torch.float32, q.device)  # written by the dQ kernel
     ms = mask.stride() if mask is not None else (0, 0, 0, 0)
     common = dict(CAUSAL=causal, MASK_KIND=mask_kind, HAS_LIMIT=key_limit is not None,
                   UPCAST=interpreter_shortcuts() or q.dtype == torch.float32, PRECISION=dot_precision(q.dtype),
                   BLOCK_D=block_d, num_warps=num_warps, num_stages=num_stages)
     scale = 1.0 / math.sqrt(d)
-    _attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(lk, kv_n))](
-        q, k, v, g, lse, delta, dk, dv, mask, key_limit, scale,
-        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dk.stride(), *dv.stride(), *ms,
-        heads, lq, lk, d, BLOCK_M=kv_m, BLOCK_N=kv_n, **common)
     _attn_bwd_dq_kernel[(batch * heads, triton.cdiv(lq, q_m))](
         q, k, v, g, lse, delta, dq, mask, key_limit, scale,
         *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dq.stride(), *ms,
         heads, lq, lk, d, BLOCK_M=q_m, BLOCK_N=q_n, **common)
+    _attn_bwd_dkdv_kernel[(batch * heads, triton.cdiv(lk, kv_n))](
+        q, k, v, g, lse, delta, dk, dv, mask, key_limit, scale,
+        *q.stride(), *k.stride(), *v.stride(), *g.stride(), *dk.stride(), *dv.stride(), *ms,
+        heads, lq, lk, d, BLOCK_M=kv_m, BLOCK_N=kv_n, **common)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -387,15 +397,15 @@ class _AttentionFn(torch.autograd.Function):
         if ctx.recompute:
             ctx.save_for_backward(q, k, v, attn_mask, key_limit)
         elif wants_grad:
-            ctx.save_for_backward(q, k, v, out, lse, kernel_mask, key_limit)
+            ctx.save_for_backward(q, k, v, lse, kernel_mask, key_limit)
         return out
 
     @staticmethod
     def backward(ctx, g):
         if ctx.recompute:
             return (*_recompute_backward(ctx, g), None, None, None, None, None)
-        q, k, v, out, lse, kernel_mask, key_limit = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, g, lse, ctx.causal, kernel_mask, ctx.mask_kind, key_limit)
+        q, k, v, lse, kernel_mask, key_limit = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, g, lse, ctx.causal, kernel_mask, ctx.mask_kind, key_limit)
         needs = ctx.needs_input_grad
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None,
                 None, None, None, None, None, None)
