@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from skipkernels.data.imagefolder import image_folder_splits, is_image_folder
+from skipkernels.data.imagenet_variants import VARIANTS, read_variant
 from skipkernels.data.splits import DatasetError, Item, Splits  # noqa: F401  (re-exported: the data API)
 
 
@@ -37,6 +38,8 @@ STANDARD_DATASETS = {
     "eurosat": DatasetSpec("eurosat", "2750", "split_zhou_EuroSAT.json"),
     "ucf101": DatasetSpec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json"),
     "synthetic": DatasetSpec("synthetic", "images", "split_zhou_Synthetic.json"),
+    # ImageNet's test-only variants (skipkernels.data.imagenet_variants)
+    **{name: DatasetSpec(folder, images, None) for name, (folder, images, _) in VARIANTS.items()},
 }
 
 # The paper trains these three for a quarter of the epochs (they are large).
@@ -167,6 +170,8 @@ def load_splits(root: str | os.PathLike, dataset: str | None = None, shots: int 
         train, val, test = _read_split_json(folder, folder.parent)
         name = folder.stem.removeprefix("split_zhou_")
         return Splits(name, train, val, test, _classnames_from(train + val + test, str(folder)))
+    if name in VARIANTS:
+        return read_variant(Path(root).expanduser(), name)
     if not folder.is_dir():
         raise DatasetError(f"dataset folder not found: {folder}")
     if spec is None:
