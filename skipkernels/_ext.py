@@ -1,42 +1,230 @@
-"""Loads the compiled extension ``skipkernels._C`` and remembers why it did not load."""
+"""Loads the compiled ops for the running torch, and remembers where from or why not.
+
+In order: the ``skipkernels._C`` built at install, if its build stamp (``_C.build.json``) says it
+was built for this torch; otherwise a just-in-time build of the shipped sources (``_build``),
+cached per torch/CUDA/architectures/sources and loaded in seconds by later processes, compiled
+with ninja on first use (``load()``) under a lock that all ranks of a job share; otherwise nothing,
+and the reference ops run. ``SKIPKERNELS_JIT=0`` turns the build on first use off.
+
+``_C``, ``load_error``, ``COMPILED_OPS``, ``CUDA_BUILT`` and ``origin`` are resolved on first
+access (which may compile) and are plain module constants from then on: the op wrappers read them
+inside code that torch.compile traces, where a call into the extension would break the graph.
+Entry points (``patch_clip``, ``SkipTuner``, the CLI) call ``load()`` before any tracing.
+"""
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
 
 import torch
 
-_C = None
-load_error: str | None = None
+from skipkernels import _build
 
-try:
-    _C = importlib.import_module("skipkernels._C")  # registers torch.ops.skipkernels.*
-except ModuleNotFoundError:
-    load_error = ("skipkernels._C is not built; the reference ops are used. Build it with "
-                  "`pip install --no-build-isolation .` on a machine with a C++ compiler")
-except ImportError as err:
-    message = str(err)
-    if "undefined symbol" in message:
-        load_error = (f"skipkernels._C is stale (built against another torch than {torch.__version__}); "
-                      f"rebuild with `pip install --no-build-isolation .`: {message}")
-    else:
-        load_error = f"skipkernels._C failed to load: {message}"
-
-
-# What the extension holds cannot change within a process, so it is read once here: the op
-# wrappers consult these constants inside code that torch.compile traces, where a call into the
-# extension (pybind) or a registry probe would break the graph.
 OP_NAMES = ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")  # csrc/ops.cpp
-COMPILED_OPS: frozenset[str] = frozenset(
-    name for name in OP_NAMES if _C is not None and hasattr(torch.ops.skipkernels, name))
-CUDA_BUILT: bool = _C is not None and bool(getattr(_C, "built_with_cuda", lambda: False)())
+_LAZY = ("_C", "load_error", "COMPILED_OPS", "CUDA_BUILT", "origin", "location")
+_LOADED = False  # a plain flag, so the checks below trace under torch.compile once loaded
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _installed() -> tuple[object | None, str | None, str | None]:
+    """(module, its file, why not) for the ``skipkernels._C`` built at install."""
+    try:
+        spec = importlib.util.find_spec("skipkernels._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return None, None, "no skipkernels._C was built at install"
+    stamp_file = Path(spec.origin).with_name(_build.STAMP)
+    if stamp_file.is_file():
+        try:
+            why = _build.stamp_mismatch(json.loads(stamp_file.read_text()), torch)
+        except (OSError, ValueError) as err:
+            why = f"unreadable build stamp {stamp_file}: {err}"
+        if why:
+            return None, spec.origin, f"the installed skipkernels._C does not fit ({why})"
+    try:
+        return importlib.import_module("skipkernels._C"), spec.origin, None  # registers torch.ops.skipkernels.*
+    except ImportError as err:
+        message = str(err)
+        if "undefined symbol" in message:
+            return None, spec.origin, f"the installed skipkernels._C is stale (built against another torch than " \
+                                      f"{torch.__version__}): {message}"
+        return None, spec.origin, f"the installed skipkernels._C failed to load: {message}"
+
+
+class _Plan:
+    """Where the just-in-time build of the running torch lives, and whether it can run."""
+
+    def __init__(self):
+        self.root = _build.source_root()
+        self.problem = None
+        if os.environ.get("SKIPKERNELS_JIT", "1") == "0":
+            self.problem = "compiling on first use is off (SKIPKERNELS_JIT=0)"
+        if self.root is None:
+            self.problem = "the C++ sources (csrc/) are not shipped with this install"
+            return
+        self.with_cuda, self.cuda_home, self.cuda_note = _build.cuda_plan(torch)
+        self.arch = _build.cuda_arch_list(torch) if self.with_cuda else None
+        self.dir = _build.cache_root() / "ops" / _build.build_key(torch, self.root, self.with_cuda, self.arch)
+        self.what = f"CPU and CUDA (sm {self.arch}) ops" if self.with_cuda else "CPU ops"
+
+    def module_file(self) -> Path | None:
+        found = sorted(self.dir.glob(f"{_build.MODULE}*.so")) + sorted(self.dir.glob(f"{_build.MODULE}*.pyd"))
+        return found[0] if found and (self.dir / "done.json").is_file() else None
+
+    def failure(self) -> str | None:
+        failed = self.dir / "failed.txt"
+        return failed.read_text().strip() if failed.is_file() else None
+
+
+def _import_file(path: Path):
+    spec = importlib.util.spec_from_file_location(_build.MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[_build.MODULE] = module
+    return module
+
+
+def _say(message: str) -> None:
+    print(f"skipkernels: {message}", file=sys.stderr, flush=True)
+
+
+def _compile(plan: _Plan):
+    """Build with ninja into ``plan.dir`` (torch's file lock there: one process builds, the others
+    wait and load its result). Returns the module; raises RuntimeError with the reason."""
+    from torch.utils import cpp_extension
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    problem = _build.compiler_problem()
+    if problem:
+        raise RuntimeError(problem)
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    sources = _build.cpu_sources(plan.root) + (_build.cuda_sources(plan.root) if plan.with_cuda else [])
+    flags = _build.compile_flags(plan.with_cuda)
+    saved = {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST",)}
+    saved_home = cpp_extension.CUDA_HOME
+    if plan.with_cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch
+        cpp_extension.CUDA_HOME = plan.cuda_home  # torch's own guess stops at nvcc's link, not the toolkit
+    _say(f"compiling the {plan.what} for torch {torch.__version__} into {plan.dir} "
+         "(once per torch and source version; about a minute) ...")
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=_build.MODULE, sources=[str(p) for p in sources], extra_cflags=flags["cxx"],
+            extra_cuda_cflags=flags["nvcc"], extra_ldflags=flags["ldflags"],
+            extra_include_paths=[str(plan.root)], build_directory=str(plan.dir), verbose=False,
+            with_cuda=plan.with_cuda)
+    except Exception as err:  # the compiler's own output is in the message: keep it in the log
+        (plan.dir / "build.log").write_text(f"{type(err).__name__}: {err}\n")
+        first = next((line for line in str(err).splitlines() if "error" in line.lower()), str(err).splitlines()[0]
+                     if str(err) else type(err).__name__)
+        raise RuntimeError(f"the build failed ({first.strip()[:300]}); log: {plan.dir / 'build.log'}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cpp_extension.CUDA_HOME = saved_home
+    seconds = time.perf_counter() - start
+    _build.write_json(plan.dir / "done.json", {**_build.build_stamp(torch, plan.with_cuda, plan.arch),
+                                              "seconds": round(seconds, 1)})
+    _say(f"compiled the {plan.what} in {seconds:.0f} s")
+    return module
+
+
+_pending: str | None = None  # set by a load(build=False) that found nothing built: what a build would do
+
+
+def load(build: bool = True, force: bool = False) -> str | None:
+    """Load the compiled ops once per process; returns ``load_error`` (None when they loaded).
+
+    ``build=False`` loads only what is already built (``skipkernels info``); ``force`` retries a
+    just-in-time build that failed before (``skipkernels build``)."""
+    global _pending
+    if _LOADED and (not force or globals()["_C"] is not None):  # a loaded module cannot be loaded twice
+        return globals()["load_error"]
+    module, where, installed_problem = _installed()
+    origin, error = ("installed" if module is not None else None), None
+    if module is None:
+        plan = _Plan()
+        if plan.problem:
+            error = f"{installed_problem}; {plan.problem}"
+        elif plan.module_file() is not None:
+            where = str(plan.module_file())
+            try:
+                module, origin = _import_file(plan.module_file()), "cached"
+            except ImportError as err:
+                error = f"{installed_problem}; the cached build {where} failed to load: {err}"
+        elif plan.failure() and not force:
+            error = (f"{installed_problem}; compiling them failed before: {plan.failure()} "
+                     "(`skipkernels build` retries)")
+        elif not build:
+            _pending = f"{installed_problem}; compiled on first use into {plan.dir}"
+            return _pending
+        else:
+            try:
+                module, origin, where = _compile(plan), "compiled", str(plan.dir)
+                (plan.dir / "failed.txt").unlink(missing_ok=True)
+            except RuntimeError as err:
+                error = f"{installed_problem}; compiling them on first use failed: {err}"
+                if plan.dir.is_dir():
+                    (plan.dir / "failed.txt").write_text(str(err) + "\n")
+            if error:
+                _say(f"{error}. The reference ops run.")
+    _pending = None
+    if error:
+        error = error[0].upper() + error[1:] + ". The reference ops are used."
+    _set(module, origin, where, error)
+    return error
+
+
+def _set(module, origin, where, error) -> None:
+    global _LOADED
+    compiled = frozenset(name for name in OP_NAMES if module is not None and hasattr(torch.ops.skipkernels, name))
+    globals().update(_C=module, origin=origin, location=where, load_error=error, COMPILED_OPS=compiled,
+                     CUDA_BUILT=module is not None and bool(getattr(module, "built_with_cuda", lambda: False)()))
+    _LOADED = True
+    if compiled and not _register_fakes.done:
+        _register_fakes()
+        _register_fakes.done = True
+
+
+def status() -> dict:
+    """Where the compiled ops come from, without compiling: {"state", "detail"}. The states:
+    ``built at install``, ``built and cached``, ``compiled in this process``, ``compiled on first use``
+    (nothing built yet; the first op that needs them compiles), ``unavailable``."""
+    pending = load(build=False) if not _LOADED else None
+    if not _LOADED:
+        return {"state": "compiled on first use", "detail": pending}
+    origin = globals()["origin"]
+    state = {"installed": "built at install", "cached": "built and cached",
+             "compiled": "compiled in this process", None: "unavailable"}[origin]
+    return {"state": state, "detail": globals()["load_error"] if origin is None else globals()["location"]}
 
 
 def has_op(name: str) -> bool:
     """True when ``torch.ops.skipkernels.<name>`` was registered by the compiled extension."""
+    if not _LOADED:
+        load()
     return name in COMPILED_OPS
 
 
 def cuda_built() -> bool:
+    if not _LOADED:
+        load()
     return CUDA_BUILT
 
 
@@ -46,6 +234,8 @@ def _kind(device) -> str:
 
 def has_kernel(name: str, device) -> bool:
     """True when the compiled op ``name`` has a kernel for tensors on ``device`` (cpu or cuda)."""
+    if not _LOADED:
+        load()
     kind = _kind(device)
     return name in COMPILED_OPS and (kind == "cpu" or (kind == "cuda" and CUDA_BUILT))
 
@@ -60,7 +250,7 @@ def use_compiled(name: str, backend: str, device) -> bool:
         raise ValueError(f"backend {backend!r} does not run on {kind} tensors")
     if not has_kernel(name, kind):
         raise RuntimeError(f"backend {backend!r} requested but the compiled {name} is unavailable for {kind}: "
-                           f"{load_error or 'the extension was built without CUDA'}")
+                           f"{globals()['load_error'] or 'the extension was built without CUDA'}")
     return True
 
 
@@ -130,5 +320,4 @@ def _register_fakes() -> None:
         return values, indices, loss
 
 
-if COMPILED_OPS:
-    _register_fakes()
+_register_fakes.done = False

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -296,6 +297,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_build(args) -> int:
+    """Compile the ops now, for the running torch, into the cache (or report the installed _C)."""
+    if args.cache:
+        os.environ["SKIPKERNELS_CACHE"] = args.cache
+    os.environ["SKIPKERNELS_JIT"] = "1"  # asked for explicitly: SKIPKERNELS_JIT=0 is about first use
+    from skipkernels import _ext
+    error = _ext.load(force=True)
+    if error:
+        print(f"skipkernels build: error: {error}", file=sys.stderr)
+        return 1
+    state = _ext.status()
+    print(f"compiled ops ({', '.join(sorted(_ext.COMPILED_OPS))}; CUDA: {_ext.cuda_built()}): "
+          f"{state['state']} at {state['detail']}")
+    return 0
+
+
 def model_info(name: str) -> dict:
     """The towers skipkernels sees in open_clip model ``name`` and which exact savings apply."""
     from skipkernels.families import model_towers
@@ -398,7 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    p = add_command("info", help="torch, CUDA, Triton and which compiled ops loaded (and why not)")
+    p = add_command("build", help="compile the C++/CUDA ops now for this torch, into the cache the ops load from "
+                                     "(a Docker image, a cluster's shared cache)")
+    p.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache folder (default: $SKIPKERNELS_CACHE, else $XDG_CACHE_HOME/skipkernels or "
+                        "~/.cache/skipkernels)")
+    p.set_defaults(func=cmd_build)
+
+    p = add_command("info", help="torch, CUDA, Triton and where the compiled ops come from (or why not)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", default=None, help="also show this open_clip model's towers and which exact "
                                                  "savings apply to it (built with random weights)")

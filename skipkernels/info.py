@@ -63,12 +63,16 @@ def _triton_ops(usable: bool, device: str) -> dict:
 
 def collect() -> dict:
     triton_version, triton_note = _triton_status()
+    state = _ext.status()  # never compiles: a build not made yet says so
+    loaded = state["state"] not in ("compiled on first use", "unavailable")
     ops = {}
     for name in _ext.OP_NAMES:
-        if _ext.has_op(name):
-            ops[name] = "cuda+cpu" if _ext.cuda_built() else "cpu"
+        if loaded and _ext.has_op(name):
+            ops[name] = f"{'cuda+cpu' if _ext.cuda_built() else 'cpu'} ({state['state']})"
+        elif loaded:
+            ops[name] = f"unavailable: missing from the extension at {state['detail']}"
         else:
-            ops[name] = f"not loaded: {_ext.load_error or 'op missing from the extension'}"
+            ops[name] = f"{state['state']}: {state['detail']}"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
     triton_usable = triton_version is not None and "no GPU" not in triton_note
     return {
@@ -79,8 +83,8 @@ def collect() -> dict:
         "device": device,
         "triton": triton_version,
         "triton_status": triton_note,
-        "extension": "loaded" if _ext._C is not None else _ext.load_error,
-        "extension_cuda": _ext.cuda_built(),
+        "extension": f"{state['state']} ({state['detail']})",
+        "extension_cuda": loaded and _ext.cuda_built(),
         "compiled_ops": ops,
         "triton_ops": _triton_ops(triton_usable, device) if triton_version is not None else {},
     }
@@ -93,7 +97,7 @@ def info(file=None) -> dict:
              f"  python {data['python']}, torch {data['torch']} (CUDA {data['torch_cuda']}, "
              f"available: {data['cuda_available']})",
              f"  triton: {data['triton'] or '-'} - {data['triton_status']}",
-             f"  skipkernels._C: {data['extension']} (CUDA ops built: {data['extension_cuda']})"]
+             f"  compiled ops: {data['extension']}; CUDA ops built: {data['extension_cuda']}"]
     for name, status in data["compiled_ops"].items():
         lines.append(f"    {name:28s} {status}")
     if data["triton_ops"]:

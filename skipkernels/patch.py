@@ -68,9 +68,11 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     ``policy``: the ``KernelPolicy`` (or backend name) of every op the patched model runs, and the
     default of a ``SkipTuner`` on it; None: the ambient policy at each call (``use_policy``).
     Patching again replaces the policy."""
+    from skipkernels import _ext
     from skipkernels.checks import check_model
     from skipkernels.ops.policy import resolve
     check_model("model", model)
+    _ext.load()  # the compiled ops' first use (may compile them once), before any torch.compile trace
     if policy is not None:
         resolve(policy)  # an unknown backend name fails here, not at the first op
     model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding

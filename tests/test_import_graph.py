@@ -85,7 +85,7 @@ def test_the_walk_finds_a_cycle_when_there_is_one():
 
 # docs/ARCHITECTURE.md's layer table, bottom up: a module imports only from its own layer and below.
 LAYERS = (
-    ("skipkernels._compat", "skipkernels._ext", "skipkernels._version", "skipkernels.options",
+    ("skipkernels._build", "skipkernels._compat", "skipkernels._ext", "skipkernels._version", "skipkernels.options",
      "skipkernels.distributed"),
     ("skipkernels.triton",),
     ("skipkernels.ops",),

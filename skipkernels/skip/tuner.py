@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from skipkernels import checks
+from skipkernels import _ext, checks
 from skipkernels.families import model_towers
 from skipkernels.ops.block import model_policy
 from skipkernels.ops.class_select import check_cskip_params, check_label_range
@@ -159,6 +159,7 @@ class SkipTuner(nn.Module):
             raise TypeError(f"config must be a SkipConfig, got {type(config).__name__}")
         if policy is not None:
             resolve_policy(policy)
+        _ext.load()  # the compiled ops' first use (may compile them once), before any torch.compile trace
         if config is None:
             config = SkipConfig(**overrides)
         elif overrides:
