@@ -8,6 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+from skipkernels.flags import check_autocast as _check_autocast  # noqa: F401  (tests)
+from skipkernels.flags import check_training_flags as _check_finetune_flags
+from skipkernels.flags import flag_device as _device
+from skipkernels.flags import kernel_policy as _policy
+
 # The demo: the paper's base-to-new protocol on the compositional shapes set, from the embedded
 # pretrained tiny CLIP (skipkernels/pretrain_tiny.py). Its new classes are colour-shape pairs the
 # pretraining never saw. It keeps the paper's 20 epochs, but the paper's batches of one class and
@@ -51,13 +56,6 @@ def _configs(args):
     return skip, from_args(TrainConfig, args, epochs=epochs)
 
 
-def _policy(args, train):
-    """The run's KernelPolicy: --backend, --kernel-table, and --deterministic (TrainConfig's)."""
-    from skipkernels.ops.policy import KernelPolicy
-    from skipkernels.options import from_args
-    return from_args(KernelPolicy, args, deterministic=train.deterministic)
-
-
 def cmd_finetune(args) -> int:
     from skipkernels.data.synthetic import ensure_synthetic
     from skipkernels.train.trainer import finetune
@@ -78,59 +76,6 @@ def cmd_finetune(args) -> int:
     if distributed.is_main():
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0
-
-
-def _device(name):
-    """--device of every command, checked before any work: cpu, cuda or cuda:N where that GPU is
-    there (default: cuda where available, else cpu)."""
-    import torch
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def _check_autocast(device, dtype) -> None:
-    """--amp: ValueError where torch's autocast cannot run ``dtype`` on ``device`` (it would
-    otherwise warn and run in fp32, or fail at the first step)."""
-    import warnings
-
-    import torch
-    if dtype is None:
-        return
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            torch.autocast(device.type, dtype=dtype)
-        except RuntimeError as err:
-            caught.append(warnings.WarningMessage(str(err), RuntimeWarning, "", 0))
-    refused = [str(w.message) for w in caught if "not supported" in str(w.message)]
-    if refused:
-        raise ValueError(f"--amp {str(dtype).removeprefix('torch.')}: autocast on {device.type} does not support it "
-                         f"({refused[0].splitlines()[-1]}); use --amp none or another dtype")
-
-
-def _check_finetune_flags(args, train, policy) -> None:
-    """Every flag that cannot work on this machine fails here, before the data or the model is
-    loaded: --device, --backend, --kernel-table, --amp, --report-to."""
-    from skipkernels.ops.measured import check_table
-    from skipkernels.ops.policy import check_runnable
-    from skipkernels.train.report import check_report_to
-    from skipkernels.train.trainer import autocast_dtype_for
-    device = _device(args.device)
-    check_runnable(policy, device)  # --backend
-    check_table(policy.table)  # --kernel-table
-    _check_autocast(device, autocast_dtype_for(train.amp, device))
-    check_report_to(train.report_to)
 
 
 def _weights_note(args) -> None:
@@ -297,6 +242,11 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from skipkernels.reproduce.command import run
+    return run(args)
+
+
 def cmd_build(args) -> int:
     """Compile the ops now, for the running torch, into the cache (or report the installed _C)."""
     if args.cache:
@@ -414,6 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
     from skipkernels.bench import add_arguments
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = add_command("reproduce", help="the paper's evaluation (base-to-new, few-shot, cross-dataset, domain "
+                                         "generalization) as one resumable sweep, with the paper's tables")
+    from skipkernels.reproduce.command import add_arguments as add_reproduce_arguments
+    add_reproduce_arguments(p)
+    p.set_defaults(func=cmd_reproduce)
 
     p = add_command("build", help="compile the C++/CUDA ops now for this torch, into the cache the ops load from "
                                      "(a Docker image, a cluster's shared cache)")

@@ -105,9 +105,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{help} (default: %(default)s)"
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One argument per flagged field of dataclass ``cls`` (dest: the field name)."""
+def add_options(parser: argparse.ArgumentParser, cls, exclude=()) -> None:
+    """One argument per flagged field of dataclass ``cls`` (dest: the field name), but the fields
+    named in ``exclude`` (a command that sets them its own way)."""
     for field in cli_fields(cls):
+        if field.name in exclude:
+            continue
         s = spec(field)
         kwargs = {"dest": field.name, "default": field.default}
         help = (s.help or "").replace("%", "%%")  # argparse formats help with %
@@ -123,10 +126,13 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
         parser.add_argument(flag_of(field), help=help or None, **kwargs)
 
 
-def from_args(cls, args: argparse.Namespace, **overrides):
-    """Dataclass ``cls`` from the parsed ``args`` of ``add_options``; ``overrides`` win."""
+def from_args(cls, args: argparse.Namespace, exclude=(), **overrides):
+    """Dataclass ``cls`` from the parsed ``args`` of ``add_options``; ``overrides`` win. Fields in
+    ``exclude`` (as given to ``add_options``) keep their default unless overridden."""
     values = {}
     for field in cli_fields(cls):
+        if field.name in exclude:
+            continue
         value = getattr(args, field.name)
         if value == "none" and None in (spec(field).choices or ()):
             value = None
