@@ -52,7 +52,8 @@ def test_all_four_protocols_end_to_end(data, tmp_path, capsys):
         assert (out / name).is_file(), name
     table = (out / "table.md").read_text()
     for title in ("Base-to-new generalization", "Few-shot learning", "Cross-dataset generalization",
-                  "Domain generalization", "Skip Tuning (paper) | 85.04 | 77.53 | 81.11"):
+                  "Domain generalization", "Skip Tuning (paper) | 85.04 | 77.53 | 81.11",
+                  "| Caltech101 | Skip Tuning (paper) | 98.50 | 95.33 | 96.89 |", "| Skip Tuning (paper) | 72.77 |"):
         assert title in table
     for column in ("Source: ImageNet", "-V2", "-Sketch", "-A", "-R"):
         assert f"| {column} |" in table or f" {column} |" in table
@@ -236,3 +237,29 @@ def test_bad_flags_fail_with_a_message(argv, message, capsys, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     assert main(["reproduce", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shipped_paper_numbers_are_consistent():
+    """A transcription check of paper_numbers.json: each HM is the HM of its base and new, and the
+    per-dataset rows average to the paper's average row (both to the paper's rounding)."""
+    from skipkernels.reproduce.protocols import ELEVEN
+    from skipkernels.train.evaluate import harmonic_mean
+    numbers = tables.paper_numbers()
+    assert "2412.11509" in numbers["source"]
+    per = numbers["base2new"]["datasets"]
+    assert set(per) == set(ELEVEN)
+    # The one value the source misprints, with the value its own HM and average imply.
+    assert list(numbers["misprints"]) == ["base2new/caltech101/CoOp/new"]
+    implied = {("caltech101", "CoOp", "new"): 89.81}
+    for method in ("Skip Tuning", "CoOp"):
+        value = {(d, method, k): implied.get((d, method, k), rows[method][k]) for d, rows in per.items()
+                 for k in ("base", "new")}
+        for dataset, rows in per.items():
+            hm = harmonic_mean(value[dataset, method, "base"], value[dataset, method, "new"])
+            assert hm == pytest.approx(rows[method]["hm"], abs=0.011), (method, dataset)
+        average = numbers["base2new"]["average"][method]
+        for key in ("base", "new"):
+            assert sum(value[d, method, key] for d in per) / 11 == pytest.approx(average[key], abs=0.011)
+        assert harmonic_mean(average["base"], average["new"]) == pytest.approx(average["hm"], abs=0.011)
+    assert numbers["cross"]["methods"]["Skip Tuning"] == {"source": 72.77, "average": 67.00}
+    assert numbers["dg"]["methods"]["Skip Tuning"] == {"source": 72.77, "average": 61.20}

@@ -223,15 +223,39 @@ def transfer_table(records: list[dict]) -> list[dict]:
 TABLES = {"base2new": base2new_table, "fewshot": fewshot_table, "cross": transfer_table, "dg": transfer_table}
 
 
-def paper_rows(protocol: str) -> list[dict]:
-    """The paper's published rows for ``protocol`` (``paper_numbers.json``), as table rows."""
-    numbers = paper_numbers()
-    rows = []
-    for method, values in (numbers.get(protocol) or {}).get("average", {}).items():
-        cells = {c: _fixed(values[k], None, 3) if values.get(k) is not None else _cell([])
-                 for c, k in (("Base", "base"), ("New", "new"), ("HM", "hm"))}
-        rows.append({"row": "Average", "method": f"{method} (paper)", "mode": None, "cells": cells})
-    return rows
+def _paper_row(row: str, method: str, values: dict, columns) -> dict:
+    cells = {c: _fixed(values[k], None, 3) if values.get(k) is not None else _cell([]) for c, k in columns}
+    return {"row": row, "method": f"{method} (paper)", "mode": None, "cells": cells}
+
+
+def paper_rows(protocol: str, datasets=()) -> list[dict]:
+    """The paper's published rows for ``protocol`` (``paper_numbers.json``): base-to-new's for each
+    of ``datasets`` and the average; cross-dataset's and DG's source and targets' average."""
+    numbers = paper_numbers().get(protocol) or {}
+    if protocol == "base2new":
+        columns = (("Base", "base"), ("New", "new"), ("HM", "hm"))
+        rows = [_paper_row(display(d), method, values, columns)
+                for d in datasets for method, values in (numbers.get("datasets") or {}).get(d, {}).items()]
+        return rows + [_paper_row("Average", method, values, columns)
+                       for method, values in (numbers.get("average") or {}).items()]
+    source = f"Source: {display(PROTOCOLS[protocol].source)}" if protocol in PROTOCOLS else "Source"
+    return [_paper_row(f"{method} (paper)", method, values, ((source, "source"), ("Average", "average")))
+            for method, values in (numbers.get("methods") or {}).items()]
+
+
+def with_paper_rows(protocol: str, rows: list[dict]) -> list[dict]:
+    """``rows`` with the paper's beside them: each dataset's after ours for that dataset, the
+    averages (or the transfer rows) at the end."""
+    ours = dict.fromkeys(r["row"] for r in rows if r["row"] != "Average")
+    keys = {display(d): d for d in ELEVEN}
+    paper = paper_rows(protocol, [keys[r] for r in ours if r in keys])
+    out = []
+    for r in rows:
+        out.append(r)
+        last_of_dataset = r is rows[-1] or rows[rows.index(r) + 1]["row"] != r["row"]
+        if r["row"] != "Average" and last_of_dataset:
+            out += [p for p in paper if p["row"] == r["row"]]
+    return out + [p for p in paper if p["row"] not in ours]
 
 
 # ------------------------------------------------------------------ writing
@@ -267,7 +291,7 @@ def build(out, compare_paper: bool = False) -> dict:
             continue
         rows = TABLES[protocol](rs)
         if compare_paper:
-            rows += paper_rows(protocol)
+            rows = with_paper_rows(protocol, rows)
         summary["protocols"][protocol] = {"title": PROTOCOLS[protocol].title, "settings": SETTINGS_SOURCES[protocol],
                                           "rows": rows, "runs": rs}
         summary["failed"] += [{"run": r["folder"], "error": r["error"]} for r in rs if r["status"] == "failed"]
@@ -283,8 +307,8 @@ def markdown(summary: dict, compare_paper: bool = False) -> str:
         lines += [f"## {part['title']}", "", f"Settings: {part['settings']}.", ""]
         first = ("Method",) if PROTOCOLS[protocol].transfer else ("Dataset", "Method")
         lines += _markdown_table(part["rows"], first) + [""]
-        if compare_paper and not paper_rows(protocol):
-            lines += [f"The paper's per-method numbers for this protocol are not shipped "
+        if compare_paper and not paper_rows(protocol, ELEVEN):
+            lines += [f"The paper's numbers for this protocol are not shipped "
                       f"({PAPER_FILE.name} has {', '.join(k for k in paper_numbers() if k != 'source')}).", ""]
     if compare_paper:
         lines += [f"Paper rows: {paper_numbers()['source']}", ""]
