@@ -180,6 +180,12 @@ def test_sdist_and_wheel_install_and_build_the_ops_for_the_running_torch(workdir
     result, stderr = _step(python, elsewhere, cache)
     assert result["status"]["state"] == "built and cached", (result, stderr)
 
+    # pip install <a clone>, pip's defaults (as pip install . and pip install git+URL do).
+    _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "skipkernels"], workdir)
+    _run(pip + [str(clone)], workdir)
+    result, stderr = _step(python, elsewhere, cache)
+    assert result["status"]["state"] == "built and cached", (result, stderr)
+
     # The build at install, without a working compiler: the install still succeeds and says why.
     _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "skipkernels"], workdir)
     proc = _run([str(python), "-m", "pip", "install", "-v", "--no-build-isolation", str(clone)], workdir,
