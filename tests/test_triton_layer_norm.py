@@ -153,6 +153,7 @@ def test_normalize_with_given_statistics_reproduces_the_forward(dtype):
 
 
 def test_add_layer_norm_kernel_refuses_broadcasts_and_dispatch_runs_the_reference():
+    from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
     x = torch.randn(2, 5, 16, device=DEVICE)
     delta = torch.randn(1, 5, 16, device=DEVICE)  # broadcasts over the batch
     w, b = torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
@@ -160,6 +161,8 @@ def test_add_layer_norm_kernel_refuses_broadcasts_and_dispatch_runs_the_referenc
     assert tln.add_layer_norm_not_supported(x, delta.double(), w, b, 1e-5)[0].startswith("delta")
     with pytest.raises(ValueError, match="broadcasts"):
         tln.add_layer_norm(x, delta, w, b, 1e-5)
-    got = ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend="triton")
+    got = ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend=KernelPolicy("auto", table=ALL_TRITON))
     for a, r in zip(got, ops_ln.add_layer_norm_reference(x, delta, w, b, 1e-5)):
         torch.testing.assert_close(a, r)
+    with pytest.raises(ValueError, match="forced, but the Triton add_layer_norm kernel .*broadcasts"):
+        ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend="triton")

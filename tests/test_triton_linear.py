@@ -163,7 +163,9 @@ def test_dot_precision_follows_torch_tf32_settings():
 
 
 def test_kernel_names_what_it_does_not_support_and_dispatch_runs_the_reference():
-    """Kernels are leaves: they refuse inputs they cannot take; the op layer runs the reference."""
+    """Kernels are leaves: they refuse inputs they cannot take; under auto the op layer runs the
+    reference for them, and a forced triton says why it cannot run."""
+    from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
     x, w, b, res, scale = _inputs((2, 17), 64, 64, torch.float32, seed=6)
     wide = _randn((3, 2, 17, 64), seed=11).float()  # widens the output
     scalar = torch.tensor(0.5)
@@ -171,8 +173,17 @@ def test_kernel_names_what_it_does_not_support_and_dispatch_runs_the_reference()
     assert len(tlin.linear_residual_not_supported(x, w, b, wide, scalar)) == 2
     with pytest.raises(ValueError, match="widens the output"):
         tlin.linear_residual(x, w, b, wide, scale)
-    out = ops_lin.linear_residual(x, w, b, wide, scalar, backend="triton")
+    out = ops_lin.linear_residual(x, w, b, wide, scalar, backend=KernelPolicy("auto", table=ALL_TRITON))
     torch.testing.assert_close(out, ops_lin.linear_residual_reference(x, w, b, wide, scalar))
+    # auto where the table prefers the kernel (as on a GPU): the refused inputs run the reference
+    from skipkernels.ops import _dispatch
+    out = _dispatch.dispatch(ops_lin.LINEAR_RESIDUAL, "auto", lambda table: True, ops_lin.linear_residual_reference,
+                             x, w, b, wide, scalar)
+    torch.testing.assert_close(out, ops_lin.linear_residual_reference(x, w, b, wide, scalar))
+    with pytest.raises(ValueError, match="forced, but the Triton linear_residual kernel .* widens the output"):
+        ops_lin.linear_residual(x, w, b, wide, scalar, backend="triton")
+    torch.testing.assert_close(ops_lin.linear_residual(x, w, b, res, scale, backend="triton"),
+                               ops_lin.linear_residual_reference(x, w, b, res, scale))
 
 
 def test_launch_settings_are_scoped():

@@ -57,16 +57,22 @@ def dispatch(kernel: TritonKernel, backend, prefers: Callable[[str | None], bool
              *args, **kwargs):
     """Run ``kernel`` for backend 'triton', or for 'auto' where ``prefers(table)`` (a GPU
     measurement in the policy's table, see ops/measured.py) says it wins; ``reference(*args,
-    **kwargs)`` otherwise and for the inputs the kernel does not support. ``backend``: a
-    KernelPolicy, a backend name or None (the ambient policy)."""
+    **kwargs)`` otherwise. Inputs the kernel does not support run the reference under 'auto';
+    under a forced 'triton' they raise ValueError with the kernel's reasons (whoever forced the
+    kernel expects it to run, or to be told). ``backend``: a KernelPolicy, a backend name or None
+    (the ambient policy)."""
     chosen = resolve(backend)
     name = chosen.backend
     if name == "triton" or (name == "auto" and prefers(chosen.table)):
         module = kernel.load()
         if module is None:
             raise RuntimeError(f"backend 'triton' requested but skipkernels.triton.{kernel.module} is unavailable")
-        if not kernel.reasons(module, *args, **kwargs):
+        reasons = kernel.reasons(module, *args, **kwargs)
+        if not reasons:
             return getattr(module, kernel.entry)(*args, **kwargs)
+        if name == "triton":
+            raise ValueError(f"backend 'triton' was forced, but the Triton {kernel.op} kernel does not support "
+                             f"these inputs: {'; '.join(reasons)} (backend 'auto' runs the reference for them)")
     return reference(*args, **kwargs)
 
 
