@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 def kernel_policy(args, train):
-    """The run's KernelPolicy: --backend, --kernel-table, and --deterministic (TrainConfig's)."""
+    """The run's KernelPolicy: --backend and --kernel-table."""
     from skipkernels.ops.policy import KernelPolicy
     from skipkernels.options import from_args
-    return from_args(KernelPolicy, args, deterministic=train.deterministic)
+    return from_args(KernelPolicy, args)
 
 
 def flag_device(name):

@@ -80,7 +80,7 @@ def test_bad_arguments_exit_cleanly_with_a_message(extra, message, tmp_path, cap
 
 # Kept off the command line: SkipConfig.seed is set by --seed (TrainConfig's), stop_after_epochs
 # is a test's setting.
-OFF_THE_COMMAND_LINE = {(SkipConfig, "seed"), (TrainConfig, "stop_after_epochs"), (KernelPolicy, "deterministic")}
+OFF_THE_COMMAND_LINE = {(SkipConfig, "seed"), (TrainConfig, "stop_after_epochs")}
 # The validated constants behind each field with choices; None is "none" on the command line.
 CHOICES = {(SkipConfig, "mode"): MODES, (SkipConfig, "resample"): RESAMPLE_MODES,
            (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES,
@@ -130,12 +130,13 @@ def test_the_choices_are_what_the_configs_accept():
         autocast_dtype_for(amp, torch.device("cuda"))
 
 
-def test_the_kernel_policy_comes_from_its_flags_and_deterministic():
+def test_the_kernel_policy_comes_from_its_flags_and_deterministic_is_the_trainings():
     args = build_parser().parse_args(["finetune"])
     assert _policy(args, TrainConfig()) == KernelPolicy()
     args = build_parser().parse_args(["finetune", "--backend", "torch", "--kernel-table", "t.json", "--deterministic"])
     _, train = _configs(args)
-    assert _policy(args, train) == KernelPolicy("torch", table="t.json", deterministic=True)
+    assert _policy(args, train) == KernelPolicy("torch", table="t.json") and train.deterministic
+    assert [f.name for f in dataclasses.fields(KernelPolicy)] == ["backend", "table"]  # one field per setting
 
 
 def test_the_default_command_line_gives_the_default_configs():

@@ -23,7 +23,7 @@ def test_policy_validates_and_resolves():
         resolve("gpu")
     assert KernelPolicy(table=os.path.join("a", "b.json")).table == os.path.join("a", "b.json")
     assert resolve("torch") is resolve("torch") and resolve("torch").backend == "torch"  # built once
-    policy = KernelPolicy("triton", deterministic=True)
+    policy = KernelPolicy("triton", table="t.json")
     assert resolve(policy) is policy
     assert resolve(None) is current_policy() == KernelPolicy()
 
@@ -122,17 +122,14 @@ def test_deterministic_algorithms_are_scoped():
         assert torch.are_deterministic_algorithms_enabled() == before
 
 
-@pytest.mark.parametrize("source", ["train_config", "policy"])
-def test_the_trainer_is_deterministic_while_it_trains_only(source, synthetic_root, tokenizer):
+def test_the_trainer_is_deterministic_while_it_trains_only(synthetic_root, tokenizer):
     from skipkernels.data.coop import load_splits
     from skipkernels.train.trainer import TrainConfig, Trainer
     splits = load_splits(synthetic_root, "synthetic", 4, 1)
     items = [it for it in splits.train if it.label < len(CLASSES)][:8]
-    policy = KernelPolicy(deterministic=source == "policy")
-    tuner = SkipTuner(tiny_clip(), splits.classnames[:len(CLASSES)], tokenizer, mode="skip", skip_layers=1,
-                      policy=policy)
+    tuner = SkipTuner(tiny_clip(), splits.classnames[:len(CLASSES)], tokenizer, mode="skip", skip_layers=1)
     config = TrainConfig(epochs=1, batch_size=4, shots=4, same_class_batches=False, warmup_epochs=0,
-                         progress=False, deterministic=source == "train_config")
+                         progress=False, deterministic=True)  # the one place the setting lives
     trainer = Trainer(tuner, items, config)
     during = []
     loss = tuner.loss
@@ -150,5 +147,5 @@ def test_finetune_runs_under_its_policy_and_records_it(synthetic_root, tmp_path,
     results = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode="skip", skip_layers=1),
                        train=TrainConfig(epochs=1, batch_size=8, shots=2, same_class_batches=False, warmup_epochs=0,
                                          progress=False), out_dir=tmp_path, policy=policy)
-    assert results["kernel_policy"] == {"backend": "torch", "table": "run.json", "deterministic": False}
+    assert results["kernel_policy"] == {"backend": "torch", "table": "run.json"}
     assert seen_policies and all(p is policy for p in seen_policies)

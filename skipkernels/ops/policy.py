@@ -18,9 +18,9 @@
 a path another table, and ``ALL_TRITON`` a table in which every Triton kernel wins on CUDA tensors
 (the all-Triton path, to measure it end to end against the reference and the table's choice).
 
-``deterministic``: PyTorch's deterministic algorithms while training (the trainer turns them on
-for the length of ``train()`` and restores the previous setting). skipkernels' own kernels are
-deterministic whatever this says: none accumulates results with atomics.
+PyTorch's deterministic algorithms are the training's setting (``TrainConfig.deterministic``,
+``deterministic_algorithms`` below), not the policy's: skipkernels' own kernels are deterministic
+either way, as none accumulates results with atomics.
 
 Ops take ``backend=`` as a policy or a backend name (shorthand for ``KernelPolicy(name)``); with
 neither, the ambient policy applies, which is ``KernelPolicy()`` unless code runs inside
@@ -48,8 +48,6 @@ class KernelPolicy:
                           "or cuda (the compiled ops)", choices=BACKENDS)
     table: str | None = option(None, f"the measured-wins table auto reads (default: the packaged one; "
                                f"{ALL_TRITON}: every Triton kernel)", flag="--kernel-table")
-    # On the command line: finetune's --deterministic (TrainConfig's), which the trainer honours too.
-    deterministic: bool = option(False, "PyTorch's deterministic algorithms while training", cli=False)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

@@ -173,9 +173,9 @@ class Trainer:
         self.evaluate = evaluate
         self.device = tuner.device
         self.autocast_dtype = autocast_dtype_for(config.amp, self.device)
-        # PyTorch's deterministic algorithms for the length of train() only (TrainConfig's flag or
-        # the tuner's KernelPolicy); the process's own setting is restored after.
-        self.deterministic = config.deterministic or resolve_policy(tuner.policy).deterministic
+        # PyTorch's deterministic algorithms for the length of train() only; the process's own
+        # setting is restored after.
+        self.deterministic = config.deterministic
         check_report_to(config.report_to)  # before any training: the logger's package is there
         if config.report_to is not None and self.out_dir is None:
             raise ValueError(f"report_to={config.report_to!r} logs into the run's folder: give an out_dir")
