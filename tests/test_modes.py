@@ -107,19 +107,13 @@ def test_the_tuner_caches_runs_and_trains_what_its_plan_says(mode, tokenizer):
     assert any(p.grad is not None for n, p in tuner.named_parameters() if n in trainable)
 
 
-def test_pet_omega_is_skip_layers_and_min_block_its_alias():
-    assert PetConfig(min_block=2).skip_layers == 2
-    assert PetConfig(skip_layers=2).min_block == 2
-    assert PetConfig("lora", min_block=2) == PetConfig("lora", skip_layers=2)
-    assert trainable_modules_for_mode("lora", min_block=3).skip_layers == 3
+def test_pet_omega_is_skip_layers_only():
     assert trainable_modules_for_mode("lora", 3).skip_layers == 3
     assert trainable_modules_for_mode("lora").skip_layers == 0
-    assert dataclasses.replace(PetConfig(min_block=1), skip_layers=4).skip_layers == 4
     assert "min_block" not in {f.name for f in dataclasses.fields(PetConfig)}
-    with pytest.raises(TypeError):
-        PetConfig(min_block=1, skip_layers=2)
-    with pytest.raises(TypeError):
-        trainable_modules_for_mode("lora", 2, min_block=1)
+    with pytest.raises(TypeError):  # the former name is gone: one name per setting
+        PetConfig(min_block=1)
+    assert not hasattr(PetConfig(), "min_block")
     with pytest.raises(ValueError, match="skip_layers must be >= 0"):
         PetConfig(skip_layers=-1)
 

@@ -156,7 +156,7 @@ def test_zero_up_projection_keeps_the_model(block_type, method):
     model = make_clip(block_type)
     images, text = clip_inputs()
     ref = clip_out(frozen_copy(model), images, text)
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, min_block=1))
+    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, skip_layers=1))
     assert handle.modules
     out = clip_out(model, images, text)
     for a, b in zip(out, ref):
@@ -188,18 +188,18 @@ def _count_clip(method, d, r, heads, g, blocks, towers=2, lora_targets=("q", "k"
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("min_block", [0, 2])
-def test_trainable_parameter_counts(block_type, method, min_block):
+@pytest.mark.parametrize("skip_layers", [0, 2])
+def test_trainable_parameter_counts(block_type, method, skip_layers):
     model = make_clip(block_type)
     r, heads, g = 8, 4, 4
-    handle = apply_pet(model, PetConfig(method, rank=r, heads=heads, gate_rank=g, min_block=min_block))
-    expected = _count_clip(method, WIDTH, r, heads, g, LAYERS - min_block)
+    handle = apply_pet(model, PetConfig(method, rank=r, heads=heads, gate_rank=g, skip_layers=skip_layers))
+    expected = _count_clip(method, WIDTH, r, heads, g, LAYERS - skip_layers)
     assert handle.num_trainable() == expected == handle.num_pet()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
     # Modules only in blocks >= ω.
     for name in handle.modules:
         index = int(name.split("resblocks.")[1].split(".")[0])
-        assert index >= min_block
+        assert index >= skip_layers
 
 
 def test_lora_count_for_every_projection(block_type):
@@ -223,7 +223,7 @@ def test_train_extra_and_filter_fn():
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_only_pet_parameters(block_type, method):
     model = make_clip(block_type)
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, min_block=1))
+    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, skip_layers=1))
     randomize(handle)
     images, text = clip_inputs()
     img, txt, scale = model(images, text)
@@ -296,13 +296,13 @@ def test_vlpet_cannot_merge():
 
 def test_pet_state_dict_round_trip():
     model = make_clip()
-    handle = apply_pet(model, PetConfig("vlpet-middle-x", rank=8, min_block=1))
+    handle = apply_pet(model, PetConfig("vlpet-middle-x", rank=8, skip_layers=1))
     randomize(handle)
     saved = {k: v.clone() for k, v in handle.pet_state_dict().items()}
     images, text = clip_inputs()
     out = clip_out(model, images, text)
     other = make_clip()
-    handle2 = apply_pet(other, PetConfig("vlpet-middle-x", rank=8, min_block=1))
+    handle2 = apply_pet(other, PetConfig("vlpet-middle-x", rank=8, skip_layers=1))
     handle2.load_pet_state_dict(saved)
     assert all(torch.equal(a, b) for a, b in zip(clip_out(other, images, text), out))
     with pytest.raises(KeyError):
@@ -314,11 +314,11 @@ def test_patched_blocks_run_pet_and_get_their_forward_back():
     model = patch_clip(make_clip())
     patched = {b.name: b.module.__dict__["forward"] for b in find_blocks(model)}
     images, text = clip_inputs()
-    handle = apply_pet(model, PetConfig("lora", rank=4, targets=("q", "fc1"), min_block=1))
+    handle = apply_pet(model, PetConfig("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
     randomize(handle)
     out = clip_out(model, images, text)
     plain = make_clip()
-    handle2 = apply_pet(plain, PetConfig("lora", rank=4, targets=("q", "fc1"), min_block=1))
+    handle2 = apply_pet(plain, PetConfig("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
     handle2.load_pet_state_dict(handle.pet_state_dict())
     for a, b in zip(out, clip_out(plain, images, text)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -346,14 +346,14 @@ def test_config_validation_and_modes():
         PetConfig("prefix")
     with pytest.raises(ValueError):
         PetConfig("adapter", targets=("q",))
-    cfg = trainable_modules_for_mode("vlpet", min_block=6)
-    assert cfg.method == "vlpet-large" and cfg.min_block == 6
+    cfg = trainable_modules_for_mode("vlpet", skip_layers=6)
+    assert cfg.method == "vlpet-large" and cfg.skip_layers == 6
     assert trainable_modules_for_mode("lora", rank=2).rank == 2
     assert PetConfig("vlpet-small").rank_for(768) == 96
     assert PetConfig("vlpet-small").rank_for(512) == 64
     assert PetConfig("lora").rank_for(768) == 4
     with pytest.raises(ValueError):
-        apply_pet(make_clip(), PetConfig("adapter", min_block=LAYERS))
+        apply_pet(make_clip(), PetConfig("adapter", skip_layers=LAYERS))
     with pytest.raises(ValueError):
         apply_pet(nn.Sequential(nn.Linear(4, 4)), PetConfig("lora"))
 
@@ -374,7 +374,7 @@ def _classification_task(seed=0, n=8, classes=4):
 def test_sgd_steps_lower_the_loss(method):
     model = make_clip("default")
     images, labels, prompts = _classification_task()
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, min_block=1))
+    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, skip_layers=1))
     model.train()
     lr = {"lora": 0.05}.get(method, 0.02)
     opt = torch.optim.SGD(handle.parameters(), lr=lr, momentum=0.9)
@@ -400,7 +400,7 @@ def test_has_pet_and_no_second_application():
     from skipkernels.pet import has_pet
     model = make_clip()
     assert not has_pet(model)
-    handle = apply_pet(model, PetConfig("lora", rank=2, min_block=2))
+    handle = apply_pet(model, PetConfig("lora", rank=2, skip_layers=2))
     assert has_pet(model)
     blocks = model.visual.transformer.resblocks
     assert has_pet(blocks[2]) and not has_pet(blocks[1])

@@ -106,9 +106,9 @@ def test_placement_and_counts(family, method):
             assert isinstance(handle.modules[n], VLPETModifier)
 
 
-def test_min_block_and_decoder_none(family):
+def test_skip_layers_and_decoder_none(family):
     model = MAKERS[family]()
-    handle = apply_pet(model, config("vlpet-large", min_block=1, decoder="none"))
+    handle = apply_pet(model, config("vlpet-large", skip_layers=1, decoder="none"))
     assert sorted(handle.modules) == sorted(
         [f"encoder.{'layers' if family == 'bart' else 'block'}.1.pet_{k}" for k in ("attn", "mlp")])
     assert handle.num_trainable() == _expected_count("vlpet-large", 0, 1)

@@ -56,11 +56,11 @@ def test_block_has_pet_follows_apply_merge_and_remove():
     model = tiny_clip(layers=3)
     blocks = list(model.visual.transformer.resblocks)
     assert not any(block_has_pet(b) for b in blocks)  # answer now cached
-    handle = apply_pet(model, PetConfig("lora", min_block=1))
+    handle = apply_pet(model, PetConfig("lora", skip_layers=1))
     assert [block_has_pet(b) for b in blocks] == [has_pet(b) for b in blocks] == [False, True, True]
     handle.merge()
     assert not any(block_has_pet(b) for b in blocks)
-    handle = apply_pet(model, PetConfig("vlpet-small", min_block=2))
+    handle = apply_pet(model, PetConfig("vlpet-small", skip_layers=2))
     assert [block_has_pet(b) for b in blocks] == [False, False, True]
     handle.remove()
     assert not any(block_has_pet(b) for b in blocks)

@@ -50,23 +50,6 @@ LORA_ALIASES = {
 DECODER_MODES = ("value_adapter", "same", "none")
 
 
-def _accepts_min_block(cls):
-    """``min_block``, the former name of ``skip_layers``, is still accepted as a keyword."""
-    init = cls.__init__
-
-    @functools.wraps(init)
-    def __init__(self, *args, min_block: int | None = None, **kwargs):
-        if min_block is not None:
-            if kwargs.get("skip_layers", min_block) != min_block:
-                raise TypeError("give skip_layers or its former name min_block, not both")
-            kwargs["skip_layers"] = min_block
-        init(self, *args, **kwargs)
-
-    cls.__init__ = __init__
-    return cls
-
-
-@_accepts_min_block
 @dataclass
 class PetConfig:
     """What to inject.
@@ -84,7 +67,6 @@ class PetConfig:
         packed in-projection), ``"in_proj"`` for one factor pair over a whole packed q/k/v
         weight, or raw attribute names; default q, k, v.
     skip_layers: ω; only blocks with index ≥ ω get modules (the frozen LSkip prefix stays as is).
-        ``min_block``, its former name, is accepted as a keyword and readable as a property.
     decoder: for decoder blocks (those with cross-attention): ``"value_adapter"`` (VL-PET's
         lightweight decoder design, default for vlpet-*), ``"same"`` (as the encoder; default for
         adapter and lora) or ``"none"``.
@@ -124,14 +106,6 @@ class PetConfig:
             raise ValueError(f"rank must be positive, got {self.rank}")
         self.train_extra = tuple(self.train_extra)
 
-    @property
-    def min_block(self) -> int:
-        """The former name of ``skip_layers``."""
-        return self.skip_layers
-
-    @min_block.setter
-    def min_block(self, value: int) -> None:
-        self.skip_layers = value
 
     @property
     def is_lora(self) -> bool:
@@ -261,8 +235,7 @@ def block_hooks(block: nn.Module):
 
 def trainable_modules_for_mode(mode: str, skip_layers: int | None = None, **overrides) -> PetConfig:
     """The PetConfig for a trainer mode (``"vlpet-large"``, ..., ``"adapter"``, ``"lora"``;
-    ``"vlpet"`` means ``"vlpet-large"``); ``skip_layers`` is LSkip's ω, 0 when not given
-    (``min_block``, its former name, is accepted as a keyword, as by ``PetConfig``)."""
+    ``"vlpet"`` means ``"vlpet-large"``); ``skip_layers`` is LSkip's ω, 0 when not given."""
     method = "vlpet-large" if mode == "vlpet" else mode
     if skip_layers is not None:
         overrides["skip_layers"] = skip_layers
