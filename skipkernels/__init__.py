@@ -1,12 +1,12 @@
 """skipkernels: fast, lean Skip Tuning (LSkip + CSkip) of open_clip CLIP models."""
 from skipkernels._version import __version__
 from skipkernels.info import info
-from skipkernels.ops.policy import KernelPolicy, get_backend, set_backend, use_backend, use_policy
+from skipkernels.ops.policy import KernelPolicy, use_backend, use_policy
 from skipkernels.patch import patch_clip, unpatch_clip
 
 
 __all__ = ["patch_clip", "unpatch_clip", "SkipTuner", "SkipConfig", "KernelPolicy", "info",
-           "use_policy", "get_backend", "set_backend", "use_backend", "__version__"]
+           "use_policy", "use_backend", "__version__"]
 
 
 def __getattr__(name):

@@ -101,7 +101,3 @@ def unpatch_clip(model: nn.Module) -> nn.Module:
     for name in ("encode_text", "encode_image", _PATCHED_FLAG, POLICY_ATTR):
         model.__dict__.pop(name, None)
     return model
-
-
-def is_patched(model: nn.Module) -> bool:
-    return bool(getattr(model, _PATCHED_FLAG, False))

@@ -40,7 +40,7 @@ def test_ambient_policy_is_scoped():
 
 def test_the_environment_does_not_choose_the_backend(tmp_path):
     env = {**os.environ, "SKIPKERNELS_BACKEND": "torch"}
-    out = subprocess.run([sys.executable, "-c", "import skipkernels; print(skipkernels.get_backend())"],
+    out = subprocess.run([sys.executable, "-c", "from skipkernels.ops.policy import current_policy; print(current_policy().backend)"],
                          capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "auto"
 

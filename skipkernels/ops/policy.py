@@ -143,13 +143,3 @@ def use_policy(policy: "KernelPolicy | str"):
 def use_backend(name: str):
     """``use_policy`` with only the backend changed."""
     return use_policy(dataclasses.replace(_ambient, backend=resolve(name).backend))
-
-
-def get_backend() -> str:
-    return _ambient.backend
-
-
-def set_backend(name: str) -> None:
-    """Set the ambient policy's backend for the rest of the process (``use_backend`` scopes it)."""
-    global _ambient
-    _ambient = dataclasses.replace(_ambient, backend=resolve(name).backend)

@@ -72,16 +72,8 @@ class SkipConfig:
         return mode_plan(self.mode, self.skip_layers)
 
     @property
-    def uses_lskip(self) -> bool:
-        return self.plan.caches_prefix
-
-    @property
     def pet_method(self) -> str | None:
         return self.plan.pet_method
-
-    @property
-    def uses_cskip(self) -> bool:
-        return self.plan.class_subset
 
 
 def exact_savings(model, config: SkipConfig) -> dict:
