@@ -21,7 +21,8 @@ import math
 import statistics
 from pathlib import Path
 
-from skipkernels.reproduce.protocols import DEFAULT_MODES, DISPLAY, ELEVEN, PROTOCOLS, SETTINGS_SOURCES, display
+from skipkernels.reproduce.protocols import (DEFAULT_MODES, DISPLAY, ELEVEN, PROTOCOLS, QUARTER_RULE, SETTINGS_SOURCES,
+                                             display)
 from skipkernels.reproduce.sweep import FAILED_NAME, SPEC_NAME, TRANSFER_NAME
 from skipkernels.train.checkpoint import atomic_write_text
 from skipkernels.train.evaluate import harmonic_mean
@@ -304,7 +305,7 @@ def build(out, compare_paper: bool = False) -> dict:
 def markdown(summary: dict, compare_paper: bool = False) -> str:
     lines = ["# Skip Tuning: the paper's evaluation", ""]
     for protocol, part in summary["protocols"].items():
-        lines += [f"## {part['title']}", "", f"Settings: {part['settings']}.", ""]
+        lines += [f"## {part['title']}", "", f"Settings: {part['settings']}. {QUARTER_RULE}.", ""]
         first = ("Method",) if PROTOCOLS[protocol].transfer else ("Dataset", "Method")
         lines += _markdown_table(part["rows"], first) + [""]
         if compare_paper and not paper_rows(protocol, ELEVEN):
