@@ -36,9 +36,58 @@ import torch
 
 from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
 
-ALL_MODES = ("paper", "ft", "coop", "skip-ref", "skip-compile", "skip-compile-graphs", "skip-kernels",
-             "skip-triton", "skip-graph", "skip-triton-graph")
-GRAPH_MODES = ("skip-graph", "skip-triton-graph")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchMode:
+    """How a bench mode runs a step: the SkipTuner mode it trains, the kernels (``kernels``: None is
+    the PyTorch references, "auto" the measured table, ALL_TRITON every Triton kernel), how the
+    loss is compiled (None, "compile": torch.compile, "graphs": the static loss under
+    mode="reduce-overhead"), whether the whole step is captured in a CUDA graph (skip/graph.py),
+    and whether it is the paper's own computation (skip/paper.py)."""
+    name: str
+    tuner_mode: str = "skip"
+    kernels: str | None = None
+    compile: str | None = None
+    captured: bool = False
+    paper: bool = False
+
+    @property
+    def policy(self) -> KernelPolicy:
+        if self.kernels is None:
+            return KernelPolicy("torch")
+        return KernelPolicy("auto", table=None if self.kernels == "auto" else self.kernels)
+
+    def unavailable(self, device) -> str | None:
+        """Why this mode cannot run on ``device`` here, or None."""
+        if (self.captured or self.compile == "graphs") and device.type != "cuda":
+            return "CUDA graphs need a GPU"
+        if self.kernels == ALL_TRITON and device.type != "cuda":
+            return "Triton kernels need a GPU"
+        if self.kernels == ALL_TRITON and importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
+        if self.captured:
+            from skipkernels import _ext
+            if not _ext.cuda_built():
+                return f"compiled CUDA ops missing: {_ext.load_error}"
+        return None
+
+
+# The table of the named modes; any SkipTuner mode (ft, coop, a PET mode) is a mode too.
+BENCH_MODES = {m.name: m for m in (
+    BenchMode("paper", paper=True),
+    BenchMode("ft", "ft"),
+    BenchMode("coop", "coop"),
+    BenchMode("skip-ref"),
+    BenchMode("skip-compile", compile="compile"),
+    BenchMode("skip-compile-graphs", compile="graphs"),
+    BenchMode("skip-kernels", kernels="auto"),
+    BenchMode("skip-triton", kernels=ALL_TRITON),
+    BenchMode("skip-graph", kernels="auto", captured=True),
+    BenchMode("skip-triton-graph", kernels=ALL_TRITON, captured=True),
+)}
+ALL_MODES = tuple(BENCH_MODES)
+GRAPH_MODES = tuple(m.name for m in BENCH_MODES.values() if m.captured)
 # Parameter-efficient methods can be added by their SkipTuner mode name, e.g. --modes ...,lskip-lora
 DEFAULT_MODES = ALL_MODES + ("vlpet-large", "lskip-vlpet-large", "lora", "lskip-lora")
 
@@ -76,11 +125,19 @@ def class_names(count: int) -> list[str]:
     return names
 
 
-def tuner_mode(name: str) -> str:
-    """The SkipTuner mode a bench mode trains: a tuner mode (ft, coop, a PET mode...) is its own;
-    paper and the skip-* ways of running a step all train Skip Tuning ("skip")."""
+def bench_mode(name: str) -> BenchMode:
+    """The table's mode ``name``, or a SkipTuner mode (ft, coop, a PET mode...) on the references."""
     from skipkernels.skip.modes import MODES
-    return name if name in MODES else "skip"
+    if name in BENCH_MODES:
+        return BENCH_MODES[name]
+    if name in MODES:
+        return BenchMode(name, name)
+    raise ValueError(f"unknown bench mode {name!r}; choose from {ALL_MODES} or a tuner mode {MODES}")
+
+
+def tuner_mode(name: str) -> str:
+    """The SkipTuner mode a bench mode trains (paper and the skip-* modes: "skip")."""
+    return bench_mode(name).tuner_mode
 
 
 def _timer(device):
@@ -105,13 +162,8 @@ def _summary(values):
 
 
 def mode_policy(name: str) -> KernelPolicy:
-    """The kernels a bench mode runs: our compiled / Triton ops as the measured table picks them,
-    every Triton kernel (the all-Triton modes), or the PyTorch reference (the others)."""
-    if name in ("skip-triton", "skip-triton-graph"):
-        return KernelPolicy("auto", table=ALL_TRITON)
-    if name in ("skip-kernels", "skip-graph"):
-        return KernelPolicy("auto")
-    return KernelPolicy("torch")
+    """The kernels a bench mode runs (``BenchMode.policy``)."""
+    return bench_mode(name).policy
 
 
 class ModeRunner:
@@ -122,12 +174,13 @@ class ModeRunner:
         from skipkernels.skip.modes import mode_plan
         from skipkernels.skip.tuner import SkipTuner
         self.name = name
+        self.mode = bench_mode(name)
         self.device = device
         self.autocast_dtype = autocast_dtype
-        self.policy = mode_policy(name)
-        mode = tuner_mode(name)
+        self.policy = self.mode.policy
+        mode = self.mode.tuner_mode
         model = copy.deepcopy(base_model)
-        if name == "paper":
+        if self.mode.paper:
             from skipkernels.patch import unpatch_clip
             from skipkernels.skip.paper import PaperSkipTuning
             self.tuner = PaperSkipTuning(unpatch_clip(model), class_names(scenario.classes), tokenizer,
@@ -140,13 +193,13 @@ class ModeRunner:
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
                                          weight_decay=5e-4)
         self.loss_fn = self.tuner.loss
-        if name == "skip-compile":
+        if self.mode.compile == "compile":
             import logging
             # The reference step has data-dependent shapes (class subset, truncation): graph breaks
             # are expected there and logged at WARNING level for every break; keep the table readable.
             logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
             self.loss_fn = torch.compile(self.tuner.loss)
-        if name == "skip-compile-graphs":
+        if self.mode.compile == "graphs":
             # The static step (fixed subset size, no host sync) traces as one graph that inductor
             # replays with CUDA graphs; the optimizer step stays eager, as in most user code.
             tuner = self.tuner
@@ -162,7 +215,7 @@ class ModeRunner:
         return images
 
     def step(self, inputs, labels):
-        if self.name in GRAPH_MODES:
+        if self.mode.captured:
             if self.graph_step is None:
                 from skipkernels.skip.graph import CapturedStep
                 self.graph_step = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype)
@@ -192,20 +245,11 @@ def _labels(scenario, count, seed, same_class):
 def _available_modes(modes, device):
     out, skipped = [], {}
     for mode in modes:
-        if (mode in GRAPH_MODES or mode == "skip-compile-graphs") and device.type != "cuda":
-            skipped[mode] = "CUDA graphs need a GPU"
-        elif mode == "skip-triton" and device.type != "cuda":
-            skipped[mode] = "Triton kernels need a GPU"
-        elif mode in ("skip-triton", "skip-triton-graph") and importlib.util.find_spec("triton") is None:
-            skipped[mode] = "Triton is not installed"
-        elif mode in GRAPH_MODES:
-            from skipkernels import _ext
-            if not _ext.cuda_built():
-                skipped[mode] = f"compiled CUDA ops missing: {_ext.load_error}"
-            else:
-                out.append(mode)
-        else:
+        why = bench_mode(mode).unavailable(device)
+        if why is None:
             out.append(mode)
+        else:
+            skipped[mode] = why
     return out, skipped
 
 

@@ -175,3 +175,23 @@ def test_the_bench_runner_reads_the_plan(name):
     images = bench._images(scenario, runner.tuner.model, 2, torch.device("cpu"), 0)
     inputs = runner.inputs_for(images)
     assert (inputs.dim() == 3) == runner.plan.caches_prefix  # cached tokens, or the images themselves
+
+
+def test_bench_modes_are_one_table():
+    """Each bench mode's kernels, compilation and capture come from its row of BENCH_MODES."""
+    from skipkernels import bench
+    from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
+    assert bench.mode_policy("skip-triton") == bench.mode_policy("skip-triton-graph") == \
+        KernelPolicy("auto", table=ALL_TRITON)
+    assert bench.mode_policy("skip-kernels") == bench.mode_policy("skip-graph") == KernelPolicy("auto")
+    assert {bench.mode_policy(m) for m in ("paper", "ft", "coop", "skip-ref", "skip-compile", "lskip-lora")} == \
+        {KernelPolicy("torch")}
+    assert bench.GRAPH_MODES == ("skip-graph", "skip-triton-graph")
+    assert [m for m in bench.ALL_MODES if bench.bench_mode(m).compile] == ["skip-compile", "skip-compile-graphs"]
+    cpu = torch.device("cpu")
+    available, skipped = bench._available_modes(list(bench.DEFAULT_MODES), cpu)
+    assert skipped == {"skip-compile-graphs": "CUDA graphs need a GPU", "skip-triton": "Triton kernels need a GPU",
+                       "skip-graph": "CUDA graphs need a GPU", "skip-triton-graph": "CUDA graphs need a GPU"}
+    assert "lskip-lora" in available and "paper" in available
+    with pytest.raises(ValueError, match="unknown bench mode 'warp'"):
+        bench.bench_mode("warp")
