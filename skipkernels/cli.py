@@ -51,7 +51,7 @@ def _configs(args):
     from skipkernels.options import from_args
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig, protocol_epochs
-    skip = from_args(SkipConfig, args, seed=args.seed)  # one --seed for both
+    skip = from_args(SkipConfig, args)
     epochs = protocol_epochs((args.dataset or "").lower(), args.epochs) if args.protocol_epochs else args.epochs
     return skip, from_args(TrainConfig, args, epochs=epochs)
 
@@ -195,7 +195,7 @@ def cmd_demo(args) -> int:
     results = []
     for mode in args.modes.split(","):
         start = time.perf_counter()
-        skip = SkipConfig(mode=mode, skip_layers=DEMO["skip_layers"], seed=args.seed)
+        skip = SkipConfig(mode=mode, skip_layers=DEMO["skip_layers"])
         train = TrainConfig(epochs=epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"],
                             lr_image=DEMO["lr"], shots=DEMO["shots"], same_class_batches=DEMO["same_class_batches"],
                             warmup_epochs=0, seed=args.seed, eval_every=DEMO["eval_every"],

@@ -176,8 +176,9 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
                                  "tuned from; leave --model out to use the run's")
             model_name = source["model"]
             tokenizer = tokenizer or source.get("tokenizer")
-            config, part = _inference_config(SkipConfig(**source["skip_config"]), tuned,
-                                             None if tuned is not None else weights_path.parent)
+            known = {f.name for f in dataclasses.fields(SkipConfig)}  # a run made before a field was dropped
+            recorded = SkipConfig(**{k: v for k, v in source["skip_config"].items() if k in known})
+            config, part = _inference_config(recorded, tuned, None if tuned is not None else weights_path.parent)
         weights = str(weights_path)
     if template is not None:
         config = dataclasses.replace(config, template=template)

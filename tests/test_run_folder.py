@@ -63,8 +63,7 @@ def _results(folder):
 CONFIG_CHANGES = {
     "skip_config": {"mode": "lskip", "skip_layers": 2, "top_ratio": 0.25, "max_top": 3, "lam": 0.5,
                     "resample": "step", "drop_ratio": 0.25, "truncate_text": False, "prune_last_block": False,
-                    "template": "a {}.", "cache_dtype": "bfloat16", "coop_n_ctx": 2, "coop_init": "a photo",
-                    "seed": 5},
+                    "template": "a {}.", "cache_dtype": "bfloat16", "coop_n_ctx": 2, "coop_init": "a photo"},
     "train_config": {"epochs": 2, "batch_size": 2, "lr": 1e-2, "lr_image": 1e-2, "momentum": 0.5,
                      "weight_decay": 0.0, "warmup_epochs": 1, "warmup_lr": 1e-5, "shots": 3,
                      "same_class_batches": None, "seed": 2, "amp": None, "deterministic": True},

@@ -96,7 +96,7 @@ def build_sweep(args):
                 raise ValueError(f"--datasets: none of {', '.join(datasets)} belongs to {name} "
                                  f"({', '.join(PROTOCOLS[name].datasets)})")
         runs += protocols.plan(name, chosen, seeds, shots, modes, args.source)
-    skip = from_args(SkipConfig, args, exclude=EXCLUDED["SkipConfig"], seed=seeds[0])
+    skip = from_args(SkipConfig, args, exclude=EXCLUDED["SkipConfig"])
     train = from_args(TrainConfig, args, exclude=EXCLUDED["TrainConfig"])
     policy = kernel_policy(args, train)
     check_training_flags(args, train, policy)

@@ -63,7 +63,7 @@ class Sweep:
         train = dataclasses.replace(self.train, **{**values, "epochs": epochs, "shots": run.shots,
                                                    "seed": run.seed, "progress": False})
         mode = "ft" if run.mode == ZERO_SHOT else run.mode
-        skip = dataclasses.replace(self.skip, mode=mode, seed=run.seed)
+        skip = dataclasses.replace(self.skip, mode=mode)
         return skip, train
 
     def spec(self, run: Run) -> dict:

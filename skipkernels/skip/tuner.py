@@ -51,7 +51,6 @@ class SkipConfig:
                                     identity=False)  # where the cache lives, not what it holds
     coop_n_ctx: int = option(4, "CoOp: learned context vectors")
     coop_init: str = option("a photo of a", "CoOp: the words the context starts from, if that many tokens")
-    seed: int = option(0, cli=False)  # the command line's --seed (TrainConfig's) sets it too
 
     def __post_init__(self):
         mode_plan(self.mode, self.skip_layers)  # validates the mode
@@ -140,9 +139,10 @@ class SkipTuner(nn.Module):
     """
 
     def __init__(self, model, classnames, tokenizer, config: SkipConfig | None = None, *, policy=None,
-                 **overrides):
+                 seed: int = 0, **overrides):
         """``policy``: the KernelPolicy (or backend name) of every op the tuner runs; None: the one
-        ``patch_clip`` gave the model, else the ambient policy at each call."""
+        ``patch_clip`` gave the model, else the ambient policy at each call. ``seed``: CSkip's random
+        rank mask; ``finetune`` passes its run's one seed (``TrainConfig.seed``)."""
         super().__init__()
         checks.check_model("model", model)
         classnames = checks.check_classnames("classnames", classnames)
@@ -230,7 +230,7 @@ class SkipTuner(nn.Module):
                 # Zero-shot prototypes of the pretrained model, computed once before any update.
                 prototypes = self.encode_classes(classnames, normalize=True)
                 self.skipper = ClassSkipper(prototypes, config.top_ratio, config.max_top, config.lam,
-                                            config.resample, seed=config.seed)
+                                            config.resample, seed=seed)
             model.train(was_training)
 
     # ------------------------------------------------------------------ set-up helpers

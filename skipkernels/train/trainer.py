@@ -533,7 +533,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
                                      prefix="zero-shot")
 
     with _timed(times, "text_prefix"):
-        tuner = SkipTuner(model, data.base_names, tokenizer, skip)
+        tuner = SkipTuner(model, data.base_names, tokenizer, skip, seed=train.seed)  # the run's one seed
     trainer = Trainer(tuner, data.train_items, train, out_dir, model_name=model_name,
                       evaluate=lambda: evaluate(tuner, progress=False), identity=identity)
     resumed = trainer.resume() if resume else False
