@@ -160,6 +160,10 @@ def test_omega_defaults_to_half_the_blocks_and_says_why(tokenizer, open_clip):
     assert given.skip_layers == 3 and "omega 3 (given)" in repr(given)
     ft = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, mode="ft")
     assert ft.plan.skip_layers == 0 and "omega 0 (nothing is cached in mode ft)" in repr(ft)
+    # One number for omega: the plan's, also in the config a mode that caches nothing was given.
+    assert ft.config.skip_layers == ft.skip_layers == 0
+    coop = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, mode="coop", skip_layers=3)
+    assert coop.config.skip_layers == coop.skip_layers == coop.plan.skip_layers == 0
     with pytest.raises(ValueError, match="skip_layers must be in \\[0, 4\\)"):
         SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, skip_layers=6)  # the paper's 6 is out of range here
 

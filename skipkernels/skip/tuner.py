@@ -159,12 +159,14 @@ class SkipTuner(nn.Module):
         image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
         if text_tower.mask_kind == "custom":
             raise ValueError("text attention masks other than causal or none are not supported")
-        # ω: None in the config means the model's default, resolved here once; tuner.config holds the number.
+        # ω: None in the config means the model's default, resolved here once. One number: the
+        # plan's (0 in a mode that caches nothing), which tuner.config and tuner.skip_layers repeat.
         self.skip_layers_reason = "given"
-        if config.skip_layers is None:
+        if config.skip_layers is None and mode_plan(config.mode, 1).caches_prefix:
             omega, self.skip_layers_reason = towers.default_skip_layers(model)
             config = dataclasses.replace(config, skip_layers=omega)
         plan = config.plan
+        config = dataclasses.replace(config, skip_layers=plan.skip_layers)
         if plan.pet_method is not None:
             from skipkernels.pet.layouts import CLIP_BLOCKS
             foreign = {type(b).__name__ for t in (image_tower, text_tower) for b in t.blocks} - set(CLIP_BLOCKS)
