@@ -404,7 +404,7 @@ def _git_commit() -> str | None:
 
 
 def environment(device) -> dict:
-    from skipkernels.train.trainer import versions
+    from skipkernels._version import versions
     env = versions()
     env.update({"device": torch.cuda.get_device_name(0) if device.type == "cuda" else
                 (os.uname().machine + " cpu, " + str(os.cpu_count()) + " cores"),

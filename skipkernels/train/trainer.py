@@ -6,7 +6,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from skipkernels import distributed
+from skipkernels._version import versions
 from skipkernels.data.coop import QUARTER_EPOCH_DATASETS, load_splits, write_split_json
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot, subset_classes
 from skipkernels.data.images import (ItemDataset, TrainTransform, epoch_batches, is_readable, make_loader,
@@ -123,24 +123,6 @@ def autocast_dtype_for(amp, device):
     if amp == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-
-
-def versions() -> dict:
-    from skipkernels import _ext
-    from skipkernels._version import __version__
-    out = {"skipkernels": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "cuda": torch.version.cuda, "extension": _ext._C is not None}
-    try:
-        import open_clip
-        out["open_clip"] = open_clip.__version__
-    except Exception:  # noqa: BLE001 - versions are informative only
-        pass
-    try:
-        import triton
-        out["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return out
 
 
 def _signature(tuner: SkipTuner, model_name: str, train: TrainConfig) -> dict:
