@@ -69,6 +69,26 @@ def _masked_probs(s, lse, qi, ki, valid, Mask, mask_off, smm, smn,
 
 
 @triton.jit
+def _keys_tile(base, cols, offs_d, sn, sd, dmask, nmask, UPCAST: tl.constexpr):
+    """A K or V tile as (Dh x keys): the orientation both backward kernels read."""
+    t = tl.load(base + cols[None, :] * sn + offs_d[:, None] * sd, mask=dmask[:, None] & nmask[None, :], other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _probs_and_dprobs(q, g, k_t, v_t, lse, qi, ki, valid, Mask, mask_off, smm, smn, sm_scale,
+                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, PRECISION: tl.constexpr):
+    """P and dP = dO Vᵀ of one (queries x keys) tile. The dQ kernel's two passes and the dK/dV
+    kernel all compute them here, from the same operands in the same orientation, so the delta
+    summed from them cancels in every dS = P (dP - delta) (see the dQ kernel)."""
+    s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
+    p = _masked_probs(s, lse, qi, ki, valid, Mask, mask_off, smm, smn, CAUSAL, MASK_KIND)
+    return p, tl.dot(g, v_t, input_precision=PRECISION)
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, Lse, Mask, KeyLimit, sm_scale,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      sob, soh, som, sod, smb, smh, smm, smn,
@@ -169,17 +189,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_sc
         lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # query tiles above the diagonal see none of it
 
     kv_mask = nmask[:, None] & dmask[None, :]
-    # K and V as (Dh x keys) tiles, and below P and dP as (queries x keys): the same operands in the
-    # same orientation as the dQ kernel's, so this dP is the one its delta = rowsum(P * dP) was
-    # summed from and dP - delta cancels here as there.
-    kv_t_mask = dmask[:, None] & nmask[None, :]
-    k_t = tl.load(K + b.to(tl.int64) * skb + h * skh + offs_n[None, :] * skn + offs_d[:, None] * skd,
-                  mask=kv_t_mask, other=0.0)
-    v_t = tl.load(V + b.to(tl.int64) * svb + h * svh + offs_n[None, :] * svn + offs_d[:, None] * svd,
-                  mask=kv_t_mask, other=0.0)
-    if UPCAST:
-        k_t = k_t.to(tl.float32)
-        v_t = v_t.to(tl.float32)
+    # This key tile's K and V, and below P and dP, exactly as the dQ kernel computes them.
+    k_t = _keys_tile(K + b.to(tl.int64) * skb + h * skh, offs_n, offs_d, skn, skd, dmask, nmask, UPCAST)
+    v_t = _keys_tile(V + b.to(tl.int64) * svb + h * svh, offs_n, offs_d, svn, svd, dmask, nmask, UPCAST)
     q_base = Q + b.to(tl.int64) * sqb + h * sqh
     g_base = DO + b.to(tl.int64) * sgb + h * sgh
     mask_off = b.to(tl.int64) * smb + h * smh
@@ -197,11 +209,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, KeyLimit, sm_sc
             g = g.to(tl.float32)
         lse = tl.load(Lse + row_base + offs_m, mask=mmask, other=0.0)
         delta = tl.load(Delta + row_base + offs_m, mask=mmask, other=0.0)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
-        p = _masked_probs(s, lse[:, None], offs_m[:, None], offs_n[None, :],
-                          mmask[:, None] & nvisible[None, :], Mask, mask_off, smm, smn,
-                          CAUSAL, MASK_KIND)
-        ds = p * (tl.dot(g, v_t, input_precision=PRECISION) - delta[:, None])
+        p, dp = _probs_and_dprobs(q, g, k_t, v_t, lse[:, None], offs_m[:, None], offs_n[None, :],
+                                  mmask[:, None] & nvisible[None, :], Mask, mask_off, smm, smn, sm_scale,
+                                  CAUSAL, MASK_KIND, PRECISION)
+        ds = p * (dp - delta[:, None])
         if not UPCAST:
             p = p.to(g.dtype)
             ds = ds.to(q.dtype)
@@ -262,18 +273,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         nmask = cols < hi
-        k_t = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
-                      mask=dmask[:, None] & nmask[None, :], other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd,
-                      mask=dmask[:, None] & nmask[None, :], other=0.0)
-        if UPCAST:
-            k_t = k_t.to(tl.float32)
-            v_t = v_t.to(tl.float32)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
-        p = _masked_probs(s, lse[:, None], offs_m[:, None], cols[None, :],
-                          mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn,
-                          CAUSAL, MASK_KIND)
-        delta += tl.sum(p * tl.dot(g, v_t, input_precision=PRECISION), axis=1)
+        k_t = _keys_tile(k_base, cols, offs_d, skn, skd, dmask, nmask, UPCAST)
+        v_t = _keys_tile(v_base, cols, offs_d, svn, svd, dmask, nmask, UPCAST)
+        p, dp = _probs_and_dprobs(q, g, k_t, v_t, lse[:, None], offs_m[:, None], cols[None, :],
+                                  mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn, sm_scale,
+                                  CAUSAL, MASK_KIND, PRECISION)
+        delta += tl.sum(p * dp, axis=1)
         p_sum += tl.sum(p, axis=1)
     delta = delta / tl.where(p_sum == 0.0, 1.0, p_sum)  # a row that sees no key: P = 0, delta = 0
     tl.store(Delta + row_base + offs_m, delta, mask=mmask)  # for the dK/dV kernel, launched next
@@ -282,18 +287,12 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, KeyLimit, sm_scale,
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         nmask = cols < hi
-        k_t = tl.load(k_base + cols[None, :] * skn + offs_d[:, None] * skd,
-                      mask=dmask[:, None] & nmask[None, :], other=0.0)
-        v_t = tl.load(v_base + cols[None, :] * svn + offs_d[:, None] * svd,
-                      mask=dmask[:, None] & nmask[None, :], other=0.0)
-        if UPCAST:
-            k_t = k_t.to(tl.float32)
-            v_t = v_t.to(tl.float32)
-        s = tl.dot(q, k_t, input_precision=PRECISION) * sm_scale
-        p = _masked_probs(s, lse[:, None], offs_m[:, None], cols[None, :],
-                          mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn,
-                          CAUSAL, MASK_KIND)
-        ds = p * (tl.dot(g, v_t, input_precision=PRECISION) - delta[:, None])
+        k_t = _keys_tile(k_base, cols, offs_d, skn, skd, dmask, nmask, UPCAST)
+        v_t = _keys_tile(v_base, cols, offs_d, svn, svd, dmask, nmask, UPCAST)
+        p, dp = _probs_and_dprobs(q, g, k_t, v_t, lse[:, None], offs_m[:, None], cols[None, :],
+                                  mmask[:, None] & nmask[None, :], Mask, mask_off, smm, smn, sm_scale,
+                                  CAUSAL, MASK_KIND, PRECISION)
+        ds = p * (dp - delta[:, None])
         if not UPCAST:
             ds = ds.to(k_t.dtype)
         dq = tl.dot(ds, tl.trans(k_t), dq, input_precision=PRECISION)
