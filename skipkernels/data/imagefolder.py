@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from skipkernels.data.splits import DatasetError, Item, Splits
+from skipkernels.data.splits import DatasetError, Item, Splits, name_lines
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLASSNAMES_FILE = "classnames.txt"
@@ -41,14 +41,7 @@ def _read_classnames(folder: Path, class_dirs: list[str]) -> dict[str, str]:
     path = folder / CLASSNAMES_FILE
     if not path.is_file():
         return {d: d.replace("_", " ") for d in class_dirs}
-    names = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        key, _, name = line.strip().partition(" ")
-        if not name.strip():
-            raise DatasetError(f"{path}:{n}: expected '<folder> <class name>', got {line.strip()!r}")
-        names[key] = name.strip()
+    names = {key: name for _, key, name in name_lines(path, "folder")}
     unknown = sorted(set(names) - set(class_dirs))
     missing = sorted(set(class_dirs) - set(names))
     if unknown or missing:

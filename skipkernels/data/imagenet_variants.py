@@ -21,7 +21,7 @@ import os
 import warnings
 from pathlib import Path
 
-from skipkernels.data.splits import DatasetError, Item, Splits
+from skipkernels.data.splits import DatasetError, Item, Splits, name_lines
 
 SUBSETS_FILE = Path(__file__).with_name("imagenet_subsets.json")
 # name: (CoOp's folder, its image folder, how its class folders are named)
@@ -63,15 +63,10 @@ def read_classnames(path: Path) -> dict[str, str]:
         raise DatasetError(f"class names file not found: {path} (copy ImageNet's classnames.txt there: lines "
                            "'<wnid> <class name>')")
     names: dict[str, str] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        wnid, _, name = line.strip().partition(" ")
-        if not name.strip():
-            raise DatasetError(f"{path}:{n}: expected '<wnid> <class name>', got {line.strip()!r}")
+    for n, wnid, name in name_lines(path, "wnid"):
         if wnid in names:
             raise DatasetError(f"{path}:{n}: wnid {wnid} is listed twice")
-        names[wnid] = name.strip()
+        names[wnid] = name
     if not names:
         raise DatasetError(f"{path} lists no classes")
     _check_label_order(list(names), path)
