@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import sys
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -51,7 +52,7 @@ def _extensions():
         return [], {}
     if not os.path.exists(os.path.join(CSRC, "ops.cpp")):
         return [], {}
-    root = _build.Path(CSRC)
+    root = Path(CSRC)
     with_cuda, cuda_home, why = _build.cuda_plan(torch)
     if with_cuda:
         cpp_extension.CUDA_HOME = cuda_home  # torch guesses from nvcc's link, which may lack the headers
@@ -87,7 +88,7 @@ def _extensions():
                 return
             path = self.get_ext_fullpath("skipkernels._C")
             if os.path.exists(path):
-                _build.write_json(_build.Path(path).with_name(_build.STAMP),
+                _build.write_json(Path(path).with_name(_build.STAMP),
                                   _build.build_stamp(torch, with_cuda, arch))
 
         def get_outputs(self):

@@ -71,9 +71,10 @@ class _Plan:
         self.problem = None
         if os.environ.get("SKIPKERNELS_JIT", "1") == "0":
             self.problem = "compiling on first use is off (SKIPKERNELS_JIT=0)"
-        if self.root is None:
+        elif self.root is None:
             self.problem = "the C++ sources (csrc/) are not shipped with this install"
-            return
+        if self.problem:
+            return  # nothing below is needed: load() reports the problem
         self.with_cuda, self.cuda_home, self.cuda_note = _build.cuda_plan(torch)
         self.arch = _build.cuda_arch_list(torch) if self.with_cuda else None
         self.dir = _build.cache_root() / "ops" / _build.build_key(torch, self.root, self.with_cuda, self.arch)
@@ -112,8 +113,7 @@ def _compile(plan: _Plan):
     plan.dir.mkdir(parents=True, exist_ok=True)
     sources = _build.cpu_sources(plan.root) + (_build.cuda_sources(plan.root) if plan.with_cuda else [])
     flags = _build.compile_flags(plan.with_cuda)
-    saved = {k: os.environ.get(k) for k in ("TORCH_CUDA_ARCH_LIST",)}
-    saved_home = cpp_extension.CUDA_HOME
+    saved_arch, saved_home = os.environ.get("TORCH_CUDA_ARCH_LIST"), cpp_extension.CUDA_HOME
     if plan.with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = plan.arch
         cpp_extension.CUDA_HOME = plan.cuda_home  # torch's own guess stops at nvcc's link, not the toolkit
@@ -132,11 +132,10 @@ def _compile(plan: _Plan):
                      if str(err) else type(err).__name__)
         raise RuntimeError(f"the build failed ({first.strip()[:300]}); log: {plan.dir / 'build.log'}") from None
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        if saved_arch is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = saved_arch
         cpp_extension.CUDA_HOME = saved_home
     seconds = time.perf_counter() - start
     _build.write_json(plan.dir / "done.json", {**_build.build_stamp(torch, plan.with_cuda, plan.arch),
@@ -145,15 +144,11 @@ def _compile(plan: _Plan):
     return module
 
 
-_pending: str | None = None  # set by a load(build=False) that found nothing built: what a build would do
-
-
 def load(build: bool = True, force: bool = False) -> str | None:
     """Load the compiled ops once per process; returns ``load_error`` (None when they loaded).
 
     ``build=False`` loads only what is already built (``skipkernels info``); ``force`` retries a
     just-in-time build that failed before (``skipkernels build``)."""
-    global _pending
     if _LOADED and (not force or globals()["_C"] is not None):  # a loaded module cannot be loaded twice
         return globals()["load_error"]
     module, where, installed_problem = _installed()
@@ -162,18 +157,17 @@ def load(build: bool = True, force: bool = False) -> str | None:
         plan = _Plan()
         if plan.problem:
             error = f"{installed_problem}; {plan.problem}"
-        elif plan.module_file() is not None:
-            where = str(plan.module_file())
+        elif (cached := plan.module_file()) is not None:
+            where = str(cached)
             try:
-                module, origin = _import_file(plan.module_file()), "cached"
+                module, origin = _import_file(cached), "cached"
             except ImportError as err:
                 error = f"{installed_problem}; the cached build {where} failed to load: {err}"
         elif plan.failure() and not force:
             error = (f"{installed_problem}; compiling them failed before: {plan.failure()} "
                      "(`skipkernels build` retries)")
         elif not build:
-            _pending = f"{installed_problem}; compiled on first use into {plan.dir}"
-            return _pending
+            return f"{installed_problem}; compiled on first use into {plan.dir}"  # nothing loaded, nothing set
         else:
             try:
                 module, origin, where = _compile(plan), "compiled", str(plan.dir)
@@ -184,7 +178,6 @@ def load(build: bool = True, force: bool = False) -> str | None:
                     (plan.dir / "failed.txt").write_text(str(err) + "\n")
             if error:
                 _say(f"{error}. The reference ops run.")
-    _pending = None
     if error:
         error = error[0].upper() + error[1:] + ". The reference ops are used."
     _set(module, origin, where, error)

@@ -251,10 +251,9 @@ def with_paper_rows(protocol: str, rows: list[dict]) -> list[dict]:
     keys = {display(d): d for d in ELEVEN}
     paper = paper_rows(protocol, [keys[r] for r in ours if r in keys])
     out = []
-    for r in rows:
+    for r, following in zip(rows, rows[1:] + [None]):
         out.append(r)
-        last_of_dataset = r is rows[-1] or rows[rows.index(r) + 1]["row"] != r["row"]
-        if r["row"] != "Average" and last_of_dataset:
+        if r["row"] != "Average" and (following is None or following["row"] != r["row"]):  # its last row
             out += [p for p in paper if p["row"] == r["row"]]
     return out + [p for p in paper if p["row"] not in ours]
 
