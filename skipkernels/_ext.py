@@ -25,7 +25,6 @@ import torch
 
 from skipkernels import _build
 
-OP_NAMES = ("class_select", "subset_logits_ce", "subset_logits_ce_backward", "class_scores_topk")  # csrc/ops.cpp
 _LAZY = ("_C", "load_error", "COMPILED_OPS", "CUDA_BUILT", "origin", "location")
 _LOADED = False  # a plain flag, so the checks below trace under torch.compile once loaded
 
@@ -186,13 +185,21 @@ def load(build: bool = True, force: bool = False) -> str | None:
 
 def _set(module, origin, where, error) -> None:
     global _LOADED
-    compiled = frozenset(name for name in OP_NAMES if module is not None and hasattr(torch.ops.skipkernels, name))
+    compiled = frozenset(_registered_ops()) if module is not None else frozenset()
     globals().update(_C=module, origin=origin, location=where, load_error=error, COMPILED_OPS=compiled,
                      CUDA_BUILT=module is not None and bool(getattr(module, "built_with_cuda", lambda: False)()))
     _LOADED = True
     if compiled and not _register_fakes.done:
         _register_fakes()
         _register_fakes.done = True
+
+
+def _registered_ops():
+    """The ops csrc/ops.cpp registered: every ``skipkernels::`` op with a CPU kernel (the ops
+    declared in Python, like ``subset_ce_loss``, have none of their own)."""
+    for name in torch._C._dispatch_get_all_op_names():
+        if name.startswith("skipkernels::") and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"):
+            yield name.split("::", 1)[1]
 
 
 def status() -> dict:
@@ -208,19 +215,6 @@ def status() -> dict:
     return {"state": state, "detail": globals()["load_error"] if origin is None else globals()["location"]}
 
 
-def has_op(name: str) -> bool:
-    """True when ``torch.ops.skipkernels.<name>`` was registered by the compiled extension."""
-    if not _LOADED:
-        load()
-    return name in COMPILED_OPS
-
-
-def cuda_built() -> bool:
-    if not _LOADED:
-        load()
-    return CUDA_BUILT
-
-
 def _kind(device) -> str:
     return device.type if isinstance(device, torch.device) else torch.device(device).type
 
@@ -231,20 +225,6 @@ def has_kernel(name: str, device) -> bool:
         load()
     kind = _kind(device)
     return name in COMPILED_OPS and (kind == "cpu" or (kind == "cuda" and CUDA_BUILT))
-
-
-def use_compiled(name: str, backend: str, device) -> bool:
-    """Whether op ``name`` runs its compiled kernel: always for backend 'cpu' / 'cuda' (which must
-    match the tensors' device and be built), for 'auto' where built, never otherwise."""
-    kind = _kind(device)
-    if backend not in ("cpu", "cuda"):
-        return backend == "auto" and has_kernel(name, kind)
-    if backend != kind:
-        raise ValueError(f"backend {backend!r} does not run on {kind} tensors")
-    if not has_kernel(name, kind):
-        raise RuntimeError(f"backend {backend!r} requested but the compiled {name} is unavailable for {kind}: "
-                           f"{globals()['load_error'] or 'the extension was built without CUDA'}")
-    return True
 
 
 _CUDA_ERRORS = {
@@ -262,7 +242,9 @@ def check_cuda_errors(device=None, reset: bool = True) -> None:
     hence they report bad data through a device-side error word instead of raising. This reads
     it, which synchronises the device: call it at checkpoints (e.g. once per epoch), not per step.
     """
-    if not cuda_built() or not torch.cuda.is_available():
+    if not _LOADED:
+        load()
+    if not CUDA_BUILT or not torch.cuda.is_available():
         return
     index = torch.cuda.current_device() if device is None else torch.device(device).index
     if index is None:

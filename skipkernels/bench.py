@@ -68,7 +68,7 @@ class BenchMode:
             return "Triton is not installed"
         if self.captured:
             from skipkernels import _ext
-            if not _ext.cuda_built():
+            if not _ext.CUDA_BUILT:
                 return f"compiled CUDA ops missing: {_ext.load_error}"
         return None
 
@@ -265,8 +265,8 @@ def base_model(scenario: Scenario, device, seed: int = 0):
 def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, epoch: bool, seed: int = 0):
     base, tokenizer, autocast_dtype = base_model(scenario, device, seed)
     if scenario.skip_layers is None:  # resolved once, where the model is known: the report and memory runs get it
-        from skipkernels.skip.towers import default_skip_layers
-        scenario.skip_layers = default_skip_layers(base)[0]
+        from skipkernels.skip.towers import ModelPlan
+        scenario.skip_layers = ModelPlan(base).default_skip_layers()[0]
     from skipkernels.skip.paper import UnsupportedPaperModel
     runners, refused = [], {}
     for mode in modes:

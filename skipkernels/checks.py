@@ -80,12 +80,12 @@ def check_images(name: str, images, model, hint: str = "") -> None:
     if tuple(images.shape[2:]) != want:
         raise ValueError(f"{name} must be {want[0]}x{want[1]} for this model, got {images.shape[2]}x{images.shape[3]} "
                          "(resize them, e.g. with open_clip's preprocess)")
-    _check_device(name, images, model)
+    _check_device(name, images, next(model.parameters()).device)
 
 
-def check_prefix(name: str, tokens, model) -> None:
-    """The cached prefix ``image_prefix`` returns: a float tensor (B >= 1, tokens, width)."""
-    width = token_width(model)
+def check_prefix(name: str, tokens, width: int, device: torch.device) -> None:
+    """The cached prefix ``image_prefix`` returns: a float tensor (B >= 1, tokens, width) on the
+    model's device type; the caller knows ``width`` (``token_width``) and ``device``."""
     hint = (f"; in this mode loss takes the cached prefix (batch, tokens, {width}): call tuner.image_prefix(images) "
             "first and pass its result")
     if not isinstance(tokens, torch.Tensor):
@@ -98,11 +98,10 @@ def check_prefix(name: str, tokens, model) -> None:
         raise TypeError(f"{name} must be floating point, got dtype {str(tokens.dtype).removeprefix('torch.')}{hint}")
     if tokens.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(tokens.shape)}): give at least one image")
-    _check_device(name, tokens, model)
+    _check_device(name, tokens, device)
 
 
-def _check_device(name: str, tensor: torch.Tensor, model) -> None:
-    device = next(model.parameters()).device
+def _check_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device.type != device.type:
         raise ValueError(f"{name} is on {tensor.device}, the model on {device}: move it with .to({str(device)!r})")
 

@@ -236,7 +236,9 @@ def cmd_info(args) -> int:
     if args.model:
         data["model"] = model_info(args.model)
         print(f"\n{args.model} (random weights):")
-        print("\n".join(f"  {key}: {value}" for key, value in data["model"].items()))
+        for key, value in data["model"].items():
+            print(f"  {key}:" + "".join(f"\n    {line}" for line in value) if isinstance(value, list) else
+                  f"  {key}: {value}")
     if args.json:
         print(json.dumps(data, indent=2))
     return 0
@@ -258,15 +260,17 @@ def cmd_build(args) -> int:
         print(f"skipkernels build: error: {error}", file=sys.stderr)
         return 1
     state = _ext.status()
-    print(f"compiled ops ({', '.join(sorted(_ext.COMPILED_OPS))}; CUDA: {_ext.cuda_built()}): "
+    print(f"compiled ops ({', '.join(sorted(_ext.COMPILED_OPS))}; CUDA: {_ext.CUDA_BUILT}): "
           f"{state['state']} at {state['detail']}")
     return 0
 
 
 def model_info(name: str) -> dict:
-    """The towers skipkernels sees in open_clip model ``name`` and which exact savings apply."""
+    """The towers skipkernels sees in open_clip model ``name``, which exact savings apply, and the
+    plan: per block, what each sub-layer runs under the default policy and why."""
     from skipkernels.families import model_towers
     from skipkernels.models import open_clip_module
+    from skipkernels.skip.towers import ModelPlan
     from skipkernels.skip.tuner import SkipConfig, exact_savings
     open_clip = open_clip_module()
     if name not in open_clip.list_models():
@@ -276,7 +280,9 @@ def model_info(name: str) -> dict:
     out = {"image tower": f"{image.kind}, {len(image.blocks)} blocks ({type(image.blocks[0]).__name__})",
            "text tower": f"open_clip text transformer, {len(text.blocks)} blocks, {text.mask_kind} mask, "
                          f"{text.pool_type!r} pooling"}
-    out.update(exact_savings(model, SkipConfig()))
+    plan = ModelPlan(model)
+    out.update(exact_savings(plan, SkipConfig()))
+    out["plan"] = plan.describe().splitlines()
     return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 # Pooling rules that read one token per prompt / image: last-block pruning is exact for them.
 SINGLE_TOKEN_TEXT_POOLS = ("argmax", "eos", "first", "last")
@@ -165,26 +164,19 @@ def _hybrid_message(what: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- text
-_mask_kinds = WeakIdKeyDictionary()  # mask tensor -> (its version, kind)
-
-
 def _mask_kind(mask) -> str:
-    """'none', 'causal' or 'custom'; remembered per mask tensor (and its version), so that the
-    comparison (a device sync on a GPU) runs once, not every step."""
+    """'none', 'causal' or 'custom' (the comparison is a device sync on a GPU: plans ask once)."""
     if mask is None:
         return "none"
-    cached = _mask_kinds.get(mask)
-    if cached is not None and cached[0] == mask._version:
-        return cached[1]
     causal = torch.full(mask.shape, float("-inf"), device=mask.device, dtype=mask.dtype).triu_(1)
-    kind = "causal" if mask.dim() == 2 and torch.equal(mask, causal) else "custom"
-    _mask_kinds[mask] = (mask._version, kind)
-    return kind
+    return "causal" if mask.dim() == 2 and torch.equal(mask, causal) else "custom"
 
 
 class TextTower:
     """open_clip's text transformer: ``holder`` is the CLIP model itself (its text parts are flattened
     into it) or CustomTextCLIP's ``text`` module; the part names are the same."""
+
+    kind = "open_clip text transformer"
 
     def __init__(self, holder, pool_type: str, eos_id):
         self.holder = holder
@@ -198,13 +190,7 @@ class TextTower:
 
     @property
     def mask_kind(self) -> str:
-        if torch.compiler.is_compiling():
-            # Traced code reads the kind the last eager call found: the weak cache and the mask
-            # comparison (a data-dependent read) would each break the graph.
-            return getattr(self.holder, "_skipkernels_mask_kind", "custom")
-        kind = _mask_kind(self.holder.attn_mask)
-        self.holder._skipkernels_mask_kind = kind
-        return kind
+        return _mask_kind(self.holder.attn_mask)
 
     @property
     def causal(self) -> bool:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib
-import pkgutil
 import platform
 
 import torch
@@ -10,20 +9,15 @@ import torch
 from skipkernels import _ext
 
 
+def registered_ops() -> dict:
+    """Every op (``skipkernels.ops.op.OPS``, the one registry) by name."""
+    from skipkernels.ops.op import all_ops
+    return all_ops()
+
+
 def triton_kernels() -> dict:
-    """Every op's Triton kernel declaration (``ops._dispatch.TritonKernel``) by op name: the
-    module-level declarations of the op modules in ``skipkernels.ops``."""
-    import skipkernels.ops
-    from skipkernels.ops import _dispatch
-    found = {}
-    for info in pkgutil.iter_modules(skipkernels.ops.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"skipkernels.ops.{info.name}")
-        for value in vars(module).values():
-            if isinstance(value, _dispatch.TritonKernel):
-                found[value.op] = value
-    return dict(sorted(found.items()))
+    """The Triton implementation of every op that has one, by op name."""
+    return {name: op.impl("triton") for name, op in registered_ops().items() if op.impl("triton") is not None}
 
 
 def _triton_status():
@@ -66,9 +60,9 @@ def collect() -> dict:
     state = _ext.status()  # never compiles: a build not made yet says so
     loaded = state["state"] not in ("compiled on first use", "unavailable")
     ops = {}
-    for name in _ext.OP_NAMES:
-        if loaded and _ext.has_op(name):
-            ops[name] = f"{'cuda+cpu' if _ext.cuda_built() else 'cpu'} ({state['state']})"
+    for name in (n for n, op in registered_ops().items() if op.impl("compiled") is not None):
+        if loaded and name in _ext.COMPILED_OPS:
+            ops[name] = f"{'cuda+cpu' if _ext.CUDA_BUILT else 'cpu'} ({state['state']})"
         elif loaded:
             ops[name] = f"unavailable: missing from the extension at {state['detail']}"
         else:
@@ -84,7 +78,7 @@ def collect() -> dict:
         "triton": triton_version,
         "triton_status": triton_note,
         "extension": f"{state['state']} ({state['detail']})",
-        "extension_cuda": loaded and _ext.cuda_built(),
+        "extension_cuda": loaded and _ext.CUDA_BUILT,
         "compiled_ops": ops,
         "triton_ops": _triton_ops(triton_usable, device) if triton_version is not None else {},
     }

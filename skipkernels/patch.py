@@ -2,24 +2,24 @@
 
 Supported families: ``skipkernels.families`` (CLIP and CustomTextCLIP with an open_clip or timm
 ViT / Eva image tower and open_clip's text transformer). Only ``forward`` is rebound, as an
-instance attribute of each block the op layer computes (the others, e.g. timm and Eva blocks,
-keep their own): parameters, their names, buffers and the state_dict stay exactly as open_clip
-made them, so checkpoints load either way.
+instance attribute of each block the op layer computes (the others, e.g. Eva blocks, keep their
+own), to its ``BlockPlan``; ``encode_image`` / ``encode_text`` are rebound to the model's
+``ModelPlan``. Parameters, their names, buffers and the state_dict stay exactly as open_clip made
+them, so checkpoints load either way.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch.nn as nn
-import torch.nn.functional as F
 
 from skipkernels.families import model_towers
-from skipkernels.ops.block import POLICY_ATTR, block_forward, unsupported_reason
-from skipkernels.pet import block_has_pet, block_hooks
+from skipkernels.ops.block import BlockPlan, routed_plan, unsupported_reason
+from skipkernels.pet import has_pet
+from skipkernels.pet.hooks import block_hooks
 from skipkernels.pet.layouts import clip_block_forward
-from skipkernels.skip import towers
-
-_PATCHED_FLAG = "_skipkernels_patched"
+from skipkernels.skip.towers import ModelPlan
 
 
 def fused_blocks(model: nn.Module) -> list:
@@ -29,45 +29,29 @@ def fused_blocks(model: nn.Module) -> list:
     return [b for b in list(image.blocks) + list(text.blocks) if unsupported_reason(b) is None]
 
 
-def _patched_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
-    # ResidualAttentionBlock.forward(q_x, k_x, v_x, attn_mask) and open_clip's gradient
-    # checkpointing passes (x, None, None, attn_mask) positionally; Custom blocks take (x, attn_mask),
-    # timm blocks (x, attn_mask, is_causal).
-    if len(args) == 3:
-        k_x, v_x, attn_mask = args
-        if k_x is not None or v_x is not None:
-            raise ValueError("cross-attention inputs are not supported by patched blocks")
-    elif len(args) == 1:
-        attn_mask = args[0]
-    elif args:
-        raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
-    hooks = block_hooks(self)
-    if hooks is None:  # PET modules the op layer would not apply: open_clip's forward with them
-        return clip_block_forward(self, x, attn_mask=attn_mask)
-    return block_forward(self, x, causal=is_causal, attn_mask=attn_mask, policy=self.__dict__[POLICY_ATTR],
-                         hooks=hooks)
+def patched_plan(model: nn.Module) -> ModelPlan | None:
+    """The plan ``patch_clip`` routed ``model``'s encoders through, or None."""
+    for name in ("encode_image", "encode_text"):
+        plan = getattr(model.__dict__.get(name), "__self__", None)
+        if isinstance(plan, ModelPlan):
+            return plan
+    return None
 
 
-def _encode_text(self, text, normalize: bool = False):
-    # Exact savings (docs/ARCHITECTURE.md, "The algorithm"), each only where it is exact: causal
-    # attention pooled at one position per prompt runs only up to the last pooled position; the
-    # last block computes only the pooled row.
-    features = towers.encode_text(self, text, policy=self.__dict__[POLICY_ATTR])
-    return F.normalize(features, dim=-1) if normalize else features
-
-
-def _encode_image(self, image, normalize: bool = False):
-    features = towers.encode_image(self, image, policy=self.__dict__[POLICY_ATTR])
-    return F.normalize(features, dim=-1) if normalize else features
+def model_policy(model: nn.Module):
+    """The policy ``patch_clip`` gave ``model`` (None: the ambient one, or not patched)."""
+    plan = patched_plan(model)
+    return plan.policy if plan is not None else None
 
 
 def patch_clip(model: nn.Module, policy=None) -> nn.Module:
-    """Rebind the transformer blocks the op layer computes, and ``encode_text`` / ``encode_image``
-    to the tower path with the exact savings where they apply. Returns ``model``.
+    """Route the transformer blocks the op layer computes through their plans, and
+    ``encode_text`` / ``encode_image`` through the model's tower plan, with the exact savings
+    where they apply. Returns ``model``.
 
     ``policy``: the ``KernelPolicy`` (or backend name) of every op the patched model runs, and the
     default of a ``SkipTuner`` on it; None: the ambient policy at each call (``use_policy``).
-    Patching again replaces the policy."""
+    Patching again builds the plans again, under the new policy."""
     from skipkernels import _ext
     from skipkernels.checks import check_model
     from skipkernels.ops.policy import resolve
@@ -77,14 +61,15 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
         resolve(policy)  # an unknown backend name fails here, not at the first op
     model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
     for block in fused_blocks(model):
-        block.forward = types.MethodType(_patched_forward, block)
-        setattr(block, POLICY_ATTR, policy)
-    if model_towers(model)[1].mask_kind != "custom":  # the tower path knows causal masks and none
-        model.encode_text = types.MethodType(_encode_text, model)
-    if getattr(model.visual, "output_tokens", False) is False:
-        model.encode_image = types.MethodType(_encode_image, model)
-    setattr(model, POLICY_ATTR, policy)
-    setattr(model, _PATCHED_FLAG, True)
+        hooks = block_hooks(block)
+        own = functools.partial(clip_block_forward, block) if hooks is None else None
+        block.forward = BlockPlan(block, policy, hooks, own).module_forward
+    text_mask = model_towers(model)[1].mask_kind
+    plan = ModelPlan(model, policy) if text_mask != "custom" else None
+    if plan is not None:  # the tower path knows causal masks and none
+        model.encode_text = plan.encode_text
+    if plan is not None and getattr(model.visual, "output_tokens", False) is False:
+        model.encode_image = plan.encode_image
     return model
 
 
@@ -94,10 +79,11 @@ def unpatch_clip(model: nn.Module) -> nn.Module:
     from skipkernels.checks import check_model
     check_model("model", model)
     for block in fused_blocks(model):
-        block.__dict__.pop("forward", None)
-        block.__dict__.pop(POLICY_ATTR, None)
-        if block_has_pet(block):
+        if routed_plan(block) is not None:
+            block.__dict__.pop("forward")
+        if has_pet(block) and "forward" not in block.__dict__:
             block.forward = types.MethodType(clip_block_forward, block)
-    for name in ("encode_text", "encode_image", _PATCHED_FLAG, POLICY_ATTR):
-        model.__dict__.pop(name, None)
+    for name in ("encode_text", "encode_image"):
+        if isinstance(getattr(model.__dict__.get(name), "__self__", None), ModelPlan):
+            model.__dict__.pop(name)
     return model

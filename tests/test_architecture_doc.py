@@ -4,7 +4,9 @@ from pathlib import Path
 
 import torch
 
-from skipkernels.ops import _dispatch, pet_gate
+import dataclasses
+
+from skipkernels.ops import op, pet_gate
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md"
 
@@ -29,20 +31,26 @@ def test_the_worked_example_is_the_code():
 def test_the_worked_example_dispatches_to_its_kernel(monkeypatch):
     calls = []
 
-    class Recorded(_dispatch.TritonKernel):
-        def load(self):
-            kernel = super().load()
+    @dataclasses.dataclass(frozen=True)
+    class Recorded(op.Triton):
+        def function(self):
+            kernel = super().function()
 
-            class Module:
-                def gated_update(self, *args):
-                    calls.append("kernel")
-                    return kernel.gated_update(*args)
-            return Module()
+            def recorded(*args):
+                calls.append("kernel")
+                return kernel(*args)
+            return recorded
 
-    monkeypatch.setattr(pet_gate, "GATED_UPDATE", Recorded(pet_gate.GATED_UPDATE.module, "gated_update", op="pet_gate"))
+    declared = pet_gate.GATED_UPDATE
+    monkeypatch.setattr(pet_gate, "GATED_UPDATE", dataclasses.replace(
+        declared, impls=(Recorded(declared.impl("triton").module, "gated_update"),), _bound={}))
     x, h, g = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.rand(8)
     expected = pet_gate.gated_update_reference(x, h, None, g, 0.5)
     torch.testing.assert_close(pet_gate.gated_update(x, h, None, g, 0.5, backend="triton"), expected)
     assert calls == ["kernel"]
     torch.testing.assert_close(pet_gate.gated_update(x, h, None, g, 0.5, backend="torch"), expected)
     assert calls == ["kernel"]  # the reference ran
+
+
+def test_the_op_is_registered_under_its_name():
+    assert op.all_ops()["pet_gate"] is pet_gate.GATED_UPDATE

@@ -10,7 +10,7 @@ import pytest
 from bad_inputs import CASES, Defined, Raises, reference_for
 from skipkernels import _ext
 
-pytestmark = pytest.mark.skipif(not _ext.has_op("class_select"), reason="skipkernels._C not built")
+pytestmark = pytest.mark.skipif("class_select" not in _ext.COMPILED_OPS, reason="skipkernels._C not built")
 
 CPU_CASES = [c for c in CASES if not c.cuda_only]
 

@@ -47,11 +47,12 @@ def test_hooked_route_equals_open_clip_with_pet(method, block, tokenizer):
     with torch.no_grad():
         expected_image, expected_text = model.encode_image(images), model.encode_text(tokens)
         assert all(block_hooks(b) is not None for b in model.visual.transformer.resblocks)
-        _close(towers.encode_image(model, images), expected_image)
-        _close(towers.encode_text(model, tokens), expected_text)
+        plan = towers.ModelPlan(model)
+        _close(plan.image.encode(images), expected_image)
+        _close(plan.text.encode(tokens), expected_text)
         patch_clip(model)  # the patched forwards take the same route
         _close(model.encode_image(images), expected_image)
-        x = towers.image_stem(model, images)
+        x = plan.image.stem(images)
         _close(model.visual.transformer.resblocks[0](x), block_forward(model.visual.transformer.resblocks[0], x,
                                                                         hooks=block_hooks(model.visual.transformer.resblocks[0])))
 
@@ -61,7 +62,8 @@ def test_last_block_pruning_follows_the_modules(method, tokenizer):
     """Pruning stays on where every module reads its own token row, and goes off with the reason
     where one reads every token (VL-PET's small gate)."""
     model, _ = _with_pet(method, "default")
-    reason = towers.image_pruning_off_reason(model)
+    plan = towers.ModelPlan(model)
+    reason = plan.image.pruning_off_reason()
     if method == "vlpet-small":
         assert reason is not None and "small gate" in reason
         assert not block_hooks(model.visual.transformer.resblocks[-1]).row_wise
@@ -78,8 +80,9 @@ def test_last_block_pruning_follows_the_modules(method, tokenizer):
         else:
             with pytest.raises(ValueError, match="every token row"):
                 block_forward(block, x, query_index=index, hooks=hooks)
-        # run_blocks never prunes a block whose hooks forbid it: it slices after the full block
-        _close(towers.run_blocks([block], x, prune_index=index), full)
+        # the tower plan never prunes a block whose hooks forbid it: it slices after the full block
+        depth = len(plan.image)
+        _close(plan.image.run(x, depth - 1, depth, prune_index=index), full)
 
 
 def test_without_hooks_a_pet_block_would_differ():
@@ -119,9 +122,6 @@ def test_modules_the_route_would_not_apply_send_the_block_to_its_own_forward():
     extra = torch.nn.Sequential(torch.nn.Linear(64, 64))
     block.add_module("extra", extra)
     install_linear_lora(extra[0], LoRAFactors(64, 64, 2))
-    from skipkernels.pet.apply import _pet_changed
-    _pet_changed()
-    assert block_hooks(block) is None
     assert block_hooks(block) is None
 
 

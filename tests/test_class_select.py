@@ -10,7 +10,7 @@ from skipkernels import _ext
 from skipkernels.ops import class_select as cs
 from skipkernels.ops.class_select import class_select_reference, draw_rank_mask
 
-compiled = pytest.mark.skipif(not _ext.has_op("class_select"),
+compiled = pytest.mark.skipif("class_select" not in _ext.COMPILED_OPS,
                               reason=f"compiled class_select not built: {_ext.load_error}")
 
 BATCHES = (1, 3, 4, 32)

@@ -162,35 +162,59 @@ def _one_win_table(monkeypatch, tmp_path):
          "dims": [768, 3072, "gelu"], "rows": 788, "speedup": 1.4}]}))
     monkeypatch.setattr(measured, "TABLE", table)
     monkeypatch.setattr(measured, "_device_name", lambda index: "G")
-    monkeypatch.setattr(measured, "_decisions", {})
     return types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
 
 
-def test_prefers_triton_reads_the_table_once_per_case(monkeypatch, tmp_path):
-    """The hot-path lookup: decided from the table, then memoised per (device, op, dims, rows...)."""
-    x = _one_win_table(monkeypatch, tmp_path)
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that says it is on a GPU: enough for the decision, which reads metadata only."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def _fake_cuda(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype).as_subclass(_FakeCuda)
+
+
+def test_a_bound_op_decides_once_per_case(monkeypatch, tmp_path):
+    """auto's decision is taken from the table once per case and kept in the bound op: a step asks
+    the table nothing (nor the device) after its first call."""
+    from skipkernels.ops.op import _AutoTriton
+    _one_win_table(monkeypatch, tmp_path)
+    bound = ops_lin.LINEAR_ACT.bind("auto")
+    assert isinstance(bound, _AutoTriton)
+    ran = []
+    monkeypatch.setattr(bound, "fallback", lambda *a: ran.append("reference"))
+    monkeypatch.setattr(bound, "kernel", lambda *a: ran.append("kernel"))
+    monkeypatch.setattr(bound.impl.__class__, "load", lambda self: object())
+    monkeypatch.setattr(bound.impl.__class__, "reasons", lambda self, *a, **k: [])
     calls = []
     real_decide = measured.decide
     monkeypatch.setattr(measured, "decide", lambda *a: calls.append(a) or real_decide(*a))
+    x, w = _fake_cuda(800, 768), _fake_cuda(3072, 768)
     for _ in range(3):
-        assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
-        assert not measured.prefers_triton("linear_act", x, (768, 3072, "quick_gelu"), 800, dtype="torch.bfloat16")
-    assert len(calls) == 2
-
-
-def test_the_table_is_not_read_inside_traced_code(monkeypatch, tmp_path):
-    """While torch.compile traces, auto's Triton decision comes from what eager calls decided:
-    no device-name query and no table read inside the graph (either would break it)."""
-    x = _one_win_table(monkeypatch, tmp_path)
-    assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")  # eager
+        bound(x, w, None, "gelu")
+        bound(x, w, None, "quick_gelu")
+    assert len(calls) == 2 and ran == ["kernel", "reference"] * 3
 
     def probe(*_):
-        raise AssertionError("device or table probed inside traced code")
+        raise AssertionError("device or table probed after the case was decided")
     monkeypatch.setattr(measured, "_device_name", probe)
     monkeypatch.setattr(measured, "_entries", probe)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert measured.prefers_triton("linear_act", x, (768, 3072, "gelu"), 800, dtype="torch.bfloat16")
-    assert not measured.prefers_triton("linear_act", x, (512, 2048, "gelu"), 800, dtype="torch.bfloat16")
+    bound(x, w, None, "gelu")
+    assert ran[-1] == "kernel"
+
+
+def test_auto_binds_the_reference_where_the_table_has_no_entry_for_the_op(monkeypatch, tmp_path):
+    _one_win_table(monkeypatch, tmp_path)
+    assert ops_lin.LINEAR_ACT.bind("auto").__class__.__name__ == "_AutoTriton"
+    assert ops_attn.ATTENTION.bind("auto") is ops_attn.attention_reference  # no measurement of attention
+    assert ops_lnl.LAYER_NORM_LINEAR.bind("torch").__name__ == "layer_norm_then_linear"
 
 
 def test_a_rewritten_table_is_read_again(monkeypatch, tmp_path):

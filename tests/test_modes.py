@@ -120,9 +120,9 @@ def test_pet_omega_is_skip_layers_only():
 def test_one_pet_method_list_and_one_activation_list():
     from skipkernels import triton as kernels
     from skipkernels.ops import linear
-    from skipkernels.pet import apply
+    from skipkernels.pet import config as pet_config
     from skipkernels.skip import modes, tuner
-    assert tuner.PET_MODES is modes.PET_MODES is apply.METHODS is METHODS
+    assert tuner.PET_MODES is modes.PET_MODES is pet_config.METHODS is METHODS
     assert linear.ACTIVATIONS is kernels.ACTIVATIONS
     assert [kernels.activation_code(a) for a in kernels.ACTIVATIONS] == list(range(len(kernels.ACTIVATIONS)))
     with pytest.raises(ValueError, match="unknown activation"):
@@ -148,7 +148,7 @@ def _literals_listing(names) -> list[str]:
 
 def test_the_names_are_written_once():
     from skipkernels.triton import ACTIVATIONS
-    assert [p.split(":")[0] for p in _literals_listing(METHODS)] == ["skipkernels/pet/apply.py"]
+    assert [p.split(":")[0] for p in _literals_listing(METHODS)] == ["skipkernels/pet/config.py"]
     assert [p.split(":")[0] for p in _literals_listing(ACTIVATIONS)] == ["skipkernels/triton/__init__.py"]
 
 

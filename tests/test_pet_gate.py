@@ -135,12 +135,16 @@ def test_kernel_rejects_mismatched_shapes():
 
 
 def test_auto_and_torch_backends_use_the_reference(monkeypatch):
-    from skipkernels.ops import _dispatch
+    import dataclasses
 
-    class NoKernel(_dispatch.TritonKernel):
+    from skipkernels.ops import op
+
+    @dataclasses.dataclass(frozen=True)
+    class NoKernel(op.Triton):
         def load(self):
             raise AssertionError("the Triton kernel must not be used without a measurement")
-    monkeypatch.setattr(pet_gate, "GATED_UPDATE", NoKernel("pet_gate", "gated_update"))
+    monkeypatch.setattr(pet_gate, "GATED_UPDATE", dataclasses.replace(
+        pet_gate.GATED_UPDATE, impls=(NoKernel("pet_gate", "gated_update"),), _bound={}))
     x, h, dh, g, s, _ = _inputs((2, 3, 8), (8,), torch.float32)
     for backend in ("auto", "torch", None):
         out = gated_update(x, h, dh, g, s, backend=backend)

@@ -51,16 +51,25 @@ def test_lskip_lora_run_exports_a_plain_open_clip_model(synthetic_root, tmp_path
     assert not (tmp_path / "pet.pt").exists()  # folded: model.pt is the whole tuned model
 
 
-def test_block_has_pet_follows_apply_merge_and_remove():
-    from skipkernels.pet import PetConfig, apply_pet, block_has_pet, has_pet
-    model = tiny_clip(layers=3)
+def test_plans_follow_apply_merge_and_remove():
+    """A patched block's plan gets its hooks when PET modules come and go; a tower plan builds its
+    block plans again at its next call."""
+    from skipkernels import patch_clip
+    from skipkernels.ops.block import NO_HOOKS, routed_plan
+    from skipkernels.pet import PetConfig, apply_pet, has_pet
+    from skipkernels.skip.towers import ModelPlan
+    model = patch_clip(tiny_clip(layers=3))
     blocks = list(model.visual.transformer.resblocks)
-    assert not any(block_has_pet(b) for b in blocks)  # answer now cached
-    handle = apply_pet(model, PetConfig("lora", skip_layers=1))
-    assert [block_has_pet(b) for b in blocks] == [has_pet(b) for b in blocks] == [False, True, True]
-    handle.merge()
-    assert not any(block_has_pet(b) for b in blocks)
-    handle = apply_pet(model, PetConfig("vlpet-small", skip_layers=2))
-    assert [block_has_pet(b) for b in blocks] == [False, False, True]
+    towers = ModelPlan(model)
+    plans = [routed_plan(b) for b in blocks]
+    assert all(p.hooks == NO_HOOKS for p in plans)
+    handle = apply_pet(model, PetConfig("vlpet-small", skip_layers=1))
+    assert [has_pet(b) for b in blocks] == [False, True, True]
+    assert [p.hooks.attn is not None for p in plans] == [False, True, True]
+    assert towers.image.pruning_off_reason() == "a PET module of the last block reads every token (VL-PET's small gate)"
+    assert [p.hooks.attn is not None for p in towers.image.plans] == [False, True, True]
     handle.remove()
-    assert not any(block_has_pet(b) for b in blocks)
+    assert all(p.hooks == NO_HOOKS for p in plans) and towers.image.pruning_off_reason() is None
+    handle = apply_pet(model, PetConfig("lora", skip_layers=2))
+    handle.merge()
+    assert not any(has_pet(b) for b in blocks) and all(p.hooks == NO_HOOKS for p in plans)

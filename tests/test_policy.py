@@ -9,7 +9,8 @@ import torch
 
 from conftest import tiny_clip
 from skipkernels import KernelPolicy, SkipTuner, patch_clip, use_backend, use_policy
-from skipkernels.ops import _dispatch, measured
+from skipkernels.ops import measured
+from skipkernels.ops import op as op_module
 from skipkernels.ops.linear import linear_act
 from skipkernels.ops.policy import ALL_TRITON, current_policy, deterministic_algorithms, resolve
 
@@ -47,15 +48,33 @@ def test_the_environment_does_not_choose_the_backend(tmp_path):
 
 @pytest.fixture
 def seen_policies(monkeypatch):
-    """Every policy a Triton-backed op dispatches under (a spy: the real dispatch still runs)."""
-    seen = []
-    real = _dispatch.dispatch
+    """Every policy an op is bound under (a spy: the real binding still runs). Each op's memo of
+    bound callables starts empty, so every binding is seen."""
+    seen = SeenPolicies()
+    real = op_module.Op.bind
 
-    def spy(kernel, backend, *args, **kwargs):
-        seen.append(resolve(backend))
-        return real(kernel, backend, *args, **kwargs)
-    monkeypatch.setattr(_dispatch, "dispatch", spy)
-    return seen
+    def spy(self, policy):
+        seen.append(resolve(policy))
+        seen.ops.append(self.name)
+        return real(self, policy)
+    monkeypatch.setattr(op_module.Op, "bind", spy)
+    saved = {op: dict(op._bound) for op in op_module.all_ops().values()}
+    for op in saved:
+        op._bound.clear()
+    yield seen
+    for op, bound in saved.items():
+        op._bound.clear()
+        op._bound.update(bound)
+
+
+class SeenPolicies(list):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def clear(self):
+        super().clear()
+        self.ops.clear()
 
 
 def test_an_explicit_policy_wins_over_the_ambient_one(seen_policies):
@@ -71,30 +90,49 @@ def test_an_explicit_policy_wins_over_the_ambient_one(seen_policies):
 
 def test_patch_clip_and_skip_tuner_carry_their_policy_to_every_op(seen_policies, tokenizer):
     patched_policy = KernelPolicy("torch", table="patched.json")
-    model = patch_clip(tiny_clip(), policy=patched_policy)
-    images = torch.randn(2, 3, 32, 32)
-    with use_backend("triton"), torch.no_grad():
-        model.encode_image(images)
-        model.encode_text(tokenizer(["a cat"]))
+    with use_backend("triton"):
+        model = patch_clip(tiny_clip(), policy=patched_policy)
+        images = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            model.encode_image(images)
+            model.encode_text(tokenizer(["a cat"]))
     assert seen_policies and all(p is patched_policy for p in seen_policies)
 
     tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1)
     assert tuner.policy is patched_policy  # the model's policy is the tuner's default
     tuner_policy = KernelPolicy("torch", table="tuner.json")
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, policy=tuner_policy)
     seen_policies.clear()
     with use_backend("triton"):
+        tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, policy=tuner_policy)
         tuner.loss(tuner.image_prefix(images), torch.tensor([0, 2])).backward()
     assert seen_policies and all(p is tuner_policy for p in seen_policies)
+    assert {"layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp", "class_select",
+            "subset_logits_ce"} <= set(seen_policies.ops)
+
+
+def test_a_plan_given_no_policy_follows_the_ambient_one(seen_policies, tokenizer):
+    tuner = SkipTuner(tiny_clip(), CLASSES, tokenizer, mode="skip", skip_layers=1)
+    inputs, labels = tuner.image_prefix(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2])
+    tuner.loss(inputs, labels)
+    seen_policies.clear()
+    tuner.loss(inputs, labels)
+    assert not seen_policies  # a steady step binds nothing
+    with use_backend("torch"):
+        tuner.loss(inputs, labels)
+    assert seen_policies and all(p.backend == "torch" for p in seen_policies)
 
 
 def test_compiled_ops_follow_the_policy():
     from skipkernels import _ext
-    assert not _dispatch.use_compiled("class_select", KernelPolicy("torch"), "cpu")
-    assert not _dispatch.use_compiled("class_select", KernelPolicy("triton"), "cpu")
-    assert _dispatch.use_compiled("class_select", KernelPolicy("auto"), "cpu") == _ext.has_kernel("class_select", "cpu")
+    from skipkernels.ops.class_select import CLASS_SELECT, class_select_reference
+    assert CLASS_SELECT.bind(KernelPolicy("torch")) is class_select_reference
+    assert CLASS_SELECT.bind(KernelPolicy("triton")) is class_select_reference  # no Triton kernel: the reference
+    auto = CLASS_SELECT.bind(KernelPolicy("auto"))
+    assert (auto is class_select_reference) == (not _ext.has_kernel("class_select", "cpu"))
+    f, t = torch.randn(2, 4), torch.randn(5, 4)
+    args = (f, t, torch.tensor([0, 1]), torch.zeros(3, dtype=torch.bool), 2)
     with pytest.raises(ValueError, match="does not run on cpu"):
-        _dispatch.use_compiled("class_select", KernelPolicy("cuda"), "cpu")
+        CLASS_SELECT.bind(KernelPolicy("cuda"))(*args)
 
 
 def test_a_policy_table_is_read_from_its_own_path(monkeypatch, tmp_path):
@@ -105,7 +143,6 @@ def test_a_policy_table_is_read_from_its_own_path(monkeypatch, tmp_path):
          "dims": [8, 32, "gelu"], "rows": 6, "speedup": 2.0}]}))
     monkeypatch.setattr(measured, "TABLE", tmp_path / "absent.json")
     monkeypatch.setattr(measured, "_device_name", lambda index: "G")
-    monkeypatch.setattr(measured, "_decisions", {})
     x = types.SimpleNamespace(is_cuda=True, device=types.SimpleNamespace(index=0, type="cuda"))
     ask = dict(dtype="torch.float32")
     assert measured.prefers_triton("linear_act", x, (8, 32, "gelu"), 6, table=str(table), **ask)

@@ -150,17 +150,16 @@ def test_block_uses_triton_kernels():
 @pytest.mark.parametrize("name,length,kind,prune", [CASES[1], CASES[2], CASES[9]])
 def test_block_with_unfused_layer_norm(name, length, kind, prune, monkeypatch):
     """The other composition ``auto`` may pick: the LayerNorm kernel, then the GEMM kernels."""
+    import dataclasses
+
     from skipkernels.ops import block as ops_block
-    from skipkernels.ops.layer_norm import layer_norm
-    from skipkernels.ops.linear import linear_act, linear_residual
+    from skipkernels.ops import layer_norm_mlp as ops_mlp
 
-    def unfused(x, ln_w, ln_b, eps, w, b, act, backend=None):
-        return linear_act(layer_norm(x, ln_w, ln_b, eps, backend=backend), w, b, act, backend=backend)
-
-    def unfused_mlp(x, ln_w, ln_b, eps, w1, b1, act, w2, b2, scale, backend=None):
-        return linear_residual(unfused(x, ln_w, ln_b, eps, w1, b1, act, backend), w2, b2, x, scale, backend=backend)
-    monkeypatch.setattr(ops_block, "layer_norm_linear", unfused)
-    monkeypatch.setattr(ops_block, "layer_norm_mlp", unfused_mlp)
+    # The fused ops without their kernels: each runs its composition of the other ops' kernels.
+    unfused = dataclasses.replace(ops_block.LAYER_NORM_LINEAR, impls=(), _bound={})
+    monkeypatch.setattr(ops_block, "LAYER_NORM_LINEAR", unfused)
+    monkeypatch.setattr(ops_mlp, "LAYER_NORM_LINEAR", unfused)
+    monkeypatch.setattr(ops_block, "LAYER_NORM_MLP", dataclasses.replace(ops_block.LAYER_NORM_MLP, impls=(), _bound={}))
     seed = CASES.index((name, length, kind, prune))
     test_block_matches_reference(name, length, kind, prune)
     block = _make_block(name, seed)

@@ -175,12 +175,11 @@ def test_kernel_names_what_it_does_not_support_and_dispatch_runs_the_reference()
         tlin.linear_residual(x, w, b, wide, scale)
     out = ops_lin.linear_residual(x, w, b, wide, scalar, backend=KernelPolicy("auto", table=ALL_TRITON))
     torch.testing.assert_close(out, ops_lin.linear_residual_reference(x, w, b, wide, scalar))
-    # auto where the table prefers the kernel (as on a GPU): the refused inputs run the reference
-    from skipkernels.ops import _dispatch
-    out = _dispatch.dispatch(ops_lin.LINEAR_RESIDUAL, "auto", lambda table: True, ops_lin.linear_residual_reference,
-                             x, w, b, wide, scalar)
-    torch.testing.assert_close(out, ops_lin.linear_residual_reference(x, w, b, wide, scalar))
-    with pytest.raises(ValueError, match="forced, but the Triton linear_residual kernel .* widens the output"):
+    # auto where the table prefers the kernel (as on a GPU) asks the same reasons, and runs the
+    # reference for the refused inputs
+    assert ops_lin.LINEAR_RESIDUAL.not_supported("triton", "cuda", x, w, b, wide, scalar)
+    assert ops_lin.LINEAR_RESIDUAL.not_supported("triton", "cuda", x, w, b, res, scale) == []
+    with pytest.raises(ValueError, match="forced, but the Triton linear_residual kernel cannot run .* widens the output"):
         ops_lin.linear_residual(x, w, b, wide, scalar, backend="triton")
     torch.testing.assert_close(ops_lin.linear_residual(x, w, b, res, scale, backend="triton"),
                                ops_lin.linear_residual_reference(x, w, b, res, scale))

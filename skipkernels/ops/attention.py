@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch, measured
+from skipkernels.ops.op import Op, Triton, register
 from skipkernels.ops.policy import Backend
 
 
@@ -32,22 +32,16 @@ def attention_reference(q, k, v, causal: bool = False, attn_mask=None, key_limit
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-ATTENTION = _dispatch.TritonKernel("attention", "attention")
-
-
-def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: Backend = None):
-    # auto without a measured win: SDPA, which itself picks flash / cuDNN / memory-efficient kernels.
-    return _dispatch.dispatch(ATTENTION, backend,
-                              lambda table: _auto_triton(table, q, k, v, causal, attn_mask, key_limit),
-                              attention_reference, q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit)
-
-
 def attention_case(q, k, v, causal: bool = False, attn_mask=None, key_limit=None):
     """The measured table's key: (head dim, mask kind, pooled query or full) and B·H·Lk."""
     mask = "key_limit" if key_limit is not None else "causal" if causal else "mask" if attn_mask is not None else "none"
     return (q.shape[-1], mask, "pooled" if q.shape[-2] == 1 else "full"), q.shape[0] * q.shape[1] * k.shape[-2]
 
 
-def _auto_triton(table, q, k, v, causal, attn_mask, key_limit) -> bool:
-    case = attention_case(q, k, v, causal, attn_mask, key_limit)
-    return measured.prefers_triton(ATTENTION.op, q, *case, (k, v), table=table)
+# auto without a measured win: SDPA, which itself picks flash / cuDNN / memory-efficient kernels.
+ATTENTION = register(Op("attention", attention_reference, case=attention_case,
+                        impls=(Triton("attention", "attention"),)))
+
+
+def attention(q, k, v, causal: bool = False, attn_mask=None, key_limit=None, backend: Backend = None):
+    return ATTENTION(q, k, v, causal=causal, attn_mask=attn_mask, key_limit=key_limit, backend=backend)

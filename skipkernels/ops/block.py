@@ -1,4 +1,4 @@
-"""One transformer block, computed through the op layer: the one route through a block.
+"""One transformer block, computed through the op layer: ``BlockPlan``, the one route through a block.
 
 Handles both block types open_clip 3.3 builds, and timm's ViT block (SigLIP's image tower):
 - ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (batch_first, packed in-projection);
@@ -6,22 +6,22 @@ Handles both block types open_clip 3.3 builds, and timm's ViT block (SigLIP's im
   post-attention norms, MLP norm are supported; scaled-cosine attention is not);
 - timm ``vision_transformer.Block`` with the plain ``Attention`` and ``Mlp`` (qk-norm, attention
   output norm, MLP norm, LayerScale), without stochastic depth or dropout.
-Any other block (Eva, scaled-cosine) runs its own forward in ``skipkernels.skip.towers.run_blocks``;
+Any other block (Eva, scaled-cosine) runs its own forward (``skipkernels.skip.towers``);
 ``unsupported_reason`` says which.
 
-Plain, patched, PET and LSkip blocks all run ``block_forward``. Parameter-efficient modules come
-in as explicit ``BlockHooks`` (``skipkernels.pet.block_hooks`` builds them): a sub-layer hook
-replaces that sub-layer's residual add, a LoRA hook adds its low-rank path to a projection's
-output. LoRA on a weight the block reads as a tensor (a packed in-projection) needs no hook: the
-weight itself reads W + ΔW.
+A ``BlockPlan`` is built once per block and policy: the block's parts by role, its PET hooks, its
+activation, and the op each sub-layer runs, bound under the policy (``Op.bind``). Plain, patched,
+PET and LSkip blocks all run ``BlockPlan.forward``. Parameter-efficient modules come in as
+explicit ``BlockHooks`` (``skipkernels.pet.hooks`` builds them): a sub-layer hook replaces that
+sub-layer's residual add, a LoRA hook adds its low-rank path to a projection's output. LoRA on a
+weight the block reads as a tensor (a packed in-projection) needs no hook: the weight itself reads
+W + ΔW, which is why the plan keeps the modules that own the weights and reads the weights at
+each call, never the tensors themselves.
 
 ``query_index`` (B,) turns on last-block pruning: only the rows at those token positions (the
 pooled CLS / EOT token) get a query, a residual and an MLP; keys and values still come from
 every token, and under ``causal`` the row at position p sees keys 0..p, as in the full block.
 Pruning is exact with hooks that treat every token row on its own (``BlockHooks.row_wise``).
-
-``policy``: the ``KernelPolicy`` (or backend name) every op of the block runs under; None: the
-ambient one.
 """
 from __future__ import annotations
 
@@ -30,48 +30,30 @@ from typing import Callable, Mapping, NamedTuple
 import torch
 import torch.nn as nn
 
-from skipkernels.ops.attention import attention
-from skipkernels.ops.layer_norm import layer_norm
-from skipkernels.ops.layer_norm_linear import layer_norm_linear
-from skipkernels.ops.layer_norm_mlp import layer_norm_mlp
-from skipkernels.ops.linear import activation_reference, linear_act, linear_residual
+from skipkernels.ops import policy as policies
+from skipkernels.ops.attention import ATTENTION
+from skipkernels.ops.layer_norm import LAYER_NORM
+from skipkernels.ops.layer_norm_linear import LAYER_NORM_LINEAR
+from skipkernels.ops.layer_norm_mlp import LAYER_NORM_MLP
+from skipkernels.ops.linear import LINEAR_ACT, LINEAR_RESIDUAL, activation_reference
+from skipkernels.ops.op import runs
+from skipkernels.ops.pet_gate import GATED_UPDATE
 
 
 def _is_identity(module) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
 
-def apply_norm(module, x, policy=None):
-    """A norm sub-module through the op layer when it is a LayerNorm, as-is otherwise."""
-    if _is_identity(module):
-        return x
-    if _plain_layer_norm(module):
-        return layer_norm(x, module.weight, module.bias, module.eps, backend=policy)
-    return module(x)
-
-
 def _plain_layer_norm(module) -> bool:
     return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
 
 
-def norm_linear(norm, x, weight, bias, activation: str, policy=None, lora=None):
-    """``activation(norm(x) @ weight.T + bias)``; a LayerNorm goes through ``layer_norm_linear``,
-    which may fuse it into the GEMM's prologue (LN→QKV, LN→fc1). ``lora``: a module whose output
-    on norm(x) is added before the activation."""
-    if lora is not None:
-        h = apply_norm(norm, x, policy)
-        return activation_reference(linear_act(h, weight, bias, "none", backend=policy) + lora(h).to(h.dtype),
-                                    activation)
-    if _plain_layer_norm(norm):
-        return layer_norm_linear(x, norm.weight, norm.bias, norm.eps, weight, bias, activation, backend=policy)
-    return linear_act(apply_norm(norm, x, policy), weight, bias, activation, backend=policy)
-
-
 class BlockHooks(NamedTuple):
-    """Parameter-efficient modules' changes to a block, applied by ``block_forward``.
+    """Parameter-efficient modules' changes to a block, applied by ``BlockPlan.forward``.
 
-    attn, mlp: ``hook(x, h, policy) -> x'`` replacing that sub-layer's residual add ``x + h``; h is
-        the whole branch output (after the post-attention norm and LayerScale). None: ``x + h``.
+    attn, mlp: ``hook(x, h, gate_op) -> x'`` replacing that sub-layer's residual add ``x + h``; h is
+        the whole branch output (after the post-attention norm and LayerScale); ``gate_op`` is the
+        VL-PET gated update (``ops.pet_gate``) bound under the plan's policy. None: ``x + h``.
     lora: role ("out", "fc1", "fc2") -> module whose output on the projection's input is added
         to the projection's output (LoRA on projections the block calls as modules).
     row_wise: every hook treats each token row on its own, so last-block pruning stays exact.
@@ -84,33 +66,6 @@ class BlockHooks(NamedTuple):
 
 NO_HOOKS = BlockHooks()
 
-# patch_clip keeps each routed block's policy under this attribute: its presence marks a block whose
-# forward is block_forward (PET then leaves that forward alone and hands its modules in as hooks).
-POLICY_ATTR = "_skipkernels_policy"
-
-
-def routed_through_op_layer(block) -> bool:
-    return POLICY_ATTR in block.__dict__
-
-
-def model_policy(model):
-    """The policy ``patch_clip`` gave ``model`` (None: the ambient one, or not patched)."""
-    return model.__dict__.get(POLICY_ATTR)
-
-
-def _residual_linear(x, weight, bias, residual, gamma, hook, lora, policy, norm=None):
-    """``residual + gamma * norm(x @ weight.T + bias + lora(x))``, or ``hook(residual, branch)``:
-    one op (the GEMM with its epilogue) where there is no hook, LoRA or norm."""
-    if hook is None and lora is None and _is_identity(norm):
-        return linear_residual(x, weight, bias, residual, gamma, backend=policy)
-    h = linear_act(x, weight, bias, "none", backend=policy)
-    if lora is not None:
-        h = h + lora(x).to(h.dtype)
-    h = apply_norm(norm, h, policy)
-    if gamma is not None:
-        h = h * gamma
-    return residual + h if hook is None else hook(residual, h, policy)
-
 
 def activation_name(module) -> str | None:
     """The op-layer name of an MLP activation module, or None when it is something else."""
@@ -119,16 +74,6 @@ def activation_name(module) -> str | None:
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
     return None
-
-
-def layer_scale(module):
-    """The LayerScale vector of ``ls_1``/``ls_2``, or None when it is an identity."""
-    if _is_identity(module):
-        return None
-    gamma = getattr(module, "gamma", None)
-    if gamma is None:
-        raise TypeError(f"unsupported layer-scale module {type(module).__name__}")
-    return gamma
 
 
 def unsupported_reason(block) -> str | None:
@@ -174,17 +119,18 @@ def _timm_unsupported_reason(block) -> str | None:
 
 class BlockParts(NamedTuple):
     """A pre-norm block by role: x += ls_1(ln_attn(out(ln_inner(attention(ln_1(x)))))), then
-    x += ls_2(fc2(mlp_ln(act(fc1(ln_2(x))))))."""
+    x += ls_2(fc2(mlp_ln(act(fc1(ln_2(x)))))). The projections are given by the module that owns
+    their weight and bias (``qkv``: the attention module with a packed ``in_proj_weight``, or
+    timm's ``qkv`` Linear), read at each call."""
     ln_1: nn.Module
-    w_in: torch.Tensor
-    b_in: torch.Tensor | None
-    w_out: torch.Tensor
-    b_out: torch.Tensor | None
+    qkv: nn.Module
+    qkv_names: tuple[str, str]
+    out: nn.Module
     heads: int
     dropout_p: float
     ln_q: nn.Module | None
     ln_k: nn.Module | None
-    head_scale: torch.Tensor | None
+    attn: nn.Module | None  # the module holding open_clip's head_scale, or None
     ln_inner: nn.Module | None
     ln_attn: nn.Module | None
     ls_1: nn.Module
@@ -200,83 +146,233 @@ def block_parts(block) -> BlockParts:
     """The parts of an open_clip block or a timm ViT ``Block`` (same maths, other names)."""
     attn, mlp = block.attn, block.mlp
     if not hasattr(block, "ln_1"):  # timm: fused qkv Linear, q_norm / k_norm, norm before proj
-        return BlockParts(block.norm1, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
-                          attn.num_heads, attn.attn_drop.p, attn.q_norm, attn.k_norm, None, attn.norm, None,
-                          block.ls1, block.norm2, mlp.fc1, mlp.act, mlp.norm, mlp.fc2, block.ls2)
+        return BlockParts(block.norm1, attn.qkv, ("weight", "bias"), attn.proj, attn.num_heads, attn.attn_drop.p,
+                          attn.q_norm, attn.k_norm, None, attn.norm, None, block.ls1, block.norm2, mlp.fc1, mlp.act,
+                          mlp.norm, mlp.fc2, block.ls2)
     if isinstance(attn, nn.MultiheadAttention):
         attention = (attn.num_heads, attn.dropout, None, None, None, None)
     else:
-        attention = (attn.num_heads, attn.attn_drop.p, attn.ln_q, attn.ln_k, attn.head_scale, attn.ln_inner)
-    return BlockParts(block.ln_1, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias,
-                      *attention, getattr(block, "ln_attn", None), block.ls_1, block.ln_2, mlp.c_fc, mlp.gelu,
+        scaled = attn if getattr(attn, "head_scale", None) is not None else None
+        attention = (attn.num_heads, attn.attn_drop.p, attn.ln_q, attn.ln_k, scaled, attn.ln_inner)
+    return BlockParts(block.ln_1, attn, ("in_proj_weight", "in_proj_bias"), attn.out_proj, *attention,
+                      getattr(block, "ln_attn", None), block.ls_1, block.ln_2, mlp.c_fc, mlp.gelu,
                       getattr(mlp, "ln", None), mlp.c_proj, block.ls_2)
+
+
+def _gamma_owner(module):
+    """The LayerScale module whose ``gamma`` scales a branch, or None for an identity."""
+    if _is_identity(module):
+        return None
+    if getattr(module, "gamma", None) is None:
+        raise TypeError(f"unsupported layer-scale module {type(module).__name__}")
+    return module
+
+
+class BlockPlan:
+    """One block under one policy, decided once (see the module docstring).
+
+    ``forward(x, causal=False, attn_mask=None, query_index=None)``: x (B, L, D) -> (B, L, D), or
+    the (B, 1, D) rows at ``query_index``. ``hooks``: the block's PET hooks (``NO_HOOKS``: none).
+    ``policy``: a ``KernelPolicy``, a backend name, or None for the ambient policy, which the plan
+    follows (it binds its ops again when the ambient policy is a different one).
+    """
+
+    def __init__(self, block: nn.Module, policy=None, hooks: BlockHooks | None = NO_HOOKS,
+                 own_forward: Callable | None = None):
+        reason = unsupported_reason(block)
+        if reason is not None:
+            raise ValueError(f"the op layer does not compute this block: {reason}")
+        self.block = block
+        self.policy = policy
+        self.hooks = hooks
+        self.own_forward = own_forward
+        self.parts = parts = block_parts(block)
+        self.act = activation_name(parts.act)
+        self.gamma_1, self.gamma_2 = _gamma_owner(parts.ls_1), _gamma_owner(parts.ls_2)
+        self.bind(policies.resolve(policy))
+
+    def bind(self, policy) -> None:
+        """Bind every sub-layer's op under ``policy`` (a KernelPolicy)."""
+        parts, hooks = self.parts, self.hooks or NO_HOOKS
+        lora = hooks.lora
+        self.bound_policy = policy
+        self.layer_norm = LAYER_NORM.bind(policy)
+        self.linear = LINEAR_ACT.bind(policy)
+        self.attention = ATTENTION.bind(policy)
+        self.qkv_fused = _plain_layer_norm(parts.ln_1)
+        self.layer_norm_linear = LAYER_NORM_LINEAR.bind(policy)
+        self.out_fused = hooks.attn is None and lora.get("out") is None and _is_identity(parts.ln_attn)
+        self.linear_residual = LINEAR_RESIDUAL.bind(policy)
+        # The common MLP is one op, which may keep fc1's pre-activation instead of its output.
+        self.mlp_fused = (self.act is not None and _plain_layer_norm(parts.ln_2) and _is_identity(parts.mlp_ln)
+                          and hooks.mlp is None and lora.get("fc1") is None and lora.get("fc2") is None)
+        self.layer_norm_mlp = LAYER_NORM_MLP.bind(policy)
+        self.gated_update = GATED_UPDATE.bind(policy)
+
+    def set_hooks(self, hooks: BlockHooks | None, own_forward: Callable | None = None) -> None:
+        """New PET hooks (PET modules were added or taken out): the sub-layers are chosen again.
+        None: the block holds PET modules the op layer would not apply; as a module it then runs
+        ``own_forward`` (PET's forward with them)."""
+        self.hooks, self.own_forward = hooks, own_forward
+        self.bind(self.bound_policy)
+
+    def describe(self) -> dict:
+        """What each sub-layer runs, and why (``print(tuner)``, ``skipkernels info --model``)."""
+        if self.hooks is None:
+            return {"block": type(self.block).__name__, "runs": "its own forward (PET modules the op layer "
+                    "would not apply)"}
+        parts, hooks, lora = self.parts, self.hooks, self.hooks.lora
+        qkv = f"layer_norm_linear: {runs(self.layer_norm_linear)}" if self.qkv_fused else \
+            f"{type(parts.ln_1).__name__} then linear_act: {runs(self.linear)}"
+        if self.out_fused:
+            out = f"linear_residual: {runs(self.linear_residual)}"
+        else:
+            out = "linear_act then " + ", ".join(filter(None, [
+                "LoRA" if lora.get("out") is not None else None,
+                "post-attention norm" if not _is_identity(parts.ln_attn) else None,
+                "the PET hook's residual add" if hooks.attn is not None else "the residual add"]))
+        if self.mlp_fused:
+            mlp = f"layer_norm_mlp ({self.act}): {runs(self.layer_norm_mlp)}"
+        else:
+            why = [w for w, on in (("a PET hook", hooks.mlp is not None),
+                                   ("LoRA", bool(lora.get("fc1") or lora.get("fc2"))),
+                                   ("an MLP norm", not _is_identity(parts.mlp_ln)),
+                                   (f"activation {type(parts.act).__name__}", self.act is None)) if on]
+            mlp = "fc1 then fc2 as separate ops" + (f" ({', '.join(why)})" if why else "")
+        return {"block": type(self.block).__name__, "qkv": qkv, "attention": runs(self.attention), "out": out,
+                "mlp": mlp, "pruning": "exact" if hooks.row_wise else "off (a PET module reads every token)"}
+
+    # ------------------------------------------------------------------ sub-layers
+    def _norm(self, module, x):
+        if _is_identity(module):
+            return x
+        if _plain_layer_norm(module):
+            return self.layer_norm(x, module.weight, module.bias, module.eps)
+        return module(x)
+
+    def _norm_linear(self, norm, x, weight, bias, activation: str, lora=None):
+        """``activation(norm(x) @ weight.T + bias (+ lora(norm(x))))``."""
+        if lora is not None:
+            h = self._norm(norm, x)
+            return activation_reference(self.linear(h, weight, bias, "none") + lora(h).to(h.dtype), activation)
+        if _plain_layer_norm(norm):
+            return self.layer_norm_linear(x, norm.weight, norm.bias, norm.eps, weight, bias, activation)
+        return self.linear(self._norm(norm, x), weight, bias, activation)
+
+    def _residual_linear(self, x, linear, residual, gamma, hook, lora, norm=None):
+        """``residual + gamma * norm(linear(x) + lora(x))``, or ``hook(residual, branch)``."""
+        h = self.linear(x, linear.weight, linear.bias, "none")
+        if lora is not None:
+            h = h + lora(x).to(h.dtype)
+        h = self._norm(norm, h)
+        if gamma is not None:
+            h = h * gamma.gamma
+        return residual + h if hook is None else hook(residual, h, self.gated_update)
+
+    # ------------------------------------------------------------------ the block
+    def forward(self, x, causal: bool = False, attn_mask=None, query_index=None):
+        if self.policy is None and self.bound_policy is not policies._ambient:
+            self.bind(policies._ambient)  # the ambient policy changed (use_policy)
+        parts, hooks = self.parts, self.hooks
+        if hooks is None:
+            raise ValueError("this block holds PET modules the op layer would not apply: it runs its own forward")
+        if parts.dropout_p and self.block.training:
+            raise ValueError("attention dropout during training is not supported by the op layer")
+        if query_index is not None and not hooks.row_wise:
+            raise ValueError("last-block pruning needs hooks that treat every token row on its own")
+        batch, length, width = x.shape
+        heads = parts.heads
+        head_dim = width // heads
+        w_in, b_in = getattr(parts.qkv, parts.qkv_names[0]), getattr(parts.qkv, parts.qkv_names[1])
+
+        if query_index is None:
+            qkv = self._norm_linear(parts.ln_1, x, w_in, b_in, "none")
+            q, k, v = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            residual = x
+            key_limit = None
+        else:
+            # Pruned block: keys/values from every token, a query only for the pooled rows (the norm
+            # is per row, so normalising the gathered rows equals gathering the normalised ones).
+            rows = torch.arange(batch, device=x.device)
+            kv = self._norm_linear(parts.ln_1, x, w_in[width:], None if b_in is None else b_in[width:], "none")
+            k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            residual = x[rows, query_index].unsqueeze(1)
+            q = self._norm_linear(parts.ln_1, residual, w_in[:width], None if b_in is None else b_in[:width], "none")
+            q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
+            if attn_mask is not None:
+                raise ValueError("query_index supports the causal mask or no mask, not a custom attn_mask")
+            key_limit = (query_index + 1) if causal else None
+            causal = False
+        q = self._norm(parts.ln_q, q)
+        k = self._norm(parts.ln_k, k)
+        if key_limit is not None:
+            a = self.attention(q, k, v, key_limit=key_limit)
+        else:
+            a = self.attention(q, k, v, causal=causal, attn_mask=attn_mask)
+        if parts.attn is not None:
+            a = a * parts.attn.head_scale
+        a = a.transpose(1, 2).reshape(residual.shape[0], residual.shape[1], width)
+        a = self._norm(parts.ln_inner, a)
+
+        lora, gamma_1, gamma_2 = hooks.lora, self.gamma_1, self.gamma_2
+        out = parts.out
+        if self.out_fused:
+            x = self.linear_residual(a, out.weight, out.bias, residual, None if gamma_1 is None else gamma_1.gamma)
+        else:
+            x = self._residual_linear(a, out, residual, gamma_1, hooks.attn, lora.get("out"), parts.ln_attn)
+
+        fc1, fc2 = parts.fc1, parts.fc2
+        if self.mlp_fused:
+            ln_2 = parts.ln_2
+            return self.layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, fc1.weight, fc1.bias, self.act,
+                                       fc2.weight, fc2.bias, None if gamma_2 is None else gamma_2.gamma)
+        if self.act is not None:
+            h = self._norm_linear(parts.ln_2, x, fc1.weight, fc1.bias, self.act, lora.get("fc1"))
+        else:
+            h = parts.act(fc1(self._norm(parts.ln_2, x)))
+        h = self._norm(parts.mlp_ln, h)
+        if hooks.mlp is None and lora.get("fc2") is None:
+            return self.linear_residual(h, fc2.weight, fc2.bias, x, None if gamma_2 is None else gamma_2.gamma)
+        return self._residual_linear(h, fc2, x, gamma_2, hooks.mlp, lora.get("fc2"))
+
+    __call__ = forward
+
+    def module_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
+        """The block's ``forward`` once ``patch_clip`` routes it here, with open_clip's and timm's
+        signatures: ResidualAttentionBlock's (q_x, k_x, v_x, attn_mask), which open_clip's gradient
+        checkpointing passes positionally; Custom blocks' (x, attn_mask); timm's (x, attn_mask,
+        is_causal)."""
+        if len(args) == 3:
+            k_x, v_x, attn_mask = args
+            if k_x is not None or v_x is not None:
+                raise ValueError("cross-attention inputs are not supported by patched blocks")
+        elif len(args) == 1:
+            attn_mask = args[0]
+        elif args:
+            raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
+        if self.hooks is None:
+            return self.own_forward(x, attn_mask=attn_mask)
+        return self.forward(x, causal=is_causal, attn_mask=attn_mask)
+
+
+def routed_plan(block) -> BlockPlan | None:
+    """The plan ``patch_clip`` routed ``block``'s forward through, or None."""
+    forward = block.__dict__.get("forward")
+    plan = getattr(forward, "__self__", None)
+    return plan if isinstance(plan, BlockPlan) else None
 
 
 def block_forward(block, x, causal: bool = False, attn_mask=None, query_index=None, policy=None,
                   hooks: BlockHooks = NO_HOOKS):
-    """x: (B, L, D). Returns (B, L, D), or (B, 1, D) rows at ``query_index`` when it is given."""
-    parts = block_parts(block)
-    (ln_1, w_in, b_in, w_out, b_out, heads, dropout_p, ln_q, ln_k, head_scale, ln_inner, ln_attn, ls_1, ln_2,
-     fc1, act_module, mlp_ln, fc2, ls_2) = parts
-    if dropout_p and block.training:
-        raise ValueError("attention dropout during training is not supported by the op layer")
-    if query_index is not None and not hooks.row_wise:
-        raise ValueError("last-block pruning needs hooks that treat every token row on its own")
-    batch, length, width = x.shape
-    head_dim = width // heads
-
-    if query_index is None:
-        qkv = norm_linear(ln_1, x, w_in, b_in, "none", policy)
-        q, k, v = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        residual = x
-        key_limit = None
-    else:
-        # Pruned block: keys/values from every token, a query only for the pooled rows (the norm
-        # is per row, so normalising the gathered rows equals gathering the normalised ones).
-        rows = torch.arange(batch, device=x.device)
-        kv = norm_linear(ln_1, x, w_in[width:], None if b_in is None else b_in[width:], "none", policy)
-        k, v = kv.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        residual = x[rows, query_index].unsqueeze(1)
-        q = norm_linear(ln_1, residual, w_in[:width], None if b_in is None else b_in[:width], "none", policy)
-        q = q.view(batch, 1, heads, head_dim).transpose(1, 2)
-        if attn_mask is not None:
-            raise ValueError("query_index supports the causal mask or no mask, not a custom attn_mask")
-        key_limit = (query_index + 1) if causal else None
-        causal = False
-    q = apply_norm(ln_q, q, policy)
-    k = apply_norm(ln_k, k, policy)
-    if key_limit is not None:
-        a = attention(q, k, v, key_limit=key_limit, backend=policy)
-    else:
-        a = attention(q, k, v, causal=causal, attn_mask=attn_mask, backend=policy)
-    if head_scale is not None:
-        a = a * head_scale
-    a = a.transpose(1, 2).reshape(residual.shape[0], residual.shape[1], width)
-    a = apply_norm(ln_inner, a, policy)
-
-    lora = hooks.lora
-    x = _residual_linear(a, w_out, b_out, residual, layer_scale(ls_1), hooks.attn, lora.get("out"), policy,
-                         norm=ln_attn)
-
-    act = activation_name(act_module)
-    if (act is not None and _plain_layer_norm(ln_2) and _is_identity(mlp_ln) and hooks.mlp is None
-            and lora.get("fc1") is None and lora.get("fc2") is None):
-        # The common MLP: one op, which may keep fc1's pre-activation instead of its output.
-        return layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, fc1.weight, fc1.bias, act,
-                              fc2.weight, fc2.bias, layer_scale(ls_2), backend=policy)
-    if act is not None:
-        h = norm_linear(ln_2, x, fc1.weight, fc1.bias, act, policy, lora.get("fc1"))
-    else:
-        h = act_module(fc1(apply_norm(ln_2, x, policy)))
-    h = apply_norm(mlp_ln, h, policy)
-    return _residual_linear(h, fc2.weight, fc2.bias, x, layer_scale(ls_2), hooks.mlp, lora.get("fc2"), policy)
+    """One call of ``block`` through a plan built for it (tests and benchmarks; a training step
+    runs plans it built once)."""
+    return BlockPlan(block, policy, hooks).forward(x, causal=causal, attn_mask=attn_mask, query_index=query_index)
 
 
 def blocks_forward(blocks, x, causal: bool = False, attn_mask=None, prune_last_index=None, policy=None):
     """Run a sequence of blocks; with ``prune_last_index`` the last one is pruned to those rows."""
-    blocks = list(blocks)
-    for i, block in enumerate(blocks):
-        last = i == len(blocks) - 1
-        index = prune_last_index if last else None
-        x = block_forward(block, x, causal=causal, attn_mask=attn_mask, query_index=index, policy=policy)
+    plans = [BlockPlan(block, policy) for block in blocks]
+    for i, plan in enumerate(plans):
+        index = prune_last_index if i == len(plans) - 1 else None
+        x = plan.forward(x, causal=causal, attn_mask=attn_mask, query_index=index)
     return x

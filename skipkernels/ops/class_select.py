@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from skipkernels.ops import _dispatch
+from skipkernels.ops.op import Compiled, Op, register
 from skipkernels.ops.policy import Backend
 
 
@@ -120,13 +120,18 @@ def class_select_reference(image_features, prototypes, labels, rank_mask, top_k:
     return selected, remapped
 
 
+def _class_select_compiled(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1):
+    # With num_selected >= 0 on CUDA, bad labels are flagged on the device, not raised here:
+    # see skipkernels._ext.check_cuda_errors.
+    _check_inputs(image_features, prototypes, labels, rank_mask, top_k)
+    return torch.ops.skipkernels.class_select(image_features, prototypes, labels, rank_mask, top_k, num_selected)
+
+
+CLASS_SELECT = register(Op("class_select", class_select_reference,
+                           impls=(Compiled("class_select", _class_select_compiled),)))
+
+
 def class_select(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1,
                  backend: Backend = None):
     """Returns (selected class indices ascending (K',), labels remapped into them (B,))."""
-    if _dispatch.use_compiled("class_select", backend, image_features.device):
-        # With num_selected >= 0 on CUDA, bad labels are flagged on the device, not raised here:
-        # see skipkernels._ext.check_cuda_errors.
-        _check_inputs(image_features, prototypes, labels, rank_mask, top_k)
-        return torch.ops.skipkernels.class_select(image_features, prototypes, labels, rank_mask,
-                                                  top_k, num_selected)
-    return class_select_reference(image_features, prototypes, labels, rank_mask, top_k, num_selected)
+    return CLASS_SELECT(image_features, prototypes, labels, rank_mask, top_k, num_selected, backend=backend)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch, measured
+from skipkernels.ops import measured
+from skipkernels.ops.op import Op, Triton, register
 from skipkernels.ops.policy import Backend
 
 
@@ -24,27 +25,22 @@ def add_layer_norm_reference(x, delta, weight, bias, eps: float):
     return s, layer_norm_reference(s, weight, bias, eps)
 
 
-LAYER_NORM = _dispatch.TritonKernel("layer_norm", "layer_norm")
-ADD_LAYER_NORM = _dispatch.TritonKernel("layer_norm", "add_layer_norm",
-                                        not_supported="add_layer_norm_not_supported")
-
-
-def layer_norm(x, weight, bias, eps: float, backend: Backend = None):
-    return _dispatch.dispatch(LAYER_NORM, backend, lambda table: _auto_triton(table, LAYER_NORM.op, x, weight, bias),
-                              layer_norm_reference, x, weight, bias, eps)
-
-
-def add_layer_norm(x, delta, weight, bias, eps: float, backend: Backend = None):
-    return _dispatch.dispatch(ADD_LAYER_NORM, backend,
-                              lambda table: _auto_triton(table, ADD_LAYER_NORM.op, x, weight, bias, delta),
-                              add_layer_norm_reference, x, delta, weight, bias, eps)
-
-
 def layer_norm_case(x, *_):
     """The measured table's key of layer_norm and add_layer_norm: (D,) and the row count."""
     return (x.shape[-1],), measured.rows_of(x)
 
 
-def _auto_triton(table, op, x, *tensors) -> bool:
-    # Only where a GPU measurement (ops/measured.py) shows the kernel beating PyTorch's LayerNorm.
-    return measured.prefers_triton(op, x, *layer_norm_case(x), tensors, table=table)
+# The kernels run only where a GPU measurement (ops/measured.py) shows them beating PyTorch's LayerNorm.
+LAYER_NORM = register(Op("layer_norm", layer_norm_reference, case=layer_norm_case,
+                         impls=(Triton("layer_norm", "layer_norm"),)))
+ADD_LAYER_NORM = register(Op("add_layer_norm", add_layer_norm_reference, case=layer_norm_case,
+                             impls=(Triton("layer_norm", "add_layer_norm",
+                                           not_supported="add_layer_norm_not_supported"),)))
+
+
+def layer_norm(x, weight, bias, eps: float, backend: Backend = None):
+    return LAYER_NORM(x, weight, bias, eps, backend=backend)
+
+
+def add_layer_norm(x, delta, weight, bias, eps: float, backend: Backend = None):
+    return ADD_LAYER_NORM(x, delta, weight, bias, eps, backend=backend)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch, measured
+from skipkernels.ops import measured
+from skipkernels.ops.op import Op, Triton, register
 from skipkernels.ops.policy import Backend
 from skipkernels.triton import ACTIVATIONS  # noqa: F401 - the one list, shared with the kernels
 
@@ -36,22 +37,6 @@ def linear_residual_reference(x, weight, bias, residual, scale=None):
     return residual + y
 
 
-LINEAR_ACT = _dispatch.TritonKernel("linear", "linear_act")
-LINEAR_RESIDUAL = _dispatch.TritonKernel("linear", "linear_residual",
-                                         not_supported="linear_residual_not_supported")
-
-
-def linear_act(x, weight, bias, activation: str, backend: Backend = None):
-    return _dispatch.dispatch(LINEAR_ACT, backend, lambda table: _auto_linear_act(table, x, weight, bias, activation),
-                              linear_act_reference, x, weight, bias, activation)
-
-
-def linear_residual(x, weight, bias, residual, scale=None, backend: Backend = None):
-    return _dispatch.dispatch(LINEAR_RESIDUAL, backend,
-                              lambda table: _auto_linear_residual(table, x, weight, bias, residual, scale),
-                              linear_residual_reference, x, weight, bias, residual, scale)
-
-
 def linear_act_case(x, weight, bias, activation: str):
     """The measured table's key: (K, N, activation) and the row count."""
     return (weight.shape[1], weight.shape[0], activation), measured.rows_of(x)
@@ -64,11 +49,15 @@ def linear_residual_case(x, weight, bias, residual, scale=None):
 
 # cuBLAS GEMMs with a separate epilogue stay the default except where a GPU measurement
 # (ops/measured.py) shows the fused Triton GEMM winning at this key.
-def _auto_linear_act(table, x, weight, bias, activation):
-    return measured.prefers_triton(LINEAR_ACT.op, x, *linear_act_case(x, weight, bias, activation), (weight, bias),
-                                   table=table)
+LINEAR_ACT = register(Op("linear_act", linear_act_reference, case=linear_act_case,
+                         impls=(Triton("linear", "linear_act"),)))
+LINEAR_RESIDUAL = register(Op("linear_residual", linear_residual_reference, case=linear_residual_case,
+                              impls=(Triton("linear", "linear_residual", not_supported="linear_residual_not_supported"),)))
 
 
-def _auto_linear_residual(table, x, weight, bias, residual, scale):
-    return measured.prefers_triton(LINEAR_RESIDUAL.op, x, *linear_residual_case(x, weight, bias, residual, scale),
-                                   (weight, bias, residual, scale), table=table)
+def linear_act(x, weight, bias, activation: str, backend: Backend = None):
+    return LINEAR_ACT(x, weight, bias, activation, backend=backend)
+
+
+def linear_residual(x, weight, bias, residual, scale=None, backend: Backend = None):
+    return LINEAR_RESIDUAL(x, weight, bias, residual, scale, backend=backend)

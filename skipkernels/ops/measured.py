@@ -85,33 +85,32 @@ def compute_dtype(x: torch.Tensor) -> str:
     return str(x.dtype)
 
 
-# Every op call on a GPU asks here, so each decision, by (table, device index, op, pass, dtype,
-# dims, rows), is looked up in the table once and kept. Code that torch.compile traces only reads this
-# dict: no device query, file read or cache wrapper runs inside a graph (each would break it); a
-# case first met while tracing runs the reference. Cleared when main() rewrites the table.
-_decisions: dict[tuple, bool] = {}
+# Called when main() rewrites the table: ops.op forgets the decisions bound from the old one.
+ON_REWRITE: list = []
+
+
+def entries(table: str | None) -> tuple:
+    """The entries of a KernelPolicy's table (None: the packaged one; ALL_TRITON: none needed)."""
+    return () if table == ALL_TRITON else _entries(str(TABLE) if table is None else table)
 
 
 def prefers_triton(op: str, x: torch.Tensor, dims, rows: int, tensors=(), dtype: str | None = None,
-                   table: str | None = None) -> bool:
+                   table: str | None = None, backward: bool | None = None) -> bool:
     """Whether ``table`` (a KernelPolicy's: None for the packaged TABLE, a path, or ALL_TRITON)
     shows op's Triton kernel winning for this call. ``dtype``: the compute dtype to look up; by
-    default x's, or the autocast dtype."""
+    default x's, or the autocast dtype. ``backward``: whether the call is differentiated; by
+    default, whether grad is on and x or one of ``tensors`` requires it. The op layer asks once
+    per case and remembers the answer in the op's bound callable (ops/op.py)."""
     if not x.is_cuda:
         return False
     if table == ALL_TRITON:
         return True
-    backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                               for t in (x, *tensors))
-    key = (table, x.device.index, op, "fwd_bwd" if backward else "fwd", dtype or compute_dtype(x), tuple(dims),
-           rows)
-    hit = _decisions.get(key)
-    if hit is None:
-        if torch.compiler.is_compiling():
-            return False
-        entries = _entries(str(TABLE) if table is None else table)
-        hit = _decisions[key] = bool(entries) and decide(entries, _device_name(key[1]), *key[2:])
-    return hit
+    if backward is None:
+        backward = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                   for t in (x, *tensors))
+    found = entries(table)
+    return bool(found) and decide(found, _device_name(x.device.index), op, "fwd_bwd" if backward else "fwd",
+                                  dtype or compute_dtype(x), tuple(dims), rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,7 +149,8 @@ def main(argv=None) -> int:
     old = [e for e in _entries(str(TABLE)) if e["device"] not in {n["device"] for n in entries}]
     TABLE.write_text(json.dumps({"entries": old + entries}, indent=1) + "\n")
     _entries.cache_clear()  # this process decides from the new table from now on
-    _decisions.clear()
+    for forget in ON_REWRITE:
+        forget()
     wins = sum(e["speedup"] >= MIN_SPEEDUP for e in entries)
     print(f"{TABLE}: {len(entries)} measured cases, Triton wins {wins}")
     return 0

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from skipkernels.ops import _dispatch, measured
+from skipkernels.ops import measured
+from skipkernels.ops.op import Op, Triton, register
 from skipkernels.ops.policy import Backend
 
 
@@ -21,17 +22,6 @@ def gated_update_reference(x, h, delta_h, g, s):
     u = h if delta_h is None else h + delta_h
     y = (g * s) * u
     return y if x is None else x + y
-
-
-GATED_UPDATE = _dispatch.TritonKernel("pet_gate", "gated_update", op="pet_gate")
-
-
-def gated_update(x, h, delta_h, g, s=1.0, backend: Backend = None):
-    """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring). No
-    compiled (cpu/cuda) version exists: an elementwise op is Triton's job, and the reference is
-    what every other backend runs."""
-    return _dispatch.dispatch(GATED_UPDATE, backend, lambda table: _auto_triton(table, x, h, delta_h, g),
-                              gated_update_reference, x, h, delta_h, g, s)
 
 
 def gate_kind(g, h) -> str:
@@ -49,20 +39,28 @@ def gate_kind(g, h) -> str:
     return "middle_x" if gate_rows == token_rows and token_rows > 1 else "small"
 
 
-def _auto_triton(table, x, h, delta_h, g) -> bool:
-    # Only where a GPU measurement (ops/measured.py) shows the fused kernel beating the eager
-    # reference at this width, gate granularity, row count and the tensors' own dtype (autocast
-    # does not touch this elementwise op).
-    if not h.is_cuda:
-        return False
+def gated_update_case(x, h, delta_h, g, s=1.0):
+    """The measured table's key: (width, gate granularity) and the row count."""
+    return (h.shape[-1], gate_kind(g, h)), measured.rows_of(h)
+
+
+def gated_update_dtype(x, h, delta_h, g, s=1.0) -> str:
+    """The tensors' own promoted dtype: autocast does not touch this elementwise op."""
     dtype = h.dtype
     for t in (x, delta_h, g):
         if isinstance(t, torch.Tensor):
             dtype = torch.promote_types(dtype, t.dtype)
-    return measured.prefers_triton(GATED_UPDATE.op, h, *gated_update_case(x, h, delta_h, g), (x, delta_h, g),
-                                   dtype=str(dtype), table=table)
+    return str(dtype)
 
 
-def gated_update_case(x, h, delta_h, g, s=1.0):
-    """The measured table's key: (width, gate granularity) and the row count."""
-    return (h.shape[-1], gate_kind(g, h)), measured.rows_of(h)
+# The kernel runs for auto only where a GPU measurement (ops/measured.py) shows it beating the
+# eager reference at this width, gate granularity, row count and dtype.
+GATED_UPDATE = register(Op("pet_gate", gated_update_reference, case=gated_update_case, dtype=gated_update_dtype, anchor=1,
+                           impls=(Triton("pet_gate", "gated_update"),)))
+
+
+def gated_update(x, h, delta_h, g, s=1.0, backend: Backend = None):
+    """``x + s * g * (h + delta_h)`` through the chosen backend (see module docstring). No
+    compiled (cpu/cuda) version exists: an elementwise op is Triton's job, and the reference is
+    what every other backend runs."""
+    return GATED_UPDATE(x, h, delta_h, g, s, backend=backend)

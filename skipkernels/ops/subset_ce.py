@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from skipkernels.ops import _dispatch
+from skipkernels.ops.op import Compiled, Op, register
 from skipkernels.ops.policy import Backend
 from skipkernels.ops.class_select import check_label_range
 
@@ -42,13 +42,19 @@ def subset_logits_ce_reference(image_features, text_features, scale, labels, ret
     return (loss, logits) if return_logits else loss
 
 
+def _subset_logits_ce_compiled(image_features, text_features, scale, labels, return_logits: bool = False):
+    _check(image_features, text_features, labels)
+    from skipkernels.ops import _subset_ce_autograd
+    return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
+
+
+SUBSET_LOGITS_CE = register(Op("subset_logits_ce", subset_logits_ce_reference,
+                               impls=(Compiled("subset_logits_ce", _subset_logits_ce_compiled),)))
+
+
 def subset_logits_ce(image_features, text_features, scale, labels, return_logits: bool = False,
                      backend: Backend = None):
-    if _dispatch.use_compiled("subset_logits_ce", backend, image_features.device):
-        _check(image_features, text_features, labels)
-        from skipkernels.ops import _subset_ce_autograd
-        return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
-    return subset_logits_ce_reference(image_features, text_features, scale, labels, return_logits)
+    return SUBSET_LOGITS_CE(image_features, text_features, scale, labels, return_logits, backend=backend)
 
 
 def class_scores_topk_reference(image_features, text_features, scale, k: int = 1, labels=None):
@@ -65,13 +71,15 @@ def class_scores_topk_reference(image_features, text_features, scale, k: int = 1
 def class_scores_topk(image_features, text_features, scale, k: int = 1, labels=None, chunk_size: int = 4096,
                       backend: Backend = None):
     """Chunked over classes: never builds the (B, C) matrix; same result as the reference."""
-    if _dispatch.use_compiled("class_scores_topk", backend, image_features.device):
-        _check(image_features, text_features, labels)
-        if scale.device != image_features.device:
-            scale = scale.to(image_features.device)
-        return torch.ops.skipkernels.class_scores_topk(image_features, text_features, scale, k,
-                                                       labels, chunk_size)
-    return class_scores_topk_chunked(image_features, text_features, scale, k, labels, chunk_size)
+    return CLASS_SCORES_TOPK(image_features, text_features, scale, k, labels, chunk_size, backend=backend)
+
+
+def _class_scores_topk_compiled(image_features, text_features, scale, k: int = 1, labels=None,
+                                chunk_size: int = 4096):
+    _check(image_features, text_features, labels)
+    if scale.device != image_features.device:
+        scale = scale.to(image_features.device)
+    return torch.ops.skipkernels.class_scores_topk(image_features, text_features, scale, k, labels, chunk_size)
 
 
 @torch.no_grad()
@@ -106,3 +114,8 @@ def class_scores_topk_chunked(image_features, text_features, scale, k: int = 1, 
     if labels is not None:
         loss = (running_max + torch.log(running_sum) - target_logit).mean()
     return best_values, best_indices, loss
+
+
+# The chunked PyTorch version is this op's reference: the full-matrix oracle above is for tests.
+CLASS_SCORES_TOPK = register(Op("class_scores_topk", class_scores_topk_chunked,
+                                impls=(Compiled("class_scores_topk", _class_scores_topk_compiled),)))

@@ -8,7 +8,7 @@ branch output H (``out_module``), and for cross-attention the value projection (
 Families:
 - ``clip``: open_clip ``ResidualAttentionBlock`` (nn.MultiheadAttention) and
   ``CustomResidualAttentionBlock`` (open_clip ``Attention``). A block ``patch_clip`` routes
-  through the op layer gets its PET modules as ``BlockHooks`` there (``pet.apply.block_hooks``);
+  through the op layer gets its PET modules as ``BlockHooks`` there (``pet.hooks.block_hooks``);
   on any other, PET owns the forward (``clip_block_forward``). Either way X and H are plain
   values: H is the whole branch output ``ls_1(attn(ln_1(X)))`` (``ls_1(ln_attn(attn(ln_1(X))))`` for the custom block), i.e. including
   LayerScale and the post-attention norm, and the modifier adds the residual itself.

@@ -204,12 +204,22 @@ class VLPETModifier(nn.Module):
 
     def forward(self, x, h, gate_input=None, backend=None):
         """``backend``: the policy of the route calling it, used unless this modifier has its own."""
-        gx = x if gate_input is None else gate_input
+        dh, g = self._delta_and_gate(x, h, gate_input)
+        return gated_update(x, h, dh, g, self.scale, backend=self.backend if self.backend is not None else backend)
+
+    def update(self, x, h, gate_op):
+        """``forward`` with the gated update run by ``gate_op``, the op bound by the block plan that
+        calls it (unless this modifier was given its own backend)."""
+        if self.backend is not None:
+            return self.forward(x, h)
+        dh, g = self._delta_and_gate(x, h, None)
+        return gate_op(x, h, dh, g, self.scale)
+
+    def _delta_and_gate(self, x, h, gate_input):
         dh = self.adapter(h)
         # The middle-X and small gates read H + ΔH; the others do not need it materialised.
         u = h + dh if self.granularity in ("middle_x", "small") else None
-        g = self.gate(gx, u)
-        return gated_update(x, h, dh, g, self.scale, backend=self.backend if self.backend is not None else backend)
+        return dh, self.gate(x if gate_input is None else gate_input, u)
 
     def extra_repr(self):
         return f"granularity={self.granularity}, scale={self.scale}"

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from skipkernels import distributed
-from skipkernels.ops.class_select import check_cskip_params, check_label_range, class_select, draw_rank_mask, top_k_for
+from skipkernels.ops.class_select import CLASS_SELECT, check_cskip_params, check_label_range, draw_rank_mask, top_k_for
 
 RESAMPLE_MODES = ("fixed", "step")
 
@@ -23,11 +23,12 @@ RESAMPLE_MODES = ("fixed", "step")
 class ClassSkipper:
     """Chooses the classes the text tower runs on each step.
 
-    prototypes: (C, E) normalised zero-shot text features of the pretrained model.
+    prototypes: (C, E) normalised zero-shot text features of the pretrained model. policy: the
+    KernelPolicy (or backend name) of class_select; None: the ambient one when it is built.
     """
 
     def __init__(self, prototypes: torch.Tensor, top_ratio: float = 0.5, max_top: int = 50, lam: float = 0.3,
-                 resample: str = "fixed", seed: int = 0):
+                 resample: str = "fixed", seed: int = 0, policy=None):
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
         check_cskip_params(top_ratio, max_top, lam)
@@ -44,6 +45,11 @@ class ClassSkipper:
         self.fixed_size = self.top_k + int(self.rank_mask.sum())
         self.last_selected: torch.Tensor | None = None
         self.last_labels: torch.Tensor | None = None
+        self.bind(policy)
+
+    def bind(self, policy) -> None:
+        """Run class_select under ``policy`` (a KernelPolicy, a backend name, or None: the ambient one now)."""
+        self.class_select = CLASS_SELECT.bind(policy)
 
     def to(self, device):
         self.prototypes = self.prototypes.to(device)
@@ -59,11 +65,11 @@ class ClassSkipper:
         return self._device_mask
 
     @torch.no_grad()
-    def select(self, image_features: torch.Tensor, labels: torch.Tensor, check: bool = True, policy=None):
+    def select(self, image_features: torch.Tensor, labels: torch.Tensor, check: bool = True):
         """image_features (B, E) of the current model (gradients are not needed); labels (B,).
         Returns (selected class indices ascending, labels remapped into them). ``check=False``
-        skips the host-side label range check (the caller checked them). ``policy``: the
-        KernelPolicy of class_select (None: the ambient one)."""
+        skips the host-side label range check (the caller checked them). class_select runs under
+        the policy given to ``bind``."""
         if check:
             check_label_range(labels, self.num_classes)
         if not self.enabled:
@@ -76,8 +82,8 @@ class ClassSkipper:
             feats, all_labels, offset = distributed.gather_batch(feats, labels.long())
             mask = self._mask_on(feats.device)
             static = self.resample == "fixed" and all_labels.shape[0] <= self.top_k and not distributed.enabled()
-            selected, remapped = class_select(feats, self.prototypes.to(feats.device), all_labels, mask,
-                                              self.top_k, self.fixed_size if static else -1, backend=policy)
+            selected, remapped = self.class_select(feats, self.prototypes.to(feats.device), all_labels, mask,
+                                                   self.top_k, self.fixed_size if static else -1)
             remapped = remapped[offset:offset + labels.shape[0]]
         self.last_selected, self.last_labels = selected, remapped
         return selected, remapped

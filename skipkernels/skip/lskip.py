@@ -13,30 +13,29 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from skipkernels.families import model_towers
-from skipkernels.skip import towers
+from skipkernels.skip.towers import truncated_length
 
 
 class TextPrefixCache:
     """Text tokens at block omega for every class prompt, truncated to the longest prompt."""
 
     @torch.no_grad()
-    def __init__(self, model, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True,
-                 policy=None):
+    def __init__(self, text, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True):
+        """``text``: the model's ``TextPlan`` (``skipkernels.skip.towers``)."""
         self.tokens = tokens
-        self.pool_index = towers.text_pool_index(model, tokens)
+        self.pool_index = text.pool_index(tokens)
         self.pool_index_host = self.pool_index.cpu()
         self.truncate = truncate
-        length = towers.truncated_length(self.pool_index_host, tokens.shape[1]) if truncate else tokens.shape[1]
-        x = towers.text_embed(model, tokens[:, :length])
-        self.tokens_at_block = towers.text_blocks(model, x, 0, skip_layers, policy=policy).to(dtype)
+        length = truncated_length(self.pool_index_host, tokens.shape[1]) if truncate else tokens.shape[1]
+        x = text.embed(tokens[:, :length])
+        self.tokens_at_block = text.blocks_between(x, 0, skip_layers).to(dtype)
 
     def length_for(self, selected_host: torch.Tensor | None) -> int:
         # All classes: the cache is already truncated to their longest prompt. A constant, so the
         # static step has no data-dependent shape for torch.compile to guard on.
         if not self.truncate or selected_host is None:
             return self.tokens_at_block.shape[1]
-        return towers.truncated_length(self.pool_index_host[selected_host], self.tokens_at_block.shape[1])
+        return truncated_length(self.pool_index_host[selected_host], self.tokens_at_block.shape[1])
 
     def gather(self, selected: torch.Tensor | None, selected_host: torch.Tensor | None = None):
         """(tokens (K', T, D), pool_index (K',)) for the selected classes (all when None)."""
@@ -80,16 +79,15 @@ class ImagePrefixCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model, loader, skip_layers: int, device: torch.device, dtype: torch.dtype,
+    def build(cls, image, loader, skip_layers: int, device: torch.device, dtype: torch.dtype,
               drop_ratio: float = 0.0, generator: torch.Generator | None = None,
-              budget_bytes: int = 8 << 30, progress: bool = True, autocast_dtype=None, description="caching",
-              policy=None):
+              budget_bytes: int = 8 << 30, progress: bool = True, autocast_dtype=None, description="caching"):
         """Run every (augmented) image of ``loader`` through the frozen prefix.
 
         ``loader`` yields (images, labels, dataset indices), over the whole dataset or a subset
         of it (one rank's share). The cache lives on ``device`` when it fits ``budget_bytes``,
-        else in pinned host memory and batches are copied in as needed. ``policy``: the prefix's
-        KernelPolicy (None: the ambient one).
+        else in pinned host memory and batches are copied in as needed. ``image``: the model's
+        ``ImagePlan`` (``skipkernels.skip.towers``), which runs the prefix under its policy.
         """
         dataset = loader.dataset
         if isinstance(dataset, torch.utils.data.Subset):
@@ -103,16 +101,15 @@ class ImagePrefixCache:
         total = len(item_indices)
         store = None
         labels = torch.empty(total, dtype=torch.long)
-        image = model_towers(model)[0]
-        if drop_ratio > 0 and image.token_dropping_off_reason() is not None:
-            raise ValueError(f"token dropping is not possible for this model: {image.token_dropping_off_reason()}")
+        tower = image.tower
+        if drop_ratio > 0 and tower.token_dropping_off_reason() is not None:
+            raise ValueError(f"token dropping is not possible for this model: {tower.token_dropping_off_reason()}")
         for images, batch_labels, indices in tqdm(loader, desc=description, disable=not progress, leave=False):
             images = images.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                x = towers.image_stem(model, images)
-                x = towers.image_blocks(model, x, 0, skip_layers, policy=policy)
+                x = image.blocks_between(image.stem(images), 0, skip_layers)
             if drop_ratio > 0:
-                x = _drop_patch_tokens(x, drop_ratio, generator, image.prefix_tokens)
+                x = _drop_patch_tokens(x, drop_ratio, generator, tower.prefix_tokens)
             if store is None:
                 shape = (total,) + tuple(x.shape[1:])
                 nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from skipkernels.pet.apply import METHODS as PET_MODES  # the one list of PET methods
+from skipkernels.pet.config import METHODS as PET_MODES  # the one list of PET methods
 
 MODES = ("skip", "lskip", "cskip", "ft", "coop") + PET_MODES + tuple(f"lskip-{m}" for m in PET_MODES)
 
@@ -37,7 +37,7 @@ class ModePlan:
     trains: str               # one of TRAINS
     pet_method: str | None    # the PET method (one of PET_MODES) where trains == "pet"
     skip_layers: int | None   # ω: blocks [0, skip_layers) frozen and cached; 0 where nothing is cached;
-    #                           None: the model's default (SkipTuner resolves it: towers.default_skip_layers)
+    #                           None: the model's default (SkipTuner resolves it: ModelPlan.default_skip_layers)
 
     def __post_init__(self):
         if self.trains not in TRAINS:

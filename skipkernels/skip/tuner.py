@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from skipkernels import _ext, checks
 from skipkernels.families import model_towers
-from skipkernels.ops.block import model_policy
+from skipkernels.ops import policy as policies
 from skipkernels.ops.class_select import check_cskip_params, check_label_range
 from skipkernels.ops.policy import resolve as resolve_policy
-from skipkernels.ops.subset_ce import subset_logits_ce
+from skipkernels.ops.subset_ce import SUBSET_LOGITS_CE
 from skipkernels.options import option
-from skipkernels.skip import towers
+from skipkernels.skip.towers import ModelPlan
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
 from skipkernels.skip.modes import MODES, PET_MODES, ModePlan, mode_plan  # noqa: F401 - re-exported
@@ -75,25 +75,27 @@ class SkipConfig:
         return self.plan.pet_method
 
 
-def exact_savings(model, config: SkipConfig) -> dict:
+def exact_savings(towers: ModelPlan, config: SkipConfig) -> dict:
     """Each exact saving: "on", or "off (why)" where the config turns it off or it would not be exact
-    for this model (e.g. SigLIP's bidirectional text pooled at the last position, 'map' pooling)."""
+    for this model (e.g. SigLIP's bidirectional text pooled at the last position, 'map' pooling).
+    ``towers``: the model's plan (``ModelPlan(model)``)."""
     checks = {
-        "text truncation": (config.truncate_text, towers.text_truncation_off_reason),
-        "image last-block pruning": (config.prune_last_block, towers.image_pruning_off_reason),
-        "text last-block pruning": (config.prune_last_block, towers.text_pruning_off_reason),
+        "text truncation": (config.truncate_text, towers.text.truncation_off_reason),
+        "image last-block pruning": (config.prune_last_block, towers.image.pruning_off_reason),
+        "text last-block pruning": (config.prune_last_block, towers.text.pruning_off_reason),
     }
     out = {}
     for name, (wanted, off_reason) in checks.items():
-        reason = off_reason(model) if wanted else "turned off in the config"
+        reason = off_reason() if wanted else "turned off in the config"
         out[name] = "on" if reason is None else f"off ({reason})"
     return out
 
 
-def check_tokens(model, tokens) -> None:
-    """The tokenizer must fit the model: ids inside its vocabulary, length its context."""
-    embedding = towers.token_embedding(model)
-    context = towers.text_context_length(model)
+def check_tokens(text, tokens) -> None:
+    """The tokenizer must fit the model (``text``: its ``TextPlan``): ids inside its vocabulary,
+    length its context."""
+    embedding = text.token_embedding
+    context = text.context_length
     if tokens.shape[1] > context:
         raise ValueError(f"the tokenizer makes sequences of {tokens.shape[1]} tokens but the model's text context "
                          f"is {context}: create it with context_length={context}")
@@ -105,14 +107,15 @@ def check_tokens(model, tokens) -> None:
 class PromptLearner(nn.Module):
     """CoOp's shared context: ``n_ctx`` learned vectors replacing placeholder tokens 1..n_ctx."""
 
-    def __init__(self, model, tokenizer, n_ctx: int, init: str | None):
+    def __init__(self, text, tokenizer, n_ctx: int, init: str | None):
+        """``text``: the model's ``TextPlan``."""
         super().__init__()
-        embedding = towers.token_embedding(model)
+        embedding = text.token_embedding
         width = embedding.weight.shape[1]
         ctx = torch.empty(n_ctx, width).normal_(std=0.02)
         if init:
             init_tokens = tokenizer([init])[0].to(embedding.weight.device)
-            n_init = int(towers.text_pool_index(model, init_tokens[None])[0]) - 1  # words between SOT and EOT
+            n_init = int(text.pool_index(init_tokens[None])[0]) - 1  # words between SOT and EOT
             if n_init == n_ctx:
                 with torch.no_grad():
                     ctx = embedding(init_tokens[1:1 + n_ctx]).float().cpu()
@@ -124,8 +127,8 @@ class PromptLearner(nn.Module):
         placeholder = " ".join(["X"] * self.n_ctx)
         return self.tokenizer([f"{placeholder} {name}." for name in classnames])
 
-    def embeddings(self, model, tokens):
-        emb = towers.token_embedding(model)(tokens)
+    def embeddings(self, text, tokens):
+        emb = text.token_embedding(tokens)
         ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(tokens.shape[0], -1, -1)
         return torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx:]], dim=1)
 
@@ -159,11 +162,15 @@ class SkipTuner(nn.Module):
         image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
         if text_tower.mask_kind == "custom":
             raise ValueError("text attention masks other than causal or none are not supported")
+        from skipkernels.patch import model_policy
+        self.policy = policy if policy is not None else model_policy(model)
+        # The plan of both towers, built once (again when PET modules change): every step runs it.
+        self.towers = ModelPlan(model, self.policy)
         # ω: None in the config means the model's default, resolved here once. One number: the
         # plan's (0 in a mode that caches nothing), which tuner.config and tuner.skip_layers repeat.
         self.skip_layers_reason = "given"
         if config.skip_layers is None and mode_plan(config.mode, 1).caches_prefix:
-            omega, self.skip_layers_reason = towers.default_skip_layers(model)
+            omega, self.skip_layers_reason = self.towers.default_skip_layers()
             config = dataclasses.replace(config, skip_layers=omega)
         plan = config.plan
         config = dataclasses.replace(config, skip_layers=plan.skip_layers)
@@ -185,22 +192,23 @@ class SkipTuner(nn.Module):
         self.config = config
         self.plan = plan
         self.model = model
-        self.policy = policy if policy is not None else model_policy(model)
         self.classnames = classnames
         self.tokenizer = tokenizer
         self.skip_layers = plan.skip_layers
         if plan.caches_prefix:
-            towers.check_skip_layers(model, plan.skip_layers)
+            self.towers.check_skip_layers(plan.skip_layers)
         self.device = next(model.parameters()).device
+        self.token_width = checks.token_width(model)  # the last dim of a cached prefix
         # The model's compute dtype (bf16, fp16, fp32 or fp64 weights): the cached prefix re-enters
         # the suffix blocks in it, whatever the cache's dtype.
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.cache_dtype = self._cache_dtype()
         self.class_tokens = tokenizer([config.template.format(c) for c in classnames]).to(self.device)
-        check_tokens(model, self.class_tokens)
+        check_tokens(self.towers.text, self.class_tokens)
         self.prompt_learner = None
         if plan.trains == "prompt":
-            self.prompt_learner = PromptLearner(model, tokenizer, config.coop_n_ctx, config.coop_init).to(self.device)
+            self.prompt_learner = PromptLearner(self.towers.text, tokenizer, config.coop_n_ctx,
+                                                config.coop_init).to(self.device)
         self.pet = None
         if plan.trains == "pet":
             from skipkernels.pet import apply_pet, trainable_modules_for_mode
@@ -209,7 +217,7 @@ class SkipTuner(nn.Module):
         else:
             self._set_trainable()
         # after PET: its modules decide where last-block pruning stays exact
-        self.savings = exact_savings(model, config)
+        self.savings = exact_savings(self.towers, config)
         self.truncate_text = self.savings["text truncation"] == "on"
         self.prune_image = self.savings["image last-block pruning"] == "on"
         self.prune_text = self.savings["text last-block pruning"] == "on"
@@ -218,22 +226,31 @@ class SkipTuner(nn.Module):
         self.step_tokens = self.class_tokens
         if self.prompt_learner is not None:
             self.step_tokens = self.prompt_learner.prompts(classnames).to(self.device)
-        self.step_length = towers.text_length(model, self.step_tokens, self.truncate_text)
+        self.step_length = self.towers.text.length(self.step_tokens, self.truncate_text)
 
         with torch.no_grad():
             was_training = model.training
             model.eval()
             self.text_cache = None
             if plan.caches_prefix:
-                self.text_cache = TextPrefixCache(model, self.class_tokens, self.skip_layers, self.cache_dtype,
-                                                  truncate=self.truncate_text, policy=self.policy)
+                self.text_cache = TextPrefixCache(self.towers.text, self.class_tokens, self.skip_layers,
+                                                  self.cache_dtype, truncate=self.truncate_text)
             self.skipper = None
             if plan.class_subset:
                 # Zero-shot prototypes of the pretrained model, computed once before any update.
                 prototypes = self.encode_classes(classnames, normalize=True)
                 self.skipper = ClassSkipper(prototypes, config.top_ratio, config.max_top, config.lam,
-                                            config.resample, seed=seed)
+                                            config.resample, seed=seed, policy=self.policy)
             model.train(was_training)
+        self.bind_ops()
+
+    def bind_ops(self) -> None:
+        """Bind the step's own ops (the loss, CSkip's selection) under the tuner's policy; the
+        blocks' ops are bound by the tower plans (``self.towers``)."""
+        self.bound_policy = policies.resolve(self.policy)
+        self.subset_logits_ce = SUBSET_LOGITS_CE.bind(self.bound_policy)
+        if self.skipper is not None:
+            self.skipper.bind(self.bound_policy)
 
     # ------------------------------------------------------------------ set-up helpers
     def _cache_dtype(self) -> torch.dtype:
@@ -290,13 +307,13 @@ class SkipTuner(nn.Module):
         """Frozen prefix of the image tower: tokens entering block ω = ``skip_layers`` (no autograd)."""
         checks.check_images("images", images, self.model)
         with torch.no_grad():
-            return towers.image_blocks(self.model, towers.image_stem(self.model, images), 0, self.skip_layers,
-                                       policy=self.policy)
+            image = self.towers.image
+            return image.blocks_between(image.stem(images), 0, self.skip_layers)
 
     def encode_images(self, images, normalize: bool = False):
         """Image features of the current model (the whole tower; last block pruned when exact)."""
         checks.check_images("images", images, self.model)
-        f = towers.encode_image(self.model, images, self.prune_image, self.policy)
+        f = self.towers.image.encode(images, self.prune_image)
         return F.normalize(f, dim=-1) if normalize else f
 
     def encode_classes(self, classnames, normalize: bool = False, batch_size: int = 256):
@@ -310,7 +327,7 @@ class SkipTuner(nn.Module):
             names = classnames[start:start + batch_size]
             if self.prompt_learner is not None:
                 tokens = self.prompt_learner.prompts(names).to(self.device)
-                embeddings = self.prompt_learner.embeddings(self.model, tokens)
+                embeddings = self.prompt_learner.embeddings(self.towers.text, tokens)
             else:
                 tokens = self.tokenizer([self.config.template.format(c) for c in names]).to(self.device)
                 embeddings = None
@@ -319,8 +336,7 @@ class SkipTuner(nn.Module):
         return F.normalize(t, dim=-1) if normalize else t
 
     def _encode_tokens(self, tokens, embeddings=None, length: int | None = None):
-        return towers.encode_text(self.model, tokens, embeddings, self.truncate_text, self.prune_text, self.policy,
-                                  length)
+        return self.towers.text.encode(tokens, embeddings, self.truncate_text, self.prune_text, length)
 
     # ------------------------------------------------------------------ one step
     def image_features_for_step(self, inputs):
@@ -330,23 +346,21 @@ class SkipTuner(nn.Module):
         if self.plan.caches_prefix:
             # The cache may be bf16; the residual stream runs in the model's dtype (fp32 weights: fp32,
             # as in open_clip under autocast).
-            return towers.encode_image_from(self.model, inputs.to(self.dtype), self.skip_layers, self.prune_image,
-                                            self.policy)
+            return self.towers.image.encode_from(inputs.to(self.dtype), self.skip_layers, self.prune_image)
         return self.encode_images(inputs)
 
     def text_features_for_step(self, selected, static: bool = False):
         plan = self.plan
         if plan.trains == "prompt":
             tokens = self.step_tokens
-            return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.model, tokens), self.step_length)
+            return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.towers.text, tokens), self.step_length)
         if plan.caches_prefix:
             # static: truncate to the longest prompt of all classes (known at set-up), so the step
             # needs no host copy of the selection; otherwise to the longest selected prompt.
             dynamic = selected is not None and self.truncate_text and not static
             selected_host = selected.cpu() if dynamic else None
             x, pool_index = self.text_cache.gather(selected, selected_host)
-            return towers.encode_text_from(self.model, x.to(self.dtype), self.skip_layers, pool_index, self.prune_text,
-                                           self.policy)
+            return self.towers.text.encode_from(x.to(self.dtype), self.skip_layers, pool_index, self.prune_text)
         if selected is None:
             return self._encode_tokens(self.step_tokens, length=self.step_length)
         return self._encode_tokens(self.class_tokens[selected])
@@ -361,17 +375,19 @@ class SkipTuner(nn.Module):
         # shapes and dtypes (metadata only: also on the static path), then the label range, which
         # reads values (off the static path: check host labels before copying them in)
         if self.plan.caches_prefix:
-            checks.check_prefix("inputs", inputs, self.model)
+            checks.check_prefix("inputs", inputs, self.token_width, self.device)
         else:
             checks.check_images("inputs", inputs, self.model)
         checks.check_labels("labels", labels, inputs.shape[0])
         if not static:
             self.check_labels(labels)  # before the copy: host labels need no device sync
         labels = labels.to(self.device)
+        if self.policy is None and self.bound_policy is not policies._ambient:
+            self.bind_ops()  # the ambient policy changed (use_policy)
         f = self.image_features_for_step(inputs)
         selected, targets = None, labels
         if self.skipper is not None:
-            selected, targets = self.skipper.select(f, labels, check=False, policy=self.policy)
+            selected, targets = self.skipper.select(f, labels, check=False)
         t = self.text_features_for_step(selected, static)
         self.last_selected = selected if selected is not None else torch.arange(len(self.classnames), device=self.device)
         self.last_labels = targets
@@ -379,7 +395,7 @@ class SkipTuner(nn.Module):
         # A SigLIP model's logits are scale * cos + logit_bias; the bias is one scalar added to every
         # logit, which cross-entropy over the subset cancels, so the loss equals CE of the model's own
         # logits (get_logits) over the subset without adding it.
-        return subset_logits_ce(f, t, scale, targets, backend=self.policy)
+        return self.subset_logits_ce(f, t, scale, targets)
 
     def __repr__(self) -> str:
         # A summary: nn.Module's repr would print the whole model after it (print(tuner.model) does that).
@@ -390,6 +406,9 @@ class SkipTuner(nn.Module):
         why = self.skip_layers_reason if self.plan.caches_prefix else f"nothing is cached in mode {cfg.mode}"
         lines = [f"mode={cfg.mode}, omega {self.skip_layers} ({why}), classes={len(self.classnames)}"]
         lines += [f"{name}: {state}" for name, state in self.savings.items()]
+        lines.append(f"kernel policy: {self.bound_policy.backend}" + (
+            f" (table {self.bound_policy.table})" if self.bound_policy.table else ""))
+        lines.append(self.towers.describe())
         return "\n".join(lines)
 
     def check_labels(self, labels) -> None:

@@ -39,7 +39,7 @@ def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, a
             if labels.numel() == 0:
                 continue
             f = tuner.encode_images(images.to(device), normalize=True).float()
-            _, top, _ = class_scores_topk(f, text, scale, k=1)
+            _, top, _ = class_scores_topk(f, text, scale, k=1, backend=tuner.policy)
             correct += (top[:, 0] == labels.to(device)).sum()
             scored += labels.numel()
     model.train(was_training)

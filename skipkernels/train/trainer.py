@@ -241,11 +241,10 @@ class Trainer:
             dataset = torch.utils.data.Subset(self.dataset, mine)
         loader = make_loader(dataset, self.config.cache_batch_size, self.config.workers)
         gen = torch.Generator().manual_seed(self.config.seed * 7919 + epoch)
-        cache = ImagePrefixCache.build(self.tuner.model, loader, self.tuner.skip_layers, self.device,
+        cache = ImagePrefixCache.build(self.tuner.towers.image, loader, self.tuner.skip_layers, self.device,
                                        self.tuner.cache_dtype, self.tuner.config.drop_ratio, gen,
                                        int(self.tuner.config.cache_budget_gb * (1 << 30)), self.config.progress,
-                                       self.autocast_dtype, description=f"cache epoch {epoch + 1}",
-                                       policy=self.tuner.policy)
+                                       self.autocast_dtype, description=f"cache epoch {epoch + 1}")
         self.cache_bytes = cache.nbytes
         return cache
 

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 from bad_inputs import CASES, Defined, Flagged, Raises, reference_for  # noqa: E402
 from skipkernels import _ext  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not _ext.cuda_built(), reason="skipkernels._C built without CUDA")
+pytestmark = pytest.mark.skipif(not _ext.CUDA_BUILT, reason="skipkernels._C built without CUDA")
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -12,7 +12,7 @@ from skipkernels import SkipTuner, _ext  # noqa: E402
 CLASSES = [f"class {i} " + "word " * (i % 5) for i in range(40)]
 
 
-@pytest.mark.skipif(not _ext.cuda_built(), reason="compiled CUDA ops not built")
+@pytest.mark.skipif(not _ext.CUDA_BUILT, reason="compiled CUDA ops not built")
 @pytest.mark.parametrize("autocast", [False, True])
 def test_tuner_static_loss_traces_in_one_graph_on_cuda(autocast, tokenizer):
     tuner = SkipTuner(tiny_clip(layers=2).cuda(), CLASSES, tokenizer, mode="skip", skip_layers=1,

@@ -18,10 +18,10 @@ DEV = "cuda"
 
 def test_extension_was_built_with_cuda():
     # On a GPU machine the suite runs with the CUDA ops built; a CPU-only build is a build error.
-    assert _ext.cuda_built(), f"skipkernels._C has no CUDA kernels: {_ext.load_error or 'built without CUDA'}"
+    assert _ext.CUDA_BUILT, f"skipkernels._C has no CUDA kernels: {_ext.load_error or 'built without CUDA'}"
 
 
-needs_ops = pytest.mark.skipif(not _ext.cuda_built(), reason="skipkernels._C built without CUDA")
+needs_ops = pytest.mark.skipif(not _ext.CUDA_BUILT, reason="skipkernels._C built without CUDA")
 
 
 def select_case(batch, classes, top_k, seed, dtype=torch.float32, same_class=False, width=512):

@@ -16,7 +16,7 @@ from skipkernels.skip.graph import CapturedStep  # noqa: E402
 CLASSES = [f"class {i} " + "word " * (i % 5) for i in range(40)]
 
 
-@pytest.mark.skipif(not _ext.cuda_built(), reason="compiled CUDA ops not built")
+@pytest.mark.skipif(not _ext.CUDA_BUILT, reason="compiled CUDA ops not built")
 @pytest.mark.parametrize("kernels", ["auto", "all_triton"])
 def test_captured_step_equals_eager_steps(kernels, tokenizer):
     """``all_triton``: every block op on a Triton kernel (bench mode skip-triton-graph), so the
@@ -27,7 +27,7 @@ def test_captured_step_equals_eager_steps(kernels, tokenizer):
     return _captured_step_equals_eager_steps(tokenizer)
 
 
-@pytest.mark.skipif(not _ext.cuda_built(), reason="compiled CUDA ops not built")
+@pytest.mark.skipif(not _ext.CUDA_BUILT, reason="compiled CUDA ops not built")
 @pytest.mark.parametrize("family", ["siglip", "eva02"])
 def test_captured_step_equals_eager_steps_for_other_families(family):
     """SigLIP (timm ViT with attention pooling, bidirectional text) and EVA-02 (timm Eva with

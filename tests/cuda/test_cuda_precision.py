@@ -13,7 +13,7 @@ from skipkernels.skip.tuner import SkipTuner  # noqa: E402
 from conftest import tiny_clip  # noqa: E402
 
 CLASSES = ["ant", "bee", "cow", "dog", "elk", "fox"]
-BACKENDS = ["auto", "torch", "triton"] + (["cuda"] if _ext.cuda_built() else [])
+BACKENDS = ["auto", "torch", "triton"] + (["cuda"] if _ext.CUDA_BUILT else [])
 
 
 def _loss(tuner, images, labels):

@@ -22,224 +22,16 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
-from skipkernels.ops.policy import Backend
+from skipkernels.pet import hooks as H
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
-
-# The one list of PET methods; skipkernels.skip.modes offers each as a tuning mode (PET_MODES).
-METHODS = ("vlpet-large", "vlpet-middle-x", "vlpet-middle-y", "vlpet-small", "adapter", "lora")
-_GRANULARITY = {"vlpet-large": "large", "vlpet-middle-x": "middle_x",
-                "vlpet-middle-y": "middle_y", "vlpet-small": "small"}
-SUBLAYER_TARGETS = ("attn", "mlp", "cross")
-# LoRA target aliases: canonical name -> attribute names of nn.Linear projections across families.
-LORA_ALIASES = {
-    "q": ("q_proj", "q", "query"),
-    "k": ("k_proj", "k", "key"),
-    "v": ("v_proj", "v", "value"),
-    "out": ("out_proj", "o"),
-    "fc1": ("c_fc", "fc1", "wi", "wi_0", "wi_1"),
-    "fc2": ("c_proj", "fc2", "wo"),
-}
-DECODER_MODES = ("value_adapter", "same", "none")
-
-
-@dataclass
-class PetConfig:
-    """What to inject.
-
-    method: one of ``METHODS``.
-    rank: adapter bottleneck r (VL-PET, Adapter, decoder value adapter) or LoRA rank; None means
-        width // 8 for adapters (96 at width 768, the paper's setting) and 4 for LoRA.
-    heads: N_h of VL-PET's multi-head down-projection (r must be a multiple).
-    gate_rank: low rank of the ``large`` gate; None means ``rank``.
-    scale: s; None means 1 / G_init (2 for sigmoid gates, 1 for middle-y): the initial model is
-        then exactly the original. The paper's scripts used 1 (BART) and 0.3 (T5).
-    lora_alpha: LoRA α (ΔW scaled by α / r); None means α = r. lora_dropout: on LoRA's input.
-    targets: sub-layers for VL-PET/Adapter (subset of ``SUBLAYER_TARGETS``, default attn, mlp);
-        projections for LoRA: canonical names in ``LORA_ALIASES`` (q/k/v also select slices of a
-        packed in-projection), ``"in_proj"`` for one factor pair over a whole packed q/k/v
-        weight, or raw attribute names; default q, k, v.
-    skip_layers: ω; only blocks with index ≥ ω get modules (the frozen LSkip prefix stays as is).
-    decoder: for decoder blocks (those with cross-attention): ``"value_adapter"`` (VL-PET's
-        lightweight decoder design, default for vlpet-*), ``"same"`` (as the encoder; default for
-        adapter and lora) or ``"none"``.
-    train_extra: fnmatch patterns of base parameter names that stay trainable (e.g. the paper's
-        unfrozen encoder LayerNorms ``"*.layer_norm.weight"``, or ``"visual.proj"``).
-    backend: the KernelPolicy (or backend name) of the VL-PET gated update where no route hands one
-        in: the hook-based families (BART, T5). None: the route's policy on open_clip blocks, else
-        the ambient one.
-    """
-    method: str = "vlpet-large"
-    rank: int | None = None
-    heads: int = 4
-    gate_rank: int | None = None
-    scale: float | None = None
-    lora_alpha: float | None = None
-    lora_dropout: float = 0.0
-    targets: tuple[str, ...] | None = None
-    skip_layers: int = 0
-    decoder: str | None = None
-    train_extra: tuple[str, ...] = field(default_factory=tuple)
-    backend: Backend = None
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown PET method {self.method!r}; expected one of {METHODS}")
-        if self.targets is not None:
-            self.targets = tuple(self.targets)
-            if not self.is_lora:
-                bad = [t for t in self.targets if t not in SUBLAYER_TARGETS]
-                if bad:
-                    raise ValueError(f"targets {bad} are not sub-layers {SUBLAYER_TARGETS}")
-        if self.decoder is not None and self.decoder not in DECODER_MODES:
-            raise ValueError(f"decoder must be one of {DECODER_MODES}, got {self.decoder!r}")
-        if self.skip_layers < 0:
-            raise ValueError(f"skip_layers must be >= 0, got {self.skip_layers}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"rank must be positive, got {self.rank}")
-        self.train_extra = tuple(self.train_extra)
-
-
-    @property
-    def is_lora(self) -> bool:
-        return self.method == "lora"
-
-    @property
-    def granularity(self) -> str | None:
-        return _GRANULARITY.get(self.method)
-
-    def resolved_targets(self) -> tuple[str, ...]:
-        if self.targets is not None:
-            return self.targets
-        return ("q", "k", "v") if self.is_lora else ("attn", "mlp")
-
-    def resolved_decoder(self) -> str:
-        if self.decoder is not None:
-            return self.decoder
-        return "value_adapter" if self.granularity else "same"
-
-    def rank_for(self, width: int) -> int:
-        if self.rank is not None:
-            return self.rank
-        if self.is_lora:
-            return 4
-        r = max(1, width // 8)
-        return max(self.heads, r - r % self.heads) if self.granularity else r
-
-
-def has_pet(module: nn.Module) -> bool:
-    """Whether ``module`` (a block, or a whole model) holds PET modules. The op layer's
-    ``block_forward`` applies them only as the hooks ``block_hooks`` builds."""
-    return any(name.rsplit(".", 1)[-1].startswith(("pet_", "lora"))
-               for name, _ in module.named_modules() if name)
-
-
-# has_pet and block_hooks walk every submodule (~0.2 ms for the 24 blocks of ViT-B/16), and
-# training asks for every block of every step. PET modules come and go only through apply_pet /
-# merge / remove, which bump this generation; both answer from a cache until then.
-_generation = 0
-_block_cache: "weakref.WeakKeyDictionary[nn.Module, tuple[int, bool]]" = weakref.WeakKeyDictionary()
-
-
-def _pet_changed() -> None:
-    global _generation
-    _generation += 1
-
-
-def _remembered(cache: "weakref.WeakKeyDictionary", block: nn.Module, compute: Callable):
-    """``compute(block)``, kept in ``cache`` until PET modules are next added or taken out."""
-    if torch.compiler.is_compiling():
-        # Traced code asks the block itself: a lookup in the weak cache would make dynamo guard
-        # on the cache's keys, blocks of other models that may be gone when the guard is built.
-        return compute(block)
-    hit = cache.get(block)
-    if hit is not None and hit[0] == _generation:
-        return hit[1]
-    value = compute(block)
-    cache[block] = (_generation, value)
-    return value
-
-
-def block_has_pet(block: nn.Module) -> bool:
-    """``has_pet(block)``, remembered until PET modules are next added or taken out."""
-    return _remembered(_block_cache, block, has_pet)
-
-
-def _sublayer_hook(modifier: nn.Module):
-    """A ``BlockHooks`` sub-layer hook: the modifier owns the residual add; the route's policy
-    reaches the VL-PET gate's op unless the modifier was given its own backend."""
-    if isinstance(modifier, M.VLPETModifier):
-        return functools.partial(_vlpet_update, modifier)
-    return functools.partial(_adapter_update, modifier)
-
-
-def _vlpet_update(modifier, x, h, policy):
-    return modifier(x, h, backend=policy)
-
-
-def _adapter_update(modifier, x, h, policy):
-    return modifier(x, h)
-
-
-def _out_projection(block: nn.Module) -> nn.Module | None:
-    attn = block.attn
-    if isinstance(attn, nn.MultiheadAttention):
-        return None  # it reads out_proj.weight itself: LoRA there is weight-level and needs no hook
-    return getattr(attn, "out_proj", None) or getattr(attn, "proj", None)
-
-
-def _compute_block_hooks(block: nn.Module):
-    from skipkernels.ops.block import BlockHooks, block_parts, unsupported_reason
-    if unsupported_reason(block) is not None:
-        return None
-    parts = block_parts(block)
-    lora = {}
-    for role, linear in (("out", _out_projection(block)), ("fc1", parts.fc1), ("fc2", parts.fc2)):
-        factors = linear._modules.get("lora") if linear is not None else None
-        if factors is not None:
-            lora[role] = factors
-    known = {id(m) for m in lora.values()}
-    modifiers = {kind: block._modules.get(f"pet_{kind}") for kind in ("attn", "mlp")}
-    known |= {id(m) for m in modifiers.values() if m is not None}
-    for name, module in block.named_modules():
-        last = name.rsplit(".", 1)[-1]
-        if not name or not last.startswith(("pet_", "lora")) or id(module) in known:
-            continue
-        if last.startswith("lora_"):
-            continue  # weight-level LoRA: the block reads W + ΔW through the weight itself
-        return None  # a module block_forward would not apply: the block runs its own forward
-    row_wise = all(getattr(m, "granularity", None) != "small" for m in modifiers.values() if m is not None)
-    return BlockHooks(attn=_sublayer_hook(modifiers["attn"]) if modifiers["attn"] is not None else None,
-                      mlp=_sublayer_hook(modifiers["mlp"]) if modifiers["mlp"] is not None else None,
-                      lora=lora, row_wise=row_wise)
-
-
-_hooks_cache: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def block_hooks(block: nn.Module):
-    """The ``skipkernels.ops.block.BlockHooks`` that apply ``block``'s PET modules on the op
-    layer's route (``NO_HOOKS`` for a block without any), or None where the block runs its own
-    forward: the op layer does not compute it (``ops.block.unsupported_reason``) or it holds a
-    module that route would not apply. Remembered until PET modules are next added or taken out
-    (a block's structure is fixed once it is built)."""
-    return _remembered(_hooks_cache, block, _compute_block_hooks)
-
-
-def trainable_modules_for_mode(mode: str, skip_layers: int | None = None, **overrides) -> PetConfig:
-    """The PetConfig for a trainer mode (``"vlpet-large"``, ..., ``"adapter"``, ``"lora"``;
-    ``"vlpet"`` means ``"vlpet-large"``); ``skip_layers`` is LSkip's ω, 0 when not given."""
-    method = "vlpet-large" if mode == "vlpet" else mode
-    if skip_layers is not None:
-        overrides["skip_layers"] = skip_layers
-    return PetConfig(method=method, **overrides)
+from skipkernels.pet.config import LORA_ALIASES, PetConfig
+from skipkernels.pet.hooks import has_pet
 
 
 class PetHandle:
@@ -310,7 +102,7 @@ class PetHandle:
         self._requires_grad.clear()
         self.modules.clear()
         self.active = False
-        _pet_changed()
+        _changed(self.model)
 
     def merge(self) -> nn.Module:
         """Fold LoRA into the pre-trained weights and remove the PET modules; returns the model.
@@ -390,8 +182,19 @@ def apply_pet(model: nn.Module, config: PetConfig,
             handle.remove() if handle.modules else handle._finish()
         raise
     finally:
-        _pet_changed()
+        _changed(model)
     return handle
+
+
+def _changed(model: nn.Module) -> None:
+    """PET modules were added or taken out: the blocks ``patch_clip`` routes through a plan get
+    their new hooks now, and tower plans build theirs again at their next call."""
+    from skipkernels.ops.block import routed_plan
+    H.changed()
+    for module in model.modules():
+        plan = routed_plan(module)
+        if plan is not None:
+            plan.set_hooks(H.block_hooks(module), functools.partial(L.clip_block_forward, module))
 
 
 def _freeze(handle: PetHandle) -> None:
@@ -416,8 +219,8 @@ def _block_param(block: L.Block) -> torch.Tensor:
 def _ensure_clip_forward(handle: PetHandle, block: L.Block) -> None:
     """Blocks patch_clip routes through the op layer take PET's modules as hooks there
     (``block_hooks``); the others get open_clip's forward with the modifiers owning the adds."""
-    from skipkernels.ops.block import routed_through_op_layer
-    if routed_through_op_layer(block.module):
+    from skipkernels.ops.block import routed_plan
+    if routed_plan(block.module) is not None:
         return
     if block.owns_forward and block.name not in handle._clip_forwards:
         handle._undo.append(L.install_clip_forward(block.module))
