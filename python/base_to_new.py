@@ -9,7 +9,8 @@ import argparse
 import statistics
 
 from skipkernels.skip.tuner import SkipConfig
-from skipkernels.train.trainer import TrainConfig, finetune, protocol_epochs
+from skipkernels.train.trainer import TrainConfig, protocol_epochs
+from skipkernels.train.job import finetune
 
 
 def main():

@@ -58,7 +58,7 @@ def _configs(args):
 
 def cmd_finetune(args) -> int:
     from skipkernels.data.synthetic import ensure_synthetic
-    from skipkernels.train.trainer import finetune
+    from skipkernels.train.job import finetune
     skip, train = _configs(args)
     policy = _policy(args, train)
     _check_finetune_flags(args, train, policy)
@@ -184,7 +184,8 @@ def cmd_demo(args) -> int:
     from skipkernels.data.shapes import ensure_shapes
     from skipkernels.pretrain_tiny import WEIGHTS
     from skipkernels.skip.tuner import SkipConfig
-    from skipkernels.train.trainer import TrainConfig, finetune
+    from skipkernels.train.trainer import TrainConfig
+    from skipkernels.train.job import finetune
     _device(args.device)
     root = ensure_shapes()
     print(f"shapes dataset: {root / DEMO['dataset']} (12 colour-shape classes; base = first 6, new = last 6, "

@@ -9,7 +9,8 @@ import skipkernels
 from skipkernels.pet import PetConfig, apply_pet
 from skipkernels.predict import load_classifier, predict
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 from conftest import tiny_clip
 

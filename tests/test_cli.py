@@ -220,9 +220,9 @@ def test_quickstart_example_runs(tmp_path):
 # ---------------------------------------------------------------- flags that cannot work here
 
 def _finetune_never_called(monkeypatch):
-    import skipkernels.train.trainer as trainer
+    import skipkernels.train.job as job
     calls = []
-    monkeypatch.setattr(trainer, "finetune", lambda *a, **k: calls.append(a) or pytest.fail("finetune ran"))
+    monkeypatch.setattr(job, "finetune", lambda *a, **k: calls.append(a) or pytest.fail("finetune ran"))
     return calls
 
 

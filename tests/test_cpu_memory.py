@@ -3,7 +3,8 @@ import torch
 
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.memory import CpuAllocatorPeak
-from skipkernels.train.trainer import MEMORY_PROBE_STEPS, TrainConfig, finetune
+from skipkernels.train.trainer import MEMORY_PROBE_STEPS, TrainConfig
+from skipkernels.train.job import finetune
 
 MB = 1_000_000
 

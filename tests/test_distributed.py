@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from skipkernels.skip.tuner import SkipConfig
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_clip
 from skipkernels import SkipTuner
 from skipkernels.skip.tuner import PET_MODES, SkipConfig
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
 

@@ -9,7 +9,8 @@ from skipkernels import bench
 from skipkernels.cli import _demo_chart
 from skipkernels.plots import METRICS_COLUMNS, training_chart, write_metrics_csv
 from skipkernels.skip.tuner import SkipConfig
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=1,
             progress=False)

@@ -179,7 +179,8 @@ def test_the_trainer_is_deterministic_while_it_trains_only(synthetic_root, token
 
 def test_finetune_runs_under_its_policy_and_records_it(synthetic_root, tmp_path, seen_policies):
     from skipkernels.skip.tuner import SkipConfig
-    from skipkernels.train.trainer import TrainConfig, finetune
+    from skipkernels.train.trainer import TrainConfig
+    from skipkernels.train.job import finetune
     policy = KernelPolicy("torch", table="run.json")
     results = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode="skip", skip_layers=1),
                        train=TrainConfig(epochs=1, batch_size=8, shots=2, same_class_batches=False, warmup_epochs=0,

@@ -11,7 +11,8 @@ from skipkernels import _ext
 from skipkernels.cli import main
 from skipkernels.skip.modes import MODES
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 from conftest import tiny_clip
 

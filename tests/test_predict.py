@@ -12,7 +12,8 @@ from skipkernels.data.images import EvalTransform, load_rgb, preprocess_config
 from skipkernels.predict import load_classifier, predict
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.evaluate import class_group
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=0,
             progress=False)

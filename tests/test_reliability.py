@@ -18,7 +18,8 @@ from skipkernels.data.coop import DatasetError, load_splits
 from skipkernels.data.fewshot import sample_few_shot
 from skipkernels.data.images import is_readable
 from skipkernels.skip.tuner import SkipConfig
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=4, same_class_batches=False, warmup_epochs=0,
             progress=False)

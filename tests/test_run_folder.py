@@ -20,7 +20,8 @@ from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train import checkpoint, export
 from skipkernels.train.checkpoint import CheckpointError
 from skipkernels.train.evaluate import class_group
-from skipkernels.train.trainer import TrainConfig, finetune
+from skipkernels.train.trainer import TrainConfig
+from skipkernels.train.job import finetune
 
 MODEL = "skipkernels-tiny-shapes"
 SKIP = dict(skip_layers=1)

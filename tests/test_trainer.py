@@ -7,7 +7,8 @@ from skipkernels.data.coop import load_splits
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.checkpoint import CheckpointError
 from skipkernels.train.export import read_tuned
-from skipkernels.train.trainer import TrainConfig, TrainingError, finetune
+from skipkernels.train.trainer import TrainConfig, TrainingError
+from skipkernels.train.job import finetune
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=0,
             progress=False)

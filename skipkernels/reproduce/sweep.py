@@ -174,7 +174,7 @@ def _zero_shot(sweep: Sweep, run: Run, folder: Path) -> dict:
 
 
 def _train(sweep: Sweep, run: Run, folder: Path) -> dict:
-    from skipkernels.train.trainer import finetune
+    from skipkernels.train.job import finetune
     skip, train = sweep.configs(run)
     return finetune(sweep.data_root, run.dataset, sweep.model, sweep.pretrained, skip, train, folder,
                     base_to_new=PROTOCOLS[run.protocol].base_to_new, device=sweep.device, resume=True,
