@@ -97,10 +97,9 @@ def _inference_config(config, tuned: dict | None, folder: Path | None):
     """The tuner config that evaluates a run of ``config``: plain inference (mode ft, the run's
     template) where every tuned weight is in open_clip's model; else the run's own mode, whose
     modules come from the tuned model.pt or, as earlier versions wrote them, a file beside it."""
-    from skipkernels.pet import PetConfig
     from skipkernels.skip.tuner import SkipConfig
     plan = config.plan
-    if plan.trains in ("all", "suffix") or (plan.trains == "pet" and PetConfig(method=plan.pet_method).is_lora):
+    if plan.trains in ("all", "suffix") or (plan.trains == "pet" and plan.pet_method == "lora"):
         return SkipConfig(mode="ft", template=config.template), None
     if tuned is not None:
         return config, None

@@ -30,3 +30,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def method_config(method: str, heads=None, gate_rank=None, **fields):
+    """``pet_config(method, **fields)`` for tests that run every method: VL-PET's own fields
+    (``heads``, ``gate_rank``) go only to the VL-PET methods, which have them."""
+    from skipkernels.pet import pet_config
+    if method.startswith("vlpet"):
+        fields.update({k: v for k, v in (("heads", heads), ("gate_rank", gate_rank)) if v is not None})
+    return pet_config(method, **fields)

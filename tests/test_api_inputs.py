@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import skipkernels
-from skipkernels.pet import PetConfig, apply_pet
+from skipkernels.pet import apply_pet, pet_config
 from skipkernels.predict import load_classifier, predict
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train.trainer import TrainConfig
@@ -122,9 +122,9 @@ CASES = [
     ("load_classifier: checkpoint a number", lambda c: load_classifier(CLASSES, checkpoint=3), TypeError,
      "checkpoint must be a path"),
     # apply_pet
-    ("apply_pet: not a model", lambda c: apply_pet("model", PetConfig(method="lora")), TypeError, "model must be"),
-    ("apply_pet: config a string", lambda c: apply_pet(tiny_clip(), "lora"), TypeError, "PetConfig"),
-    ("apply_pet: filter not callable", lambda c: apply_pet(tiny_clip(), PetConfig(method="lora"), filter_fn=1),
+    ("apply_pet: not a model", lambda c: apply_pet("model", pet_config(method="lora")), TypeError, "model must be"),
+    ("apply_pet: config a string", lambda c: apply_pet(tiny_clip(), "lora"), TypeError, "LoRAConfig"),
+    ("apply_pet: filter not callable", lambda c: apply_pet(tiny_clip(), pet_config(method="lora"), filter_fn=1),
      TypeError, "filter_fn"),
     # finetune
     ("finetune: data_root None", lambda c: finetune(None, "synthetic", "skipkernels-tiny"), TypeError,

@@ -5,17 +5,17 @@ import torch
 from conftest import tiny_clip
 from skipkernels import patch_clip, unpatch_clip
 from skipkernels.ops.block import NO_HOOKS, block_forward
-from skipkernels.pet import PetConfig, apply_pet, block_hooks
+from skipkernels.pet import apply_pet, block_hooks, pet_config
 from skipkernels.skip import towers
 
 ALL_PROJECTIONS = ("q", "k", "v", "out", "fc1", "fc2")
 CONFIGS = {
-    "vlpet-large": PetConfig("vlpet-large", rank=8, heads=2),
-    "vlpet-middle-x": PetConfig("vlpet-middle-x", rank=8, heads=2),
-    "vlpet-middle-y": PetConfig("vlpet-middle-y", rank=8, heads=2),
-    "vlpet-small": PetConfig("vlpet-small", rank=8, heads=2),
-    "adapter": PetConfig("adapter", rank=8),
-    "lora": PetConfig("lora", rank=4, targets=ALL_PROJECTIONS),
+    "vlpet-large": pet_config("vlpet-large", rank=8, heads=2),
+    "vlpet-middle-x": pet_config("vlpet-middle-x", rank=8, heads=2),
+    "vlpet-middle-y": pet_config("vlpet-middle-y", rank=8, heads=2),
+    "vlpet-small": pet_config("vlpet-small", rank=8, heads=2),
+    "adapter": pet_config("adapter", rank=8),
+    "lora": pet_config("lora", rank=4, targets=ALL_PROJECTIONS),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_clip
 from skipkernels import SkipConfig, SkipTuner
-from skipkernels.pet import METHODS, PetConfig, trainable_modules_for_mode
+from skipkernels.pet import METHODS, LoRAConfig, VLPETConfig, trainable_modules_for_mode
 from skipkernels.skip.modes import MODES, ModePlan, mode_plan
 
 PACKAGE = Path(__file__).resolve().parent.parent / "skipkernels"
@@ -109,12 +109,12 @@ def test_the_tuner_caches_runs_and_trains_what_its_plan_says(mode, tokenizer):
 def test_pet_omega_is_skip_layers_only():
     assert trainable_modules_for_mode("lora", 3).skip_layers == 3
     assert trainable_modules_for_mode("lora").skip_layers == 0
-    assert "min_block" not in {f.name for f in dataclasses.fields(PetConfig)}
+    assert "min_block" not in {f.name for f in dataclasses.fields(VLPETConfig)}
     with pytest.raises(TypeError):  # the former name is gone: one name per setting
-        PetConfig(min_block=1)
-    assert not hasattr(PetConfig(), "min_block")
+        VLPETConfig(min_block=1)
+    assert not hasattr(VLPETConfig(), "min_block")
     with pytest.raises(ValueError, match="skip_layers must be >= 0"):
-        PetConfig(skip_layers=-1)
+        LoRAConfig(skip_layers=-1)
 
 
 def test_one_pet_method_list_and_one_activation_list():

@@ -3,11 +3,11 @@ import torch
 import torch.nn as nn
 
 from skipkernels._compat import import_open_clip
-from skipkernels.pet import METHODS, PetConfig, apply_pet, find_blocks, trainable_modules_for_mode
+from skipkernels.pet import METHODS, apply_pet, find_blocks, pet_config, trainable_modules_for_mode
 from skipkernels.pet.modules import (HoulsbyAdapter, LargeGate, MiddleXGate, MiddleYGate, SmallGate,
                                      VLPETModifier)
 
-from pet_checks import frozen_copy, one_thread, randomize  # one_thread: autouse
+from pet_checks import frozen_copy, method_config, one_thread, randomize  # one_thread: autouse
 
 WIDTH, LAYERS = 64, 3
 # A small vocabulary and context keep the text tower cheap; the EOT token is the highest id.
@@ -156,7 +156,7 @@ def test_zero_up_projection_keeps_the_model(block_type, method):
     model = make_clip(block_type)
     images, text = clip_inputs()
     ref = clip_out(frozen_copy(model), images, text)
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, skip_layers=1))
+    handle = apply_pet(model, method_config(method, rank=8, heads=4, skip_layers=1))
     assert handle.modules
     out = clip_out(model, images, text)
     for a, b in zip(out, ref):
@@ -171,7 +171,7 @@ def test_layer_scale_blocks_keep_the_model():
     model = make_clip("default", ls_init_value=0.1)
     images, text = clip_inputs()
     ref = clip_out(frozen_copy(model), images, text)
-    apply_pet(model, PetConfig("vlpet-small", rank=8))
+    apply_pet(model, pet_config("vlpet-small", rank=8))
     assert all(torch.equal(a, b) for a, b in zip(clip_out(model, images, text), ref))
 
 
@@ -192,7 +192,7 @@ def _count_clip(method, d, r, heads, g, blocks, towers=2, lora_targets=("q", "k"
 def test_trainable_parameter_counts(block_type, method, skip_layers):
     model = make_clip(block_type)
     r, heads, g = 8, 4, 4
-    handle = apply_pet(model, PetConfig(method, rank=r, heads=heads, gate_rank=g, skip_layers=skip_layers))
+    handle = apply_pet(model, method_config(method, rank=r, heads=heads, gate_rank=g, skip_layers=skip_layers))
     expected = _count_clip(method, WIDTH, r, heads, g, LAYERS - skip_layers)
     assert handle.num_trainable() == expected == handle.num_pet()
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
@@ -205,13 +205,13 @@ def test_trainable_parameter_counts(block_type, method, skip_layers):
 def test_lora_count_for_every_projection(block_type):
     targets = ("q", "k", "v", "out", "fc1", "fc2")
     model = make_clip(block_type)
-    handle = apply_pet(model, PetConfig("lora", rank=3, targets=targets))
+    handle = apply_pet(model, pet_config("lora", rank=3, targets=targets))
     assert handle.num_trainable() == _count_clip("lora", WIDTH, 3, 0, 0, LAYERS, lora_targets=targets)
 
 
 def test_train_extra_and_filter_fn():
     model = make_clip()
-    handle = apply_pet(model, PetConfig("adapter", rank=8, train_extra=("visual.proj", "*.ln_post.*")),
+    handle = apply_pet(model, pet_config("adapter", rank=8, train_extra=("visual.proj", "*.ln_post.*")),
                        filter_fn=lambda name, module: name.startswith("visual."))
     assert all(n.startswith("visual.") for n in handle.modules)
     names = {n for n, _ in handle.named_parameters()}
@@ -223,7 +223,7 @@ def test_train_extra_and_filter_fn():
 @pytest.mark.parametrize("method", METHODS)
 def test_gradients_reach_only_pet_parameters(block_type, method):
     model = make_clip(block_type)
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, skip_layers=1))
+    handle = apply_pet(model, method_config(method, rank=8, heads=4, skip_layers=1))
     randomize(handle)
     images, text = clip_inputs()
     img, txt, scale = model(images, text)
@@ -249,7 +249,7 @@ def test_remove_restores_the_model_exactly(block_type, method):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     images, text = clip_inputs()
     ref = clip_out(model, images, text)
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, targets=("q", "v", "out", "fc2")
+    handle = apply_pet(model, method_config(method, rank=8, heads=4, targets=("q", "v", "out", "fc2")
                                         if method == "lora" else None))
     assert _state_equal(handle.base_state_dict(), state)
     assert set(handle.pet_state_dict()).isdisjoint(state)
@@ -270,7 +270,7 @@ def test_remove_restores_the_model_exactly(block_type, method):
 def test_lora_merge_matches_unmerged(block_type, targets):
     model = make_clip(block_type)
     images, text = clip_inputs()
-    handle = apply_pet(model, PetConfig("lora", rank=4, lora_alpha=8, targets=targets))
+    handle = apply_pet(model, pet_config("lora", rank=4, alpha=8, targets=targets))
     randomize(handle, std=0.1)
     before = clip_out(model, images, text)
     keys = list(handle.base_state_dict())
@@ -288,7 +288,7 @@ def test_lora_merge_matches_unmerged(block_type, targets):
 
 def test_vlpet_cannot_merge():
     model = make_clip()
-    handle = apply_pet(model, PetConfig("vlpet-large", rank=8))
+    handle = apply_pet(model, pet_config("vlpet-large", rank=8))
     with pytest.raises(NotImplementedError):
         handle.merge()
     handle.remove()
@@ -296,13 +296,13 @@ def test_vlpet_cannot_merge():
 
 def test_pet_state_dict_round_trip():
     model = make_clip()
-    handle = apply_pet(model, PetConfig("vlpet-middle-x", rank=8, skip_layers=1))
+    handle = apply_pet(model, pet_config("vlpet-middle-x", rank=8, skip_layers=1))
     randomize(handle)
     saved = {k: v.clone() for k, v in handle.pet_state_dict().items()}
     images, text = clip_inputs()
     out = clip_out(model, images, text)
     other = make_clip()
-    handle2 = apply_pet(other, PetConfig("vlpet-middle-x", rank=8, skip_layers=1))
+    handle2 = apply_pet(other, pet_config("vlpet-middle-x", rank=8, skip_layers=1))
     handle2.load_pet_state_dict(saved)
     assert all(torch.equal(a, b) for a, b in zip(clip_out(other, images, text), out))
     with pytest.raises(KeyError):
@@ -314,11 +314,11 @@ def test_patched_blocks_run_pet_and_get_their_forward_back():
     model = patch_clip(make_clip())
     patched = {b.name: b.module.__dict__["forward"] for b in find_blocks(model)}
     images, text = clip_inputs()
-    handle = apply_pet(model, PetConfig("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
+    handle = apply_pet(model, pet_config("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
     randomize(handle)
     out = clip_out(model, images, text)
     plain = make_clip()
-    handle2 = apply_pet(plain, PetConfig("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
+    handle2 = apply_pet(plain, pet_config("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
     handle2.load_pet_state_dict(handle.pet_state_dict())
     for a, b in zip(out, clip_out(plain, images, text)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -328,7 +328,7 @@ def test_patched_blocks_run_pet_and_get_their_forward_back():
 
 def test_gradient_checkpointing_blocks(block_type):
     model = make_clip(block_type)
-    handle = apply_pet(model, PetConfig("vlpet-large", rank=8))
+    handle = apply_pet(model, pet_config("vlpet-large", rank=8))
     randomize(handle)
     images, text = clip_inputs()
     ref = clip_out(model, images, text)
@@ -343,19 +343,19 @@ def test_gradient_checkpointing_blocks(block_type):
 
 def test_config_validation_and_modes():
     with pytest.raises(ValueError):
-        PetConfig("prefix")
+        pet_config("prefix")
     with pytest.raises(ValueError):
-        PetConfig("adapter", targets=("q",))
+        pet_config("adapter", targets=("q",))
     cfg = trainable_modules_for_mode("vlpet", skip_layers=6)
     assert cfg.method == "vlpet-large" and cfg.skip_layers == 6
     assert trainable_modules_for_mode("lora", rank=2).rank == 2
-    assert PetConfig("vlpet-small").rank_for(768) == 96
-    assert PetConfig("vlpet-small").rank_for(512) == 64
-    assert PetConfig("lora").rank_for(768) == 4
+    assert pet_config("vlpet-small").rank_for(768) == 96
+    assert pet_config("vlpet-small").rank_for(512) == 64
+    assert pet_config("lora").rank_for(768) == 4
     with pytest.raises(ValueError):
-        apply_pet(make_clip(), PetConfig("adapter", skip_layers=LAYERS))
+        apply_pet(make_clip(), pet_config("adapter", skip_layers=LAYERS))
     with pytest.raises(ValueError):
-        apply_pet(nn.Sequential(nn.Linear(4, 4)), PetConfig("lora"))
+        apply_pet(nn.Sequential(nn.Linear(4, 4)), pet_config("lora"))
 
 
 # ------------------------------------------------------------------------------- training
@@ -374,7 +374,7 @@ def _classification_task(seed=0, n=8, classes=4):
 def test_sgd_steps_lower_the_loss(method):
     model = make_clip("default")
     images, labels, prompts = _classification_task()
-    handle = apply_pet(model, PetConfig(method, rank=8, heads=4, skip_layers=1))
+    handle = apply_pet(model, method_config(method, rank=8, heads=4, skip_layers=1))
     model.train()
     lr = {"lora": 0.05}.get(method, 0.02)
     opt = torch.optim.SGD(handle.parameters(), lr=lr, momentum=0.9)
@@ -400,12 +400,36 @@ def test_has_pet_and_no_second_application():
     from skipkernels.pet import has_pet
     model = make_clip()
     assert not has_pet(model)
-    handle = apply_pet(model, PetConfig("lora", rank=2, skip_layers=2))
+    handle = apply_pet(model, pet_config("lora", rank=2, skip_layers=2))
     assert has_pet(model)
     blocks = model.visual.transformer.resblocks
     assert has_pet(blocks[2]) and not has_pet(blocks[1])
     with pytest.raises(ValueError):
-        apply_pet(model, PetConfig("adapter"))
+        apply_pet(model, pet_config("adapter"))
     handle.remove()
     assert not has_pet(model)
-    apply_pet(model, PetConfig("adapter")).remove()
+    apply_pet(model, pet_config("adapter")).remove()
+
+
+def test_one_config_type_per_method_each_registered_to_its_injector():
+    from skipkernels.pet import AdapterConfig, LoRAConfig, PetConfig, VLPETConfig
+    from skipkernels.pet.inject import INJECTORS
+    for method in METHODS:
+        config = pet_config(method)
+        assert config.method == method and type(config) in INJECTORS
+    assert type(pet_config("vlpet-middle-y")) is VLPETConfig and pet_config("vlpet-middle-y").granularity == "middle_y"
+    assert type(pet_config("adapter")) is AdapterConfig and type(pet_config("lora")) is LoRAConfig
+    with pytest.raises(TypeError, match="LoRAConfig \\(lora\\) has no field 'heads'"):
+        pet_config("lora", heads=4)
+    with pytest.raises(TypeError, match="PetConfig is the base"):
+        PetConfig()
+    with pytest.raises(ValueError, match="unknown VL-PET granularity"):
+        VLPETConfig("huge")
+    with pytest.raises(ValueError, match="unknown PET method"):
+        pet_config("prefix")
+
+
+def test_a_method_config_takes_its_own_fields_first():
+    from skipkernels.pet import AdapterConfig, LoRAConfig, VLPETConfig
+    assert VLPETConfig("small", skip_layers=6).granularity == "small"
+    assert AdapterConfig(8).rank == 8 and LoRAConfig(2, 4).alpha == 4

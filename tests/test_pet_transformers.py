@@ -10,9 +10,9 @@ from skipkernels._compat import import_torchvision
 import_torchvision()
 transformers = pytest.importorskip("transformers")
 
-from skipkernels.pet import METHODS, PetConfig, apply_pet, find_blocks  # noqa: E402
+from skipkernels.pet import METHODS, apply_pet, find_blocks  # noqa: E402
 from skipkernels.pet.modules import VLPETModifier  # noqa: E402
-from pet_checks import frozen_copy, one_thread, randomize  # one_thread: autouse  # noqa: E402
+from pet_checks import frozen_copy, method_config, one_thread, randomize  # one_thread: autouse  # noqa: E402
 
 D, FFN, LAYERS, VOCAB = 32, 64, 2, 100
 RANK, HEADS, GATE_RANK = 8, 4, 4
@@ -54,7 +54,7 @@ def run(model, ids, dec):
 
 
 def config(method, **kw):
-    return PetConfig(method, rank=RANK, heads=HEADS, gate_rank=GATE_RANK, **kw)
+    return method_config(method, rank=RANK, heads=HEADS, gate_rank=GATE_RANK, **kw)
 
 
 def test_blocks_found(family):
@@ -165,7 +165,7 @@ def test_hooked_sublayer_math_matches_the_formula(family):
 def test_lora_merge_matches_unmerged(family, targets):
     model = MAKERS[family]()
     ids, dec = inputs()
-    handle = apply_pet(model, config("lora", targets=targets, lora_alpha=16))
+    handle = apply_pet(model, config("lora", targets=targets, alpha=16))
     randomize(handle, std=0.1)
     before = run(model, ids, dec)
     keys = list(handle.base_state_dict())

@@ -57,20 +57,20 @@ def test_plans_follow_apply_merge_and_remove():
     block plans again at its next call."""
     from skipkernels import patch_clip
     from skipkernels.ops.block import NO_HOOKS, routed_plan
-    from skipkernels.pet import PetConfig, apply_pet, has_pet
+    from skipkernels.pet import apply_pet, has_pet, pet_config
     from skipkernels.skip.towers import ModelPlan
     model = patch_clip(tiny_clip(layers=3))
     blocks = list(model.visual.transformer.resblocks)
     towers = ModelPlan(model)
     plans = [routed_plan(b) for b in blocks]
     assert all(p.hooks == NO_HOOKS for p in plans)
-    handle = apply_pet(model, PetConfig("vlpet-small", skip_layers=1))
+    handle = apply_pet(model, pet_config("vlpet-small", skip_layers=1))
     assert [has_pet(b) for b in blocks] == [False, True, True]
     assert [p.hooks.attn is not None for p in plans] == [False, True, True]
     assert towers.image.pruning_off_reason() == "a PET module of the last block reads every token (VL-PET's small gate)"
     assert [p.hooks.attn is not None for p in towers.image.plans] == [False, True, True]
     handle.remove()
     assert all(p.hooks == NO_HOOKS for p in plans) and towers.image.pruning_off_reason() is None
-    handle = apply_pet(model, PetConfig("lora", skip_layers=2))
+    handle = apply_pet(model, pet_config("lora", skip_layers=2))
     handle.merge()
     assert not any(has_pet(b) for b in blocks) and all(p.hooks == NO_HOOKS for p in plans)

@@ -1,6 +1,6 @@
 """apply_pet: inject VL-PET / Adapter / LoRA modules into a model, freeze the rest, undo cleanly.
 
-    handle = apply_pet(model, PetConfig("vlpet-large", skip_layers=6))
+    handle = apply_pet(model, VLPETConfig("large", skip_layers=6))
     optimizer = torch.optim.SGD(handle.parameters(), lr=...)
     ...
     handle.merge()    # LoRA only: fold into the weights, leaving the plain model
@@ -30,7 +30,7 @@ import torch.nn as nn
 from skipkernels.pet import hooks as H
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
-from skipkernels.pet.config import LORA_ALIASES, PetConfig
+from skipkernels.pet.config import LORA_ALIASES, AdapterConfig, LoRAConfig, PetConfig, VLPETConfig
 from skipkernels.pet.hooks import has_pet
 
 
@@ -108,7 +108,7 @@ class PetHandle:
         """Fold LoRA into the pre-trained weights and remove the PET modules; returns the model.
         Only LoRA is linear in its input: the adapters (GELU) and gates cannot be folded."""
         self._check_active()
-        if not self.config.is_lora:
+        if not isinstance(self.config, LoRAConfig):
             raise NotImplementedError(f"{self.config.method} cannot be merged into the weights (its "
                                       "adapter and gate are nonlinear); use remove() or keep the modules")
         for undo in reversed(self._lora_undo):
@@ -146,8 +146,10 @@ def apply_pet(model: nn.Module, config: PetConfig,
     """
     from skipkernels.checks import check_model
     check_model("model", model)
-    if not isinstance(config, PetConfig):
-        raise TypeError(f"config must be a PetConfig, e.g. PetConfig(method='lora'), got {type(config).__name__}")
+    inject = INJECTORS.get(type(config))
+    if inject is None:
+        raise TypeError(f"config must be a PET method's config (VLPETConfig, AdapterConfig, LoRAConfig, or "
+                        f"pet_config('lora')), got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable (name, module) -> bool, got {type(filter_fn).__name__}")
     if has_pet(model):
@@ -169,10 +171,7 @@ def apply_pet(model: nn.Module, config: PetConfig,
                 if mode == "value_adapter":
                     _add_value_adapter(handle, block, filter_fn)
                     continue
-            if config.is_lora:
-                _add_lora(handle, block, filter_fn)
-            else:
-                _add_modifiers(handle, block, filter_fn)
+            inject(handle, block, filter_fn)
         if not handle.modules:
             raise ValueError(f"apply_pet({config.method}) matched nothing: check targets "
                              f"{config.resolved_targets()}, skip_layers={config.skip_layers} and filter_fn")
@@ -239,7 +238,8 @@ def _add_modifiers(handle: PetHandle, block: L.Block, filter_fn) -> None:
         point = f"{block.name}.{kind}"
         if filter_fn is not None and not filter_fn(point, block.module):
             continue
-        if cfg.granularity:
+        vlpet = isinstance(cfg, VLPETConfig)
+        if vlpet:
             modifier = M.VLPETModifier(width, cfg.granularity, rank, cfg.heads, cfg.gate_rank,
                                        cfg.scale, block.token_dim, cfg.backend)
         else:
@@ -251,7 +251,7 @@ def _add_modifiers(handle: PetHandle, block: L.Block, filter_fn) -> None:
         if block.owns_forward:
             _ensure_clip_forward(handle, block)
         else:
-            needs_x = cfg.granularity in ("large", "middle_x", "small")
+            needs_x = vlpet and cfg.granularity in ("large", "middle_x", "small")
             handle._undo.append(L.install_hooked_modifier(sub, modifier, needs_x))
 
 
@@ -310,7 +310,7 @@ def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
         if slices and isinstance(packed, nn.Parameter) and packed.dim() == 2 \
                 and packed.shape[0] == 3 * packed.shape[1]:
             if filter_fn is None or filter_fn(full, module):
-                lora = M.PackedLoRA(packed.shape[1], slices, rank, cfg.lora_alpha, cfg.lora_dropout)
+                lora = M.PackedLoRA(packed.shape[1], slices, rank, cfg.alpha, cfg.dropout)
                 _register(handle, f"{full}.{M.lora_child_name('in_proj_weight')}", lora, packed)
                 M.install_weight_lora(module, "in_proj_weight", lora)
                 handle._lora_undo.append(_weight_lora_undo(module, "in_proj_weight"))
@@ -320,8 +320,7 @@ def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
             child_full = f"{full}.{child_name}" if full else child_name
             if filter_fn is not None and not filter_fn(child_full, child):
                 continue
-            lora = M.LoRAFactors(child.in_features, child.out_features, rank, cfg.lora_alpha,
-                                 cfg.lora_dropout)
+            lora = M.LoRAFactors(child.in_features, child.out_features, rank, cfg.alpha, cfg.dropout)
             if isinstance(module, nn.MultiheadAttention):
                 # nn.MultiheadAttention reads out_proj.weight itself, never calls out_proj.
                 _register(handle, f"{child_full}.{M.lora_child_name('weight')}", lora, child.weight)
@@ -341,3 +340,7 @@ def _weight_lora_undo(module, weight_name):
 
 def _linear_lora_undo(linear, hook):
     return lambda merge: M.uninstall_linear_lora(linear, hook, merge)
+
+
+# Each method's config type and the injector that puts its modules into one block.
+INJECTORS = {VLPETConfig: _add_modifiers, AdapterConfig: _add_modifiers, LoRAConfig: _add_lora}

@@ -24,7 +24,7 @@ FORMAT_VERSION = 1
 def fold_lora(tuner) -> None:
     """Fold a LoRA tuner's factors into the weights they adapt (model.pt then is a plain open_clip
     state_dict); the run evaluates the folded model, so its accuracy is model.pt's."""
-    if tuner.pet is not None and tuner.pet.config.is_lora and tuner.pet.active:
+    if tuner.pet is not None and tuner.pet.config.method == "lora" and tuner.pet.active:
         tuner.pet.merge()
 
 
