@@ -189,9 +189,8 @@ def _set(module, origin, where, error) -> None:
     globals().update(_C=module, origin=origin, location=where, load_error=error, COMPILED_OPS=compiled,
                      CUDA_BUILT=module is not None and bool(getattr(module, "built_with_cuda", lambda: False)()))
     _LOADED = True
-    if compiled and not _register_fakes.done:
-        _register_fakes()
-        _register_fakes.done = True
+    for register in _when_loaded:
+        register()
 
 
 def _registered_ops():
@@ -255,44 +254,13 @@ def check_cuda_errors(device=None, reset: bool = True) -> None:
         raise ValueError(f"skipkernels CUDA ops on cuda:{index} flagged bad input: " + "; ".join(problems))
 
 
-def _compute_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+_when_loaded: list = []
 
 
-def _register_fakes() -> None:
-    """Shapes and dtypes of the compiled ops for torch.compile / meta tensors (see csrc/ops.cpp)."""
-
-    @torch.library.register_fake("skipkernels::class_select")
-    def _class_select_fake(image_features, prototypes, labels, rank_mask, top_k, num_selected):
-        if num_selected >= 0:
-            size = num_selected
-        else:
-            size = torch.library.get_ctx().new_dynamic_size(min=top_k, max=prototypes.shape[0])
-        return (image_features.new_empty((size,), dtype=torch.long),
-                image_features.new_empty(labels.shape, dtype=torch.long))
-
-    @torch.library.register_fake("skipkernels::subset_logits_ce")
-    def _subset_logits_ce_fake(image_features, text_features, scale, labels):
-        dtype = _compute_dtype(image_features, text_features)
-        batch, classes = image_features.shape[0], text_features.shape[0]
-        new = image_features.new_empty
-        return (new((), dtype=dtype), new((batch, classes), dtype=dtype), new((batch,), dtype=dtype),
-                new((batch,), dtype=dtype), new((batch,), dtype=dtype), new((classes,), dtype=dtype))
-
-    @torch.library.register_fake("skipkernels::subset_logits_ce_backward")
-    def _subset_logits_ce_backward_fake(grad_loss, grad_logits, image_features, text_features, scale, labels,
-                                        cos, row_max, row_log_sum, image_norm, text_norm):
-        return (image_features.new_empty(image_features.shape), text_features.new_empty(text_features.shape),
-                scale.new_empty(scale.shape))
-
-    @torch.library.register_fake("skipkernels::class_scores_topk")
-    def _class_scores_topk_fake(image_features, text_features, scale, k, labels, chunk_size):
-        k = min(k, text_features.shape[0])
-        batch = image_features.shape[0]
-        values = image_features.new_empty((batch, k), dtype=torch.float32)
-        indices = image_features.new_empty((batch, k), dtype=torch.long)
-        loss = image_features.new_empty((), dtype=torch.float32) if labels is not None else None
-        return values, indices, loss
-
-
-_register_fakes.done = False
+def when_loaded(register) -> None:
+    """Run ``register()`` whenever compiled ops are loaded (now, if they are): how each op declares
+    the fake (meta) implementations of its compiled ops beside its declaration, registered before
+    any torch.compile trace without importing the op layer here. ``register`` must be idempotent."""
+    _when_loaded.append(register)
+    if _LOADED:
+        register()

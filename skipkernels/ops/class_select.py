@@ -127,8 +127,17 @@ def _class_select_compiled(image_features, prototypes, labels, rank_mask, top_k:
     return torch.ops.skipkernels.class_select(image_features, prototypes, labels, rank_mask, top_k, num_selected)
 
 
-CLASS_SELECT = register(Op("class_select", class_select_reference,
-                           impls=(Compiled("class_select", _class_select_compiled),)))
+def _class_select_fake(image_features, prototypes, labels, rank_mask, top_k, num_selected):
+    if num_selected >= 0:
+        size = num_selected
+    else:
+        size = torch.library.get_ctx().new_dynamic_size(min=top_k, max=prototypes.shape[0])
+    return (image_features.new_empty((size,), dtype=torch.long),
+            image_features.new_empty(labels.shape, dtype=torch.long))
+
+
+CLASS_SELECT = register(Op("class_select", class_select_reference, impls=(
+    Compiled("class_select", _class_select_compiled, fakes=(("class_select", _class_select_fake),)),)))
 
 
 def class_select(image_features, prototypes, labels, rank_mask, top_k: int, num_selected: int = -1,

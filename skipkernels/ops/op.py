@@ -33,6 +33,7 @@ from skipkernels.ops import measured
 from skipkernels.ops.policy import ALL_TRITON, KernelPolicy, resolve
 
 _kernel_modules: dict = {}
+_faked: set = set()  # compiled ops whose fake is registered (once per process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +71,25 @@ class Triton:
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """A compiled op, ``torch.ops.skipkernels.<name>``; ``call`` runs it with the op's arguments
-    (the argument checks the compiled op does not make itself, then the op)."""
+    (the argument checks the compiled op does not make itself, then the op). ``fakes``: (name, fake)
+    of every compiled op ``call`` runs: their shapes and dtypes for torch.compile and meta
+    tensors, registered whenever the compiled ops load (``_ext.when_loaded``)."""
 
     name: str
     call: Callable
+    fakes: tuple = ()
     kind = "compiled"
+
+    def __post_init__(self):
+        _ext.when_loaded(self.register_fakes)
+
+    def register_fakes(self) -> None:
+        for name, fake in self.fakes:
+            if name in _ext.COMPILED_OPS and name not in _faked:
+                # Registered on behalf of _ext, which always makes this call (when_loaded) and which
+                # csrc/ops.cpp names as the module of the fakes (set_python_module).
+                torch.library.register_fake(f"skipkernels::{name}", _stacklevel=2)(fake)
+                _faked.add(name)
 
     def unavailable(self, kind: str) -> str | None:
         if self.name not in _ext.COMPILED_OPS:

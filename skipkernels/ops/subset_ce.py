@@ -48,8 +48,29 @@ def _subset_logits_ce_compiled(image_features, text_features, scale, labels, ret
     return _subset_ce_autograd.apply(image_features, text_features, scale, labels, return_logits)
 
 
-SUBSET_LOGITS_CE = register(Op("subset_logits_ce", subset_logits_ce_reference,
-                               impls=(Compiled("subset_logits_ce", _subset_logits_ce_compiled),)))
+def _compute_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _subset_logits_ce_fake(image_features, text_features, scale, labels):
+    # (loss, logits, and the row/column statistics the backward reads)
+    dtype = _compute_dtype(image_features, text_features)
+    batch, classes = image_features.shape[0], text_features.shape[0]
+    new = image_features.new_empty
+    return (new((), dtype=dtype), new((batch, classes), dtype=dtype), new((batch,), dtype=dtype),
+            new((batch,), dtype=dtype), new((batch,), dtype=dtype), new((classes,), dtype=dtype))
+
+
+def _subset_logits_ce_backward_fake(grad_loss, grad_logits, image_features, text_features, scale, labels,
+                                    cos, row_max, row_log_sum, image_norm, text_norm):
+    return (image_features.new_empty(image_features.shape), text_features.new_empty(text_features.shape),
+            scale.new_empty(scale.shape))
+
+
+SUBSET_LOGITS_CE = register(Op("subset_logits_ce", subset_logits_ce_reference, impls=(
+    Compiled("subset_logits_ce", _subset_logits_ce_compiled,
+             fakes=(("subset_logits_ce", _subset_logits_ce_fake),
+                    ("subset_logits_ce_backward", _subset_logits_ce_backward_fake))),)))
 
 
 def subset_logits_ce(image_features, text_features, scale, labels, return_logits: bool = False,
@@ -117,5 +138,15 @@ def class_scores_topk_chunked(image_features, text_features, scale, k: int = 1, 
 
 
 # The chunked PyTorch version is this op's reference: the full-matrix oracle above is for tests.
-CLASS_SCORES_TOPK = register(Op("class_scores_topk", class_scores_topk_chunked,
-                                impls=(Compiled("class_scores_topk", _class_scores_topk_compiled),)))
+def _class_scores_topk_fake(image_features, text_features, scale, k, labels, chunk_size):
+    k = min(k, text_features.shape[0])
+    batch = image_features.shape[0]
+    values = image_features.new_empty((batch, k), dtype=torch.float32)
+    indices = image_features.new_empty((batch, k), dtype=torch.long)
+    loss = image_features.new_empty((), dtype=torch.float32) if labels is not None else None
+    return values, indices, loss
+
+
+CLASS_SCORES_TOPK = register(Op("class_scores_topk", class_scores_topk_chunked, impls=(
+    Compiled("class_scores_topk", _class_scores_topk_compiled,
+             fakes=(("class_scores_topk", _class_scores_topk_fake),)),)))
