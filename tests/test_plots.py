@@ -5,7 +5,7 @@ import sys
 import pytest
 from PIL import Image
 
-from skipkernels import bench
+from skipkernels import bench_report
 from skipkernels.cli import _demo_chart
 from skipkernels.plots import METRICS_COLUMNS, training_chart, write_metrics_csv
 from skipkernels.skip.tuner import SkipConfig
@@ -63,7 +63,7 @@ def test_bench_chart_is_a_matplotlib_png(tmp_path):
     results = {"ft": {"step_s": {"median": 0.035}, "memory": {"peak_mb": 12.0}},
                "skip-ref": {"step_s": {"median": 0.012}, "memory": {"peak_mb": 0.2}},
                "skip-graph": {"skipped": "CUDA graphs need a GPU"}}
-    assert bench.chart(results, tmp_path / "e2e.png", "cpu: test")
+    assert bench_report.chart(results, tmp_path / "e2e.png", "cpu: test")
     fmt, (width, height) = _valid_png(tmp_path / "e2e.png")
     assert fmt == "PNG" and width > height
 
@@ -88,7 +88,7 @@ def test_without_matplotlib_charts_are_skipped_with_one_line(tmp_path, monkeypat
     steps = [{"step": 1, "epoch": 1, "loss": 2.0, "lr": 0.1, "time_s": 0.5}]
     write_metrics_csv(steps, tmp_path / "metrics.csv")
     assert not training_chart(steps, [], tmp_path / "training.png", "t")
-    assert not bench.chart({"ft": {"step_s": {"median": 0.1}}}, tmp_path / "e2e.png", "t")
+    assert not bench_report.chart({"ft": {"step_s": {"median": 0.1}}}, tmp_path / "e2e.png", "t")
     assert not (tmp_path / "training.png").exists() and not (tmp_path / "e2e.png").exists()
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["matplotlib is not installed: training.png not drawn (pip install matplotlib)",
