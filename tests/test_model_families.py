@@ -285,3 +285,9 @@ def test_info_command_shows_the_towers_and_savings(family, capsys):
     assert "image tower: timm" in printed
     for name, off in EXPECTED_SAVINGS[family].items():
         assert f"{name}: {'on' if off is None else 'off ('}" in printed
+    # the plan: what each sub-layer of each run of blocks runs (Eva's blocks run their own forward)
+    assert "plan:" in printed and "image tower (timm" in printed and "text tower (open_clip text" in printed
+    if family == "eva02":
+        assert "runs: its own forward (EvaBlock is not an open_clip" in printed
+    else:
+        assert "qkv: layer_norm_linear: layer_norm then linear_act, each PyTorch reference" in printed

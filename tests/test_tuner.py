@@ -146,6 +146,9 @@ def test_omega_defaults_to_half_the_blocks_and_says_why(tokenizer, open_clip):
     assert tuner.skip_layers == tuner.plan.skip_layers == tuner.config.skip_layers == 2
     assert "omega 2 (default: half of the 4 blocks)" in repr(tuner)
     assert repr(tuner).startswith("SkipTuner(") and "resblocks" not in repr(tuner)  # a summary, not the model
+    # the plan, per run of equal blocks: what each sub-layer runs
+    assert "kernel policy: auto" in repr(tuner) and "blocks 0-3 (ResidualAttentionBlock):" in repr(tuner)
+    assert "mlp: layer_norm_mlp (gelu)" in repr(tuner)
     assert tuner.text_cache.tokens_at_block.shape[0] == len(CLASSES)
     trainable = {n for n, _ in tuner.trainable_named_parameters()}
     assert "model.transformer.resblocks.2.attn.in_proj_weight" in trainable
