@@ -228,10 +228,10 @@ class ModeRunner:
 
 
 def _images(scenario, model, count, device, seed):
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, (tuple, list)) else size
+    from skipkernels.checks import image_size
+    height, width = image_size(model)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(count, 3, size, size, generator=g).to(device)
+    return torch.randn(count, 3, height, width, generator=g).to(device)
 
 
 def _labels(scenario, count, seed, same_class):

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -69,7 +70,8 @@ def write(results: dict, scenario, device, repeats: int, warmup: int, out: Path)
               "repeats": repeats, "warmup": warmup, "results": results, "table": table,
               "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter"}
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    tag = f"{device.type}-{scenario.model}-b{scenario.batch}-{stamp}"
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", scenario.model).strip("_")  # hf:<folder> names a path
+    tag = f"{device.type}-{model}-b{scenario.batch}-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
     (out / f"e2e-{tag}.json").write_text(json.dumps(report, indent=2))
     drawn = chart(results, out / f"e2e-{tag}.png", f"{report['environment']['device']}: {scenario.model}, "

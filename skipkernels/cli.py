@@ -273,14 +273,17 @@ def model_info(name: str) -> dict:
     from skipkernels.models import open_clip_module
     from skipkernels.skip.towers import ModelPlan
     from skipkernels.skip.tuner import SkipConfig, exact_savings
-    open_clip = open_clip_module()
-    if name not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
-    model = open_clip.create_model(name, pretrained=None)
+    from skipkernels.models import HF_PREFIX, RANDOM_WEIGHTS, create_hf_model
+    if name.startswith(HF_PREFIX):
+        model, _ = create_hf_model(name.removeprefix(HF_PREFIX), RANDOM_WEIGHTS)
+    else:
+        open_clip = open_clip_module()
+        if name not in open_clip.list_models():
+            raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
+        model = open_clip.create_model(name, pretrained=None)
     image, text = model_towers(model)
     out = {"image tower": f"{image.kind}, {len(image.blocks)} blocks ({type(image.blocks[0]).__name__})",
-           "text tower": f"open_clip text transformer, {len(text.blocks)} blocks, {text.mask_kind} mask, "
-                         f"{text.pool_type!r} pooling"}
+           "text tower": f"{text.kind}, {len(text.blocks)} blocks, {text.mask_kind} mask, {text.pool_type!r} pooling"}
     plan = ModelPlan(model)
     out.update(exact_savings(plan, SkipConfig()))
     out["plan"] = plan.describe().splitlines()
@@ -288,8 +291,9 @@ def model_info(name: str) -> dict:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="open_clip model name (default: the run's when --checkpoint is a "
-                                                 "finetune folder or its model.pt, else ViT-B-16)")
+    p.add_argument("--model", default=None, help="open_clip model name or hf:<folder or hub name> (default: the "
+                                                 "run's when --checkpoint is a finetune folder or its model.pt, "
+                                                 "else ViT-B-16)")
     p.add_argument("--checkpoint", default=None, help="tuned model: a finetune --out folder or its model.pt (PET "
                                                       "and CoOp parts included)")
     p.add_argument("--pretrained", default=None, help="without --checkpoint: open_clip weight name or local path "
@@ -314,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "synthetic set)")
     p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
                                                    "as a folder with one split_zhou_*.json")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny)")
+    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny), or "
+                   "hf:<folder or hub name> (a transformers CLIPModel or SiglipModel)")
     p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name; none: random "
                                                    "weights (default: the shipped ones for skipkernels-tiny-shapes, "
                                                    "else random)")
@@ -387,8 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_command("info", help="torch, CUDA, Triton and where the compiled ops come from (or why not)")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--model", default=None, help="also show this open_clip model's towers and which exact "
-                                                 "savings apply to it (built with random weights)")
+    p.add_argument("--model", default=None, help="also show this model's (an open_clip name or hf:<folder>) "
+                                                 "towers and which exact savings apply to it (random weights)")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -11,9 +11,14 @@ Image towers:
 Text towers: open_clip's own transformer, flattened into ``CLIP`` or as ``CustomTextCLIP.text``
 (``TextTransformer``), with a causal mask or none.
 
+Hugging Face ``transformers`` models: ``CLIPModel`` (image: embeddings, pre-norm, encoder layers,
+the class token's post-norm, ``visual_projection``; text: causal, pooled at the first EOS) and
+``SiglipModel`` (image: embeddings, encoder layers, post-norm, the attention-pooling head; text:
+bidirectional, pooled at the last position, ``head``), their weights and names untouched.
+
 Refused, with the reason: ResNet, ConvNeXt and hybrid image towers such as FastViT (their stages
 are not one stack of token blocks, so there is no block omega to cache at), a convolutional stem
-with BatchNorm, Hugging Face text towers, CoCa.
+with BatchNorm, Hugging Face text towers inside open_clip models, CoCa, and ``Siglip2Model``.
 """
 from __future__ import annotations
 
@@ -72,6 +77,20 @@ class OpenClipImageTower:
     def token_dropping_off_reason(self) -> str | None:
         return None
 
+    def module_kwargs(self, x, causal: bool) -> dict:
+        return _open_clip_module_kwargs(x, causal)
+
+    def parameters(self):
+        return self.visual.parameters()
+
+
+def _open_clip_module_kwargs(x, causal: bool) -> dict:
+    """Keyword arguments of an open_clip or timm block run as a module: the additive causal mask."""
+    if not causal:
+        return {}
+    length = x.shape[1]
+    return {"attn_mask": torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)}
+
 
 class TimmImageTower:
     """A timm VisionTransformer / Eva trunk in open_clip's TimmModel."""
@@ -121,8 +140,66 @@ class TimmImageTower:
             return "rotary position embeddings are computed for the whole patch grid"
         return None
 
+    def module_kwargs(self, x, causal: bool) -> dict:
+        return _open_clip_module_kwargs(x, causal)
+
+    def parameters(self):
+        return self.visual.parameters()
+
+
+class HFImageTower:
+    """The vision transformer of a Hugging Face ``CLIPModel`` or ``SiglipModel``."""
+
+    def __init__(self, model):
+        vision = model.vision_model
+        self.model, self.vision = model, vision
+        self.kind = f"transformers {type(model).__name__} vision"
+        self.blocks = vision.encoder.layers
+        self.siglip = not hasattr(vision, "pre_layrnorm")  # CLIP's pre-norm (its name is transformers')
+        self.prefix_tokens = 0 if self.siglip else 1  # CLIP's class token; SigLIP has none
+        if self.siglip and not getattr(vision, "use_head", False):
+            raise UnsupportedModel("SigLIP vision towers without their attention-pooling head "
+                                   "(vision_use_head=False) give no image features")
+
+    def stem(self, images):
+        x = self.vision.embeddings(images)
+        return x if self.siglip else self.vision.pre_layrnorm(x)
+
+    def block_kwargs(self) -> dict:
+        return {}
+
+    def head(self, x):
+        vision = self.vision
+        if self.siglip:
+            return vision.head(vision.post_layernorm(x))
+        return self.model.visual_projection(vision.post_layernorm(x[:, 0]))
+
+    def pruning_off_reason(self) -> str | None:
+        if self.siglip:
+            return "the image tower pools with attention ('map') over all tokens"
+        return None
+
+    def head_parameters(self):
+        vision = self.vision
+        modules = [vision.post_layernorm, vision.head] if self.siglip else \
+            [vision.post_layernorm, self.model.visual_projection]
+        return [p for m in modules for p in m.parameters()]
+
+    def token_dropping_off_reason(self) -> str | None:
+        return None
+
+    def module_kwargs(self, x, causal: bool) -> dict:
+        return {"attention_mask": None}
+
+    def parameters(self):
+        yield from self.vision.parameters()
+        if not self.siglip:
+            yield from self.model.visual_projection.parameters()
+
 
 def image_tower(model):
+    if is_hf_model(model):
+        return model_towers(model)[0]
     visual = getattr(model, "visual", None)
     kind = type(visual).__name__
     if kind == "VisionTransformer":
@@ -220,8 +297,52 @@ class TextTower:
             params += list(projection.parameters())
         return params
 
+    def module_kwargs(self, x, causal: bool) -> dict:
+        return _open_clip_module_kwargs(x, causal)
+
+
+class HFTextTower(TextTower):
+    """The text transformer of a Hugging Face ``CLIPModel`` (causal, pooled at the first EOS, or
+    at the largest id where the config's EOS id is the legacy 2) or ``SiglipModel``
+    (bidirectional, pooled at the last position)."""
+
+    def __init__(self, model):
+        text = model.text_model
+        self.holder = text
+        self.kind = f"transformers {type(model).__name__} text"
+        self.siglip = type(model).__name__ == "SiglipModel"
+        self.blocks = text.encoder.layers
+        self.token_embedding = text.embeddings.token_embedding
+        self.ln_final = text.final_layer_norm
+        if self.siglip:
+            self.pool_type, self.eos_id, self.text_projection = "last", None, text.head
+        else:
+            eos = text.eos_token_id
+            self.pool_type, self.eos_id = ("argmax", None) if eos == 2 else ("eos", eos)
+            self.text_projection = model.text_projection
+
+    @property
+    def positional_embedding(self):
+        return self.holder.embeddings.position_embedding.weight
+
+    @property
+    def mask_kind(self) -> str:
+        return "none" if self.siglip else "causal"
+
+    def cast_dtype(self):
+        return self.token_embedding.weight.dtype
+
+    def module_kwargs(self, x, causal: bool) -> dict:
+        if not causal:
+            return {"attention_mask": None}
+        length = x.shape[1]
+        mask = torch.full((length, length), torch.finfo(x.dtype).min, device=x.device, dtype=x.dtype).triu_(1)
+        return {"attention_mask": mask[None, None]}
+
 
 def text_tower(model) -> TextTower:
+    if is_hf_model(model):
+        return model_towers(model)[1]
     kind = type(model).__name__
     if kind == "CLIP" and hasattr(model, "token_embedding"):
         return TextTower(model, getattr(model, "text_pool_type", "argmax"), getattr(model, "text_eos_id", None))
@@ -237,12 +358,58 @@ def text_tower(model) -> TextTower:
 
 
 # ------------------------------------------------------------------------------------ model
+HF_MODELS = ("CLIPModel", "SiglipModel")
+
+
+def is_hf_model(model) -> bool:
+    """A Hugging Face transformers model (its own config, ``save_pretrained``)."""
+    return type(model).__module__.startswith("transformers.")
+
+
 def model_towers(model):
-    """(image tower, text tower) of a supported open_clip model; a clear error otherwise."""
+    """(image tower, text tower) of a supported open_clip or Hugging Face model; a clear error otherwise."""
     kind = type(model).__name__
+    if is_hf_model(model):
+        if kind == "Siglip2Model":
+            raise UnsupportedModel("Siglip2Model is not supported yet: its NaFlex vision embeddings take "
+                                   "patchified pixels with their spatial shapes and resize the position embeddings "
+                                   "per image; use SiglipModel or an open_clip SigLIP 2 model (ViT-B-16-SigLIP2)")
+        if kind not in HF_MODELS:
+            raise UnsupportedModel(f"the transformers model {kind} is not supported; supported: {', '.join(HF_MODELS)}")
+        return HFImageTower(model), HFTextTower(model)
     if kind in ("CoCa",):
         raise UnsupportedModel("CoCa models are not supported: their text decoder and attentional pooler "
                                "differ from CLIP; use an open_clip CLIP model")
     if kind not in ("CLIP", "CustomTextCLIP") or not hasattr(model, "visual"):
         raise UnsupportedModel(f"expected an open_clip CLIP or CustomTextCLIP model, got {kind}")
     return image_tower(model), text_tower(model)
+
+
+# ------------------------------------------------------------------------------- tokenizers
+class PaddedTokens:
+    """A Hugging Face tokenizer as the towers take it: texts -> LongTensor (C, context_length),
+    padded to the context (how CLIP and SigLIP were trained; SigLIP needs it)."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+
+    def __call__(self, texts):
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, padding="max_length", max_length=self.context_length, truncation=True,
+                              return_tensors="pt")["input_ids"]
+
+
+def _is_hf_tokenizer(tokenizer) -> bool:
+    return type(tokenizer).__module__.startswith("transformers.") and hasattr(tokenizer, "pad_token_id")
+
+
+def token_function(tokenizer, context_length: int):
+    """What the towers call to tokenize: ``tokenizer`` itself where it maps texts to token ids (as
+    open_clip's do), or a Hugging Face tokenizer or processor (its tokenizer) as ``PaddedTokens``."""
+    if isinstance(tokenizer, PaddedTokens):
+        return tokenizer
+    for candidate in (tokenizer, getattr(tokenizer, "tokenizer", None)):
+        if candidate is not None and _is_hf_tokenizer(candidate):
+            return PaddedTokens(candidate, context_length)
+    return tokenizer

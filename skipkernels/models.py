@@ -1,4 +1,5 @@
-"""Creating open_clip models: built-in names, the embedded tiny config, local or named weights."""
+"""Creating models: open_clip's (built-in names, the embedded tiny config, local or named weights)
+and Hugging Face transformers' (``hf:<folder or hub name>``: CLIPModel, SiglipModel)."""
 from __future__ import annotations
 
 import os
@@ -81,6 +82,8 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
     name (e.g. 'openai'; needs those weights to be reachable or cached), or None for random
     weights drawn with ``seed`` ("none": random even where the model has shipped weights; None: the
     shipped ones where there are some, see ``resolve_pretrained``). ``tokenizer``: see ``load_tokenizer``."""
+    if name.startswith(HF_PREFIX):
+        return create_hf_model(name.removeprefix(HF_PREFIX), pretrained, device, tokenizer)
     open_clip = open_clip_module()
     pretrained = resolve_pretrained(name, pretrained)
     if name not in open_clip.list_models():
@@ -109,6 +112,52 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
                                   f"{str(err).splitlines()[-1].strip()[:300]}") from err
         raise
     return model, load_tokenizer(name, model, tokenizer)
+
+
+HF_PREFIX = "hf:"
+
+
+def create_hf_model(source: str, pretrained: str | None = None, device="cpu", tokenizer: str | None = None):
+    """(model, tokenizer) of a Hugging Face CLIPModel or SiglipModel saved in folder ``source`` or
+    named on the hub (``HF_HUB_OFFLINE=1`` reads only the local cache). Its own weights are
+    loaded (``pretrained="none"``: its config with random weights); the tokenizer is the
+    folder's (or ``tokenizer``'s), padded to the model's text context."""
+    import transformers
+
+    from skipkernels.families import HF_MODELS, token_function
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read the transformers config of {source!r}: {err}. {_OFFLINE_HINT}") from err
+    architecture = {"clip": "CLIPModel", "siglip": "SiglipModel"}.get(config.model_type)
+    if architecture not in HF_MODELS:
+        raise ValueError(f"{source!r} is a transformers {config.model_type!r} model; supported: {', '.join(HF_MODELS)}")
+    cls = getattr(transformers, architecture)
+    weights_file = pretrained not in (None, RANDOM_WEIGHTS) and os.path.isfile(pretrained)
+    if pretrained not in (None, RANDOM_WEIGHTS) and not weights_file:
+        raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained} (a transformers model loads its own "
+                                "weights from its folder; pretrained may name a state_dict file of them)")
+    model = cls(config) if pretrained == RANDOM_WEIGHTS or weights_file else cls.from_pretrained(source)
+    if weights_file:  # a state_dict of this model, e.g. a finetune run's model.pt
+        tuned = read_tuned(pretrained) if pretrained.endswith(".pt") else None
+        if tuned is not None:
+            raise CheckpointError(f"{pretrained} is a tuned {tuned['model']} with {tuned['skip_config']['mode']}'s "
+                                  "modules: give it as --checkpoint (eval, predict)")
+        load_state_dict(model, torch.load(pretrained, map_location="cpu", weights_only=True), pretrained, source)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load the tokenizer of {tokenizer or source!r}: {err}. {_OFFLINE_HINT}") from err
+    return model.to(device), token_function(tok, config.text_config.max_position_embeddings)
+
+
+def load_state_dict(model, state: dict, path, name: str) -> None:
+    """``state`` into ``model``; a CheckpointError naming ``path`` where it holds another model's weights."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not hold weights of {name}: {str(err).splitlines()[-1].strip()[:300]}") \
+            from err
 
 
 def load_tokenizer(name: str, model, tokenizer: str | None = None):

@@ -9,16 +9,15 @@ them, so checkpoints load either way.
 """
 from __future__ import annotations
 
-import functools
 import types
 
 import torch.nn as nn
 
-from skipkernels.families import model_towers
-from skipkernels.ops.block import BlockPlan, routed_plan, unsupported_reason
+from skipkernels.families import is_hf_model, model_towers
+from skipkernels.ops.block import HF_LAYERS, BlockPlan, routed_plan, unsupported_reason
 from skipkernels.pet import has_pet
 from skipkernels.pet.hooks import block_hooks
-from skipkernels.pet.layouts import clip_block_forward
+from skipkernels.pet.layouts import clip_block_forward, own_forward
 from skipkernels.skip.towers import ModelPlan
 
 
@@ -62,13 +61,15 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
     for block in fused_blocks(model):
         hooks = block_hooks(block)
-        own = functools.partial(clip_block_forward, block) if hooks is None else None
-        block.forward = BlockPlan(block, policy, hooks, own).module_forward
+        plan = BlockPlan(block, policy, hooks, own_forward(block) if hooks is None else None)
+        block.forward = plan.hf_module_forward if type(block).__name__ in HF_LAYERS else plan.module_forward
     text_mask = model_towers(model)[1].mask_kind
-    plan = ModelPlan(model, policy) if text_mask != "custom" else None
+    # A transformers model keeps its own encoders (get_image_features / get_text_features return its
+    # output types); its layers run their plans.
+    plan = ModelPlan(model, policy) if text_mask != "custom" and not is_hf_model(model) else None
     if plan is not None:  # the tower path knows causal masks and none
         model.encode_text = plan.encode_text
-    if plan is not None and getattr(model.visual, "output_tokens", False) is False:
+    if plan is not None and getattr(getattr(model, "visual", None), "output_tokens", False) is False:
         model.encode_image = plan.encode_image
     return model
 

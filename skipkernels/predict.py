@@ -112,9 +112,12 @@ def _inference_config(config, tuned: dict | None, folder: Path | None):
 
 
 def _model_from_state_dict(name: str, state: dict, path, device, tokenizer):
-    """open_clip model ``name`` with the weights ``state`` (a tuned model.pt's), and its tokenizer."""
-    from skipkernels.models import load_tokenizer, open_clip_module
-    from skipkernels.train.checkpoint import CheckpointError
+    """Model ``name`` with the weights ``state`` (a tuned model.pt's), and its tokenizer."""
+    from skipkernels.models import HF_PREFIX, create_hf_model, load_state_dict, load_tokenizer, open_clip_module
+    if name.startswith(HF_PREFIX):
+        model, tokens = create_hf_model(name.removeprefix(HF_PREFIX), "none", device, tokenizer)
+        load_state_dict(model, state, path, name)
+        return model, tokens
     open_clip = open_clip_module()
     if name not in open_clip.list_models():
         raise ValueError(f"{path} was tuned from the open_clip model {name!r}, which this open_clip does not know")
@@ -123,11 +126,7 @@ def _model_from_state_dict(name: str, state: dict, path, device, tokenizer):
         model = open_clip.create_model(name, pretrained=None, device=device)
     finally:
         logging.disable(logging.NOTSET)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"{path} does not hold weights of {name}: {str(err).splitlines()[-1].strip()[:300]}") \
-            from err
+    load_state_dict(model, state, path, name)
     return model, load_tokenizer(name, model, tokenizer)
 
 

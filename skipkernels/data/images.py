@@ -41,6 +41,15 @@ def is_readable(item: Item) -> bool:
 
 
 def preprocess_config(model) -> tuple[int, tuple, tuple]:
+    """(image size, mean, std) the model's image tower was trained with. A Hugging Face model keeps
+    no image statistics in its config: CLIP's are OpenAI's, SigLIP's 0.5 (their processors')."""
+    vision_config = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision_config is not None and not hasattr(model, "visual"):
+        size = vision_config.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        if model.config.model_type == "siglip":
+            return int(size), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+        return int(size), tuple(OPENAI_MEAN), tuple(OPENAI_STD)
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size

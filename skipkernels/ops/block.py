@@ -5,7 +5,9 @@ Handles both block types open_clip 3.3 builds, and timm's ViT block (SigLIP's im
 - ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (qk-norm, head scale, inner and
   post-attention norms, MLP norm are supported; scaled-cosine attention is not);
 - timm ``vision_transformer.Block`` with the plain ``Attention`` and ``Mlp`` (qk-norm, attention
-  output norm, MLP norm, LayerScale), without stochastic depth or dropout.
+  output norm, MLP norm, LayerScale), without stochastic depth or dropout;
+- Hugging Face ``CLIPEncoderLayer`` and ``SiglipEncoderLayer`` (separate q, k, v projections,
+  read as one packed projection).
 Any other block (Eva, scaled-cosine) runs its own forward (``skipkernels.skip.towers``);
 ``unsupported_reason`` says which.
 
@@ -29,6 +31,7 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from skipkernels.ops import policy as policies
 from skipkernels.ops.attention import ATTENTION
@@ -67,13 +70,23 @@ class BlockHooks(NamedTuple):
 NO_HOOKS = BlockHooks()
 
 
+# transformers' activation modules (ACT2FN) that compute one of the op layer's activations.
+_HF_ACTIVATIONS = {"QuickGELUActivation": "quick_gelu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
+                   "PytorchGELUTanh": "gelu_tanh"}
+HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer")
+
+
 def activation_name(module) -> str | None:
     """The op-layer name of an MLP activation module, or None when it is something else."""
     if type(module).__name__ == "QuickGELU":
         return "quick_gelu"
     if isinstance(module, nn.GELU):
         return "gelu" if module.approximate == "none" else "gelu_tanh"
-    return None
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is not F.gelu:
+        return None  # transformers' Python GELU (use_gelu_python)
+    return _HF_ACTIVATIONS.get(type(module).__name__)
 
 
 def unsupported_reason(block) -> str | None:
@@ -94,6 +107,13 @@ def unsupported_reason(block) -> str | None:
             return "scaled-cosine attention (scaled_cosine_attn=True)"
     elif kind == "Block" and type(block).__module__.startswith("timm."):
         return _timm_unsupported_reason(block)
+    elif kind in HF_LAYERS and type(block).__module__.startswith("transformers."):
+        attn = block.self_attn
+        if type(attn).__name__ not in ("CLIPAttention", "SiglipAttention"):
+            return f"transformers attention {type(attn).__name__}"
+        if activation_name(block.mlp.activation_fn) is None:
+            return f"MLP activation {type(block.mlp.activation_fn).__name__}"
+        return None
     else:
         return (f"{kind} is not an open_clip ResidualAttentionBlock / CustomResidualAttentionBlock or a "
                 "timm ViT Block")
@@ -142,8 +162,31 @@ class BlockParts(NamedTuple):
     ls_2: nn.Module
 
 
+class _PackedQKV:
+    """Separate q, k, v projections read as one packed (3D, D) projection, as the block computes
+    them in one GEMM; the weights are read (and concatenated) at each call."""
+
+    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
+        self.projections = (q, k, v)
+
+    @property
+    def weight(self):
+        return torch.cat([p.weight for p in self.projections])
+
+    @property
+    def bias(self):
+        biases = [p.bias for p in self.projections]
+        return None if any(b is None for b in biases) else torch.cat(biases)
+
+
 def block_parts(block) -> BlockParts:
-    """The parts of an open_clip block or a timm ViT ``Block`` (same maths, other names)."""
+    """The parts of an open_clip block, a timm ViT ``Block`` or a transformers CLIP / SigLIP encoder
+    layer (same maths, other names)."""
+    if type(block).__name__ in HF_LAYERS:
+        attn, mlp = block.self_attn, block.mlp
+        return BlockParts(block.layer_norm1, _PackedQKV(attn.q_proj, attn.k_proj, attn.v_proj), ("weight", "bias"),
+                          attn.out_proj, attn.num_heads, attn.dropout, None, None, None, None, None, None,
+                          block.layer_norm2, mlp.fc1, mlp.activation_fn, None, mlp.fc2, None)
     attn, mlp = block.attn, block.mlp
     if not hasattr(block, "ln_1"):  # timm: fused qkv Linear, q_norm / k_norm, norm before proj
         return BlockParts(block.norm1, attn.qkv, ("weight", "bias"), attn.proj, attn.num_heads, attn.attn_drop.p,
@@ -353,6 +396,16 @@ class BlockPlan:
         if self.hooks is None:
             return self.own_forward(x, attn_mask=attn_mask)
         return self.forward(x, causal=is_causal, attn_mask=attn_mask)
+
+    def hf_module_forward(self, hidden_states, attention_mask=None, *args, is_causal: bool = False, **kwargs):
+        """The block's ``forward`` once ``patch_clip`` routes a transformers encoder layer here:
+        ``attention_mask`` is the layer's 4-D mask (causality included) or None, with
+        ``is_causal`` then saying whether the attention is causal (transformers' SDPA path)."""
+        if self.hooks is None:
+            return self.own_forward(hidden_states, attention_mask, *args, is_causal=is_causal, **kwargs)
+        if attention_mask is not None:
+            return self.forward(hidden_states, attn_mask=attention_mask)
+        return self.forward(hidden_states, causal=bool(is_causal))
 
 
 def routed_plan(block) -> BlockPlan | None:

@@ -52,7 +52,8 @@ def linear_residual_case(x, weight, bias, residual, scale=None):
 LINEAR_ACT = register(Op("linear_act", linear_act_reference, case=linear_act_case,
                          impls=(Triton("linear", "linear_act"),)))
 LINEAR_RESIDUAL = register(Op("linear_residual", linear_residual_reference, case=linear_residual_case,
-                              impls=(Triton("linear", "linear_residual", not_supported="linear_residual_not_supported"),)))
+                              impls=(Triton("linear", "linear_residual",
+                                            not_supported="linear_residual_not_supported"),)))
 
 
 def linear_act(x, weight, bias, activation: str, backend: Backend = None):

@@ -112,9 +112,10 @@ class Op:
     """An op: its ``reference`` (plain PyTorch, the oracle of every test), its ``impls``, and
     ``case(*args) -> (dims, rows)``, the measured table's key of a call (written once, read by
     dispatch and by the benchmarks). ``composed(policy)``: the op through its sub-ops where none
-    of its own implementations runs (a function whose ``parts`` names the bound sub-ops). ``dtype(*args)``: the compute dtype to look up (default: the
-    anchor's, or the autocast dtype). ``anchor``: the argument whose device decides (``x``; the
-    PET gate's ``h``, as its ``x`` may be None)."""
+    of its own implementations runs (a function whose ``parts`` names the bound sub-ops).
+    ``dtype(*args)``: the compute dtype to look up (default: the anchor's, or the autocast dtype).
+    ``anchor``: the argument whose device decides (``x``; the PET gate's ``h``, as its ``x`` may
+    be None)."""
 
     name: str
     reference: Callable

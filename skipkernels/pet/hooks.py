@@ -39,11 +39,10 @@ def _adapter_update(modifier, x, h, gate_op):
     return modifier(x, h)
 
 
-def _out_projection(block: nn.Module) -> nn.Module | None:
-    attn = block.attn
-    if isinstance(attn, nn.MultiheadAttention):
+def _out_projection(parts) -> nn.Module | None:
+    if isinstance(parts.qkv, nn.MultiheadAttention):
         return None  # it reads out_proj.weight itself: LoRA there is weight-level and needs no hook
-    return getattr(attn, "out_proj", None) or getattr(attn, "proj", None)
+    return parts.out
 
 
 def block_hooks(block: nn.Module):
@@ -56,7 +55,7 @@ def block_hooks(block: nn.Module):
         return None
     parts = block_parts(block)
     lora = {}
-    for role, linear in (("out", _out_projection(block)), ("fc1", parts.fc1), ("fc2", parts.fc2)):
+    for role, linear in (("out", _out_projection(parts)), ("fc1", parts.fc1), ("fc2", parts.fc2)):
         factors = linear._modules.get("lora") if linear is not None else None
         if factors is not None:
             lora[role] = factors

@@ -21,7 +21,6 @@ the model's state_dict without them, key for key the original.
 from __future__ import annotations
 
 import fnmatch
-import functools
 from typing import Callable, Iterator
 
 import torch
@@ -152,6 +151,11 @@ def apply_pet(model: nn.Module, config: PetConfig,
                         f"pet_config('lora')), got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable (name, module) -> bool, got {type(filter_fn).__name__}")
+    from skipkernels.families import HF_MODELS, is_hf_model
+    if is_hf_model(model) and type(model).__name__ in HF_MODELS:
+        raise ValueError(f"apply_pet does not attach to a transformers {type(model).__name__} yet: the op layer runs "
+                         "its q, k and v projections as one packed GEMM, which hooks on them would miss; tune it with "
+                         "skip, lskip, cskip, ft or coop, or use the open_clip model for PET")
     if has_pet(model):
         raise ValueError("the model already holds PET modules; remove() them before applying again")
     blocks = L.find_blocks(model)
@@ -193,7 +197,7 @@ def _changed(model: nn.Module) -> None:
     for module in model.modules():
         plan = routed_plan(module)
         if plan is not None:
-            plan.set_hooks(H.block_hooks(module), functools.partial(L.clip_block_forward, module))
+            plan.set_hooks(H.block_hooks(module), L.own_forward(module))
 
 
 def _freeze(handle: PetHandle) -> None:

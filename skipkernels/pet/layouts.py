@@ -172,6 +172,14 @@ def clip_block_forward(self, x, *args, attn_mask=None):
     return _modify(self, "mlp", x, h)
 
 
+def own_forward(block):
+    """The forward a block runs when the op layer cannot apply its PET modules: PET's for
+    open_clip blocks (``clip_block_forward``, which applies them), else the block class's own."""
+    if type(block).__name__ in CLIP_BLOCKS:
+        return types.MethodType(clip_block_forward, block)
+    return types.MethodType(type(block).forward, block)
+
+
 def runs_clip_forward(block: nn.Module) -> bool:
     """Whether ``block``'s instance forward is ``clip_block_forward``."""
     return getattr(block.__dict__.get("forward"), "__func__", None) is clip_block_forward

@@ -53,7 +53,8 @@ class PaperSkipTuning(nn.Module):
         if type(model).__name__ != "CLIP" or not hasattr(model.visual, "transformer"):
             raise UnsupportedPaperModel(
                 f"the paper-style step runs open_clip CLIP models with their own ViT image tower (the "
-                f"paper's models), not {type(model).__name__} with {type(model.visual).__name__}")
+                f"paper's models), not {type(model).__name__}"
+                + (f" with {type(model.visual).__name__}" if hasattr(model, "visual") else ""))
         self.model = model
         if skip_layers is None:  # the paper's proportion: half the blocks (6 of ViT-B/16's 12)
             skip_layers = min(len(model.visual.transformer.resblocks), len(model.transformer.resblocks)) // 2

@@ -75,13 +75,8 @@ class TowerPlan:
         return len(self.blocks)
 
     def module_kwargs(self, x, causal: bool) -> dict:
-        """Keyword arguments of the blocks that run their own forward."""
-        kwargs = {}
-        if causal:  # open_clip's additive causal mask
-            length = x.shape[1]
-            kwargs["attn_mask"] = torch.full((length, length), float("-inf"), device=x.device,
-                                             dtype=x.dtype).triu_(1)
-        return kwargs
+        """Keyword arguments of the blocks that run their own forward (the family's mask)."""
+        return self.tower.module_kwargs(x, causal)
 
     def run(self, x, start: int, stop: int, causal: bool = False, prune_index=None):
         """Blocks [start, stop): the op layer's plan for each block it computes, the others through
@@ -119,9 +114,10 @@ class TowerPlan:
     def describe(self) -> list[str]:
         """One line per run of equal blocks: what each sub-layer runs."""
         lines, previous, first = [], None, 0
-        described = [plan.describe() if plan is not None else
-                     {"block": type(block).__name__, "runs": f"its own forward ({unsupported_reason(block) or 'PET modules the op layer would not apply'})"}
-                     for block, plan in zip(self.blocks, self.plans)]
+        described = [plan.describe() if plan is not None else {
+            "block": type(block).__name__,
+            "runs": f"its own forward ({unsupported_reason(block) or 'PET modules the op layer would not apply'})"}
+            for block, plan in zip(self.blocks, self.plans)]
         for i, entry in enumerate(described + [None]):
             if entry != previous:
                 if previous is not None:

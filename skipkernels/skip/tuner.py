@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from skipkernels import _ext, checks
-from skipkernels.families import model_towers
+from skipkernels.families import model_towers, token_function
 from skipkernels.ops import policy as policies
 from skipkernels.ops.class_select import check_cskip_params, check_label_range
 from skipkernels.ops.policy import resolve as resolve_policy
@@ -193,7 +193,8 @@ class SkipTuner(nn.Module):
         self.plan = plan
         self.model = model
         self.classnames = classnames
-        self.tokenizer = tokenizer
+        # a Hugging Face tokenizer or processor is called with padding to the context
+        self.tokenizer = tokenizer = token_function(tokenizer, self.towers.text.context_length)
         self.skip_layers = plan.skip_layers
         if plan.caches_prefix:
             self.towers.check_skip_layers(plan.skip_layers)
@@ -292,8 +293,9 @@ class SkipTuner(nn.Module):
             checks.check_positive("lr_image", lr_image)
         checks.check_positive("weight_decay", weight_decay, allow_zero=True)
         image, other = [], []
-        for name, p in self.trainable_named_parameters():
-            (image if name.startswith("model.visual.") else other).append(p)
+        in_image = {id(p) for p in self.towers.image.tower.parameters()}
+        for _, p in self.trainable_named_parameters():
+            (image if id(p) in in_image else other).append(p)
         groups = []
         if image:
             groups.append({"params": image, "lr": lr if lr_image is None else lr_image,
@@ -353,7 +355,8 @@ class SkipTuner(nn.Module):
         plan = self.plan
         if plan.trains == "prompt":
             tokens = self.step_tokens
-            return self._encode_tokens(tokens, self.prompt_learner.embeddings(self.towers.text, tokens), self.step_length)
+            embeddings = self.prompt_learner.embeddings(self.towers.text, tokens)
+            return self._encode_tokens(tokens, embeddings, self.step_length)
         if plan.caches_prefix:
             # static: truncate to the longest prompt of all classes (known at set-up), so the step
             # needs no host copy of the selection; otherwise to the longest selected prompt.

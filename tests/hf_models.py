@@ -1,0 +1,37 @@
+"""Tiny random Hugging Face CLIP and SigLIP models built in the tests (no downloads), and a
+tokenizer for them: any callable texts -> LongTensor works as a SkipTuner tokenizer."""
+import zlib
+
+import torch
+
+VOCAB, CONTEXT, WIDTH = 1000, 16, 32
+BOS, EOS, PAD = 998, 999, 0
+
+
+def tiny_hf(family: str, seed: int = 0, attn_implementation: str = "sdpa"):
+    import transformers
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=3, num_attention_heads=4)
+    text = dict(tower, vocab_size=VOCAB, max_position_embeddings=CONTEXT)
+    vision = dict(tower, image_size=32, patch_size=8)
+    if family == "clip":
+        config = transformers.CLIPConfig(text_config=dict(text, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
+                                         vision_config=vision, projection_dim=24)
+        model = transformers.CLIPModel(config)
+    else:
+        config = transformers.SiglipConfig(text_config=dict(text, projection_size=WIDTH), vision_config=vision)
+        model = transformers.SiglipModel(config)
+    model.config._attn_implementation = attn_implementation
+    for sub in (model.config.text_config, model.config.vision_config):
+        sub._attn_implementation = attn_implementation
+    return model.eval()
+
+
+def tokenize(texts):
+    """BOS, one id per word (a hash), EOS, then padding to the context."""
+    out = torch.full((len(texts), CONTEXT), PAD, dtype=torch.long)
+    for row, text in enumerate(texts):
+        words = [1 + zlib.crc32(w.encode()) % (VOCAB - 3) for w in text.split()][: CONTEXT - 2]
+        ids = [BOS, *words, EOS]
+        out[row, : len(ids)] = torch.tensor(ids)
+    return out

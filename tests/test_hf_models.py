@@ -1,0 +1,204 @@
+"""Skip Tuning of Hugging Face transformers models (CLIPModel, SiglipModel): tiny random configs
+built here, no downloads."""
+import copy
+
+import pytest
+import torch
+
+from hf_models import CONTEXT, tiny_hf, tokenize
+from skipkernels import SkipTuner, patch_clip, unpatch_clip
+from skipkernels.families import UnsupportedModel
+
+CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
+FAMILIES = ["clip", "siglip"]
+
+
+def _features(model, ids, images):
+    with torch.no_grad():
+        return (model.get_text_features(input_ids=ids).pooler_output,
+                model.get_image_features(pixel_values=images).pooler_output)
+
+
+def _relative(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_patched_features_equal_the_models_own(family, attention):
+    model = tiny_hf(family, attn_implementation=attention)
+    plain = copy.deepcopy(model)
+    ids = tokenize(["a photo of a cat", "dog", "a red circle on a long table"])
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    expected = _features(plain, ids, images)
+    patch_clip(model)
+    assert all("forward" in layer.__dict__ for layer in model.text_model.encoder.layers)
+    for got, want in zip(_features(model, ids, images), expected):
+        assert _relative(got, want) <= 1e-6
+    unpatch_clip(model)
+    assert not any("forward" in layer.__dict__ for layer in model.text_model.encoder.layers)
+    for got, want in zip(_features(model, ids, images), expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_tuners_features_are_the_models_own(family):
+    model = tiny_hf(family)
+    tuner = SkipTuner(copy.deepcopy(model), CLASSES, tokenize, mode="ft")
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    text, image = _features(model, tokenize([f"a photo of a {c}." for c in CLASSES]), images)
+    with torch.no_grad():
+        assert _relative(tuner.encode_classes(CLASSES), text) <= 1e-6
+        assert _relative(tuner.encode_images(images), image) <= 1e-6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_skip_loss_and_gradients_equal_plain_autograd(family):
+    """The loss is the cross-entropy of the plain model's logits over the tuner's class subset;
+    blocks >= omega get plain autograd's gradients, blocks < omega none."""
+    omega = 1
+    model = tiny_hf(family)
+    plain = copy.deepcopy(model)
+    tuner = SkipTuner(model, CLASSES, tokenize, mode="skip", skip_layers=omega, top_ratio=0.34, max_top=2)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([4, 1])
+    loss = tuner.loss(tuner.image_prefix(images), labels)
+    loss.backward()
+    selected = tuner.last_selected
+
+    ids = tokenize([f"a photo of a {c}." for c in CLASSES])[selected]
+    f = plain.get_image_features(pixel_values=images).pooler_output
+    t = plain.get_text_features(input_ids=ids).pooler_output
+    logits = plain.logit_scale.exp() * torch.nn.functional.normalize(f, dim=-1) @ \
+        torch.nn.functional.normalize(t, dim=-1).T
+    expected = torch.nn.functional.cross_entropy(logits, tuner.last_labels)
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-5 * max(1.0, abs(expected.item()))
+
+    plain_params = dict(plain.named_parameters())
+    for tower in ("vision_model", "text_model"):
+        for index, layer in enumerate(getattr(model, tower).encoder.layers):
+            for name, p in layer.named_parameters():
+                ref = plain_params[f"{tower}.encoder.layers.{index}.{name}"].grad
+                if index < omega:
+                    assert p.grad is None, (tower, index, name)
+                else:
+                    torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_pretrained_round_trip_gives_the_tuned_features(family, tmp_path):
+    import transformers
+    model = patch_clip(tiny_hf(family))
+    tuner = SkipTuner(model, CLASSES, tokenize, mode="lskip", skip_layers=1)
+    optimizer = torch.optim.SGD(tuner.parameter_groups(lr=0.5), lr=0.5)
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    tuner.loss(tuner.image_prefix(images), torch.tensor([0, 2])).backward()
+    optimizer.step()
+    unpatch_clip(model)
+    ids = tokenize(["a photo of a cat"])
+    tuned = _features(model, ids, images)
+    model.save_pretrained(tmp_path / "tuned")
+    loaded = getattr(transformers, type(model).__name__).from_pretrained(tmp_path / "tuned").eval()
+    state = loaded.state_dict()
+    assert list(state) == list(tiny_hf(family).state_dict())  # the weights keep their names
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # the tuned weights, bit for bit
+    # Features bit for bit from those weights in memory of the model's own; from_pretrained maps
+    # them at unaligned file offsets, where the CPU GEMM may take another path (an ulp apart).
+    fresh = tiny_hf(family)
+    fresh.load_state_dict(state)
+    for got, want in zip(_features(fresh, ids, images), tuned):
+        assert torch.equal(got, want)
+    for got, want in zip(_features(loaded, ids, images), tuned):
+        assert _relative(got, want) <= 1e-6
+
+
+def test_savings_follow_each_family():
+    clip = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, skip_layers=1)
+    assert set(clip.savings.values()) == {"on"}
+    siglip = SkipTuner(tiny_hf("siglip"), CLASSES, tokenize, skip_layers=1)
+    assert siglip.savings["text truncation"].startswith("off (the text attention is not causal")
+    assert siglip.savings["image last-block pruning"].startswith("off (the image tower pools with attention")
+    assert siglip.savings["text last-block pruning"] == "on"
+    assert "transformers SiglipModel vision" in repr(siglip)
+
+
+def test_hf_tokenizers_and_processors_are_padded_to_the_context():
+    from skipkernels.families import PaddedTokens, token_function
+    tokenizer = _word_tokenizer()
+    tokens = token_function(tokenizer, CONTEXT)
+    assert isinstance(tokens, PaddedTokens)
+    ids = tokens(["a cat", "dog"])
+    assert ids.dtype == torch.long and ids.shape == (2, CONTEXT)
+
+    class Processor:  # a processor holds its tokenizer
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+    assert torch.equal(token_function(Processor(tokenizer), CONTEXT)(["a cat", "dog"]), ids)
+    assert token_function(tokenize, CONTEXT) is tokenize  # a callable to token ids is used as it is
+
+
+def test_pet_modes_and_siglip2_are_refused_with_the_reason():
+    from skipkernels.pet import apply_pet, pet_config
+    with pytest.raises(ValueError, match="PET methods attach to open_clip's transformer blocks"):
+        SkipTuner(tiny_hf("clip"), CLASSES, tokenize, mode="lskip-lora", skip_layers=1)
+    with pytest.raises(ValueError, match="apply_pet does not attach to a transformers SiglipModel yet"):
+        apply_pet(tiny_hf("siglip"), pet_config("lora"))
+    import transformers
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    siglip2 = transformers.Siglip2Model(transformers.Siglip2Config(
+        text_config=dict(small, vocab_size=100, max_position_embeddings=16), vision_config=dict(small, num_patches=16)))
+    with pytest.raises(UnsupportedModel, match="Siglip2Model is not supported yet"):
+        SkipTuner(siglip2, CLASSES, tokenize)
+
+
+def _word_tokenizer():
+    """A Hugging Face fast tokenizer over a small word vocabulary, with CLIP's BOS/EOS/padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w.strip(".") for c in CLASSES for w in f"a photo of a {c}.".split()} | {".", "X"})
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}, "<bos>": 998, "<eos>": 999}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                           special_tokens=[("<bos>", 998), ("<eos>", 999)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def test_finetune_runs_from_the_cli_on_a_saved_hf_model(tmp_path, synthetic_root):
+    import json
+
+    from skipkernels.cli import main
+    folder = tmp_path / "tiny-clip"
+    tiny_hf("clip").save_pretrained(folder)
+    _word_tokenizer().save_pretrained(folder)
+    out = tmp_path / "run"
+    code = main(["finetune", "--data", str(synthetic_root), "--dataset", "synthetic", "--model", f"hf:{folder}",
+                 "--mode", "skip", "--skip-layers", "1", "--epochs", "1", "--batch-size", "8", "--shots", "2",
+                 "--warmup-epochs", "0", "--no-progress", "--out", str(out)])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["finished"] and results["model"] == f"hf:{folder}"
+    assert 0 <= results["accuracy"]["base"] <= 100 and results["exact_savings"]["text truncation"] == "on"
+    # the tuned model loads back for evaluation and prediction, its weights those of model.pt
+    from skipkernels.predict import load_classifier
+    tuner = load_classifier(["cat", "dog"], checkpoint=str(out))
+    saved = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in tuner.model.state_dict().items())
+    assert type(tuner.model).__name__ == "CLIPModel"
+
+
+def test_bench_runs_a_saved_hf_model(tmp_path):
+    import json
+
+    from skipkernels.cli import main
+    folder = tmp_path / "tiny-siglip"
+    tiny_hf("siglip").save_pretrained(folder)
+    _word_tokenizer().save_pretrained(folder)
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--model", f"hf:{folder}", "--modes", "skip-ref,skip-kernels,paper", "--no-memory",
+                 "--repeats", "1", "--warmup", "0", "--no-epoch", "--out", str(out)]) == 0
+    report = json.loads(next(out.glob("e2e-cpu-*.json")).read_text())
+    assert report["results"]["skip-kernels"]["step_s"]["median"] > 0
+    assert "open_clip CLIP models" in report["results"]["paper"]["skipped"]
