@@ -51,8 +51,9 @@ def image_size(model) -> tuple[int, int]:
     """The (height, width) the model's image tower takes."""
     vision_config = getattr(getattr(model, "config", None), "vision_config", None)
     if vision_config is not None and not hasattr(model, "visual"):  # a Hugging Face model
-        size = vision_config.image_size
-        return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))
+        from skipkernels.families import hf_image_size
+        size = hf_image_size(vision_config)
+        return int(size), int(size)
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}
     size = cfg.get("size", getattr(model.visual, "image_size", None))
     return (int(size[0]), int(size[1])) if isinstance(size, (tuple, list)) else (int(size), int(size))

@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
                                                    "as a folder with one split_zhou_*.json")
     p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny), or "
-                   "hf:<folder or hub name> (a transformers CLIPModel or SiglipModel)")
+                   "hf:<folder or hub name> (a transformers CLIPModel, SiglipModel or Siglip2Model)")
     p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name; none: random "
                                                    "weights (default: the shipped ones for skipkernels-tiny-shapes, "
                                                    "else random)")

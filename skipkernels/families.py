@@ -14,11 +14,14 @@ Text towers: open_clip's own transformer, flattened into ``CLIP`` or as ``Custom
 Hugging Face ``transformers`` models: ``CLIPModel`` (image: embeddings, pre-norm, encoder layers,
 the class token's post-norm, ``visual_projection``; text: causal, pooled at the first EOS) and
 ``SiglipModel`` (image: embeddings, encoder layers, post-norm, the attention-pooling head; text:
-bidirectional, pooled at the last position, ``head``), their weights and names untouched.
+bidirectional, pooled at the last position, ``head``) and ``Siglip2Model`` (as SigLIP; its NaFlex
+image embeddings take patchified pixels with their grid's shape: square images at the size whose
+patch grid is the position-embedding grid are patchified here, as its image processor does),
+their weights and names untouched.
 
 Refused, with the reason: ResNet, ConvNeXt and hybrid image towers such as FastViT (their stages
 are not one stack of token blocks, so there is no block omega to cache at), a convolutional stem
-with BatchNorm, Hugging Face text towers inside open_clip models, CoCa, and ``Siglip2Model``.
+with BatchNorm, Hugging Face text towers inside open_clip models, CoCa.
 """
 from __future__ import annotations
 
@@ -147,8 +150,17 @@ class TimmImageTower:
         return self.visual.parameters()
 
 
+def hf_image_size(vision_config) -> int:
+    """The square image size a transformers vision config takes; for SigLIP 2's NaFlex towers, the
+    size whose patch grid is its position-embedding grid."""
+    size = getattr(vision_config, "image_size", None)
+    if size is None:
+        size = int(round(vision_config.num_patches ** 0.5)) * vision_config.patch_size
+    return size[0] if isinstance(size, (tuple, list)) else size
+
+
 class HFImageTower:
-    """The vision transformer of a Hugging Face ``CLIPModel`` or ``SiglipModel``."""
+    """The vision transformer of a Hugging Face ``CLIPModel``, ``SiglipModel`` or ``Siglip2Model``."""
 
     def __init__(self, model):
         vision = model.vision_model
@@ -156,20 +168,35 @@ class HFImageTower:
         self.kind = f"transformers {type(model).__name__} vision"
         self.blocks = vision.encoder.layers
         self.siglip = not hasattr(vision, "pre_layrnorm")  # CLIP's pre-norm (its name is transformers')
+        self.naflex = type(model).__name__ == "Siglip2Model"
+        self.patch_size = model.config.vision_config.patch_size
         self.prefix_tokens = 0 if self.siglip else 1  # CLIP's class token; SigLIP has none
         if self.siglip and not getattr(vision, "use_head", False):
             raise UnsupportedModel("SigLIP vision towers without their attention-pooling head "
                                    "(vision_use_head=False) give no image features")
 
     def stem(self, images):
+        if self.naflex:
+            return self.vision.embeddings(*self.patches(images))
         x = self.vision.embeddings(images)
         return x if self.siglip else self.vision.pre_layrnorm(x)
+
+    def patches(self, images):
+        """SigLIP 2's inputs of square images: (B, patches, P·P·C) in its image processor's order
+        (rows of patches, each patch row by row, channels last), and the patch grid's shape."""
+        batch, channels, height, width = images.shape
+        p = self.patch_size
+        grid = images.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 3, 5, 1)
+        shapes = torch.tensor([[height // p, width // p]], device=images.device).expand(batch, 2)
+        return grid.reshape(batch, (height // p) * (width // p), p * p * channels), shapes
 
     def block_kwargs(self) -> dict:
         return {}
 
     def head(self, x):
         vision = self.vision
+        if self.naflex:
+            return vision.head(vision.post_layernorm(x), None)  # every patch is valid: no mask
         if self.siglip:
             return vision.head(vision.post_layernorm(x))
         return self.model.visual_projection(vision.post_layernorm(x[:, 0]))
@@ -303,14 +330,14 @@ class TextTower:
 
 class HFTextTower(TextTower):
     """The text transformer of a Hugging Face ``CLIPModel`` (causal, pooled at the first EOS, or
-    at the largest id where the config's EOS id is the legacy 2) or ``SiglipModel``
-    (bidirectional, pooled at the last position)."""
+    at the largest id where the config's EOS id is the legacy 2), ``SiglipModel`` or
+    ``Siglip2Model`` (bidirectional, pooled at the last position)."""
 
     def __init__(self, model):
         text = model.text_model
         self.holder = text
         self.kind = f"transformers {type(model).__name__} text"
-        self.siglip = type(model).__name__ == "SiglipModel"
+        self.siglip = type(model).__name__ in ("SiglipModel", "Siglip2Model")
         self.blocks = text.encoder.layers
         self.token_embedding = text.embeddings.token_embedding
         self.ln_final = text.final_layer_norm
@@ -358,7 +385,7 @@ def text_tower(model) -> TextTower:
 
 
 # ------------------------------------------------------------------------------------ model
-HF_MODELS = ("CLIPModel", "SiglipModel")
+HF_MODELS = ("CLIPModel", "SiglipModel", "Siglip2Model")
 
 
 def is_hf_model(model) -> bool:
@@ -370,10 +397,6 @@ def model_towers(model):
     """(image tower, text tower) of a supported open_clip or Hugging Face model; a clear error otherwise."""
     kind = type(model).__name__
     if is_hf_model(model):
-        if kind == "Siglip2Model":
-            raise UnsupportedModel("Siglip2Model is not supported yet: its NaFlex vision embeddings take "
-                                   "patchified pixels with their spatial shapes and resize the position embeddings "
-                                   "per image; use SiglipModel or an open_clip SigLIP 2 model (ViT-B-16-SigLIP2)")
         if kind not in HF_MODELS:
             raise UnsupportedModel(f"the transformers model {kind} is not supported; supported: {', '.join(HF_MODELS)}")
         return HFImageTower(model), HFTextTower(model)

@@ -1,5 +1,5 @@
 """Creating models: open_clip's (built-in names, the embedded tiny config, local or named weights)
-and Hugging Face transformers' (``hf:<folder or hub name>``: CLIPModel, SiglipModel)."""
+and Hugging Face transformers' (``hf:<folder or hub name>``: CLIPModel, SiglipModel, Siglip2Model)."""
 from __future__ import annotations
 
 import os
@@ -118,10 +118,11 @@ HF_PREFIX = "hf:"
 
 
 def create_hf_model(source: str, pretrained: str | None = None, device="cpu", tokenizer: str | None = None):
-    """(model, tokenizer) of a Hugging Face CLIPModel or SiglipModel saved in folder ``source`` or
-    named on the hub (``HF_HUB_OFFLINE=1`` reads only the local cache). Its own weights are
-    loaded (``pretrained="none"``: its config with random weights); the tokenizer is the
-    folder's (or ``tokenizer``'s), padded to the model's text context."""
+    """(model, tokenizer) of a Hugging Face CLIPModel, SiglipModel or Siglip2Model saved in folder
+    ``source`` or named on the hub (``HF_HUB_OFFLINE=1`` reads only the local cache). Its own
+    weights are loaded (``pretrained="none"``: its config with random weights; a state_dict file:
+    those weights); the tokenizer is the folder's (or ``tokenizer``'s), padded to the model's text
+    context."""
     import transformers
 
     from skipkernels.families import HF_MODELS, token_function
@@ -129,7 +130,7 @@ def create_hf_model(source: str, pretrained: str | None = None, device="cpu", to
         config = transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as err:
         raise ValueError(f"could not read the transformers config of {source!r}: {err}. {_OFFLINE_HINT}") from err
-    architecture = {"clip": "CLIPModel", "siglip": "SiglipModel"}.get(config.model_type)
+    architecture = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}.get(config.model_type)
     if architecture not in HF_MODELS:
         raise ValueError(f"{source!r} is a transformers {config.model_type!r} model; supported: {', '.join(HF_MODELS)}")
     cls = getattr(transformers, architecture)

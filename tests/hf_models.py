@@ -18,13 +18,31 @@ def tiny_hf(family: str, seed: int = 0, attn_implementation: str = "sdpa"):
         config = transformers.CLIPConfig(text_config=dict(text, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD),
                                          vision_config=vision, projection_dim=24)
         model = transformers.CLIPModel(config)
-    else:
+    elif family == "siglip":
         config = transformers.SiglipConfig(text_config=dict(text, projection_size=WIDTH), vision_config=vision)
         model = transformers.SiglipModel(config)
+    else:  # SigLIP 2 (NaFlex): a 4 x 4 position-embedding grid, so 32 x 32 images at patch 8
+        config = transformers.Siglip2Config(text_config=dict(text, projection_size=WIDTH),
+                                            vision_config=dict(tower, num_patches=16, patch_size=8))
+        model = transformers.Siglip2Model(config)
     model.config._attn_implementation = attn_implementation
     for sub in (model.config.text_config, model.config.vision_config):
         sub._attn_implementation = attn_implementation
     return model.eval()
+
+
+def image_features(model, images):
+    """``get_image_features`` as transformers is called; SigLIP 2 takes its image processor's
+    patches (``convert_image_to_patches``), their grid's shape and a mask of valid patches."""
+    if type(model).__name__ != "Siglip2Model":
+        return model.get_image_features(pixel_values=images).pooler_output
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+    patch = model.config.vision_config.patch_size
+    patches = torch.stack([convert_image_to_patches(image, patch) for image in images])
+    shapes = torch.tensor([[images.shape[2] // patch, images.shape[3] // patch]] * len(images))
+    mask = torch.ones(patches.shape[:2], dtype=torch.long)
+    out = model.get_image_features(pixel_values=patches, pixel_attention_mask=mask, spatial_shapes=shapes)
+    return out.pooler_output
 
 
 def tokenize(texts):

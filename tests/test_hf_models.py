@@ -5,18 +5,16 @@ import copy
 import pytest
 import torch
 
-from hf_models import CONTEXT, tiny_hf, tokenize
+from hf_models import CONTEXT, image_features, tiny_hf, tokenize
 from skipkernels import SkipTuner, patch_clip, unpatch_clip
-from skipkernels.families import UnsupportedModel
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
-FAMILIES = ["clip", "siglip"]
+FAMILIES = ["clip", "siglip", "siglip2"]
 
 
 def _features(model, ids, images):
     with torch.no_grad():
-        return (model.get_text_features(input_ids=ids).pooler_output,
-                model.get_image_features(pixel_values=images).pooler_output)
+        return model.get_text_features(input_ids=ids).pooler_output, image_features(model, images)
 
 
 def _relative(a, b) -> float:
@@ -67,7 +65,7 @@ def test_skip_loss_and_gradients_equal_plain_autograd(family):
     selected = tuner.last_selected
 
     ids = tokenize([f"a photo of a {c}." for c in CLASSES])[selected]
-    f = plain.get_image_features(pixel_values=images).pooler_output
+    f = image_features(plain, images)
     t = plain.get_text_features(input_ids=ids).pooler_output
     logits = plain.logit_scale.exp() * torch.nn.functional.normalize(f, dim=-1) @ \
         torch.nn.functional.normalize(t, dim=-1).T
@@ -114,6 +112,8 @@ def test_save_pretrained_round_trip_gives_the_tuned_features(family, tmp_path):
 
 
 def test_savings_follow_each_family():
+    siglip2 = SkipTuner(tiny_hf("siglip2"), CLASSES, tokenize, skip_layers=1)
+    assert siglip2.savings["image last-block pruning"].startswith("off (the image tower pools with attention")
     clip = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, skip_layers=1)
     assert set(clip.savings.values()) == {"on"}
     siglip = SkipTuner(tiny_hf("siglip"), CLASSES, tokenize, skip_layers=1)
@@ -138,18 +138,22 @@ def test_hf_tokenizers_and_processors_are_padded_to_the_context():
     assert token_function(tokenize, CONTEXT) is tokenize  # a callable to token ids is used as it is
 
 
-def test_pet_modes_and_siglip2_are_refused_with_the_reason():
+def test_pet_modes_are_refused_with_the_reason():
     from skipkernels.pet import apply_pet, pet_config
     with pytest.raises(ValueError, match="PET methods attach to open_clip's transformer blocks"):
         SkipTuner(tiny_hf("clip"), CLASSES, tokenize, mode="lskip-lora", skip_layers=1)
     with pytest.raises(ValueError, match="apply_pet does not attach to a transformers SiglipModel yet"):
         apply_pet(tiny_hf("siglip"), pet_config("lora"))
-    import transformers
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
-    siglip2 = transformers.Siglip2Model(transformers.Siglip2Config(
-        text_config=dict(small, vocab_size=100, max_position_embeddings=16), vision_config=dict(small, num_patches=16)))
-    with pytest.raises(UnsupportedModel, match="Siglip2Model is not supported yet"):
-        SkipTuner(siglip2, CLASSES, tokenize)
+
+
+def test_siglip2_patches_are_its_image_processors():
+    from transformers.models.siglip2.image_processing_siglip2 import convert_image_to_patches
+
+    from skipkernels.families import model_towers
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    patches, shapes = model_towers(tiny_hf("siglip2"))[0].patches(images)
+    assert torch.equal(patches, torch.stack([convert_image_to_patches(image, 8) for image in images]))
+    assert shapes.tolist() == [[4, 4], [4, 4]]
 
 
 def _word_tokenizer():

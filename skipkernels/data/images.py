@@ -45,9 +45,9 @@ def preprocess_config(model) -> tuple[int, tuple, tuple]:
     no image statistics in its config: CLIP's are OpenAI's, SigLIP's 0.5 (their processors')."""
     vision_config = getattr(getattr(model, "config", None), "vision_config", None)
     if vision_config is not None and not hasattr(model, "visual"):
-        size = vision_config.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        if model.config.model_type == "siglip":
+        from skipkernels.families import hf_image_size
+        size = hf_image_size(vision_config)
+        if model.config.model_type in ("siglip", "siglip2"):
             return int(size), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         return int(size), tuple(OPENAI_MEAN), tuple(OPENAI_STD)
     cfg = getattr(model.visual, "preprocess_cfg", None) or {}

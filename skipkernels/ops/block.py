@@ -6,8 +6,8 @@ Handles both block types open_clip 3.3 builds, and timm's ViT block (SigLIP's im
   post-attention norms, MLP norm are supported; scaled-cosine attention is not);
 - timm ``vision_transformer.Block`` with the plain ``Attention`` and ``Mlp`` (qk-norm, attention
   output norm, MLP norm, LayerScale), without stochastic depth or dropout;
-- Hugging Face ``CLIPEncoderLayer`` and ``SiglipEncoderLayer`` (separate q, k, v projections,
-  read as one packed projection).
+- Hugging Face ``CLIPEncoderLayer``, ``SiglipEncoderLayer`` and ``Siglip2EncoderLayer`` (separate
+  q, k, v projections, read as one packed projection).
 Any other block (Eva, scaled-cosine) runs its own forward (``skipkernels.skip.towers``);
 ``unsupported_reason`` says which.
 
@@ -73,7 +73,7 @@ NO_HOOKS = BlockHooks()
 # transformers' activation modules (ACT2FN) that compute one of the op layer's activations.
 _HF_ACTIVATIONS = {"QuickGELUActivation": "quick_gelu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
                    "PytorchGELUTanh": "gelu_tanh"}
-HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer")
+HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Siglip2EncoderLayer")
 
 
 def activation_name(module) -> str | None:
@@ -109,7 +109,7 @@ def unsupported_reason(block) -> str | None:
         return _timm_unsupported_reason(block)
     elif kind in HF_LAYERS and type(block).__module__.startswith("transformers."):
         attn = block.self_attn
-        if type(attn).__name__ not in ("CLIPAttention", "SiglipAttention"):
+        if type(attn).__name__ not in ("CLIPAttention", "SiglipAttention", "Siglip2Attention"):
             return f"transformers attention {type(attn).__name__}"
         if activation_name(block.mlp.activation_fn) is None:
             return f"MLP activation {type(block.mlp.activation_fn).__name__}"
