@@ -10,7 +10,8 @@
 # 5. the op microbenchmarks and the measured table backend=auto reads;
 # 6. the end-to-end comparison at batch 4 (skipkernels bench, every mode side by side, with the
 #    peak memory of each and where it goes);
-# 7. the step of another model family (EVA02-B-16);
+# 7. the step of other model families: EVA02-B-16, and a Hugging Face CLIP ViT-B/16 (transformers
+#    CLIPModel, random weights, written by bench/hf_clip_folder.py: the machine reaches no hub);
 # 8. one summary table, last.
 # Every stage has its own time limit, so a hang costs that stage, not the run. Uses the machine's
 # own torch; open_clip_torch, ftfy and wcwidth wheels, when present in .whl/, are installed first
@@ -90,12 +91,18 @@ log "7 another family: EVA02-B-16 (timm Eva image tower, rotary embeddings), bat
 rc_eva=$(stage 60 "$PY" -m skipkernels bench --out "$OUT/eva02" --model EVA02-B-16 --repeats 10 --no-epoch \
   --no-memory --modes skip-ref,skip-kernels,skip-graph)
 
+log "7b Hugging Face CLIP ViT-B/16 (transformers CLIPModel, random weights), batch 4"
+rc_hf=$(stage 60 bash -c "'$PY' bench/hf_clip_folder.py '$OUT/hf-clip-b16' && '$PY' -m skipkernels bench \
+  --out '$OUT/hf-clip' --model 'hf:$OUT/hf-clip-b16' --repeats 10 --no-epoch --no-memory \
+  --modes skip-ref,skip-kernels,skip-graph")
+
 log "8 summary"
-"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_eva" <<'PY' | tee -a "$LOG"
+"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_eva" "$rc_hf" <<'PY' | tee -a "$LOG"
 import glob, json, os, sys
 import xml.etree.ElementTree as ET
 out, *codes = sys.argv[1:]
-names = ["build", "tests/cuda", "memcheck", "set-up cold", "set-up warm", "profile", "kernels", "e2e", "EVA02"]
+names = ["build", "tests/cuda", "memcheck", "set-up cold", "set-up warm", "profile", "kernels", "e2e", "EVA02",
+         "HF CLIP"]
 rows = [(n, c) for n, c in zip(names, codes)]
 print(f"{'stage':<14} exit")
 for name, code in rows:
@@ -113,7 +120,8 @@ for name in ("setup-cold", "setup-warm", "profile-skip-graph"):
               f"tile benchmarks {r['gemm_tile_benchmarks']}  peak {r['peak_mb']:.0f} MB")
     except Exception as err:
         print(f"{name:<19} missing ({err})")
-for path in sorted(glob.glob(os.path.join(out, "e2e-*.json")) + glob.glob(os.path.join(out, "eva02", "e2e-*.json"))):
+for path in sorted(glob.glob(os.path.join(out, "e2e-*.json")) + glob.glob(os.path.join(out, "eva02", "e2e-*.json"))
+                   + glob.glob(os.path.join(out, "hf-clip", "e2e-*.json"))):
     results = json.load(open(path))["results"]
     base = results.get("paper", {}).get("step_s", {}).get("median")
     for mode, v in results.items():
