@@ -206,3 +206,12 @@ def test_bench_runs_a_saved_hf_model(tmp_path):
     report = json.loads(next(out.glob("e2e-cpu-*.json")).read_text())
     assert report["results"]["skip-kernels"]["step_s"]["median"] > 0
     assert "open_clip CLIP models" in report["results"]["paper"]["skipped"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_coop_trains_only_the_prompt_context(family):
+    tuner = SkipTuner(tiny_hf(family), CLASSES, tokenize, mode="coop", coop_n_ctx=2)
+    loss = tuner.loss(torch.randn(2, 3, 32, 32), torch.tensor([0, 5]))
+    loss.backward()
+    trained = [name for name, p in tuner.named_parameters() if p.grad is not None]
+    assert trained == ["prompt_learner.ctx"] and torch.isfinite(loss)
