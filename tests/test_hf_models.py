@@ -208,6 +208,18 @@ def test_bench_runs_a_saved_hf_model(tmp_path):
     assert "open_clip CLIP models" in report["results"]["paper"]["skipped"]
 
 
+
+def test_info_shows_a_saved_hf_models_plan(tmp_path, capsys):
+    from skipkernels.cli import main
+    folder = tmp_path / "tiny-clip"
+    tiny_hf("clip").save_pretrained(folder)
+    _word_tokenizer().save_pretrained(folder)
+    assert main(["info", "--model", f"hf:{folder}"]) == 0
+    printed = capsys.readouterr().out
+    assert "image tower: transformers CLIPModel vision, 3 blocks (CLIPEncoderLayer)" in printed
+    assert "blocks 0-2 (CLIPEncoderLayer):" in printed and "text truncation: on" in printed
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_coop_trains_only_the_prompt_context(family):
     tuner = SkipTuner(tiny_hf(family), CLASSES, tokenize, mode="coop", coop_n_ctx=2)
