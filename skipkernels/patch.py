@@ -18,7 +18,7 @@ from skipkernels.ops.block import HF_LAYERS, BlockPlan, routed_plan, unsupported
 from skipkernels.pet import has_pet
 from skipkernels.pet.hooks import block_hooks
 from skipkernels.pet.layouts import clip_block_forward, own_forward
-from skipkernels.skip.towers import ModelPlan
+from skipkernels.skip.towers import ModelPlan, patched_plan
 
 
 def fused_blocks(model: nn.Module) -> list:
@@ -26,21 +26,6 @@ def fused_blocks(model: nn.Module) -> list:
     blocks of both towers that the op layer computes."""
     image, text = model_towers(model)
     return [b for b in list(image.blocks) + list(text.blocks) if unsupported_reason(b) is None]
-
-
-def patched_plan(model: nn.Module) -> ModelPlan | None:
-    """The plan ``patch_clip`` routed ``model``'s encoders through, or None."""
-    for name in ("encode_image", "encode_text"):
-        plan = getattr(model.__dict__.get(name), "__self__", None)
-        if isinstance(plan, ModelPlan):
-            return plan
-    return None
-
-
-def model_policy(model: nn.Module):
-    """The policy ``patch_clip`` gave ``model`` (None: the ambient one, or not patched)."""
-    plan = patched_plan(model)
-    return plan.policy if plan is not None else None
 
 
 def patch_clip(model: nn.Module, policy=None) -> nn.Module:

@@ -227,3 +227,10 @@ def test_coop_trains_only_the_prompt_context(family):
     loss.backward()
     trained = [name for name, p in tuner.named_parameters() if p.grad is not None]
     assert trained == ["prompt_learner.ctx"] and torch.isfinite(loss)
+
+
+def test_a_patched_hf_models_policy_is_the_tuners_default():
+    from skipkernels import KernelPolicy
+    policy = KernelPolicy("torch", table="hf.json")
+    tuner = SkipTuner(patch_clip(tiny_hf("clip"), policy=policy), CLASSES, tokenize, skip_layers=1)
+    assert tuner.policy is policy and tuner.bound_policy is policy

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from skipkernels.families import model_towers
-from skipkernels.ops.block import BlockPlan, unsupported_reason
+from skipkernels.ops.block import BlockPlan, routed_plan, unsupported_reason
 from skipkernels.pet import hooks as pet_hooks
 
 TEXT_PAD_MULTIPLE = 8
@@ -318,3 +318,22 @@ class ModelPlan:
         # prompt runs only up to the last pooled position; the last block computes only the pooled row.
         features = self.text.encode(text)
         return F.normalize(features, dim=-1) if normalize else features
+
+
+def patched_plan(model: nn.Module) -> ModelPlan | None:
+    """The plan ``patch_clip`` routed ``model``'s encoders through, or None."""
+    for name in ("encode_image", "encode_text"):
+        plan = getattr(model.__dict__.get(name), "__self__", None)
+        if isinstance(plan, ModelPlan):
+            return plan
+    return None
+
+
+def model_policy(model: nn.Module):
+    """The policy ``patch_clip`` gave ``model`` (None: the ambient one, or not patched): its
+    encoders' plan's, or (a transformers model keeps its own encoders) its first routed block's."""
+    plan = patched_plan(model)
+    if plan is not None:
+        return plan.policy
+    block = next((routed_plan(m) for m in model.modules() if routed_plan(m) is not None), None)
+    return block.policy if block is not None else None

@@ -19,7 +19,7 @@ from skipkernels.ops.class_select import check_cskip_params, check_label_range
 from skipkernels.ops.policy import resolve as resolve_policy
 from skipkernels.ops.subset_ce import SUBSET_LOGITS_CE
 from skipkernels.options import option
-from skipkernels.skip.towers import ModelPlan
+from skipkernels.skip.towers import ModelPlan, model_policy
 from skipkernels.skip.cskip import RESAMPLE_MODES, ClassSkipper
 from skipkernels.skip.lskip import TextPrefixCache, keep_token_count
 from skipkernels.skip.modes import MODES, PET_MODES, ModePlan, mode_plan  # noqa: F401 - re-exported
@@ -162,7 +162,6 @@ class SkipTuner(nn.Module):
         image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
         if text_tower.mask_kind == "custom":
             raise ValueError("text attention masks other than causal or none are not supported")
-        from skipkernels.patch import model_policy
         self.policy = policy if policy is not None else model_policy(model)
         # The plan of both towers, built once (again when PET modules change): every step runs it.
         self.towers = ModelPlan(model, self.policy)
