@@ -7,6 +7,7 @@ import torch
 
 from hf_models import CONTEXT, image_features, tiny_hf, tokenize
 from skipkernels import SkipTuner, patch_clip, unpatch_clip
+from skipkernels.pet import pet_config
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
 FAMILIES = ["clip", "siglip", "siglip2"]
@@ -138,12 +139,49 @@ def test_hf_tokenizers_and_processors_are_padded_to_the_context():
     assert token_function(tokenize, CONTEXT) is tokenize  # a callable to token ids is used as it is
 
 
-def test_pet_modes_are_refused_with_the_reason():
-    from skipkernels.pet import apply_pet, pet_config
-    with pytest.raises(ValueError, match="PET methods attach to open_clip's transformer blocks"):
-        SkipTuner(tiny_hf("clip"), CLASSES, tokenize, mode="lskip-lora", skip_layers=1)
-    with pytest.raises(ValueError, match="apply_pet does not attach to a transformers SiglipModel yet"):
-        apply_pet(tiny_hf("siglip"), pet_config("lora"))
+PET_METHODS = ["vlpet-large", "vlpet-small", "adapter", "lora"]
+ALL_PROJECTIONS = ("q", "k", "v", "out", "fc1", "fc2")
+
+
+@pytest.mark.parametrize("method", PET_METHODS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pet_on_hf_models_runs_on_the_plan_and_undoes_cleanly(family, method):
+    """apply_pet on a transformers model: its layers run the op layer's plan with the modules as
+    hooks (LoRA on q, k, v weight-level). At initialisation the model is the original; with
+    random modules LoRA equals its merged weights (fp64), and remove() gives the original back."""
+    from pet_checks import randomize
+    from skipkernels.pet import apply_pet
+    model = tiny_hf(family).double()
+    base = copy.deepcopy(model)
+    ids = tokenize(["a photo of a cat", "dog"])
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    expected = _features(base, ids, images)
+    extra = dict(targets=ALL_PROJECTIONS) if method == "lora" else {}
+    handle = apply_pet(model, pet_config(method, skip_layers=1, **extra))
+    assert all("forward" in layer.__dict__ for layer in model.text_model.encoder.layers[1:])
+    for got, want in zip(_features(model, ids, images), expected):
+        assert _relative(got, want) <= 1e-12
+    randomize(handle)
+    tuned = _features(model, ids, images)
+    assert _relative(tuned[0], expected[0]) > 1e-3
+    if method == "lora":
+        handle.merge()
+        for got, want in zip(_features(model, ids, images), tuned):
+            assert _relative(got, want) <= 1e-12
+    else:
+        handle.remove()
+        for got, want in zip(_features(model, ids, images), expected):
+            assert torch.equal(got, want)
+        assert list(model.state_dict()) == list(base.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["lskip-vlpet-large", "lskip-lora"])
+def test_pet_modes_of_the_tuner_train_only_the_modules(mode):
+    tuner = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, mode=mode, skip_layers=1)
+    tuner.loss(tuner.image_prefix(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3])).backward()
+    trained = {name for name, p in tuner.named_parameters() if p.grad is not None}
+    assert trained and all(".pet_" in name or ".lora" in name for name in trained)
+    assert not any("layers.0." in name for name in trained)  # blocks < omega get no modules
 
 
 def test_siglip2_patches_are_its_image_processors():

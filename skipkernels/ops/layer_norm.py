@@ -1,10 +1,11 @@
 """LayerNorm and residual-add + LayerNorm.
 
-Reference: statistics in fp32 (as open_clip's ``LayerNormFp32`` and autocast do), result in the
-input dtype. Kernels: ``skipkernels.triton.layer_norm``.
+Reference: statistics in fp32 at least (as open_clip's ``LayerNormFp32`` and autocast do; fp64
+inputs stay fp64), result in the input dtype. Kernels: ``skipkernels.triton.layer_norm``.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from skipkernels.ops import measured
@@ -13,9 +14,10 @@ from skipkernels.ops.policy import Backend
 
 
 def layer_norm_reference(x, weight, bias, eps: float):
-    y = F.layer_norm(x.float(), (x.shape[-1],),
-                     None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = F.layer_norm(x.to(compute), (x.shape[-1],),
+                     None if weight is None else weight.to(compute),
+                     None if bias is None else bias.to(compute), eps)
     return y.to(x.dtype)
 
 

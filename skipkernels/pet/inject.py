@@ -151,11 +151,6 @@ def apply_pet(model: nn.Module, config: PetConfig,
                         f"pet_config('lora')), got {type(config).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable (name, module) -> bool, got {type(filter_fn).__name__}")
-    from skipkernels.families import HF_MODELS, is_hf_model
-    if is_hf_model(model) and type(model).__name__ in HF_MODELS:
-        raise ValueError(f"apply_pet does not attach to a transformers {type(model).__name__} yet: the op layer runs "
-                         "its q, k and v projections as one packed GEMM, which hooks on them would miss; tune it with "
-                         "skip, lskip, cskip, ft or coop, or use the open_clip model for PET")
     if has_pet(model):
         raise ValueError("the model already holds PET modules; remove() them before applying again")
     blocks = L.find_blocks(model)
@@ -325,8 +320,10 @@ def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
             if filter_fn is not None and not filter_fn(child_full, child):
                 continue
             lora = M.LoRAFactors(child.in_features, child.out_features, rank, cfg.alpha, cfg.dropout)
-            if isinstance(module, nn.MultiheadAttention):
-                # nn.MultiheadAttention reads out_proj.weight itself, never calls out_proj.
+            if isinstance(module, nn.MultiheadAttention) or (
+                    type(module).__name__ in L.HF_ATTENTIONS and child_name in ("q_proj", "k_proj", "v_proj")):
+                # nn.MultiheadAttention reads out_proj.weight itself, never calls out_proj; the op
+                # layer reads transformers' q, k and v weights as one packed projection.
                 _register(handle, f"{child_full}.{M.lora_child_name('weight')}", lora, child.weight)
                 M.install_weight_lora(child, "weight", lora)
                 handle._lora_undo.append(_weight_lora_undo(child, "weight"))

@@ -7,7 +7,8 @@ branch output H (``out_module``), and for cross-attention the value projection (
 
 Families:
 - ``clip``: open_clip ``ResidualAttentionBlock`` (nn.MultiheadAttention) and
-  ``CustomResidualAttentionBlock`` (open_clip ``Attention``). A block ``patch_clip`` routes
+  ``CustomResidualAttentionBlock`` (open_clip ``Attention``), and transformers' CLIP / SigLIP /
+  SigLIP 2 encoder layers, which always run the op layer's plan under PET. A block ``patch_clip`` routes
   through the op layer gets its PET modules as ``BlockHooks`` there (``pet.hooks.block_hooks``);
   on any other, PET owns the forward (``clip_block_forward``). Either way X and H are plain
   values: H is the whole branch output ``ls_1(attn(ln_1(X)))`` (``ls_1(ln_attn(attn(ln_1(X))))`` for the custom block), i.e. including
@@ -32,6 +33,12 @@ from typing import Callable
 import torch.nn as nn
 
 CLIP_BLOCKS = ("ResidualAttentionBlock", "CustomResidualAttentionBlock")
+# transformers' CLIP / SigLIP encoder layers: PET's modules run on the op layer's route there.
+HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Siglip2EncoderLayer")
+HF_ATTENTIONS = ("CLIPAttention", "SiglipAttention", "Siglip2Attention")
+# The blocks whose modifiers PET's own forward (or the op layer's route) applies: every other
+# block gets them through forward hooks.
+FORWARD_BLOCKS = CLIP_BLOCKS + HF_LAYERS
 # Post-norm BART-style layers: the FFN's residual is fc1's input. Pre-norm relatives (mBART,
 # Whisper, ...) keep the residual before their final norm and need a layout of their own.
 BART_LAYERS = ("BartEncoderLayer", "BartDecoderLayer")
@@ -82,6 +89,13 @@ def _clip_block(name, module):
                  sublayers={"attn": SubLayer("attn"), "mlp": SubLayer("mlp")})
 
 
+def _hf_encoder_layer(name, module):
+    if type(module).__name__ not in HF_LAYERS or not type(module).__module__.startswith("transformers."):
+        return None
+    return Block(name, module, -1, "clip", module.mlp.fc1.in_features, is_decoder=False,
+                 sublayers={"attn": SubLayer("attn"), "mlp": SubLayer("mlp")})
+
+
 def _bart_layer(name, module):
     if type(module).__name__ not in BART_LAYERS:
         return None
@@ -111,7 +125,7 @@ def _t5_block(name, module):
     return Block(name, module, -1, "t5", wo.out_features, is_decoder=is_decoder, sublayers=subs)
 
 
-_LAYOUTS: list[Callable] = [_clip_block, _bart_layer, _t5_block]
+_LAYOUTS: list[Callable] = [_clip_block, _hf_encoder_layer, _bart_layer, _t5_block]
 
 
 def register_layout(fn: Callable) -> None:
@@ -186,11 +200,17 @@ def runs_clip_forward(block: nn.Module) -> bool:
 
 
 def install_clip_forward(block: nn.Module):
-    """Route ``block`` through ``clip_block_forward``; returns an undo callable that restores
-    whatever forward the instance had, unless another forward was bound over it since."""
+    """Route ``block`` through ``clip_block_forward`` (a transformers encoder layer: through the op
+    layer's plan, which applies the modules as hooks; ``set_hooks`` gives it them once they are
+    in); returns an undo callable that restores whatever forward the instance had, unless another
+    forward was bound over it since."""
     had = "forward" in block.__dict__
     previous = block.__dict__.get("forward")
-    installed = types.MethodType(clip_block_forward, block)
+    if type(block).__name__ in HF_LAYERS:
+        from skipkernels.ops.block import BlockPlan
+        installed = BlockPlan(block).hf_module_forward
+    else:
+        installed = types.MethodType(clip_block_forward, block)
     block.forward = installed
 
     def undo():

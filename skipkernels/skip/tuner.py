@@ -174,8 +174,8 @@ class SkipTuner(nn.Module):
         plan = config.plan
         config = dataclasses.replace(config, skip_layers=plan.skip_layers)
         if plan.pet_method is not None:
-            from skipkernels.pet.layouts import CLIP_BLOCKS
-            foreign = {type(b).__name__ for t in (image_tower, text_tower) for b in t.blocks} - set(CLIP_BLOCKS)
+            from skipkernels.pet.layouts import FORWARD_BLOCKS
+            foreign = {type(b).__name__ for t in (image_tower, text_tower) for b in t.blocks} - set(FORWARD_BLOCKS)
             if foreign:  # apply_pet would silently leave those blocks without modules
                 raise ValueError(f"PET methods attach to open_clip's transformer blocks; this model's "
                                  f"{', '.join(sorted(foreign))} blocks would get none")
