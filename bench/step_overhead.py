@@ -79,7 +79,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="with --before: write both results here as JSON")
     args = p.parse_args(argv)
     if args.before:
-        return side_by_side(args, [a for a in (argv if argv is not None else sys.argv[1:])])
+        return side_by_side(args)
     tuner, tokens, labels = build(args.model, args.classes, args.batch, args.omega, args.mode)
     for _ in range(2):  # steady state: caches, lazy loads and first-call work done
         one_step(tuner, tokens, labels)
@@ -96,19 +96,6 @@ def main(argv=None):
     return result
 
 
-def _own_args(argv) -> list[str]:
-    """argv without --before/--rounds/--out and their values."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--before", "--rounds", "--out"):
-            skip = True
-        elif not arg.startswith(("--before=", "--rounds=", "--out=")):
-            out.append(arg)
-    return out
-
-
 def _run(tree: Path, args: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     run = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=tree, env=env,
@@ -116,9 +103,9 @@ def _run(tree: Path, args: list[str]) -> dict:
     return json.loads(run.stdout[run.stdout.index("{"):])
 
 
-def side_by_side(args, argv) -> dict:
+def side_by_side(args) -> dict:
     trees = {"before": Path(args.before).resolve(), "after": Path(__file__).resolve().parent.parent}
-    own = _own_args(argv)
+    own = [f"--{name}={getattr(args, name)}" for name in ("model", "classes", "batch", "omega", "mode", "repeat")]
     runs = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():

@@ -36,7 +36,7 @@ def _triton_status():
 def _triton_ops(usable: bool, device: str) -> dict:
     """Per Triton op: can it run here, and where does ``auto`` pick it (measured wins)?"""
     from skipkernels.ops import measured
-    entries = [e for e in measured._entries(str(measured.TABLE)) if e["device"] == device]
+    entries = [e for e in measured.entries(None) if e["device"] == device]
     ops = {}
     for op, kernel in triton_kernels().items():
         if not usable:

@@ -9,22 +9,23 @@ them, so checkpoints load either way.
 """
 from __future__ import annotations
 
-import types
-
 import torch.nn as nn
 
 from skipkernels.families import is_hf_model, model_towers
-from skipkernels.ops.block import HF_LAYERS, BlockPlan, routed_plan, unsupported_reason
+from skipkernels.ops.block import BlockPlan, routed_plan, unsupported_reason
 from skipkernels.pet import has_pet
 from skipkernels.pet.hooks import block_hooks
-from skipkernels.pet.layouts import clip_block_forward, own_forward
-from skipkernels.skip.towers import ModelPlan, patched_plan
+from skipkernels.pet.layouts import own_forward, pet_forward
+from skipkernels.skip.towers import ModelPlan
 
 
 def fused_blocks(model: nn.Module) -> list:
     """Validate that ``model`` is a supported open_clip model (a clear error otherwise); return the
     blocks of both towers that the op layer computes."""
-    image, text = model_towers(model)
+    return _computed(*model_towers(model))
+
+
+def _computed(image, text) -> list:
     return [b for b in list(image.blocks) + list(text.blocks) if unsupported_reason(b) is None]
 
 
@@ -43,12 +44,11 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     _ext.load()  # the compiled ops' first use (may compile them once), before any torch.compile trace
     if policy is not None:
         resolve(policy)  # an unknown backend name fails here, not at the first op
-    model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
-    for block in fused_blocks(model):
+    image, text = model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
+    for block in _computed(image, text):
         hooks = block_hooks(block)
-        plan = BlockPlan(block, policy, hooks, own_forward(block) if hooks is None else None)
-        block.forward = plan.hf_module_forward if type(block).__name__ in HF_LAYERS else plan.module_forward
-    text_mask = model_towers(model)[1].mask_kind
+        block.forward = BlockPlan(block, policy, hooks, own_forward(block) if hooks is None else None).as_forward()
+    text_mask = text.mask_kind
     # A transformers model keeps its own encoders (get_image_features / get_text_features return its
     # output types); its layers run their plans.
     plan = ModelPlan(model, policy) if text_mask != "custom" and not is_hf_model(model) else None
@@ -68,7 +68,7 @@ def unpatch_clip(model: nn.Module) -> nn.Module:
         if routed_plan(block) is not None:
             block.__dict__.pop("forward")
         if has_pet(block) and "forward" not in block.__dict__:
-            block.forward = types.MethodType(clip_block_forward, block)
+            block.forward = pet_forward(block, block_hooks(block))
     for name in ("encode_text", "encode_image"):
         if isinstance(getattr(model.__dict__.get(name), "__self__", None), ModelPlan):
             model.__dict__.pop(name)

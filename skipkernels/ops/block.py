@@ -74,6 +74,7 @@ NO_HOOKS = BlockHooks()
 _HF_ACTIVATIONS = {"QuickGELUActivation": "quick_gelu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
                    "PytorchGELUTanh": "gelu_tanh"}
 HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Siglip2EncoderLayer")
+HF_ATTENTIONS = ("CLIPAttention", "SiglipAttention", "Siglip2Attention")
 
 
 def activation_name(module) -> str | None:
@@ -109,7 +110,7 @@ def unsupported_reason(block) -> str | None:
         return _timm_unsupported_reason(block)
     elif kind in HF_LAYERS and type(block).__module__.startswith("transformers."):
         attn = block.self_attn
-        if type(attn).__name__ not in ("CLIPAttention", "SiglipAttention", "Siglip2Attention"):
+        if type(attn).__name__ not in HF_ATTENTIONS:
             return f"transformers attention {type(attn).__name__}"
         if activation_name(block.mlp.activation_fn) is None:
             return f"MLP activation {type(block.mlp.activation_fn).__name__}"
@@ -396,6 +397,10 @@ class BlockPlan:
         if self.hooks is None:
             return self.own_forward(x, attn_mask=attn_mask)
         return self.forward(x, causal=is_causal, attn_mask=attn_mask)
+
+    def as_forward(self):
+        """The bound method a routed block's ``forward`` becomes: its family's signature."""
+        return self.hf_module_forward if type(self.block).__name__ in HF_LAYERS else self.module_forward
 
     def hf_module_forward(self, hidden_states, attention_mask=None, *args, is_causal: bool = False, **kwargs):
         """The block's ``forward`` once ``patch_clip`` routes a transformers encoder layer here:

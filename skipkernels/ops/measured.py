@@ -145,14 +145,14 @@ def main(argv=None) -> int:
     if not paths:
         print("usage: python -m skipkernels.ops.measured KERNELS.json [...]", file=sys.stderr)
         return 2
-    entries = build_entries([json.loads(Path(p).read_text()) for p in paths])
-    old = [e for e in _entries(str(TABLE)) if e["device"] not in {n["device"] for n in entries}]
-    TABLE.write_text(json.dumps({"entries": old + entries}, indent=1) + "\n")
+    new = build_entries([json.loads(Path(p).read_text()) for p in paths])
+    old = [e for e in entries(None) if e["device"] not in {n["device"] for n in new}]
+    TABLE.write_text(json.dumps({"entries": old + new}, indent=1) + "\n")
     _entries.cache_clear()  # this process decides from the new table from now on
     for forget in ON_REWRITE:
         forget()
-    wins = sum(e["speedup"] >= MIN_SPEEDUP for e in entries)
-    print(f"{TABLE}: {len(entries)} measured cases, Triton wins {wins}")
+    wins = sum(e["speedup"] >= MIN_SPEEDUP for e in new)
+    print(f"{TABLE}: {len(new)} measured cases, Triton wins {wins}")
     return 0
 
 

@@ -92,13 +92,13 @@ class Compiled:
                 _faked.add(name)
 
     def unavailable(self, kind: str) -> str | None:
+        if _ext.has_kernel(self.name, kind):
+            return None
         if self.name not in _ext.COMPILED_OPS:
             return f"the compiled {self.name} is not built: {_ext.load_error or 'missing from skipkernels._C'}"
-        if kind == "cuda" and not _ext.CUDA_BUILT:
+        if kind == "cuda":
             return "skipkernels._C was built without CUDA"
-        if kind not in ("cpu", "cuda"):
-            return f"compiled ops run on cpu and cuda tensors, not {kind}"
-        return None
+        return f"compiled ops run on cpu and cuda tensors, not {kind}"
 
     def reasons(self, *args, **kwargs) -> list[str]:
         return []

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from skipkernels.ops.block import HF_ATTENTIONS
 from skipkernels.pet import hooks as H
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
@@ -94,7 +95,7 @@ class PetHandle:
             undo()
         self._undo.clear()
         for module in self.model.modules():  # PET's forward bound since (e.g. by unpatch_clip)
-            if L.runs_clip_forward(module):
+            if L.runs_pet_forward(module):
                 module.__dict__.pop("forward")
         for p, flag in self._requires_grad:
             p.requires_grad_(flag)
@@ -321,7 +322,7 @@ def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
                 continue
             lora = M.LoRAFactors(child.in_features, child.out_features, rank, cfg.alpha, cfg.dropout)
             if isinstance(module, nn.MultiheadAttention) or (
-                    type(module).__name__ in L.HF_ATTENTIONS and child_name in ("q_proj", "k_proj", "v_proj")):
+                    type(module).__name__ in HF_ATTENTIONS and child_name in ("q_proj", "k_proj", "v_proj")):
                 # nn.MultiheadAttention reads out_proj.weight itself, never calls out_proj; the op
                 # layer reads transformers' q, k and v weights as one packed projection.
                 _register(handle, f"{child_full}.{M.lora_child_name('weight')}", lora, child.weight)

@@ -32,11 +32,11 @@ from typing import Callable
 
 import torch.nn as nn
 
+from skipkernels.ops.block import HF_LAYERS, NO_HOOKS, BlockPlan
+
 CLIP_BLOCKS = ("ResidualAttentionBlock", "CustomResidualAttentionBlock")
-# transformers' CLIP / SigLIP encoder layers: PET's modules run on the op layer's route there.
-HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Siglip2EncoderLayer")
-HF_ATTENTIONS = ("CLIPAttention", "SiglipAttention", "Siglip2Attention")
-# The blocks whose modifiers PET's own forward (or the op layer's route) applies: every other
+# The blocks whose modifiers PET's own forward (or the op layer's route: transformers' CLIP /
+# SigLIP encoder layers, HF_LAYERS) applies: every other
 # block gets them through forward hooks.
 FORWARD_BLOCKS = CLIP_BLOCKS + HF_LAYERS
 # Post-norm BART-style layers: the FFN's residual is fc1's input. Pre-norm relatives (mBART,
@@ -194,9 +194,24 @@ def own_forward(block):
     return types.MethodType(type(block).forward, block)
 
 
-def runs_clip_forward(block: nn.Module) -> bool:
-    """Whether ``block``'s instance forward is ``clip_block_forward``."""
-    return getattr(block.__dict__.get("forward"), "__func__", None) is clip_block_forward
+def runs_pet_forward(block: nn.Module) -> bool:
+    """Whether ``block``'s instance forward is one ``pet_forward`` gave it."""
+    forward = block.__dict__.get("forward")
+    return getattr(forward, "__func__", None) is clip_block_forward or isinstance(getattr(forward, "__self__", None),
+                                                                                  PetPlan)
+
+
+def pet_forward(block: nn.Module, hooks=None):
+    """The forward under which a block that ``patch_clip`` does not route applies its PET modules:
+    ``clip_block_forward`` for open_clip blocks; for a transformers encoder layer the op layer's
+    plan with the modules as ``hooks`` (None: none yet, given by ``set_hooks`` once they are in)."""
+    if type(block).__name__ in HF_LAYERS:
+        return PetPlan(block, None, hooks if hooks is not None else NO_HOOKS).as_forward()
+    return types.MethodType(clip_block_forward, block)
+
+
+class PetPlan(BlockPlan):
+    """A transformers layer's plan that PET installed (not ``patch_clip``), so ``remove`` takes it out."""
 
 
 def install_clip_forward(block: nn.Module):
@@ -206,11 +221,7 @@ def install_clip_forward(block: nn.Module):
     forward was bound over it since."""
     had = "forward" in block.__dict__
     previous = block.__dict__.get("forward")
-    if type(block).__name__ in HF_LAYERS:
-        from skipkernels.ops.block import BlockPlan
-        installed = BlockPlan(block).hf_module_forward
-    else:
-        installed = types.MethodType(clip_block_forward, block)
+    installed = pet_forward(block)
     block.forward = installed
 
     def undo():

@@ -335,5 +335,5 @@ def model_policy(model: nn.Module):
     plan = patched_plan(model)
     if plan is not None:
         return plan.policy
-    block = next((routed_plan(m) for m in model.modules() if routed_plan(m) is not None), None)
+    block = next(filter(None, map(routed_plan, model.modules())), None)
     return block.policy if block is not None else None

@@ -159,12 +159,11 @@ class SkipTuner(nn.Module):
             config = SkipConfig(**overrides)
         elif overrides:
             config = dataclasses.replace(config, **overrides)
-        image_tower, text_tower = model_towers(model)  # clear errors for unsupported models and towers
-        if text_tower.mask_kind == "custom":
-            raise ValueError("text attention masks other than causal or none are not supported")
         self.policy = policy if policy is not None else model_policy(model)
         # The plan of both towers, built once (again when PET modules change): every step runs it.
+        # Clear errors for unsupported models, towers and text masks.
         self.towers = ModelPlan(model, self.policy)
+        image_tower, text_tower = self.towers.image.tower, self.towers.text.tower
         # ω: None in the config means the model's default, resolved here once. One number: the
         # plan's (0 in a mode that caches nothing), which tuner.config and tuner.skip_layers repeat.
         self.skip_layers_reason = "given"
