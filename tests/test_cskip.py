@@ -18,7 +18,9 @@ def test_top_k_rule():
     assert top_k_for(7, 0.5, 50) == 4      # ceil(3.5)
     assert top_k_for(10, 3, 50) == 3       # r > 1 is a count
     assert top_k_for(10, 30, 50) == 10
-    assert top_k_for(10, 1.0, 50) == 10
+    assert top_k_for(10, 1.0, 5) == 10     # r = 1.0: every class, whatever max_top
+    assert top_k_for(10, 2.5, 50) == 3     # a count is rounded up, as the authors' ceil
+    assert top_k_for(100, 60, 50) == 50    # and capped by max_top
     with pytest.raises(ValueError, match="top_ratio"):
         top_k_for(10, 0.0, 5)
 
@@ -30,7 +32,7 @@ def test_rank_keep_probs_are_min_max_normalised_exponential():
     x = torch.linspace(0, 5, 11, dtype=torch.float64)
     e = torch.exp(-x / 0.3)
     assert torch.allclose(p, (e - e.min()) / (e.max() - e.min()))
-    assert rank_keep_probs(1, 0.3).tolist() == [1.0]
+    assert rank_keep_probs(1, 0.3).tolist() == [0.0]  # the lone lower rank is the last (tests/test_cskip_class_count.py)
     with pytest.raises(ValueError, match="lam"):
         rank_keep_probs(3, 0.0)
 

@@ -51,23 +51,31 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
 
 
 def top_k_for(num_classes: int, top_ratio: float, max_top: int) -> int:
-    """K = min(ceil(r*C), max_top); for r > 1, r is a count: K = min(r, C)."""
+    """K, the number of top-ranked classes CSkip always keeps: the authors' rule (SkipTuning,
+    ``trainers/skip_tuning.py``, ``select_classes``), float arithmetic included.
+
+    r <= 1 is a ratio: ceil(r*C). r > 1 is a count: ceil(min(r, C)), so 2.5 keeps 3. Either is
+    then capped at ``max_top``. r == 1.0 keeps every class (CSkip off), whatever ``max_top``.
+    CSkip is off wherever K == C (``ClassSkipper.enabled``)."""
     if num_classes < 1:
         raise ValueError("class selection needs at least one class")
     _check_top(top_ratio, max_top)
-    if top_ratio > 1:
-        return int(min(int(top_ratio), num_classes))
-    return int(min(math.ceil(top_ratio * num_classes), max_top, num_classes))
+    if top_ratio == 1.0:
+        return int(num_classes)
+    count = math.ceil(top_ratio * num_classes) if top_ratio < 1 else math.ceil(min(top_ratio, num_classes))
+    return int(min(count, max_top))
 
 
 def rank_keep_probs(count: int, lam: float) -> torch.Tensor:
     """Keep probability of rank positions K..C-1: the min-max normalised exponential pdf with
-    scale ``lam`` at linspace(0, 5, count), so the first is 1 and the last 0."""
+    scale ``lam`` at linspace(0, 5, count), so the first is 1 and the last 0.
+
+    One position (C - K == 1) is the last one: p = 0, never kept unless it holds a label. The
+    authors' normalisation divides 0 by 0 there, and their NaN compares false: the same outcome
+    (docs/DEPARTURES.md)."""
     _check_lam(lam)
-    if count <= 0:
-        return torch.zeros(0, dtype=torch.float64)
-    if count == 1:
-        return torch.ones(1, dtype=torch.float64)
+    if count <= 1:
+        return torch.zeros(max(count, 0), dtype=torch.float64)
     x = torch.linspace(0.0, 5.0, count, dtype=torch.float64)
     pdf = torch.exp(-x / lam) / lam
     return (pdf - pdf.min()) / (pdf.max() - pdf.min())

@@ -47,6 +47,22 @@ class ClassSkipper:
         self.last_labels: torch.Tensor | None = None
         self.bind(policy)
 
+    def summary(self) -> dict:
+        """How many classes a step runs (results.json's ``class_subset``)."""
+        return {"classes": self.num_classes, "top_k": self.top_k, "enabled": self.enabled,
+                "resample": self.resample,
+                "subset_size": self.fixed_size if self.resample == "fixed" else None}
+
+    def describe(self) -> str:
+        """One line for ``print(tuner)`` and a run's start."""
+        if not self.enabled:
+            return f"CSkip: off, every one of the {self.num_classes} classes runs (K = C)"
+        tail = self.num_classes - self.top_k
+        kept = (f"+ {int(self.rank_mask.sum())} of the {tail} lower ranks by the run's rank mask: "
+                f"K' = {self.fixed_size} classes a step (more when a batch has over K distinct labels)"
+                if self.resample == "fixed" else f"+ lower ranks of {tail} by a mask drawn each step")
+        return f"CSkip: the top K = {self.top_k} of C = {self.num_classes} classes {kept}"
+
     def bind(self, policy) -> None:
         """Run class_select under ``policy`` (a KernelPolicy, a backend name, or None: the ambient one now)."""
         self.class_select = CLASS_SELECT.bind(policy)

@@ -31,9 +31,10 @@ text_global_pool = import_open_clip().transformer.text_global_pool
 
 
 def _keep_probabilities(count: int, lam: float) -> torch.Tensor:
-    """Min-max normalised exponential pdf (scale lam) at linspace(0, 5, count): 1 first, 0 last."""
+    """Min-max normalised exponential pdf (scale lam) at linspace(0, 5, count): 1 first, 0 last.
+    A lone position is the last: 0 (the authors' 0/0 is NaN, and a NaN keeps nothing)."""
     if count <= 1:
-        return torch.ones(count, dtype=torch.float64)
+        return torch.zeros(count, dtype=torch.float64)
     x = torch.linspace(0.0, 5.0, count, dtype=torch.float64)
     pdf = torch.exp(-x / lam) / lam
     return (pdf - pdf.min()) / (pdf.max() - pdf.min())
@@ -84,8 +85,10 @@ class PaperSkipTuning(nn.Module):
             self.text_tokens = x  # (C, 77, D) at block omega, for the whole run
 
         num_classes = len(classnames)
-        self.top_k = int(min(int(top_ratio), num_classes)) if top_ratio > 1 else \
-            int(min(math.ceil(top_ratio * num_classes), max_top, num_classes))
+        # The authors' count (select_classes): a ratio up to 1, a count above; max_top caps both;
+        # r == 1.0 or K == C runs every class.
+        top_k = math.ceil(top_ratio * num_classes) if top_ratio <= 1.0 else math.ceil(min(top_ratio, num_classes))
+        self.top_k = num_classes if top_ratio == 1.0 else int(min(top_k, max_top))
         if rank_mask is None:
             gen = torch.Generator().manual_seed(seed)
             probs = _keep_probabilities(num_classes - self.top_k, lam)

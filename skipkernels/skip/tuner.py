@@ -35,7 +35,8 @@ class SkipConfig:
                        choices=MODES)
     skip_layers: int | None = option(None, "omega: blocks [0, omega) of both towers are frozen and cached "
                                      "(default: half the blocks of the shallower tower, 6 for ViT-B/16)")
-    top_ratio: float = option(0.5, "CSkip's r: K = min(ceil(r*C), max_top) top-ranked classes; r > 1 is a count")
+    top_ratio: float = option(0.5, "CSkip's r: K = min(ceil(r*C), max_top) top-ranked classes; r > 1 is a "
+                                   "count, K = min(ceil(min(r, C)), max_top); 1.0 keeps every class (CSkip off)")
     max_top: int = option(50, "CSkip: at most this many top-ranked classes")
     lam: float = option(0.3, "CSkip: scale of the exponential keep-probability over lower ranks")
     resample: str = option("fixed", "CSkip: fixed, one rank mask per run (static K'); step, one per step",
@@ -407,6 +408,8 @@ class SkipTuner(nn.Module):
         why = self.skip_layers_reason if self.plan.caches_prefix else f"nothing is cached in mode {cfg.mode}"
         lines = [f"mode={cfg.mode}, omega {self.skip_layers} ({why}), classes={len(self.classnames)}"]
         lines += [f"{name}: {state}" for name, state in self.savings.items()]
+        if self.skipper is not None:
+            lines.append(self.skipper.describe())
         lines.append(f"kernel policy: {self.bound_policy.backend}" + (
             f" (table {self.bound_policy.table})" if self.bound_policy.table else ""))
         lines.append(self.towers.describe())

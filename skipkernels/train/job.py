@@ -83,6 +83,7 @@ def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, trai
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": trainable_params,
         "exact_savings": tuner.savings,
+        "class_subset": tuner.skipper.summary() if tuner.skipper is not None else None,
         "num_train_items": len(data.train_items), "base_classes": len(data.base), "new_classes": len(data.new),
         "classnames": data.splits.classnames,  # label order; base = the first base_classes
         "history": trainer.history, "device": str(device),
