@@ -83,7 +83,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
     weights drawn with ``seed`` ("none": random even where the model has shipped weights; None: the
     shipped ones where there are some, see ``resolve_pretrained``). ``tokenizer``: see ``load_tokenizer``."""
     if name.startswith(HF_PREFIX):
-        return create_hf_model(name.removeprefix(HF_PREFIX), pretrained, device, tokenizer)
+        return create_hf_model(name.removeprefix(HF_PREFIX), pretrained, device, tokenizer, seed)
     open_clip = open_clip_module()
     pretrained = resolve_pretrained(name, pretrained)
     if name not in open_clip.list_models():
@@ -117,12 +117,14 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
 HF_PREFIX = "hf:"
 
 
-def create_hf_model(source: str, pretrained: str | None = None, device="cpu", tokenizer: str | None = None):
+def create_hf_model(source: str, pretrained: str | None = None, device="cpu", tokenizer: str | None = None,
+                    seed: int | None = 0):
     """(model, tokenizer) of a Hugging Face CLIPModel, SiglipModel or Siglip2Model saved in folder
     ``source`` or named on the hub (``HF_HUB_OFFLINE=1`` reads only the local cache). Its own
     weights are loaded (``pretrained="none"``: its config with random weights; a state_dict file:
     those weights); the tokenizer is the folder's (or ``tokenizer``'s), padded to the model's text
-    context."""
+    context. ``seed`` seeds torch's RNG first, as for open_clip models: random weights, and whatever
+    is drawn after (PET modules' initial weights), are then the same in every process."""
     import transformers
 
     from skipkernels.families import HF_MODELS, token_function
@@ -138,6 +140,8 @@ def create_hf_model(source: str, pretrained: str | None = None, device="cpu", to
     if pretrained not in (None, RANDOM_WEIGHTS) and not weights_file:
         raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained} (a transformers model loads its own "
                                 "weights from its folder; pretrained may name a state_dict file of them)")
+    if seed is not None:
+        torch.manual_seed(seed)
     model = cls(config) if pretrained == RANDOM_WEIGHTS or weights_file else cls.from_pretrained(source)
     if weights_file:  # a state_dict of this model, e.g. a finetune run's model.pt
         tuned = read_tuned(pretrained) if pretrained.endswith(".pt") else None

@@ -98,3 +98,22 @@ def test_coop_and_cskip_modes_run(synthetic_root, tmp_path):
     assert not (tmp_path / "coop" / "prompt_learner.pt").exists()
     splits = load_splits(synthetic_root, "synthetic")
     assert len(splits.classnames) == 12
+
+
+def test_resume_continues_torchs_global_rng(synthetic_root, tmp_path, monkeypatch):
+    """A step that draws from torch's global RNG (a PET module's dropout, a user's noise) resumes
+    as it would have run on: the checkpoint holds the RNG state. Here the loss is scaled by a
+    random factor, so the weights depend on every draw."""
+    from skipkernels.skip.tuner import SkipTuner
+    plain_loss = SkipTuner.loss
+    monkeypatch.setattr(SkipTuner, "loss", lambda self, *a, **k: plain_loss(self, *a, **k) * (1 + torch.rand(())))
+    skip = SkipConfig(mode="skip", skip_layers=1)
+    finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip, train=TrainConfig(epochs=3, **FAST),
+             out_dir=tmp_path / "straight")
+    finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip,
+             train=TrainConfig(epochs=3, stop_after_epochs=1, **FAST), out_dir=tmp_path / "resumed")
+    done = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=skip, train=TrainConfig(epochs=3, **FAST),
+                    out_dir=tmp_path / "resumed")
+    assert done["resumed"]
+    a, b = _weights(tmp_path / "straight" / "model.pt"), _weights(tmp_path / "resumed" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -88,7 +88,9 @@ class TrainConfig:
             self.report_to = None
         if self.report_to not in REPORT_TO:
             raise ValueError(f"report_to must be one of {REPORT_TO} ('none' for None), got {self.report_to!r}")
-        if self.amp not in AMP_MODES and self.amp != "none":
+        if self.amp == "none":  # one spelling of fp32, so the API's "none" and the CLI's are one run
+            self.amp = None
+        if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
@@ -187,7 +189,11 @@ class Trainer:
         state = {"epoch": epoch_done, "signature": self.signature, "identity": self.identity,
                  "trainable": {n: p.detach().cpu() for n, p in self.tuner.trainable_named_parameters()},
                  "optimizer": self.optimizer.state_dict(), "tuner": self.tuner.extra_state(),
-                 "history": self.history, "steps": self.steps, "times": self.times}
+                 "history": self.history, "steps": self.steps, "times": self.times,
+                 # whatever the step draws from torch's global RNG (e.g. a PET module's dropout)
+                 # continues after a resume as it would have without the stop
+                 "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
         checkpoint.atomic_save(state, self.checkpoint_path)
         distributed.barrier()
 
@@ -214,6 +220,10 @@ class Trainer:
         self.history = state["history"]
         self.steps = state.get("steps", [])  # checkpoints from before the step log have none
         self.times = state["times"]
+        if state.get("torch_rng") is not None:  # checkpoints from before it have none
+            torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         return True
 
     # -------------------------------------------------------------- training
