@@ -4,8 +4,9 @@
 
 The rule: r <= 1 is a ratio, K = ceil(r*C); r > 1 is a count, K = ceil(min(r, C)); both capped at
 max_top. r == 1.0 or K == C runs every class. With a fixed rank mask and at most K distinct labels
-in a batch, the step runs K' = K + (kept lower ranks) classes; the last lower rank is never kept,
-so C - K == 1 gives K' == K and C - K == 2 gives K' == K + 1.
+in a batch, the step runs K' = K + (kept lower ranks) classes. The first lower rank is always kept
+and the last never, so C - K == 2 gives K' == K + 1; C - K == 1 keeps its lone lower rank (our
+documented choice, where the authors' 0/0 keeps nothing), so K' == C.
 """
 import copy
 
@@ -39,9 +40,10 @@ CASES = [
     (12, 30, 7, 7, None, "count above C, capped by max_top"),
     (12, 12, 50, 12, 12, "count = C: K = C"),
     (12, 0.95, 50, 12, 12, "ratio giving K = C (C - K = 0)"),
-    (12, 0.9, 50, 11, 11, "C - K = 1, ratio: the lone lower rank is never kept"),
-    (12, 11, 50, 11, 11, "C - K = 1, count"),
-    (12, 0.95, 11, 11, 11, "C - K = 1, max_top"),
+    (12, 0.9, 50, 11, 12, "C - K = 1, ratio: the lone lower rank is kept"),
+    (12, 11, 50, 11, 12, "C - K = 1, count"),
+    (12, 0.95, 11, 11, 12, "C - K = 1, max_top"),
+    (2, 0.5, 50, 1, 2, "C = 2: K = 1 and the lone lower rank kept, so a step never has one class"),
     (12, 0.8, 50, 10, 11, "C - K = 2: the first lower rank kept, the last not"),
     (12, 0.95, 10, 10, 11, "C - K = 2, max_top"),
 ]
@@ -97,24 +99,24 @@ def test_class_count_follows_the_authors_rule(num_classes, top_ratio, max_top, t
     else:
         assert f"the top K = {top_k} of C = {num_classes}" in repr(tuner)
     if subset is not None and top_k < num_classes:  # C - K in {1, 2}: the mask is not random there
-        assert own.rank_mask.tolist() == skipper.rank_mask.tolist() == [True] * (num_classes - top_k - 1) + [False]
+        expected_mask = [True] if num_classes - top_k == 1 else [True, False]
+        assert own.rank_mask.tolist() == skipper.rank_mask.tolist() == expected_mask
 
 
-def test_the_lone_lower_rank_has_keep_probability_zero():
-    """C - K == 1: the position is the first and the last; the authors' min-max division is 0/0
-    there, a NaN that keeps nothing. Ours says 0 outright."""
-    assert rank_keep_probs(1, 0.3).tolist() == [0.0]
+def test_the_lone_lower_rank_is_always_kept():
+    """C - K == 1: the position is the first lower rank (always kept elsewhere) and the last (never
+    kept). The authors' min-max division is 0/0 there, a NaN that keeps nothing; we keep it."""
+    assert rank_keep_probs(1, 0.3).tolist() == [1.0]
     assert rank_keep_probs(2, 0.3).tolist() == [1.0, 0.0]
     assert rank_keep_probs(0, 0.3).shape == (0,)
 
 
-def test_a_label_in_the_lone_lower_rank_is_still_trained(tokenizer):
-    """The one departure at C - K == 1: a batch with more distinct labels than K puts a label at a
-    lower rank; the authors' mask would drop it (and remap the label to class 0), we keep it."""
-    tuner = SkipTuner(tiny_clip(layers=2), NAMES[:5], tokenizer, mode="skip", skip_layers=1, top_ratio=4,
-                      max_top=50)
-    assert tuner.skipper.top_k == 4 and tuner.skipper.rank_mask.tolist() == [False]
-    labels = torch.tensor([0, 1, 2, 3, 4])
-    tuner.loss(tuner.image_prefix(torch.randn(5, 3, 32, 32)), labels)
-    assert tuner.last_selected.tolist() == [0, 1, 2, 3, 4]
-    assert torch.equal(tuner.last_selected[tuner.last_labels], labels)
+def test_two_classes_still_train_on_one_class_batches(tokenizer):
+    """Why the lone lower rank is kept: at C = 2, K = 1, and the authors' rule would leave a batch
+    of one class a one-class subset, whose cross-entropy is 0, so nothing would train."""
+    tuner = SkipTuner(tiny_clip(layers=2), NAMES[:2], tokenizer, mode="skip", skip_layers=1)
+    assert tuner.skipper.top_k == 1 and tuner.skipper.rank_mask.tolist() == [True]
+    loss = tuner.loss(tuner.image_prefix(torch.randn(4, 3, 32, 32)), torch.tensor([1, 1, 1, 1]))
+    assert tuner.last_selected.tolist() == [0, 1] and loss.item() > 0
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for _, p in tuner.trainable_named_parameters())

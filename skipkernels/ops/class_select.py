@@ -70,12 +70,12 @@ def rank_keep_probs(count: int, lam: float) -> torch.Tensor:
     """Keep probability of rank positions K..C-1: the min-max normalised exponential pdf with
     scale ``lam`` at linspace(0, 5, count), so the first is 1 and the last 0.
 
-    One position (C - K == 1) is the last one: p = 0, never kept unless it holds a label. The
-    authors' normalisation divides 0 by 0 there, and their NaN compares false: the same outcome
-    (docs/DEPARTURES.md)."""
+    One position (C - K == 1) is the first lower rank, which is always kept: p = 1. The authors'
+    normalisation divides 0 by 0 there and keeps nothing, which at C = 2 leaves a one-class
+    subset whose loss is 0 for every batch of one class (docs/DEPARTURES.md)."""
     _check_lam(lam)
     if count <= 1:
-        return torch.zeros(max(count, 0), dtype=torch.float64)
+        return torch.ones(max(count, 0), dtype=torch.float64)
     x = torch.linspace(0.0, 5.0, count, dtype=torch.float64)
     pdf = torch.exp(-x / lam) / lam
     return (pdf - pdf.min()) / (pdf.max() - pdf.min())

@@ -32,9 +32,9 @@ text_global_pool = import_open_clip().transformer.text_global_pool
 
 def _keep_probabilities(count: int, lam: float) -> torch.Tensor:
     """Min-max normalised exponential pdf (scale lam) at linspace(0, 5, count): 1 first, 0 last.
-    A lone position is the last: 0 (the authors' 0/0 is NaN, and a NaN keeps nothing)."""
+    A lone position is the first lower rank, always kept: 1 (docs/DEPARTURES.md)."""
     if count <= 1:
-        return torch.zeros(count, dtype=torch.float64)
+        return torch.ones(count, dtype=torch.float64)
     x = torch.linspace(0.0, 5.0, count, dtype=torch.float64)
     pdf = torch.exp(-x / lam) / lam
     return (pdf - pdf.min()) / (pdf.max() - pdf.min())
