@@ -3,7 +3,10 @@ from skipkernels._version import __version__
 from skipkernels.info import info
 from skipkernels.ops.policy import KernelPolicy, use_backend, use_policy
 from skipkernels.patch import patch_clip, unpatch_clip
+from skipkernels.models import register_with_open_clip as _register_with_open_clip
 
+# The shipped configs by name in open_clip too: open_clip.create_model(name, pretrained="RUN/model.pt")
+_register_with_open_clip()
 
 __all__ = ["patch_clip", "unpatch_clip", "SkipTuner", "SkipConfig", "KernelPolicy", "info",
            "use_policy", "use_backend", "__version__"]

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from skipkernels._version import __version__
+from skipkernels.flags import DEVICE_HELP, MODEL_HELP, NO_PROGRESS_HELP, positive_int
 from skipkernels.flags import check_autocast as _check_autocast  # noqa: F401  (tests)
 from skipkernels.flags import check_training_flags as _check_finetune_flags
 from skipkernels.flags import flag_device as _device
@@ -25,6 +27,13 @@ DEMO_MODES = "ft,coop,skip"
 
 
 PREDICT_ROWS_SHOWN = 20  # rows printed by predict when --out holds them all
+# What an interrupted command leaves behind, where it leaves something to go on from.
+INTERRUPTED = {
+    "finetune": "; the checkpoint of the last finished epoch, if any, is kept: the same command without "
+                "--no-resume resumes from it",
+    "reproduce": "; finished runs, and each unfinished run's last finished epoch, are kept: the same command "
+                 "without --no-resume goes on from them",
+}
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +53,20 @@ def _add_tokenizer_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer: a folder with a Hugging Face tokenizer (or an open_clip hub snapshot), or an "
                         "open_clip model name whose tokenizer to use (default: the model's own; SigLIP's is "
-                        "fetched from the Hugging Face hub or, with HF_HUB_OFFLINE=1, its local cache)")
+                        "fetched from the Hugging Face hub or, with HF_HUB_OFFLINE=1, its local cache; the "
+                        "shipped skipkernels-tiny* configs': open_clip's BPE tokenizer)")
+
+
+def _protocol_dataset(args) -> str:
+    """The standard dataset name --protocol-epochs reads: --dataset's, else that of the CoOp
+    folder or split file that --data names."""
+    from skipkernels.data.coop import STANDARD_DATASETS
+    if args.dataset is None and args.data is None:
+        return "synthetic"
+    given = (args.dataset or Path(args.data).expanduser().name).lower()
+    key = given.replace("-", "_")
+    return next((name for name, spec in STANDARD_DATASETS.items()
+                 if key == name or given in (spec.folder.lower(), (spec.split_file or "").lower())), key)
 
 
 def _configs(args):
@@ -52,7 +74,7 @@ def _configs(args):
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig, protocol_epochs
     skip = from_args(SkipConfig, args)
-    epochs = protocol_epochs((args.dataset or "").lower(), args.epochs) if args.protocol_epochs else args.epochs
+    epochs = protocol_epochs(_protocol_dataset(args), args.epochs) if args.protocol_epochs else args.epochs
     return skip, from_args(TrainConfig, args, epochs=epochs)
 
 
@@ -68,51 +90,64 @@ def cmd_finetune(args) -> int:
     results = finetune(data, args.dataset, args.model, args.pretrained, skip, train, args.out,
                        base_to_new=not args.all_classes, device=args.device, resume=not args.no_resume,
                        tokenizer=args.tokenizer, zero_shot=args.zero_shot, policy=policy)
-    print(json.dumps({"accuracy": results["accuracy"], "zero_shot_accuracy": results["zero_shot_accuracy"],
-                      "gain": results["gain"], "time_s": results["time_s"],
-                      "peak_train_memory_mb": results["peak_train_memory_mb"],
-                      "exact_savings": results["exact_savings"]}, indent=2))
     from skipkernels import distributed
-    if distributed.is_main():
+    if distributed.is_main():  # once per job: results.json holds the main rank's numbers
+        print(json.dumps({"accuracy": results["accuracy"], "zero_shot_accuracy": results["zero_shot_accuracy"],
+                          "gain": results["gain"], "time_s": results["time_s"],
+                          "peak_train_memory_mb": results["peak_train_memory_mb"],
+                          "exact_savings": results["exact_savings"]}, indent=2))
         print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 
 
 def _weights_note(args) -> None:
-    from skipkernels.models import SHIPPED_WEIGHTS
-    if not args.checkpoint and not args.pretrained and args.model not in SHIPPED_WEIGHTS:
-        print(f"note: neither --checkpoint nor --pretrained given: {args.model or 'the model'} has random weights",
-              file=sys.stderr)
+    """Refuse two sources of weights; say on stderr that the model has random weights, where it
+    has: a model evaluated by mistake without weights otherwise only shows as chance accuracy."""
+    from skipkernels.models import HF_PREFIX, RANDOM_WEIGHTS, SHIPPED_WEIGHTS
+    from skipkernels.predict import DEFAULT_MODEL
+    if args.checkpoint and args.pretrained:  # the checkpoint holds every weight: --pretrained would go unused
+        raise ValueError(f"--checkpoint {args.checkpoint} and --pretrained {args.pretrained} both give the weights: "
+                         "give --checkpoint for a tuned model, or --pretrained to test weights zero-shot")
+    if args.checkpoint:
+        return
+    model = args.model or DEFAULT_MODEL
+    if args.pretrained == RANDOM_WEIGHTS:
+        print(f"note: --pretrained {RANDOM_WEIGHTS}: {model} has random weights", file=sys.stderr)
+    elif not args.pretrained and not model.startswith(HF_PREFIX) and model not in SHIPPED_WEIGHTS:
+        # a hf: model loads its folder's (or the hub's) weights; a shipped model its shipped ones
+        print(f"note: neither --checkpoint nor --pretrained given: {model} has random weights", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
-    from skipkernels.data.coop import load_splits
-    from skipkernels.data.fewshot import base_new_labels
-    from skipkernels.predict import load_classifier, run_defaults
-    from skipkernels.train.evaluate import class_group, evaluate_groups
+    from skipkernels.predict import load_classifier, plain_warnings, run_of
+    from skipkernels.train.evaluate import class_group, class_labels, eval_data, evaluate_groups
     from skipkernels.train.trainer import autocast_dtype_for
     device = _device(args.device)
-    run = run_defaults(args.checkpoint)  # the split and classes of the run, where not given
-    shots = args.shots if args.shots is not None else run.get("train_config", {}).get("shots", 16)
-    seed = args.seed if args.seed is not None else run.get("train_config", {}).get("seed", 1)
-    classes = args.classes or ("all" if run.get("new_classes") == 0 else "base2new")
-    splits = load_splits(args.data, args.dataset, shots, seed)
-    base, new = base_new_labels(len(splits.classnames))
-    labels = {"all": list(range(len(splits.classnames))), "base": base, "new": new}
-    wanted = ["base", "new"] if classes == "base2new" else [classes]
-    groups = {group: class_group(splits.test, splits.classnames, labels[group]) for group in wanted}
     _weights_note(args)
-    tuner = load_classifier(splits.classnames, args.model, args.checkpoint, args.pretrained, device, args.template,
-                            tokenizer=args.tokenizer)
-    out = evaluate_groups(tuner, groups, autocast_dtype=autocast_dtype_for("auto", device),
-                          progress=not args.no_progress)
+    run, run_dir = run_of(args.checkpoint)  # the split and classes of the run, where not given
+    with plain_warnings("eval"):
+        chosen = eval_data(args.data, args.dataset, args.shots, args.seed, run, run_dir, args.checkpoint)
+        for note in chosen.notes:
+            print(f"note: {note}", file=sys.stderr)
+        trained_on_all = run.get("new_classes") == 0
+        classes = args.classes or ("all" if trained_on_all else "base2new")
+        if chosen.own and trained_on_all and classes in ("base2new", "new"):
+            raise ValueError(f"{run_dir} was trained on all classes of {args.data}, so none of them is new to it: "
+                             "use --classes all (or base)")
+        splits = chosen.splits
+        groups = {group: class_group(splits.test, splits.classnames, labels)
+                  for group, labels in class_labels(len(splits.classnames), classes).items()}
+        tuner = load_classifier(splits.classnames, args.model, args.checkpoint, args.pretrained, device,
+                                args.template, tokenizer=args.tokenizer)
+        out = evaluate_groups(tuner, groups, autocast_dtype=autocast_dtype_for("auto", device),
+                              progress=not args.no_progress)
     print(json.dumps(out, indent=2))
     return 0
 
 
 def cmd_predict(args) -> int:
     from skipkernels.predict import (check_output_path, collect_images, format_predictions, load_classifier,
-                                     predict, read_classnames, run_classnames, write_predictions)
+                                     plain_warnings, predict, read_classnames, run_classnames, write_predictions)
     from skipkernels.train.trainer import autocast_dtype_for
     if args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
@@ -122,10 +157,11 @@ def cmd_predict(args) -> int:
     images = collect_images(args.images)
     device = _device(args.device)
     _weights_note(args)
-    tuner = load_classifier(classnames, args.model, args.checkpoint, args.pretrained, device, args.template,
-                            tokenizer=args.tokenizer)
-    predictions = predict(tuner, images, classnames, args.top_k, args.batch_size, args.workers,
-                          autocast_dtype_for("auto", device), progress=not args.no_progress)
+    with plain_warnings("predict"):  # e.g. the unreadable images skipped: counted and named on one line
+        tuner = load_classifier(classnames, args.model, args.checkpoint, args.pretrained, device, args.template,
+                                tokenizer=args.tokenizer)
+        predictions = predict(tuner, images, classnames, args.top_k, args.batch_size, args.workers,
+                              autocast_dtype_for("auto", device), progress=not args.no_progress)
     # with files written, the terminal gets a sample; without, every row
     print(format_predictions(predictions, limit=PREDICT_ROWS_SHOWN if args.out else None))
     for path in args.out:
@@ -183,18 +219,22 @@ def cmd_demo(args) -> int:
     import torch
     from skipkernels.data.shapes import ensure_shapes
     from skipkernels.pretrain_tiny import WEIGHTS
-    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.skip.tuner import MODES, SkipConfig
     from skipkernels.train.trainer import TrainConfig
     from skipkernels.train.job import finetune
     _device(args.device)
+    modes = args.modes.split(",")
+    unknown = [mode for mode in modes if mode not in MODES]
+    if unknown:  # before the first mode trains
+        raise ValueError(f"--modes: {unknown[0]!r} is not a mode; choose from {', '.join(MODES)}")
     root = ensure_shapes()
     print(f"shapes dataset: {root / DEMO['dataset']} (12 colour-shape classes; base = first 6, new = last 6, "
           "none of the new ones seen in pretraining)")
-    epochs = args.epochs or DEMO["epochs"]
+    epochs = args.epochs
     print(f"model: {DEMO['model']} pretrained ({WEIGHTS.name}), omega = {DEMO['skip_layers']}, {epochs} "
           f"epochs, {DEMO['shots']} shots, mixed-class batches of {DEMO['batch_size']}, lr {DEMO['lr']}")
     results = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         start = time.perf_counter()
         skip = SkipConfig(mode=mode, skip_layers=DEMO["skip_layers"])
         train = TrainConfig(epochs=epochs, batch_size=DEMO["batch_size"], lr=DEMO["lr"],
@@ -291,22 +331,25 @@ def model_info(name: str) -> dict:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="open_clip model name or hf:<folder or hub name> (default: the "
-                                                 "run's when --checkpoint is a finetune folder or its model.pt, "
-                                                 "else ViT-B-16)")
+    p.add_argument("--model", default=None, help=f"{MODEL_HELP} (default: the run's when --checkpoint is a finetune "
+                                                 "folder or its model.pt, else ViT-B-16)")
     p.add_argument("--checkpoint", default=None, help="tuned model: a finetune --out folder or its model.pt (PET "
-                                                      "and CoOp parts included)")
+                                                      "and CoOp parts included) (default: none, the --pretrained "
+                                                      "model, zero-shot)")
     p.add_argument("--pretrained", default=None, help="without --checkpoint: open_clip weight name or local path "
-                                                      "(zero-shot)")
+                                                      "(zero-shot); none: random weights (default: the shipped ones "
+                                                      "for skipkernels-tiny-shapes, a hf: model's own, else random)")
     p.add_argument("--template", default=None, help="prompt template (default: the run's, else 'a photo of a {}.')")
     _add_tokenizer_arg(p)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from skipkernels.options import HelpFormatter
     parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version of skipkernels and exit")
+    sub = parser.add_subparsers(dest="command", required=True, help="skipkernels COMMAND --help lists its flags")
     add_parser = sub.add_parser
 
     def add_command(name, **kwargs):  # every command's --help shows each default
@@ -316,27 +359,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="dataset root, a folder in CoOp's layout, a split_zhou_*.json, or "
                                                 "an image folder DIR/<class>/<images> (default: the embedded "
                                                 "synthetic set)")
-    p.add_argument("--dataset", default=None, help="standard dataset name under --data, or omit to use --data "
-                                                   "as a folder with one split_zhou_*.json")
-    p.add_argument("--model", default="ViT-B-16", help="open_clip model name (or skipkernels-tiny), or "
-                   "hf:<folder or hub name> (a transformers CLIPModel, SiglipModel or Siglip2Model)")
+    p.add_argument("--dataset", default=None, help="standard dataset name under --data (default: none, --data "
+                                                   "itself is the dataset)")
+    p.add_argument("--model", default="ViT-B-16", help=MODEL_HELP)
     p.add_argument("--pretrained", default=None, help="local checkpoint path or open_clip weight name; none: random "
                                                    "weights (default: the shipped ones for skipkernels-tiny-shapes, "
-                                                   "else random)")
+                                                   "a hf: model's own, else random)")
     _add_tokenizer_arg(p)
-    p.add_argument("--out", default="runs/finetune", help="output folder: checkpoint, results.json, model.pt")
+    p.add_argument("--out", default="runs/finetune", help="the run's folder: checkpoint.pt, results.json, model.pt, "
+                                                          "metrics.csv, training.png; a rerun with the same settings "
+                                                          "resumes it")
     p.add_argument("--all-classes", action="store_true", help="train and test on all classes (no base/new split)")
     p.add_argument("--no-resume", action="store_true",
-                   help="start over: the run in --out (checkpoint, results, model) is replaced")
+                   help="start over: what a run wrote in --out (checkpoint, results, model, metrics, charts, "
+                        "tensorboard/) is removed first")
     p.add_argument("--zero-shot", action="store_true",
                    help="also evaluate the model before training; results.json then shows the gain")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = add_command("eval", help="accuracy of a tuned or pretrained (zero-shot) model on a dataset's test split")
     p.add_argument("--data", required=True, help="dataset root, split_zhou_*.json file or image folder")
-    p.add_argument("--dataset", default=None)
+    p.add_argument("--dataset", default=None, help="standard dataset name under --data (default: none, --data "
+                                                   "itself is the dataset)")
     _add_model_args(p)
     p.add_argument("--classes", default=None, choices=["base2new", "base", "new", "all"],
                    help="the classes evaluated (default: all for a --checkpoint run trained on all classes, else "
@@ -345,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "default: the --checkpoint run's, else 16)")
     p.add_argument("--seed", type=int, default=None, help="image folders: the split's seed (as in finetune; "
                                                           "default: the --checkpoint run's, else 1)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_eval)
 
     p = add_command("predict", help="top-k classes of images with a tuned or pretrained model")
@@ -353,22 +399,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="a text file with one class per line, or a comma-separated list "
                                                    "(default: the classes of the --checkpoint finetune folder)")
     _add_model_args(p)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=5, help="classes listed per image, most probable first")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
+    p.add_argument("--workers", type=int, default=0, help="data loader workers (0: images are read in this process)")
     p.add_argument("--out", action="append", default=[], help="write the predictions to a .csv or .json file "
-                                                              "(repeat for both)")
-    p.add_argument("--no-progress", action="store_true")
+                                                              "(repeat for both; default: none, printed only)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = add_command("demo", help="zero-shot, FT, CoOp and Skip Tuning, base-to-new, on the embedded shapes "
                                     "set with a small pretrained CLIP")
-    p.add_argument("--modes", default=DEMO_MODES)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--modes", default=DEMO_MODES, help="comma-separated modes trained, each from the same weights "
+                                                       "(any finetune --mode)")
+    p.add_argument("--epochs", type=positive_int, default=DEMO["epochs"], help="training epochs of each mode")
+    p.add_argument("--seed", type=int, default=1, help="seed of the few-shot sample, batches, augmentation and CSkip")
+    p.add_argument("--out", default="runs/demo", help="the comparison (demo.json, demo.png) and each mode's run "
+                                                      "folder, OUT/<mode>, started over at every demo")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = add_command("bench", help="step and epoch time, peak memory: FT, CoOp, Skip (reference, "
@@ -391,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build)
 
     p = add_command("info", help="torch, CUDA, Triton and where the compiled ops come from (or why not)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--model", default=None, help="also show this model's (an open_clip name or hf:<folder>) "
-                                                 "towers and which exact savings apply to it (random weights)")
+    p.add_argument("--json", action="store_true", help="also print all of it as JSON")
+    p.add_argument("--model", default=None, help="also show this model's towers and which exact savings apply to "
+                                                 f"it, with random weights: {MODEL_HELP} (default: none)")
     p.set_defaults(func=cmd_info)
     return parser
 
@@ -411,7 +459,7 @@ def main(argv=None) -> int:
         print(f"skipkernels {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the last finished epoch's checkpoint is kept", file=sys.stderr)
+        print(f"skipkernels {args.command}: interrupted{INTERRUPTED.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -2,6 +2,7 @@
 environment), gloo on CPU, NCCL on GPUs. Everything degrades to a no-op in a single process."""
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -36,6 +37,17 @@ def init_from_env(device: torch.device | None) -> torch.device:
         return torch.device("cuda", local)
     dist.init_process_group("gloo")
     return torch.device("cpu")
+
+
+def data_parallel(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel on this rank's ``device``, its buffers not broadcast
+    before every forward: they are constants (attention masks, position ids), equal on every rank.
+    torch >= 2.13 names that ``forward_sync_buffers=False`` and deprecates ``broadcast_buffers``
+    with a FutureWarning per rank; that one syncs the buffers once at start too, a no-op here."""
+    parameters = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
 
 
 def barrier() -> None:

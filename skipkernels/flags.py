@@ -1,6 +1,28 @@
 """Flags every training command checks before the data or the model is loaded: the device, the
-kernel policy, autocast, reporting. Shared by ``finetune`` and ``reproduce``."""
+kernel policy, autocast, reporting, the model's package. Shared by ``finetune`` and ``reproduce``.
+Also the help of the flags several commands share."""
 from __future__ import annotations
+
+import argparse
+
+from skipkernels.models import HF_PREFIX, SHIPPED_CONFIGS, SHIPPED_WEIGHTS
+
+MODEL_HELP = (f"an open_clip model name; a config shipped with skipkernels: {', '.join(SHIPPED_WEIGHTS)} (pretrained) "
+              f"or {', '.join(n for n in SHIPPED_CONFIGS if n not in SHIPPED_WEIGHTS)} (random weights); or "
+              f"{HF_PREFIX}<folder or hub name> (a transformers CLIPModel, SiglipModel or Siglip2Model)")
+DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda where available, else cpu)"
+NO_PROGRESS_HELP = "disable progress bars"
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def kernel_policy(args, train):
@@ -51,7 +73,8 @@ def check_autocast(device, dtype) -> None:
 
 def check_training_flags(args, train, policy) -> None:
     """Every flag that cannot work on this machine fails here, before the data or the model is
-    loaded: --device, --backend, --kernel-table, --amp, --report-to."""
+    loaded: --device, --backend, --kernel-table, --amp, --report-to, --model hf:... without transformers."""
+    from skipkernels.models import import_transformers
     from skipkernels.ops.measured import check_table
     from skipkernels.ops.policy import check_runnable
     from skipkernels.train.report import check_report_to
@@ -61,3 +84,5 @@ def check_training_flags(args, train, policy) -> None:
     check_table(policy.table)  # --kernel-table
     check_autocast(device, autocast_dtype_for(train.amp, device))
     check_report_to(train.report_to)
+    if (args.model or "").startswith(HF_PREFIX):
+        import_transformers(args.model.removeprefix(HF_PREFIX))

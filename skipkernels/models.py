@@ -2,15 +2,21 @@
 and Hugging Face transformers' (``hf:<folder or hub name>``: CLIPModel, SiglipModel, Siglip2Model)."""
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
 
 import torch
 
+from skipkernels import distributed
 from skipkernels._compat import import_open_clip
 from skipkernels.train.checkpoint import CheckpointError
 from skipkernels.train.export import read_tuned
+from skipkernels.train.report import MissingDependency
 
 TINY_MODEL = "skipkernels-tiny"  # small random-weight ViT config for CPU runs and tests
 # Small random-weight members of the other supported families (configs/), for CPU runs and tests:
@@ -27,6 +33,12 @@ _TINY_TIMM_TRUNKS = {
         global_pool="token")),
 }
 _registered = False
+CONFIG_DIR = Path(__file__).parent / "configs"
+SHIPPED_CONFIGS = tuple(sorted(path.stem for path in CONFIG_DIR.glob("*.json")))
+# The shipped configs' vocabulary (49,408) is open_clip's BPE tokenizer's. By name open_clip would
+# give the *-siglip ones SigLIP's sentencepiece vocabulary, downloaded at every use.
+SHIPPED_CONFIG_TOKENIZER = "ViT-B-16"
+WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 
 # Models whose weights ship with the package: they load by name unless ``pretrained`` says otherwise.
 SHIPPED_WEIGHTS = {"skipkernels-tiny-shapes": Path(__file__).parent / "weights" / "skipkernels-tiny-shapes.safetensors"}
@@ -63,17 +75,78 @@ def _register_tiny_timm_trunks() -> None:
         register_model(entrypoint(name, module, cls, defaults))
 
 
-def open_clip_module():
+def _register_shipped_configs(factory) -> None:
+    """The shipped configs into open_clip's ``factory`` module, and their timm trunks, once."""
     global _registered
+    if _registered:
+        return
+    factory.add_model_config(CONFIG_DIR)
+    try:
+        _register_tiny_timm_trunks()
+    except ImportError:  # without timm only the open_clip ViT configs can be built
+        pass
+    _registered = True
+
+
+def open_clip_module():
+    """open_clip, with the shipped configs registered."""
     open_clip = import_open_clip()
-    if not _registered:
-        open_clip.add_model_config(Path(__file__).parent / "configs")
-        try:
-            _register_tiny_timm_trunks()
-        except ImportError:  # without timm only the open_clip ViT configs can be built
-            pass
-        _registered = True
+    _register_shipped_configs(open_clip.factory)
     return open_clip
+
+
+_OPEN_CLIP_FACTORY = "open_clip.factory"  # where open_clip keeps its model configs
+
+
+class _RegisterOnOpenClipImport(importlib.abc.MetaPathFinder):
+    """Registers the shipped configs right after open_clip's factory module has run. It waits for
+    the factory, not the package: skipkernels may be imported while open_clip's package is only
+    half imported (the torchvision shim of .ci/install imports skipkernels._compat)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _OPEN_CLIP_FACTORY:
+            return None
+        sys.meta_path.remove(self)  # once, and so that the other finders locate the module
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module):
+            run_module(module)
+            _register_shipped_configs(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register_with_open_clip() -> None:
+    """Make the shipped configs (``SHIPPED_CONFIGS``) known to open_clip, so that plain
+    ``open_clip.create_model(name, pretrained="RUN/model.pt")`` builds them: now if open_clip is
+    loaded, else as it is imported. ``import skipkernels`` calls it; importing open_clip here
+    would add seconds to every command."""
+    factory = sys.modules.get(_OPEN_CLIP_FACTORY)
+    if factory is not None:
+        if not getattr(factory.__spec__, "_initializing", False):
+            _register_shipped_configs(factory)
+    elif not any(isinstance(finder, _RegisterOnOpenClipImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnOpenClipImport())
+
+
+def _is_weights_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith(WEIGHT_FILE_SUFFIXES) or os.path.isfile(pretrained)
+
+
+def _unknown_weights(open_clip, name: str, pretrained: str) -> str:
+    """Why ``pretrained`` names no weights of ``name``, and what to pass instead."""
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tags:
+        known = f"open_clip's weights for {name} are {', '.join(tags)}"
+    elif name in SHIPPED_WEIGHTS:
+        known = f"open_clip has none for {name}; its shipped weights load when --pretrained is left out"
+    else:
+        known = f"no pretrained weights ship for {name}, with open_clip or skipkernels"
+    return (f"could not load weights {pretrained!r} for {name}: no such file, and {known}. Pass a local checkpoint "
+            f"file, or --pretrained {RANDOM_WEIGHTS} for random weights")
 
 
 def create_model(name: str, pretrained: str | None = None, device="cpu", seed: int | None = 0,
@@ -88,8 +161,10 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
     pretrained = resolve_pretrained(name, pretrained)
     if name not in open_clip.list_models():
         raise ValueError(f"unknown open_clip model {name!r}; see open_clip.list_models() "
-                         f"(the embedded small configs are {(TINY_MODEL,) + TINY_FAMILIES})")
-    if pretrained and (os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+                         f"(the configs shipped with skipkernels are {', '.join(SHIPPED_CONFIGS)})")
+    if pretrained and not _is_weights_path(pretrained) and not open_clip.get_pretrained_cfg(name, pretrained):
+        raise ValueError(_unknown_weights(open_clip, name, pretrained))
+    if pretrained and _is_weights_path(pretrained):
         if not os.path.isfile(pretrained):
             raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained}")
         tuned = read_tuned(pretrained) if pretrained.endswith(".pt") else None
@@ -99,12 +174,16 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
                                   "or to skipkernels.predict.load_classifier(checkpoint=...)")
     if seed is not None:
         torch.manual_seed(seed)
+    # every rank of a torchrun job builds the same model: open_clip's log lines ("initialized
+    # randomly") once, from the main rank
+    quiet = contextlib.nullcontext() if distributed.is_main() else _logging_disabled(logging.WARNING)
     try:
-        model = open_clip.create_model(name, pretrained=pretrained or None, device=device, **kwargs)
+        with quiet:
+            model = open_clip.create_model(name, pretrained=pretrained or None, device=device, **kwargs)
     except (RuntimeError, AssertionError) as err:
-        if pretrained and not os.path.isfile(pretrained):
-            raise CheckpointError(f"could not load weights {pretrained!r} for {name}: {err}. Without network "
-                                  "access pass a local checkpoint path") from err
+        if pretrained and not os.path.isfile(pretrained):  # one of open_clip's, named: its download failed
+            raise CheckpointError(f"could not download open_clip's weights {pretrained!r} for {name}: {err}. "
+                                  "Without network access pass a local checkpoint path") from err
         # weights of another model (or not a model at all): a state_dict mismatch, or open_clip's
         # assertions on the shapes it resizes (e.g. "text pos_embed width changed!")
         if pretrained and ("state_dict" in str(err) or isinstance(err, AssertionError)):
@@ -112,6 +191,15 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
                                   f"{str(err).splitlines()[-1].strip()[:300]}") from err
         raise
     return model, load_tokenizer(name, model, tokenizer)
+
+
+@contextlib.contextmanager
+def _logging_disabled(level: int):
+    logging.disable(level)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 HF_PREFIX = "hf:"
@@ -125,7 +213,7 @@ def create_hf_model(source: str, pretrained: str | None = None, device="cpu", to
     those weights); the tokenizer is the folder's (or ``tokenizer``'s), padded to the model's text
     context. ``seed`` seeds torch's RNG first, as for open_clip models: random weights, and whatever
     is drawn after (PET modules' initial weights), are then the same in every process."""
-    import transformers
+    transformers = import_transformers(source)
 
     from skipkernels.families import HF_MODELS, token_function
     try:
@@ -156,6 +244,16 @@ def create_hf_model(source: str, pretrained: str | None = None, device="cpu", to
     return model.to(device), token_function(tok, config.text_config.max_position_embeddings)
 
 
+def import_transformers(source: str = "<folder or hub name>"):
+    """transformers, which ``hf:`` models need; MissingDependency, saying how to install it, without it."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise MissingDependency(f"model {HF_PREFIX}{source} needs the transformers package, which is not installed "
+                                f"({err}): pip install transformers") from err
+    return transformers
+
+
 def load_state_dict(model, state: dict, path, name: str) -> None:
     """``state`` into ``model``; a CheckpointError naming ``path`` where it holds another model's weights."""
     try:
@@ -169,13 +267,14 @@ def load_tokenizer(name: str, model, tokenizer: str | None = None):
     """The tokenizer for open_clip model ``name``, at the model's context length.
 
     ``tokenizer``: None for the model's own (SigLIP's comes from the Hugging Face hub or its local
-    cache, e.g. with ``HF_HUB_OFFLINE=1``); a folder holding a Hugging Face tokenizer (or an
+    cache, e.g. with ``HF_HUB_OFFLINE=1``; the shipped configs' is open_clip's BPE tokenizer,
+    ``SHIPPED_CONFIG_TOKENIZER``); a folder holding a Hugging Face tokenizer (or an
     open_clip hub snapshot with ``open_clip_config.json``); or an open_clip tokenizer name
     (``ViT-B-16`` for CLIP's own BPE tokenizer, ``hf-hub:org/repo``).
     """
     open_clip = open_clip_module()
     context = model.context_length
-    source = tokenizer or name
+    source = tokenizer or (SHIPPED_CONFIG_TOKENIZER if name in SHIPPED_CONFIGS else name)
     if tokenizer and not os.path.isdir(tokenizer) and not tokenizer.startswith("hf-hub:") \
             and tokenizer not in open_clip.list_models():
         # open_clip would silently fall back to its BPE tokenizer for an unknown name

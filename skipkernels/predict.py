@@ -7,11 +7,13 @@ model.pt with PET modules or CoOp's context carries them and its own settings, s
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from skipkernels.data.coop import Item
 from skipkernels.data.imagefolder import IMAGE_EXTENSIONS, image_files
-from skipkernels.data.images import EvalTransform, ItemDataset, make_loader, preprocess_config
+from skipkernels.data.images import EvalTransform, ImageReadError, ItemDataset, make_loader, preprocess_config
 
 DEFAULT_MODEL = "ViT-B-16"
 
@@ -58,12 +60,34 @@ def run_classnames(checkpoint: str | None) -> list[str]:
     return names
 
 
-def run_defaults(checkpoint: str | None) -> dict:
-    """The results.json of the run that ``checkpoint`` (a finetune folder or its model.pt) belongs
-    to, or {}: where eval takes the split's shots and seed and the classes evaluated from."""
+def run_of(checkpoint: str | None) -> tuple[dict, Path | None]:
+    """(results.json, folder) of the run that ``checkpoint`` (a finetune folder or its model.pt)
+    belongs to, or ({}, None): where eval takes the run's split and the classes evaluated from."""
     from skipkernels.train import run_folder
     path = Path(checkpoint).expanduser() if checkpoint else None
-    return (run_folder.results_of(path) if path is not None and path.exists() else None) or {}
+    results = (run_folder.results_of(path) if path is not None and path.exists() else None) or {}
+    return results, (path if path.is_dir() else path.parent) if results else None
+
+
+def run_defaults(checkpoint: str | None) -> dict:
+    """The results.json of the run that ``checkpoint`` belongs to, or {} (see ``run_of``)."""
+    return run_of(checkpoint)[0]
+
+
+@contextlib.contextmanager
+def plain_warnings(command: str):
+    """Warnings printed as one line, ``skipkernels <command>: warning: <message>``: the user of a
+    command needs what happened, not the file and line of the library that said it."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"skipkernels {command}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def collect_images(inputs) -> list[str]:
@@ -153,6 +177,9 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
             raise TypeError(f"{name} must be a string or None, got {type(value).__name__} {value!r}"[:200])
     if checkpoint is not None:
         checks.check_path("checkpoint", checkpoint)
+    if checkpoint and pretrained:  # the checkpoint holds every weight: pretrained would go unused
+        raise ValueError(f"give either checkpoint (a tuned model; here {checkpoint}) or pretrained (weights to test "
+                         f"zero-shot; here {pretrained}), not both")
     if template is not None and "{}" not in template:
         raise ValueError(f"template must contain {{}} for the class name, got {template!r}")
     device = checks.check_device("device", device)
@@ -179,6 +206,9 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
             config, part = _inference_config(recorded, tuned, None if tuned is not None else weights_path.parent)
         weights = str(weights_path)
     if template is not None:
+        if config.plan.trains == "prompt":  # it would be accepted and change nothing
+            raise ValueError(f"template {template!r}: a CoOp model has no template to change, its prompts are its "
+                             "learned context and the class name; leave the template out")
         config = dataclasses.replace(config, template=template)
     if tuned is not None:
         model, tokenizer = _model_from_state_dict(model_name, tuned["weights"], weights, device, tokenizer)
@@ -207,11 +237,11 @@ class Prediction:
     top: list[tuple[str, float]]  # (class name, probability), most probable first
 
 
-@torch.no_grad()
 def predict(tuner, images, classnames, top_k: int = 5, batch_size: int = 64, workers: int = 0,
             autocast_dtype=None, progress: bool = True) -> list[Prediction]:
     """Top-k of softmax(exp(logit_scale) * cos(image, class prompt)) over ``classnames`` for each
-    image path. Unreadable files are skipped with one warning that names them."""
+    image path. Unreadable files are skipped with one warning that counts and names them; when
+    none can be read, ImageReadError names them."""
     from skipkernels import checks
     if not hasattr(tuner, "encode_classes") or not hasattr(tuner, "encode_images"):
         raise TypeError(f"tuner must be a SkipTuner (e.g. from load_classifier), got {type(tuner).__name__}")
@@ -234,7 +264,8 @@ def predict(tuner, images, classnames, top_k: int = 5, batch_size: int = 64, wor
                          workers)
     k = min(top_k, len(classnames))
     out: list[Prediction] = []
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    # no_grad as a block, not a decorator: the warning below then points at the caller, not at torch
+    with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         text = tuner.encode_classes(classnames, normalize=True).float()
         scale = model.logit_scale.exp().float()
         for batch, _, indices in tqdm(loader, desc="predict", unit="batch", disable=not progress):
@@ -248,7 +279,10 @@ def predict(tuner, images, classnames, top_k: int = 5, batch_size: int = 64, wor
     if len(out) < len(items):
         read = {p.image for p in out}
         missing = [it.path for it in items if it.path not in read]
-        warnings.warn(f"skipped {len(missing)} unreadable images: {', '.join(missing[:5])}", stacklevel=2)
+        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        if not out:
+            raise ImageReadError(f"none of the {len(items)} images could be read (not images, or damaged): {named}")
+        warnings.warn(f"skipped {len(missing)} of the {len(items)} images, unreadable: {named}", stacklevel=2)
     return out
 
 

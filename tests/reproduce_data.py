@@ -64,3 +64,13 @@ def imagenet_variants(root, per_class=2):
         for label, wnid in enumerate(WNIDS):
             for n in range(per_class):
                 _image(folder / image_dir / (str(label) if numbered else wnid) / f"{n}.jpg", COLOURS[label], n + 1)
+
+
+def write_datasets(root, variants: bool = False):
+    """caltech101, dtd and imagenet (and the ImageNet variants) under ``root``: a tiny sweep's data."""
+    for name in ("caltech101", "dtd"):
+        coop_dataset(root, name)
+    imagenet(root)
+    if variants:
+        imagenet_variants(root)
+    return root

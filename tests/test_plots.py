@@ -7,7 +7,7 @@ from PIL import Image
 
 from skipkernels import bench_report
 from skipkernels.cli import _demo_chart
-from skipkernels.plots import METRICS_COLUMNS, training_chart, write_metrics_csv
+from skipkernels.plots import METRICS_COLUMNS, bar_chart, training_chart, write_metrics_csv
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.trainer import TrainConfig
 from skipkernels.train.job import finetune
@@ -141,3 +141,43 @@ def test_an_all_classes_run_reports_all(synthetic_root, tmp_path):
     result = finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(skip_layers=2),
                       train=TrainConfig(epochs=1, **FAST), out_dir=tmp_path / "all", base_to_new=False)
     assert set(result["accuracy"]) == {"all"}
+
+
+def _drawn(monkeypatch):
+    """The figures the charts would save, kept for inspection."""
+    import skipkernels.plots as plots
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure))
+    return figures
+
+
+STEPS = [{"step": s, "epoch": 1 + (s > 2), "loss": 2.0 / s, "lr": 0.1, "time_s": s} for s in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize("evaluations,title", [
+    ([{"epoch": 0, "hm": 10.0}, {"epoch": 2, "hm": 50.0}], "test accuracy (epoch 0: zero-shot)"),
+    ([{"epoch": 1, "hm": 30.0}, {"epoch": 2, "hm": 50.0}], "test accuracy"),  # no zero-shot point drawn
+    ([{"epoch": 2, "all": 50.0}], "test accuracy"),
+])
+def test_the_accuracy_panels_title_says_zero_shot_only_when_it_draws_it(tmp_path, monkeypatch, evaluations, title):
+    figures = _drawn(monkeypatch)
+    assert training_chart(STEPS, evaluations, tmp_path / "training.png", "t")
+    (figure,) = figures
+    panel = figure.axes[2]
+    assert panel.get_title() == title
+    assert [list(line.get_xdata()) for line in panel.get_lines()][0] == [e["epoch"] for e in evaluations]
+
+
+@pytest.mark.parametrize("share_y", [True, False])
+def test_bar_chart_shares_the_y_scale_when_asked_and_marks_named_bars(tmp_path, monkeypatch, share_y):
+    figures = _drawn(monkeypatch)
+    panels = [("a", {"x": 10.0, "y": 20.0}), ("b", {"x": 90.0, "y": 80.0})]
+    assert bar_chart(panels, tmp_path / "c.png", "t", share_y=share_y, markers=[{"y": 25.0, "absent": 1.0}, None],
+                     marker_label="paper")
+    (figure,) = figures
+    left, right = figure.axes[:2]
+    assert (left.get_ylim() == right.get_ylim()) is share_y
+    (marks,) = left.collections  # one mark, on bar "y" (a name without a bar gets none)
+    assert [float(v) for v in marks.get_offsets()[:, 1]] == [25.0]
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["paper"]
+    assert not right.collections and right.get_legend() is None

@@ -21,12 +21,7 @@ QUICK = ["--model", "skipkernels-tiny-shapes", "--epochs", "1", "--shots", "2", 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    for name in ("caltech101", "dtd"):
-        reproduce_data.coop_dataset(root, name)
-    reproduce_data.imagenet(root)
-    reproduce_data.imagenet_variants(root)
-    return root
+    return reproduce_data.write_datasets(tmp_path_factory.mktemp("datasets"), variants=True)
 
 
 def _cli(*argv, cwd=None, timeout=600):
@@ -54,10 +49,15 @@ def test_all_four_protocols_end_to_end(data, tmp_path, capsys):
     for title in ("Base-to-new generalization", "Few-shot learning", "Cross-dataset generalization",
                   "Domain generalization", "Skip Tuning (paper) | 85.04 | 77.53 | 81.11",
                   "| Caltech101 | Skip Tuning (paper) | 98.50 | 95.33 | 96.89 |", "| Skip Tuning (paper) | 72.77 |",
-                  "Settings: 20 epochs, lr 2e-5 (image tower 5e-6), a 1e-6 warm-up epoch: the reference code's "
-                  "configs/trainers/SkipTuning/vit_b16_bs4.yaml", "train for a quarter of the epochs"):
+                  # what ran (--epochs 1), then the protocol's own settings and their source
+                  "Settings of these runs (from their results.json): model skipkernels-tiny-shapes; 1 epoch; lr 2e-5 "
+                  "(image tower 5e-6), 1 warm-up epoch at 1e-6; batch 4; 2 shots per class; seeds 1, 2",
+                  "The protocol's own settings: 20 epochs, lr 2e-5 (image tower 5e-6), 1 warm-up epoch at 1e-6, from "
+                  "the reference code's configs/trainers/SkipTuning/vit_b16_bs4.yaml", "get a quarter of the epochs",
+                  "| **Average (all 11 datasets)** | Skip Tuning (paper) | 85.04 |",
+                  "| **Average (2 datasets)** | Skip Tuning (paper) | 91.13 | 81.28 | 85.93 |"):
         assert title in table
-    for column in ("Source: ImageNet", "-V2", "-Sketch", "-A", "-R"):
+    for column in ("Source: ImageNet", "-V2", "-Sketch", "-A", "-R", "Average (all 4 targets)"):
         assert f"| {column} |" in table or f" {column} |" in table
     summary = json.loads((out / "summary.json").read_text())
     runs = [r for part in summary["protocols"].values() for r in part["runs"]]
@@ -191,25 +191,25 @@ def test_table_numbers_by_hand(tmp_path):
     assert caltech["HM"]["mean"] == pytest.approx(2 * 81 * 72 / (81 + 72))  # HM of the means
     hm1, hm2 = 2 * 80 * 70 / 150, 2 * 82 * 74 / 156
     assert caltech["HM"]["std"] == pytest.approx(abs(hm1 - hm2) / 2)  # population std of the per-seed HMs
-    average = {c: _cell(summary, "base2new", "Average", "Skip Tuning", c) for c in ("Base", "New", "HM")}
+    average = {c: _cell(summary, "base2new", "Average (2 datasets)", "Skip Tuning", c) for c in ("Base", "New", "HM")}
     assert average["Base"]["mean"] == pytest.approx((81 + 88) / 2)  # mean of the datasets' means
     assert average["New"]["mean"] == pytest.approx((72 + 61) / 2)
     assert average["HM"]["mean"] == pytest.approx(2 * 84.5 * 66.5 / (84.5 + 66.5))  # as the paper's Table 1
     assert average["Base"]["std"] == pytest.approx(0.5)  # per-seed averages 85 and 84
 
-    assert _cell(summary, "fewshot", "Average", "Skip Tuning", "1 shots")["mean"] == 60
-    assert _cell(summary, "fewshot", "Average", "Skip Tuning", "4 shots")["mean"] == 75
+    assert _cell(summary, "fewshot", "Average (2 datasets)", "Skip Tuning", "1 shot")["mean"] == 60
+    assert _cell(summary, "fewshot", "Average (2 datasets)", "Skip Tuning", "4 shots")["mean"] == 75
     assert _cell(summary, "fewshot", "DTD", "Skip Tuning", "4 shots")["mean"] == 90
 
     assert _cell(summary, "cross", "Skip Tuning", "Skip Tuning", "Source: ImageNet")["mean"] == 71
     assert _cell(summary, "cross", "Skip Tuning", "Skip Tuning", "Caltech101")["mean"] == 91
-    average = _cell(summary, "cross", "Skip Tuning", "Skip Tuning", "Average")
+    average = _cell(summary, "cross", "Skip Tuning", "Skip Tuning", "Average (2 targets)")
     assert average["mean"] == pytest.approx((91 + 42) / 2) and average["std"] == pytest.approx(1.5)  # 65 and 68
 
     md = tables.markdown(summary)
     assert "| Caltech101 | Skip Tuning | 81.00 ± 1.00 | 72.00 ± 2.00 |" in md
     tables.write(out, plots=False)
-    assert any(r["row"] == "Average" and r["column"] == "HM" for r in _rows(out / "table.csv"))
+    assert any(r["row"] == "Average (2 datasets)" and r["column"] == "HM" for r in _rows(out / "table.csv"))
     assert main(["reproduce", "--tables-only", "--out", str(out)]) == 0
 
 

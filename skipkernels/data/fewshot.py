@@ -29,20 +29,29 @@ def sample_few_shot(items: list[Item], shots: int, seed: int, readable=None) -> 
             raise DatasetError(f"class {label} ({pool[0].classname!r}) has {len(pool)} training images, "
                                f"fewer than the {shots} shots requested")
         order = rng.sample(pool, want) if shots > 0 else list(pool)
-        rest = [it for it in pool if it not in set(order)] if readable is not None else []
+        drawn = set(order)
+        rest = [it for it in pool if it not in drawn] if readable is not None else []
         rng.shuffle(rest)
-        chosen = []
-        for item in order:
+        chosen, class_skipped = [], []
+        for position, item in enumerate(order):
             while item is not None and readable is not None and not readable(item):
-                skipped.append(item)
+                class_skipped.append(item)
                 item = rest.pop() if rest else None
             if item is None:
                 if shots <= 0:
                     continue
+                # the files not tried yet are tried too, so the message is the same for every seed
+                unreadable = sorted([it.path for it in class_skipped] +
+                                    [it.path for it in order[position + 1:] if not readable(it)])
                 raise DatasetError(f"class {label} ({pool[0].classname!r}) has fewer than {shots} readable "
-                                   f"training images ({len(skipped)} unreadable files skipped so far, e.g. "
-                                   f"{skipped[-1].path})")
+                                   f"training images: {len(pool) - len(unreadable)} of {len(pool)}; unreadable: "
+                                   f"{', '.join(unreadable[:5])}{' ...' if len(unreadable) > 5 else ''}")
             chosen.append(item)
+        if not chosen:  # shots <= 0 (all images) and none of them readable
+            raise DatasetError(f"class {label} ({pool[0].classname!r}) has no readable training images; "
+                               f"unreadable: {', '.join(it.path for it in class_skipped[:5])}"
+                               f"{' ...' if len(class_skipped) > 5 else ''}")
+        skipped.extend(class_skipped)
         out.extend(chosen)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable training images (first: {skipped[0].path})",

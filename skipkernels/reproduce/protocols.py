@@ -1,6 +1,6 @@
 """The paper's four benchmarks: their datasets, training settings and the runs of a sweep.
 
-Where each setting comes from (``SETTINGS_SOURCES`` says it for every protocol):
+Where each setting comes from (``SETTINGS_SOURCES`` names the source of every protocol's):
 
 - base-to-new: DESIGN.md section 3 (the paper's protocol): 20 epochs, lr 2e-5, the image tower at
   5e-6, one warm-up epoch at 1e-6, 16 shots, 3 seeds.
@@ -57,18 +57,50 @@ PROTOCOLS = {
     "dg": Protocol("dg", "Domain generalization", False, True, DG_TARGETS, (16,),
                    dict(epochs=20, lr=1e-5, lr_image=1e-6, warmup_epochs=1, warmup_lr=1e-8)),
 }
-_REFERENCE = "the reference code's configs/trainers/SkipTuning/{} (github.com/Koorye/SkipTuning, commit 8c4636e)"
-# What table.md says of each protocol's settings, and where they come from (the project's own
-# specification, DESIGN.md section 3, agrees for base-to-new and few-shot's epochs and lr).
+# The TrainConfig fields each protocol sets; a flag given on the command line wins over them.
+PROTOCOL_FIELDS = ("epochs", "lr", "lr_image", "warmup_epochs", "warmup_lr")
+QUARTER_EPOCH_NAMES = "ImageNet, SUN397 and Food101"
+_REFERENCE = "the reference code's configs/trainers/SkipTuning/{} (github.com/Koorye/SkipTuning at commit 8c4636e)"
+# Where each protocol's settings come from (the project's own specification, DESIGN.md section 3,
+# agrees for base-to-new and few-shot's epochs and lr).
 SETTINGS_SOURCES = {
-    "base2new": "20 epochs, lr 2e-5 (image tower 5e-6), a 1e-6 warm-up epoch: " + _REFERENCE.format("vit_b16_bs4.yaml"),
-    "fewshot": "40 epochs, lr 1e-5 for both towers, no warm-up: " + _REFERENCE.format("vit_b16_bs4_few_shot.yaml"),
-    "cross": "20 epochs, lr 1e-5 (image tower 1e-6), a 1e-8 warm-up epoch: "
-             + _REFERENCE.format("vit_b16_bs4_cross_datasets.yaml"),
-    "dg": "as cross-dataset (the same source run's settings): " + _REFERENCE.format("vit_b16_bs4_cross_datasets.yaml"),
+    "base2new": _REFERENCE.format("vit_b16_bs4.yaml"),
+    "fewshot": _REFERENCE.format("vit_b16_bs4_few_shot.yaml"),
+    "cross": _REFERENCE.format("vit_b16_bs4_cross_datasets.yaml"),
+    "dg": _REFERENCE.format("vit_b16_bs4_cross_datasets.yaml") + ", as cross-dataset",
 }
-QUARTER_RULE = ("ImageNet, SUN397 and Food101 train for a quarter of the epochs, as in the paper's base-to-new "
-                "protocol; here in every protocol")
+QUARTER_RULE = (f"{QUARTER_EPOCH_NAMES} get a quarter of the epochs (at least 1), as in the paper's base-to-new "
+                "protocol; the sweep does so in every protocol")
+
+
+def number(value) -> str:
+    """A setting as the paper writes it: 2e-5, 0.003, 20."""
+    if isinstance(value, float):
+        text = f"{value:g}"
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}e{int(exponent)}" if e else text
+    return str(value)
+
+
+def describe_rates(train: dict) -> str:
+    """``"lr 2e-5 (image tower 5e-6), 1 warm-up epoch at 1e-6"`` from TrainConfig values."""
+    warmup = train["warmup_epochs"]
+    lr = f"lr {number(train['lr'])}" + (" for both towers" if train["lr_image"] == train["lr"]
+                                        else f" (image tower {number(train['lr_image'])})")
+    warm = "no warm-up" if not warmup else \
+        f"{warmup} warm-up epoch{'s' if warmup != 1 else ''} at {number(train['warmup_lr'])}"
+    return f"{lr}, {warm}"
+
+
+def describe_training(train: dict) -> str:
+    """``"20 epochs, lr 2e-5 (image tower 5e-6), 1 warm-up epoch at 1e-6"`` from TrainConfig
+    values (``PROTOCOL_FIELDS``)."""
+    return f"{train['epochs']} epoch{'s' if train['epochs'] != 1 else ''}, {describe_rates(train)}"
+
+
+def protocol_settings(name: str) -> str:
+    """A protocol's own settings, with where they come from."""
+    return f"{describe_training(PROTOCOLS[name].train)}, from {SETTINGS_SOURCES[name]}"
 
 
 def display(dataset: str) -> str:

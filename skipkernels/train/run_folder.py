@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 from skipkernels.options import identity_fields
 from skipkernels.train import checkpoint
+from skipkernels.train.report import TENSORBOARD_DIR
 
 RESULTS_NAME = "results.json"
 MODEL_NAME = "model.pt"
@@ -24,6 +26,7 @@ MODEL_NAME = "model.pt"
 # pet.pt and prompt_learner.pt are what earlier versions wrote beside model.pt.
 RUN_FILES = ("checkpoint.pt", RESULTS_NAME, MODEL_NAME, "pet.pt", "prompt_learner.pt", "metrics.csv",
              "training.png")
+RUN_DIRS = (TENSORBOARD_DIR,)  # --report-to's logs: a new run's steps must not mix with an earlier run's
 _CHUNK = 1 << 20
 
 
@@ -129,6 +132,10 @@ def clear(out_dir: Path) -> list[str]:
         if path.is_file():
             path.unlink()
             removed.append(name)
+    for name in RUN_DIRS:
+        if (out_dir / name).is_dir():
+            shutil.rmtree(out_dir / name)
+            removed.append(f"{name}/")
     return removed
 
 
