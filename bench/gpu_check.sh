@@ -9,7 +9,8 @@
 #    kernel profile of the CUDA-graph step (bench/gpu_setup_profile.py);
 # 5. the op microbenchmarks and the measured table backend=auto reads;
 # 6. the end-to-end comparison at batch 4 (skipkernels bench, every mode side by side, with the
-#    peak memory of each and where it goes);
+#    peak memory of each and where it goes), then finetune's own steady step under --step auto and
+#    eager at ViT-B/16, C = 500 (skipkernels bench --finetune), beside bench's for the same step;
 # 7. the step of other model families: EVA02-B-16, and a Hugging Face CLIP ViT-B/16 (transformers
 #    CLIPModel, random weights, written by bench/hf_clip_folder.py: the machine reaches no hub);
 # 8. one summary table, last.
@@ -87,6 +88,10 @@ log "6 end-to-end, batch 4 (paper-style baseline, compiled competitor, ours)"
 rc_e2e=$(stage 150 "$PY" -m skipkernels bench --out "$OUT" --repeats 20 --no-epoch \
   --modes paper,ft,skip-ref,skip-compile-graphs,skip-kernels,skip-triton,skip-graph,skip-triton-graph)
 
+log "6b finetune's steady step, ViT-B/16 batch 4, C = 500: --step auto and eager, beside bench's"
+rc_ft=$(stage 120 "$PY" -m skipkernels bench --out "$OUT/finetune" --repeats 10 --no-epoch --no-memory \
+  --modes skip-kernels,skip-graph --finetune auto,eager)
+
 log "7 another family: EVA02-B-16 (timm Eva image tower, rotary embeddings), batch 4"
 rc_eva=$(stage 60 "$PY" -m skipkernels bench --out "$OUT/eva02" --model EVA02-B-16 --repeats 10 --no-epoch \
   --no-memory --modes skip-ref,skip-kernels,skip-graph)
@@ -97,12 +102,12 @@ rc_hf=$(stage 60 bash -c "'$PY' bench/hf_clip_folder.py '$OUT/hf-clip-b16' && '$
   --modes skip-ref,skip-kernels,skip-graph")
 
 log "8 summary"
-"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_eva" "$rc_hf" <<'PY' | tee -a "$LOG"
+"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_ft" "$rc_eva" "$rc_hf" <<'PY' | tee -a "$LOG"
 import glob, json, os, sys
 import xml.etree.ElementTree as ET
 out, *codes = sys.argv[1:]
-names = ["build", "tests/cuda", "memcheck", "set-up cold", "set-up warm", "profile", "kernels", "e2e", "EVA02",
-         "HF CLIP"]
+names = ["build", "tests/cuda", "memcheck", "set-up cold", "set-up warm", "profile", "kernels", "e2e",
+         "finetune step", "EVA02", "HF CLIP"]
 rows = [(n, c) for n, c in zip(names, codes)]
 print(f"{'stage':<14} exit")
 for name, code in rows:
@@ -133,5 +138,9 @@ for path in sorted(glob.glob(os.path.join(out, "e2e-*.json")) + glob.glob(os.pat
         parts = " ".join(f"{k} {x:.0f}" for k, x in mem.get("breakdown_mb", {}).items())
         print(f"e2e {mode:<20} {step * 1e3:8.2f} ms  {base / step if base else float('nan'):6.2f}x paper  "
               f"peak {mem.get('peak_mb', float('nan')):7.0f} MB  {parts}")
+for path in sorted(glob.glob(os.path.join(out, "finetune", "e2e-*.json"))):
+    for kind, r in json.load(open(path)).get("finetune", {}).items():
+        print(f"finetune --step {kind:<6} {r['steady_step_ms']:8.2f} ms a step, bench {r['bench_mode']} "
+              f"{r['bench_step_ms'] or float('nan'):.2f} ms ({r['vs_bench'] or float('nan'):.2f}x)  step: {r['step']}")
 PY
 log "done: $OUT"

@@ -1,18 +1,21 @@
 """``skipkernels bench``: one training step and one epoch per mode, measured side by side. What is
 measured lives here; the table, chart and JSON of a run are ``skipkernels.bench_report``'s.
 
-Modes (same model weights, same data, one process, interleaved repetitions):
+Modes (same model weights, same data, one process, interleaved repetitions). The skip-* modes
+are the Trainer's own step objects (skipkernels/train/step.py: eager, compiled, graph) under a
+kernel policy, so each is a step ``finetune --step KIND`` runs; paper, ft, coop and
+skip-compile-graphs are the bases they are compared with:
   paper             the paper's Skip Tuning as its code computes it: plain open_clip in eager
                     PyTorch, full prompts, cached prefixes, CSkip (skip/paper.py); every ratio's base
-  ft, coop          the paper's baselines on the reference path
-  skip-ref          Skip Tuning on the reference path (eager PyTorch ops)
-  skip-compile      skip-ref's loss under torch.compile
-  skip-compile-graphs the static step's loss under torch.compile(mode="reduce-overhead"): what a
-                    user would try first for CUDA graphs (CUDA only)
-  skip-kernels      Skip Tuning with our compiled / Triton ops (backend "auto")
+  ft, coop          the paper's baselines on the reference path (eager step)
+  skip-compile-graphs base: the static step's loss under torch.compile(mode="reduce-overhead"), the
+                    optimizer eager: what a user would try first for CUDA graphs (CUDA only)
+  skip-ref          the eager step, PyTorch ops (step eager, backend torch)
+  skip-compile      the compiled step (step compiled, backend auto: its loss and CSkip ops compiled)
+  skip-kernels      the eager step with our compiled / Triton ops (step eager, backend auto)
   skip-triton       skip-kernels with every Triton kernel forced on (GPU only)
-  skip-graph        skip-kernels with the whole step captured in a CUDA graph (CUDA only)
-  skip-triton-graph skip-triton captured in a CUDA graph: fewest launches, none from Python
+  skip-graph        the CUDA-graph step with our ops (step graph, backend auto; CUDA only)
+  skip-triton-graph skip-triton's ops in the CUDA-graph step: fewest launches, none from Python
 
 Times: CUDA events on a GPU, perf_counter on a CPU. Peak training memory is measured per mode in
 a subprocess of its own (CUDA max_memory_allocated, or the CPU allocator's peak from
@@ -40,16 +43,20 @@ from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
 @dataclasses.dataclass(frozen=True)
 class BenchMode:
     """How a bench mode runs a step: the SkipTuner mode it trains, the kernels (``kernels``: None is
-    the PyTorch references, "auto" the measured table, ALL_TRITON every Triton kernel), how the
-    loss is compiled (None, "compile": torch.compile, "graphs": the static loss under
-    mode="reduce-overhead"), whether the whole step is captured in a CUDA graph (skip/graph.py),
-    and whether it is the paper's own computation (skip/paper.py)."""
+    the PyTorch references, "auto" the measured table, ALL_TRITON every Triton kernel), the
+    Trainer's step kind (``step``: eager, compiled or graph; train/step.py), and for the bases,
+    whether it is the paper's own computation (skip/paper.py) or the static loss under
+    torch.compile(mode="reduce-overhead") (``compile_graphs``)."""
     name: str
     tuner_mode: str = "skip"
     kernels: str | None = None
-    compile: str | None = None
-    captured: bool = False
+    step: str = "eager"
     paper: bool = False
+    compile_graphs: bool = False
+
+    @property
+    def captured(self) -> bool:
+        return self.step == "graph"
 
     @property
     def policy(self) -> KernelPolicy:
@@ -59,7 +66,7 @@ class BenchMode:
 
     def unavailable(self, device) -> str | None:
         """Why this mode cannot run on ``device`` here, or None."""
-        if (self.captured or self.compile == "graphs") and device.type != "cuda":
+        if (self.captured or self.compile_graphs) and device.type != "cuda":
             return "CUDA graphs need a GPU"
         if self.kernels == ALL_TRITON and device.type != "cuda":
             return "Triton kernels need a GPU"
@@ -78,12 +85,12 @@ BENCH_MODES = {m.name: m for m in (
     BenchMode("ft", "ft"),
     BenchMode("coop", "coop"),
     BenchMode("skip-ref"),
-    BenchMode("skip-compile", compile="compile"),
-    BenchMode("skip-compile-graphs", compile="graphs"),
+    BenchMode("skip-compile", kernels="auto", step="compiled"),
+    BenchMode("skip-compile-graphs", kernels="auto", compile_graphs=True),
     BenchMode("skip-kernels", kernels="auto"),
     BenchMode("skip-triton", kernels=ALL_TRITON),
-    BenchMode("skip-graph", kernels="auto", captured=True),
-    BenchMode("skip-triton-graph", kernels=ALL_TRITON, captured=True),
+    BenchMode("skip-graph", kernels="auto", step="graph"),
+    BenchMode("skip-triton-graph", kernels=ALL_TRITON, step="graph"),
 )}
 ALL_MODES = tuple(BENCH_MODES)
 GRAPH_MODES = tuple(m.name for m in BENCH_MODES.values() if m.captured)
@@ -191,21 +198,25 @@ class ModeRunner:
             self.plan = self.tuner.plan
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
                                          weight_decay=5e-4)
-        self.loss_fn = self.tuner.loss
-        if self.mode.compile == "compile":
-            import logging
-            # The reference step has data-dependent shapes (class subset, truncation): graph breaks
-            # are expected there and logged at WARNING level for every break; keep the table readable.
-            logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-            self.loss_fn = torch.compile(self.tuner.loss)
-        if self.mode.compile == "graphs":
-            # The static step (fixed subset size, no host sync) traces as one graph that inductor
-            # replays with CUDA graphs; the optimizer step stays eager, as in most user code.
-            tuner = self.tuner
-            self.loss_fn = torch.compile(lambda x, y: tuner.loss(x, y, static=True), mode="reduce-overhead",
-                                         fullgraph=True)
-        self.graph_step = None
         self.scenario = scenario
+        from skipkernels.train.step import EagerStep, StepChoice, choose_step, make_step
+        if self.mode.paper:
+            self.train_step = EagerStep(self.tuner, self.optimizer, autocast_dtype)
+        elif self.mode.compile_graphs:
+            # The base: the static step traces as one graph that inductor replays with CUDA graphs;
+            # the optimizer step stays eager, as in most user code.
+            tuner = self.tuner
+            compiled = torch.compile(lambda x, y: tuner.loss(x, y, static=True), mode="reduce-overhead",
+                                     fullgraph=True)
+
+            def loss(x, y):
+                tuner.towers.refresh()  # plans rebuilt here, never inside the trace
+                return compiled(x, y)
+            self.train_step = EagerStep(tuner, self.optimizer, autocast_dtype, loss)
+        else:  # the Trainer's step of this kind; one that cannot run raises StepUnavailable
+            choice = choose_step(self.mode.step, self.tuner, self.optimizer, scenario.batch)
+            self.train_step = make_step(StepChoice(choice.kind, f"bench mode {name}"), self.tuner, self.optimizer,
+                                        autocast_dtype)
 
     def inputs_for(self, images):
         if self.plan.caches_prefix:
@@ -214,17 +225,7 @@ class ModeRunner:
         return images
 
     def step(self, inputs, labels):
-        if self.mode.captured:
-            if self.graph_step is None:
-                from skipkernels.skip.graph import CapturedStep
-                self.graph_step = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype)
-            return self.graph_step(inputs, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.loss_fn(inputs, labels)
-        loss.backward()
-        self.optimizer.step()
-        return loss
+        return self.train_step(inputs, labels)
 
 
 def _images(scenario, model, count, device, seed):
@@ -267,11 +268,12 @@ def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, e
         from skipkernels.skip.towers import ModelPlan
         scenario.skip_layers = ModelPlan(base).default_skip_layers()[0]
     from skipkernels.skip.paper import UnsupportedPaperModel
+    from skipkernels.train.step import StepUnavailable
     runners, refused = [], {}
     for mode in modes:
         try:
             runners.append(ModeRunner(mode, base, tokenizer, scenario, device, autocast_dtype))
-        except UnsupportedPaperModel as err:
+        except (UnsupportedPaperModel, StepUnavailable) as err:
             refused[mode] = {"skipped": str(err)}
     del base
     measure = _timer(device)
@@ -408,12 +410,17 @@ def run(args) -> dict:
     if args.epoch_images:
         scenario.epoch_images = args.epoch_images
     requested = [m for m in args.modes.split(",") if m]
+    finetune_kinds = [k for k in (args.finetune or "").split(",") if k]
+    from skipkernels.train.step import STEP_KINDS
+    if sorted(set(finetune_kinds) - set(STEP_KINDS)):
+        raise ValueError(f"--finetune takes step kinds {STEP_KINDS}, got {sorted(set(finetune_kinds) - set(STEP_KINDS))}")
     from skipkernels.skip.tuner import MODES
     unknown = sorted(set(requested) - set(ALL_MODES) - set(MODES))
     if unknown:
         raise ValueError(f"unknown bench modes {unknown}; choose from {ALL_MODES} or a tuner mode {MODES}")
     if args.no_compile:
-        requested = [m for m in requested if m != "skip-compile"]
+        requested = [m for m in requested if m not in BENCH_MODES
+                     or not (BENCH_MODES[m].step == "compiled" or BENCH_MODES[m].compile_graphs)]
     modes, skipped = _available_modes(requested, device)
     print(f"bench on {device}: {scenario}", flush=True)
     results = measure_time(scenario, modes, device, args.repeats, args.warmup, not args.no_epoch)
@@ -422,27 +429,100 @@ def run(args) -> dict:
             results[mode]["memory"] = mem
     for mode, why in skipped.items():
         results[mode] = {"skipped": why}
+    finetune = finetune_steady(scenario, finetune_kinds, device, Path(args.out), results) if finetune_kinds else None
     from skipkernels import bench_report
-    return bench_report.write(results, scenario, device, args.repeats, args.warmup, Path(args.out))
+    return bench_report.write(results, scenario, device, args.repeats, args.warmup, Path(args.out), finetune)
+
+
+# The bench mode that runs the step object and kernels of finetune's step kind (finetune's kernel
+# policy is auto), and the shots of its runs: the fewest with one class per batch at batch 4, so an
+# epoch is C steps at any class count.
+FINETUNE_COUNTERPARTS = {"eager": "skip-kernels", "compiled": "skip-compile", "graph": "skip-graph"}
+FINETUNE_SHOTS = 4
+
+
+def write_image_folder(folder: Path, classnames, per_class: int, seed: int = 0) -> Path:
+    """A plain image folder of random 32x32 PNGs, ``per_class`` per class (kept when present)."""
+    import numpy as np
+    from PIL import Image
+    for label, name in enumerate(classnames):
+        sub = folder / name
+        if sub.is_dir() and len(list(sub.iterdir())) == per_class:
+            continue
+        sub.mkdir(parents=True, exist_ok=True)
+        for n in range(per_class):
+            pixels = np.random.default_rng((seed, label, n)).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(sub / f"{n}.png")
+    return folder
+
+
+def steady_step_ms(steps: list[dict]) -> float:
+    """Mean time a step (ms) over a run's last epoch, from its step log: the interval from its
+    first step to its last, so steps queued ahead of a read-back are counted when they run."""
+    last = max(s["epoch"] for s in steps)
+    times = [s["time_s"] for s in steps if s["epoch"] == last]
+    return 1e3 * (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else float("nan")
+
+
+def finetune_steady(scenario: Scenario, kinds, device, out: Path, results: dict, epochs: int = 2) -> dict:
+    """``finetune``'s own steady step under each step kind, on an image folder of the scenario's
+    classes (random images, FINETUNE_SHOTS each, all classes trained), beside the bench's time for
+    the mode that runs the same step object (FINETUNE_COUNTERPARTS)."""
+    import csv
+
+    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.train.job import finetune
+    from skipkernels.train.trainer import TrainConfig
+    folder = write_image_folder(out / f"finetune-data-c{scenario.classes}", class_names(scenario.classes),
+                                FINETUNE_SHOTS + 1)
+    report = {}
+    for kind in kinds:
+        run = out / f"finetune-{kind}"
+        done = finetune(folder, None, scenario.model, None, skip=SkipConfig(mode="skip", skip_layers=scenario.skip_layers),
+                        train=TrainConfig(epochs=epochs, batch_size=scenario.batch, shots=FINETUNE_SHOTS, step=kind,
+                                          warmup_epochs=0, progress=False),
+                        out_dir=run, base_to_new=False, device=device, tokenizer=scenario.tokenizer, resume=False)
+        with (run / "metrics.csv").open() as f:
+            steps = [{"epoch": int(r["epoch"]), "time_s": float(r["time_s"])} for r in csv.DictReader(f)]
+        counterpart = FINETUNE_COUNTERPARTS[done["step"].split(" ")[0]]
+        bench_s = results.get(counterpart, {}).get("step_s", {}).get("median")
+        ms = steady_step_ms(steps)
+        report[kind] = {"step": done["step"], "steady_step_ms": ms, "epoch_steps": sum(s["epoch"] == epochs
+                                                                                       for s in steps),
+                        "bench_mode": counterpart, "bench_step_ms": None if bench_s is None else bench_s * 1e3,
+                        "vs_bench": None if bench_s is None else ms / (bench_s * 1e3)}
+    return report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES))
+    from skipkernels.flags import DEVICE_HELP, MODEL_HELP, positive_int
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated modes: the bench's own "
+                   f"({', '.join(ALL_MODES)}) or any finetune --mode")
     p.add_argument("--quick", action="store_true", help="tiny scenario (smoke test)")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--model", default=None)
+    p.add_argument("--batch", type=positive_int, default=None, help="images per step (default: 4)")
+    p.add_argument("--model", default=None, help=f"{MODEL_HELP}; its weights: the shipped ones, a hf: model's own, "
+                                                 "else random (default: ViT-B-16 on a GPU, skipkernels-tiny on a "
+                                                 "CPU or with --quick)")
     p.add_argument("--skip-layers", type=int, default=None, help="omega (default: half the blocks of the model's "
                    "shallower tower, 6 for ViT-B/16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the model's own)")
-    p.add_argument("--classes", type=int, default=None)
-    p.add_argument("--epoch-images", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-epoch", action="store_true")
-    p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default="bench/results")
+    p.add_argument("--classes", type=positive_int, default=None, help="classes C (default: 500 on a GPU, 100 on a "
+                                                                      "CPU, 12 with --quick)")
+    p.add_argument("--epoch-images", type=positive_int, default=None, help="images of the timed epoch (default: 800 "
+                                                                           "on a GPU, 400 on a CPU, 24 with --quick)")
+    p.add_argument("--repeats", type=positive_int, default=10, help="timed steps per mode, the modes interleaved")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode before the timed ones")
+    p.add_argument("--no-epoch", action="store_true", help="no epoch timing (LSkip caching and the epoch's steps)")
+    p.add_argument("--no-memory", action="store_true", help="no peak memory (measured in a subprocess per mode)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile modes (skip-compile, "
+                                                             "skip-compile-graphs)")
+    p.add_argument("--finetune", default=None, metavar="KINDS",
+                   help="also run `finetune` under these comma-separated step kinds (auto, eager, compiled, graph) "
+                        f"on an image folder of the scenario's classes, {FINETUNE_SHOTS} shots, and report its "
+                        "steady step beside the bench's time for the same step (default: none)")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--out", default="bench/results", help="folder of the results JSON and chart, e2e-<tag>.json "
+                                                          "and .png")
 
 
 def _child_main(argv):

@@ -62,13 +62,28 @@ def chart(results: dict, path: Path, title: str) -> bool:
     return bar_chart(panels, path, title)
 
 
-def write(results: dict, scenario, device, repeats: int, warmup: int, out: Path) -> dict:
+def format_finetune(finetune: dict) -> str:
+    """finetune's steady step per kind beside the bench's time for the same step object."""
+    lines = []
+    for kind, r in finetune.items():
+        beside = f"bench {r['bench_mode']} {r['bench_step_ms']:.2f} ms: {r['vs_bench']:.2f}x" \
+            if r["bench_step_ms"] is not None else f"bench {r['bench_mode']} not measured in this run"
+        lines.append(f"finetune --step {kind:<8} {r['steady_step_ms']:8.2f} ms a step ({beside}); "
+                     f"step: {r['step']}")
+    return "\n".join(lines)
+
+
+def write(results: dict, scenario, device, repeats: int, warmup: int, out: Path, finetune: dict | None = None) -> dict:
     """Print the table; write ``e2e-<tag>.json`` and ``.png`` under ``out``; return the report."""
     table = format_table(results)
+    if finetune:
+        table += "\n\n" + format_finetune(finetune)
     print(table)
     report = {"scenario": dataclasses.asdict(scenario), "environment": environment(device),
               "repeats": repeats, "warmup": warmup, "results": results, "table": table,
               "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter"}
+    if finetune:
+        report["finetune"] = finetune
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     model = re.sub(r"[^A-Za-z0-9._-]+", "_", scenario.model).strip("_")  # hf:<folder> names a path
     tag = f"{device.type}-{model}-b{scenario.batch}-{stamp}"

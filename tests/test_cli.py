@@ -13,6 +13,7 @@ from skipkernels.options import add_options, cli_fields, flag_of, from_args, opt
 from skipkernels.skip.cskip import RESAMPLE_MODES
 from skipkernels.skip.tuner import CACHE_DTYPES, MODES, SkipConfig
 from skipkernels.train.report import REPORT_TO
+from skipkernels.train.step import STEP_KINDS
 from skipkernels.train.trainer import AMP_MODES, TrainConfig, autocast_dtype_for
 
 
@@ -83,7 +84,8 @@ OFF_THE_COMMAND_LINE = {(TrainConfig, "stop_after_epochs")}
 # The validated constants behind each field with choices; None is "none" on the command line.
 CHOICES = {(SkipConfig, "mode"): MODES, (SkipConfig, "resample"): RESAMPLE_MODES,
            (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES,
-           (TrainConfig, "report_to"): REPORT_TO, (KernelPolicy, "backend"): BACKENDS}
+           (TrainConfig, "report_to"): REPORT_TO, (TrainConfig, "step"): STEP_KINDS,
+           (KernelPolicy, "backend"): BACKENDS}
 
 
 def _train_parser():
@@ -293,18 +295,16 @@ def test_a_measured_table_written_by_the_tool_passes_the_check(tmp_path):
 def test_help_shows_each_default(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
-    options = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())  # argparse wraps lines
+    printed = "".join(capsys.readouterr().out.split())  # argparse wraps lines, also at hyphens
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    formatter = sub.formatter_class(command)
-    entries = [formatter._format_action_invocation(a) for a in sub._actions]
-    for action, entry in zip(sub._actions, entries):
+    formatter = sub._get_formatter()
+    for action in sub._actions:
         if action.nargs == 0 or action.default in (None, [], argparse.SUPPRESS) or not action.option_strings:
             continue
-        text = options.split(entry + " ", 1)[1]
-        text = min((text.split(e + " ", 1)[0] for e in entries if e != entry), key=len)  # up to the next entry
-        assert "(default:" in text, f"{command} {entry}: no default shown in {text!r}"
+        text = formatter._expand_help(action)
+        assert "(default:" in text and "".join(text.split()) in printed, f"{command} {action.option_strings}: {text!r}"
     if command == "finetune":
-        assert "(default: 0.5)" in options and "(default: 20)" in options and "(default: ViT-B-16)" in options
+        assert "(default:0.5)" in printed and "(default:20)" in printed and "(default:ViT-B-16)" in printed
 
 
 def test_the_demo_table_fits_its_longest_mode_name():

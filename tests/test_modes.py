@@ -183,11 +183,13 @@ def test_bench_modes_are_one_table():
     from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
     assert bench.mode_policy("skip-triton") == bench.mode_policy("skip-triton-graph") == \
         KernelPolicy("auto", table=ALL_TRITON)
-    assert bench.mode_policy("skip-kernels") == bench.mode_policy("skip-graph") == KernelPolicy("auto")
-    assert {bench.mode_policy(m) for m in ("paper", "ft", "coop", "skip-ref", "skip-compile", "lskip-lora")} == \
-        {KernelPolicy("torch")}
+    # the compiled step and its torch.compile base need the compiled loss and CSkip ops (train/step.py)
+    assert bench.mode_policy("skip-kernels") == bench.mode_policy("skip-graph") == bench.mode_policy("skip-compile") \
+        == bench.mode_policy("skip-compile-graphs") == KernelPolicy("auto")
+    assert {bench.mode_policy(m) for m in ("paper", "ft", "coop", "skip-ref", "lskip-lora")} == {KernelPolicy("torch")}
     assert bench.GRAPH_MODES == ("skip-graph", "skip-triton-graph")
-    assert [m for m in bench.ALL_MODES if bench.bench_mode(m).compile] == ["skip-compile", "skip-compile-graphs"]
+    assert [m for m in bench.ALL_MODES if bench.bench_mode(m).step == "compiled"] == ["skip-compile"]
+    assert [m for m in bench.ALL_MODES if bench.bench_mode(m).compile_graphs] == ["skip-compile-graphs"]
     cpu = torch.device("cpu")
     available, skipped = bench._available_modes(list(bench.DEFAULT_MODES), cpu)
     assert skipped == {"skip-compile-graphs": "CUDA graphs need a GPU", "skip-triton": "Triton kernels need a GPU",

@@ -187,3 +187,14 @@ def test_finetune_runs_under_its_policy_and_records_it(synthetic_root, tmp_path,
                                          progress=False), out_dir=tmp_path, policy=policy)
     assert results["kernel_policy"] == {"backend": "torch", "table": "run.json"}
     assert seen_policies and all(p is policy for p in seen_policies)
+
+
+def test_a_deep_copied_policy_is_the_same_object():
+    """A deep-copied model or tuner keeps following the ambient policy (checked by identity), so
+    it does not rebind its ops at its first call, which inside torch.compile would break the graph."""
+    import copy
+
+    from skipkernels import KernelPolicy
+    policy = KernelPolicy("torch")
+    assert copy.deepcopy(policy) is policy
+    assert copy.deepcopy({"p": policy})["p"] is policy

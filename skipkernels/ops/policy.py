@@ -55,6 +55,12 @@ class KernelPolicy:
         if self.table is not None:
             object.__setattr__(self, "table", str(self.table))
 
+    def __deepcopy__(self, memo):
+        # Immutable, so a copy is the very object: a deep-copied model or tuner still follows the
+        # ambient policy by identity, and does not rebind its ops at its first call (inside a
+        # torch.compile trace that rebinding would break the graph).
+        return self
+
 
 def check_runnable(policy: "KernelPolicy | str", device) -> None:
     """ValueError where ``policy``'s backend can never run on ``device``, so a run says so before it

@@ -17,7 +17,7 @@ class CapturedStep:
     ``loss = step(inputs, labels)`` copies the batch into static buffers and replays the graph."""
 
     def __init__(self, tuner, optimizer, example_inputs, example_labels, autocast_dtype=torch.bfloat16,
-                 warmup_steps: int = 3):
+                 warmup_steps: int = 3, check_labels: bool = True):
         if tuner.device.type != "cuda":
             raise RuntimeError("CUDA graph capture needs the tuner on a CUDA device")
         if not (_ext.has_kernel("class_select", "cuda") and _ext.has_kernel("subset_logits_ce", "cuda")):
@@ -31,9 +31,14 @@ class CapturedStep:
         self.tuner, self.optimizer, self.autocast_dtype = tuner, optimizer, autocast_dtype
         self.inputs = example_inputs.detach().clone()
         self.labels = example_labels.detach().clone().to(tuner.device)
+        if check_labels:
+            tuner.check_labels(example_labels)
         params = [p for _, p in tuner.trainable_named_parameters()]
         saved = [p.detach().clone() for p in params]
-        had_state = any(optimizer.state.get(p) for p in params)
+        # An optimizer that has stepped (a capture after a learning-rate change, or after a
+        # resume) keeps its momentum: the warm-up's changes to it are undone from this copy.
+        saved_momentum = {p: optimizer.state[p]["momentum_buffer"].clone() for p in params
+                          if optimizer.state.get(p, {}).get("momentum_buffer") is not None}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up creates optimizer state and autotunes outside capture
@@ -41,16 +46,15 @@ class CapturedStep:
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         # Undo the warm-up so the first replay is the run's next step: weights back, and momentum
-        # buffers zeroed, which for SGD (dampening 0) is exactly "no buffer yet" (buf = grad).
-        if had_state:
-            raise ValueError("capture a fresh optimizer: its state would be changed by the warm-up")
+        # buffers back to what they held, or zeroed where there were none, which for SGD
+        # (dampening 0) is exactly "no buffer yet" (buf = grad).
         with torch.no_grad():
             for p, value in zip(params, saved):
                 p.copy_(value)
             for p in params:
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
-                    buf.zero_()
+                    buf.copy_(saved_momentum[p]) if p in saved_momentum else buf.zero_()
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
@@ -65,8 +69,19 @@ class CapturedStep:
         self.optimizer.step()
         return loss.detach()
 
-    def __call__(self, inputs, labels):
-        self.tuner.check_labels(labels)  # checked here, outside the graph
+    def eager_step(self, inputs, labels):
+        """The same static step, run eagerly on other shapes (an epoch's smaller last batch). It
+        updates the tensors the graph reads in place (gradients are zeroed, not freed)."""
+        self.optimizer.zero_grad(set_to_none=False)
+        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.tuner.loss(inputs, labels.to(self.tuner.device), static=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, inputs, labels, check_labels: bool = True):
+        if check_labels:
+            self.tuner.check_labels(labels)  # checked here, outside the graph
         self.inputs.copy_(inputs, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
         self.graph.replay()

@@ -67,15 +67,25 @@ class ImagePrefixCache:
     def nbytes(self) -> int:
         return self.tokens.numel() * self.tokens.element_size()
 
-    def batch(self, indices: torch.Tensor):
-        """Tokens (on the training device) and labels (on the host) of dataset items ``indices``."""
-        rows = self.row_of[indices]
+    def epoch_batches(self, index_batches):
+        """Yields (tokens, host labels, device labels) for each batch of dataset items. The
+        epoch's cache rows go to the device in one copy, so a cache on the device is gathered
+        there with no host round trip per step."""
+        flat = torch.as_tensor([i for batch in index_batches for i in batch], dtype=torch.long)
+        rows = self.row_of[flat]
         if bool((rows < 0).any()):
-            raise KeyError(f"items {indices[rows < 0].tolist()} are not in this cache")
-        x = self.tokens[rows.to(self.tokens.device)]
-        if x.device != self.device:
-            x = x.to(self.device, non_blocking=True)
-        return x, self.labels[rows]
+            raise KeyError(f"items {flat[rows < 0].tolist()} are not in this cache")
+        device_rows = rows.to(self.tokens.device)
+        labels = self.labels[rows]
+        device_labels = labels.to(self.device)
+        start = 0
+        for batch in index_batches:
+            end = start + len(batch)
+            x = self.tokens[device_rows[start:end]]
+            if x.device != self.device:  # a cache in host memory: this batch is copied in
+                x = x.to(self.device, non_blocking=True)
+            yield x, labels[start:end], device_labels[start:end]
+            start = end
 
     @classmethod
     @torch.no_grad()

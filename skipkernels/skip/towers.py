@@ -62,9 +62,13 @@ class TowerPlan:
         """Why each exact saving does not apply to this tower, by name (None: it applies)."""
         return {"pruning": self.tower.pruning_off_reason() or self.last_block_off_reason()}
 
-    def off_reason(self, saving: str) -> str | None:
+    def refresh(self) -> None:
+        """Plan again if PET modules were added or taken out since (on any model)."""
         if self.generation != pet_hooks.generation:
-            self.plan_blocks()  # PET modules were added or taken out since
+            self.plan_blocks()
+
+    def off_reason(self, saving: str) -> str | None:
+        self.refresh()
         return self.off_reasons[saving]
 
     def pruning_off_reason(self) -> str | None:
@@ -82,8 +86,7 @@ class TowerPlan:
         """Blocks [start, stop): the op layer's plan for each block it computes, the others through
         their own forward. With ``prune_index`` the last block computes only those rows; one that
         cannot be pruned exactly runs in full and the rows are taken after it."""
-        if self.generation != pet_hooks.generation:
-            self.plan_blocks()  # PET modules were added or taken out since
+        self.refresh()
         module_kwargs = None
         for i in range(start, stop):
             plan = self.plans[i]
@@ -283,6 +286,12 @@ class ModelPlan:
         self.policy = policy
         self.image = ImagePlan(image, policy)
         self.text = TextPlan(text, policy)
+
+    def refresh(self) -> None:
+        """Bring both towers' plans up to date now: a compiled step calls this before its traced
+        call, so a plan is never rebuilt (reading files, binding ops) inside the trace."""
+        self.image.refresh()
+        self.text.refresh()
 
     def default_skip_layers(self) -> tuple[int, str]:
         """The default ω and why: the paper's proportion, half the blocks (6 of ViT-B/16's 12). One ω

@@ -28,6 +28,7 @@ from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train import checkpoint, run_folder
 from skipkernels.train.evaluate import class_group, evaluate_groups
 from skipkernels.train.export import export_model, fold_lora
+from skipkernels.train.report import log_run_accuracies
 from skipkernels.train.trainer import PEAK_MEMORY_KINDS, Trainer, TrainConfig, autocast_dtype_for
 
 
@@ -83,6 +84,7 @@ def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, trai
         "cache_mb": trainer.cache_bytes / 2**20,
         "trainable_params": trainable_params,
         "exact_savings": tuner.savings,
+        "step": str(trainer.step_choice),  # how each step ran, and why (train/step.py)
         "class_subset": tuner.skipper.summary() if tuner.skipper is not None else None,
         "num_train_items": len(data.train_items), "base_classes": len(data.base), "new_classes": len(data.new),
         "classnames": data.splits.classnames,  # label order; base = the first base_classes
@@ -160,8 +162,11 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
             done = run_folder.check(out_dir, identity)
             if done is not None:
                 if distributed.is_main():
+                    # zero_shot is no part of the identity: say so where it asks for what the run lacks
+                    missing = "; --zero-shot is not applied: the run finished without a zero-shot evaluation" \
+                        if zero_shot and not done.get("zero_shot_accuracy") else ""
                     print(f"{out_dir} holds this run, finished: nothing to do (its results.json and model.pt are "
-                          "kept; --no-resume trains it again)", file=sys.stderr)
+                          f"kept; --no-resume trains it again){missing}", file=sys.stderr)
                 return done
         elif distributed.is_main():
             removed = run_folder.clear(out_dir)
@@ -190,7 +195,12 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
         tuner = SkipTuner(model, data.base_names, tokenizer, skip, seed=train.seed)  # the run's one seed
     trainer = Trainer(tuner, data.train_items, train, out_dir, model_name=model_name,
                       evaluate=lambda: evaluate(tuner, progress=False), identity=identity)
+    if distributed.is_main():
+        print(f"step: {trainer.step_choice}", file=sys.stderr)
     resumed = trainer.resume() if resume else False
+    if resumed and distributed.is_main():  # always, also without progress bars
+        print(f"resuming from {trainer.checkpoint_path}: {trainer.start_epoch} of {train.epochs} epochs done "
+              "(--no-resume starts over)", file=sys.stderr)
     trainer.train()
     times.update((key, trainer.times[key]) for key in ("cache", "train", "epoch_eval") if key in trainer.times)
     finished = len(trainer.history) >= train.epochs
@@ -208,5 +218,6 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
     results["identity"] = identity  # how the weights in the folder were trained (run_folder)
     if out_dir is not None and distributed.is_main():
         _write_outputs(out_dir, results, tuner, trainer)
+        log_run_accuracies(out_dir, train.report_to, zero_shot_acc, acc, len(trainer.steps))
     distributed.barrier()
     return results

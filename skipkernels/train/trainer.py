@@ -23,6 +23,7 @@ from skipkernels.train import checkpoint
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.report import REPORT_TO, RunLog, check_report_to
 from skipkernels.train.schedule import set_epoch_lr
+from skipkernels.train.step import STEP_KINDS, choose_step, make_step
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MEMORY_PROBE_STEPS = 4  # CPU peak memory window; from step 2 on, gradients, momentum and activations coexist
@@ -82,6 +83,13 @@ class TrainConfig:
     # metrics.csv is always written, every epoch; this adds a logger of the same numbers (train/report.py)
     report_to: str | None = option(None, "also log the training numbers to tensorboard (OUT/tensorboard; needs "
                                    "the tensorboard package), or none", choices=REPORT_TO, identity=False)
+    # Not part of the run's identity: each kind computes the same maths (train/step.py), so a run
+    # resumed under another kind continues.
+    step: str = option("auto", "how each step runs: eager, compiled (torch.compile), graph (a CUDA graph), or "
+                       "auto (graph where it can run, else compiled on CUDA, else eager; the choice is printed)",
+                       choices=STEP_KINDS, identity=False)
+    log_every: int = option(50, "read the step losses back to the host every N steps and at each epoch's end "
+                            "(a non-finite loss stops training at the next read-back)", identity=False)
 
     def __post_init__(self):
         if self.report_to == "none":
@@ -105,6 +113,10 @@ class TrainConfig:
             raise ValueError("learning rates must be > 0")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if self.step not in STEP_KINDS:
+            raise ValueError(f"step must be one of {STEP_KINDS}, got {self.step!r}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
 
 def protocol_epochs(dataset: str, epochs: int) -> int:
@@ -173,9 +185,10 @@ class Trainer:
         if distributed.enabled():
             # Gradients are averaged over ranks; each rank's loss is weighted by its share of the
             # global batch (see train()), so the update equals a single process on the global batch.
-            self.step_module = torch.nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+            self.step_module = distributed.data_parallel(self.step_module, self.device)
+        # decided once, before any training: a forced kind that cannot run is refused here
+        self.step_choice = choose_step(config.step, tuner, self.optimizer, config.batch_size)
+        self.train_step = make_step(self.step_choice, tuner, self.optimizer, self.autocast_dtype, self.step_module)
 
     # -------------------------------------------------------------- checkpoints
     @property
@@ -257,18 +270,19 @@ class Trainer:
         local = [b[slice(*distributed.split_batch(b))] for b in batches]
         weights = [len(mine) * world / len(b) for mine, b in zip(local, batches)]
         if cache is not None:
-            for indices, weight in zip(local, weights):
-                tokens, labels = cache.batch(torch.tensor(indices, dtype=torch.long))
-                yield indices, tokens, labels, weight  # labels stay on the host until the tuner checks them
+            # host labels for the eager step (the tuner checks them there), device labels for the
+            # static steps, which read no values
+            for indices, weight, (tokens, labels, device_labels) in zip(local, weights, cache.epoch_batches(local)):
+                yield indices, tokens, labels, device_labels, weight
         else:
             self.dataset.set_epoch(epoch)
             loader = make_loader(self.dataset, workers=self.config.workers, batch_sampler=local)
             for (images, labels, _), indices, weight in zip(loader, local, weights):
-                yield indices, images.to(self.device, non_blocking=True), labels, weight
+                yield indices, images.to(self.device, non_blocking=True), labels, None, weight
 
     def train(self) -> list[dict]:
         # metrics.csv, appended every epoch, and report_to's logger: the main rank of a run with a folder
-        log = RunLog(self.out_dir, self.config.report_to, self.steps) \
+        log = RunLog(self.out_dir, self.config.report_to, self.steps, self.history) \
             if self.out_dir is not None and distributed.is_main() else None
         try:
             with deterministic_algorithms(self.deterministic):
@@ -286,6 +300,7 @@ class Trainer:
         for epoch in epochs:
             first_step = len(self.steps)
             set_epoch_lr(self.optimizer, epoch, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr)
+            self.train_step.epoch_started()
             tuner.model.train()
             batches = self._global_batches(epoch)
             cache = None
@@ -296,7 +311,8 @@ class Trainer:
                 tuner.model.train()
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
-            loss_total, item_count = 0.0, 0  # sum of per-item losses and items, on the host
+            totals = [0.0, 0]  # sum of per-item losses and items, on the host
+            pending = []  # steps whose losses are still on the device
             # CUDA: the allocator's peak over every epoch. CPU: the allocator's peak over the first
             # steps this process trains, from the profiler's allocation events (an RSS delta would
             # not be one: the allocator reuses freed memory); the profiler's own time is left out.
@@ -304,27 +320,20 @@ class Trainer:
                 if self.device.type == "cpu" and epoch == self.start_epoch else None
             meter = PeakMemory(self.device) if self.device.type == "cuda" else cpu_probe or contextlib.nullcontext()
             with meter:
-                for step, (indices, inputs, labels, weight) in enumerate(self._batches(epoch, batches, cache)):
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                        enabled=self.autocast_dtype is not None):
-                        loss = self.step_module(inputs, labels)
-                    self.optimizer.zero_grad(set_to_none=True)
-                    (loss * weight).backward()
-                    self.optimizer.step()
-                    # The step's one host synchronisation, after all its work is queued. A
-                    # non-finite loss stops training here; the last checkpoint on disk predates it.
-                    value = loss.item()
-                    self._check_finite(value, epoch, step, indices)
-                    loss_total += value * len(indices)
-                    item_count += len(indices)
+                static_labels = self.train_step.kind != "eager"
+                for step, (indices, inputs, labels, device_labels, weight) in \
+                        enumerate(self._batches(epoch, batches, cache)):
+                    use = device_labels if static_labels and device_labels is not None else labels
+                    loss = self.train_step(inputs, use, weight)  # queued: no host read here
                     if cpu_probe is not None:
                         cpu_probe.step_done()
                     probe_s = cpu_probe.overhead_s if cpu_probe is not None else 0.0
-                    # the last parameter group holds the main lr (text tower; the only one in CoOp/PET)
-                    self.steps.append({"step": len(self.steps) + 1, "epoch": epoch + 1, "loss": value,
-                                       "lr": self.optimizer.param_groups[-1]["lr"],
-                                       "time_s": self.times["cache"] + self.times["train"]
-                                       + time.perf_counter() - start - probe_s})
+                    pending.append((loss, step, indices, self.times["cache"] + self.times["train"]
+                                    + time.perf_counter() - start - probe_s))
+                    if len(pending) >= cfg.log_every:
+                        self._read_back(pending, epoch, totals)
+                self._read_back(pending, epoch, totals)
+            loss_total, item_count = totals
             loss_sum = distributed.all_reduce_sum(torch.tensor([loss_total, item_count], dtype=torch.float64))
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -348,13 +357,27 @@ class Trainer:
                 log.epoch_done(self.steps[first_step:], record)
         return self.history
 
-    def _check_finite(self, value: float, epoch: int, step: int, indices) -> None:
-        bad = not math.isfinite(value)
-        if distributed.enabled():  # every rank stops together
-            bad = float(distributed.all_reduce_sum(torch.tensor([float(bad)]))) > 0
-        if bad:
+    def _read_back(self, pending: list, epoch: int, totals: list) -> None:
+        """The pending steps' losses in one transfer: the step log, the epoch's sums, and the stop
+        on a non-finite loss (named by its epoch, step and items; every rank stops together)."""
+        if not pending:
+            return
+        values = torch.stack([loss.float() for loss, *_ in pending]).tolist()
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+        stop = bad is not None
+        if distributed.enabled():
+            stop = float(distributed.all_reduce_sum(torch.tensor([float(stop)]))) > 0
+        if stop:
             good = self.checkpoint_path if (self.checkpoint_path and self.checkpoint_path.is_file()) \
                 else "none written yet"
-            raise TrainingError(f"non-finite loss {value} at epoch {epoch + 1}, step {step} "
-                                f"(training items {indices} on rank {distributed.rank()}); "
-                                f"last good checkpoint: {good}")
+            where = (f"non-finite loss {values[bad]} at epoch {epoch + 1}, step {pending[bad][1]} (training items "
+                     f"{pending[bad][2]} on rank {distributed.rank()})") if bad is not None else \
+                f"a non-finite loss on another rank in epoch {epoch + 1}"
+            raise TrainingError(f"{where}; last good checkpoint: {good}")
+        for value, (_, _, indices, time_s) in zip(values, pending):
+            totals[0] += value * len(indices)
+            totals[1] += len(indices)
+            # the last parameter group holds the main lr (text tower; the only one in CoOp/PET)
+            self.steps.append({"step": len(self.steps) + 1, "epoch": epoch + 1, "loss": value,
+                               "lr": self.optimizer.param_groups[-1]["lr"], "time_s": time_s})
+        pending.clear()
