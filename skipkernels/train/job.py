@@ -85,6 +85,7 @@ def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, trai
         "trainable_params": trainable_params,
         "exact_savings": tuner.savings,
         "step": str(trainer.step_choice),  # how each step ran, and why (train/step.py)
+        "update": str(trainer.update_choice),  # where the optimizer update ran, and why
         "class_subset": tuner.skipper.summary() if tuner.skipper is not None else None,
         "num_train_items": len(data.train_items), "base_classes": len(data.base), "new_classes": len(data.new),
         "classnames": data.splits.classnames,  # label order; base = the first base_classes
@@ -197,6 +198,7 @@ def finetune(data_root, dataset: str | None, model_name: str, pretrained: str | 
                       evaluate=lambda: evaluate(tuner, progress=False), identity=identity)
     if distributed.is_main():
         print(f"step: {trainer.step_choice}", file=sys.stderr)
+        print(f"optimizer update: {trainer.update_choice}", file=sys.stderr)
     resumed = trainer.resume() if resume else False
     if resumed and distributed.is_main():  # always, also without progress bars
         print(f"resuming from {trainer.checkpoint_path}: {trainer.start_epoch} of {train.epochs} epochs done "

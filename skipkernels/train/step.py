@@ -18,17 +18,28 @@ only in long runs; ask for it with ``step="compiled"``.
 The compiled and graph kinds compute the same maths as eager within fp32 rounding: the static
 step truncates text to the longest prompt of all classes, not of the step's subset (exact under
 causal attention, but another summation length), and inductor fuses differently.
+
+The optimizer update can run inside backward (``BackwardUpdate``): each trainable tensor gets the
+optimizer's own SGD update as soon as its gradient is complete, and its gradient is freed at once,
+so no full gradient buffer lives. It is bit-identical to ``optimizer.step()`` and on by default
+where it can run (``choose_update``): eager and compiled steps, the protocol's SGD, one process.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import types
+import weakref
 
 import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
+from torch.optim.sgd import sgd
 
 from skipkernels import _ext, distributed
 
 STEP_KINDS = ("auto", "eager", "compiled", "graph")
+UPDATE_MODES = ("auto", "on", "off")  # the optimizer update inside backward (BackwardUpdate)
 
 
 class StepUnavailable(ValueError):
@@ -109,6 +120,126 @@ def choose_step(requested: str, tuner, optimizer, batch_size: int) -> StepChoice
     return StepChoice("eager", f"graph and compiled are not possible: {why_not['compiled']}")
 
 
+@dataclasses.dataclass(frozen=True)
+class UpdateChoice:
+    in_backward: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'in backward' if self.in_backward else 'after backward'} ({self.reason})"
+
+
+def update_in_backward_unavailable(step_kind: str, optimizer) -> str | None:
+    """Why the update cannot run inside backward exactly (or would save nothing), or None."""
+    if type(optimizer) is not torch.optim.SGD:
+        return (f"{type(optimizer).__name__} is not torch.optim.SGD: only SGD's update is known to be per tensor "
+                "(another optimizer may need every gradient at once, e.g. for a global norm)")
+    if any(g.get("differentiable") for g in optimizer.param_groups):
+        return "a differentiable SGD keeps its update in the autograd graph"
+    if optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks:
+        return "the optimizer has step hooks, which run only in optimizer.step()"
+    if distributed.enabled():
+        return ("under DistributedDataParallel a gradient is final only after its bucket's all-reduce, and DDP "
+                "keeps full-size gradient buckets of its own, so an update in backward would save no memory")
+    if step_kind == "graph":
+        return ("the CUDA-graph step keeps its gradients as static tensors of the capture, so freeing them in "
+                "backward saves nothing; optimizer.step() stays in the capture")
+    return None
+
+
+def choose_update(requested: str, step_kind: str, optimizer) -> UpdateChoice:
+    """Where the optimizer update runs, decided once; "on" where it cannot run raises
+    StepUnavailable (a ValueError) naming why."""
+    if requested not in UPDATE_MODES:
+        raise ValueError(f"update_in_backward must be one of {UPDATE_MODES}, got {requested!r}")
+    why_not = update_in_backward_unavailable(step_kind, optimizer)
+    if requested == "off":
+        return UpdateChoice(False, "asked for")
+    if why_not is None:
+        return UpdateChoice(True, "SGD per tensor as each gradient completes; no gradient buffer")
+    if requested == "on":
+        raise StepUnavailable(f"update_in_backward='on' cannot run this training: {why_not}")
+    return UpdateChoice(False, why_not)
+
+
+def _sgd_into_gradient(param, grad, buffers, group) -> None:
+    """torch's single-tensor SGD (torch.optim.sgd._single_tensor_sgd), the same operations in the
+    same order, written into the gradient it is about to free instead of new temporaries, and a
+    first momentum buffer that takes the gradient's memory instead of a clone: the same bits, one
+    tensor less at the peak."""
+    if group["maximize"]:
+        grad.neg_()
+    if group["weight_decay"] != 0:
+        grad.add_(param, alpha=group["weight_decay"])
+    momentum = group["momentum"]
+    if momentum != 0:
+        if buffers[0] is None:
+            # Nesterov goes on to write into grad; a gradient that is a view into a larger storage
+            # (autograd may hand one over) would keep all of that storage alive as momentum
+            owns_storage = grad.storage_offset() == 0 and \
+                grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+            buffers[0] = grad if owns_storage and not group["nesterov"] else grad.clone()
+        else:
+            buffers[0].mul_(momentum).add_(grad, alpha=1 - group["dampening"])
+        grad = grad.add_(buffers[0], alpha=momentum) if group["nesterov"] else buffers[0]
+    param.add_(grad, alpha=-group["lr"])
+
+
+def _update_hook(owner_ref, group_index, param):
+    owner = owner_ref()
+    if owner is not None:
+        owner.update(group_index, param)
+
+
+class BackwardUpdate:
+    """The optimizer's SGD update of each parameter, run by a post-accumulate-grad hook during
+    ``backward(loss)``: on that one tensor, the operations of the path ``optimizer.step()`` would
+    take (torch's functional ``sgd`` for foreach and fused, ``_sgd_into_gradient`` for the
+    single-tensor path), with its group's current hyperparameters and the momentum buffer in
+    ``optimizer.state``. The update is elementwise, so it equals ``optimizer.step()`` bit for bit;
+    the optimizer's state_dict (checkpoints, resume) is unchanged. Outside ``backward`` the hooks
+    do nothing (another backward keeps its gradients for the caller)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.enabled = False
+        # the hooks hold only a weak reference, so a dropped step stops updating and unhooks
+        self.handles = [p.register_post_accumulate_grad_hook(functools.partial(_update_hook, weakref.ref(self), i))
+                        for i, group in enumerate(optimizer.param_groups) for p in group["params"]]
+
+    def __del__(self):
+        for handle in getattr(self, "handles", ()):
+            handle.remove()
+
+    def update(self, group_index: int, param) -> None:
+        if not self.enabled or param.grad is None:
+            return
+        # read at each update: the schedule sets lr, and load_state_dict replaces groups and state
+        group = self.optimizer.param_groups[group_index]
+        grad = param.grad
+        buffers = [self.optimizer.state[param].get("momentum_buffer")] if group["momentum"] != 0 else [None]
+        foreach, fused = group["foreach"], group["fused"]
+        if foreach is None and fused is None:  # the path optimizer.step() would take for this tensor
+            fused, foreach = _default_to_fused_or_foreach([param], differentiable=False, use_fused=False)
+        with torch.no_grad():
+            if foreach or fused or grad.is_sparse or isinstance(group["lr"], torch.Tensor):
+                sgd([param], [grad], buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
+                    lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+                    maximize=group["maximize"], has_sparse_grad=grad.is_sparse, foreach=foreach, fused=fused)
+            else:
+                _sgd_into_gradient(param, grad, buffers, group)
+        if group["momentum"] != 0:
+            self.optimizer.state[param]["momentum_buffer"] = buffers[0]
+        param.grad = None
+
+    def backward(self, loss) -> None:
+        self.enabled = True
+        try:
+            loss.backward()
+        finally:
+            self.enabled = False
+
+
 class EagerStep:
     """``loss = step(inputs, labels, weight)``: one update; the loss comes back on the device
     (detached, unweighted), so the caller reads losses back when it chooses.
@@ -117,10 +248,11 @@ class EagerStep:
 
     kind = "eager"
 
-    def __init__(self, tuner, optimizer, autocast_dtype, loss_module=None):
+    def __init__(self, tuner, optimizer, autocast_dtype, loss_module=None, update_in_backward: bool = False):
         self.tuner, self.optimizer, self.autocast_dtype = tuner, optimizer, autocast_dtype
         self.loss_module = loss_module if loss_module is not None else tuner.loss
         self.device_type = tuner.device.type
+        self.backward_update = BackwardUpdate(optimizer) if update_in_backward else None
 
     def epoch_started(self) -> None:
         """The learning rates may have changed (a captured step reads them at capture)."""
@@ -132,9 +264,21 @@ class EagerStep:
         with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             loss = self.loss(inputs, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight if weight != 1.0 else loss).backward()
-        self.optimizer.step()
+        weighted = loss * weight if weight != 1.0 else loss
+        if self.backward_update is not None:
+            self.backward_update.backward(weighted)  # each tensor updated, its gradient freed
+        else:
+            weighted.backward()
+            self.optimizer.step()
         return loss.detach()
+
+
+def _own_code(function):
+    """``function`` on a code object of its own. Dynamo keeps its compiled graphs, and its limit of
+    recompiles, per code object; every step (another tuner, mode or model) traces a graph of its
+    own, so steps sharing one code object made a process's ninth compiled step fail."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
 
 
 class CompiledStep(EagerStep):
@@ -143,11 +287,11 @@ class CompiledStep(EagerStep):
 
     kind = "compiled"
 
-    def __init__(self, tuner, optimizer, autocast_dtype, backend: str = "inductor"):
-        super().__init__(tuner, optimizer, autocast_dtype)
+    def __init__(self, tuner, optimizer, autocast_dtype, backend: str = "inductor", update_in_backward: bool = False):
+        super().__init__(tuner, optimizer, autocast_dtype, update_in_backward=update_in_backward)
         # Dynamo logs every recompile (a smaller last batch is one) at WARNING level.
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
-        self.compiled_loss = torch.compile(lambda x, y: tuner.loss(x, y, static=True), fullgraph=True,
+        self.compiled_loss = torch.compile(_own_code(lambda x, y: tuner.loss(x, y, static=True)), fullgraph=True,
                                            backend=backend)
 
     def loss(self, inputs, labels):
@@ -186,9 +330,14 @@ class GraphStep(EagerStep):
         return self.captured.eager_step(inputs, labels).clone()
 
 
-def make_step(choice: StepChoice, tuner, optimizer, autocast_dtype, loss_module=None):
+def make_step(choice: StepChoice, tuner, optimizer, autocast_dtype, loss_module=None,
+              update: UpdateChoice | None = None):
+    in_backward = update is not None and update.in_backward
     if choice.kind == "graph":
+        if in_backward:
+            raise StepUnavailable(f"the graph step runs the update after backward: "
+                                  f"{update_in_backward_unavailable('graph', optimizer)}")
         return GraphStep(tuner, optimizer, autocast_dtype)
     if choice.kind == "compiled":
-        return CompiledStep(tuner, optimizer, autocast_dtype)
-    return EagerStep(tuner, optimizer, autocast_dtype, loss_module)
+        return CompiledStep(tuner, optimizer, autocast_dtype, update_in_backward=in_backward)
+    return EagerStep(tuner, optimizer, autocast_dtype, loss_module, update_in_backward=in_backward)

@@ -23,7 +23,7 @@ from skipkernels.train import checkpoint
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.report import REPORT_TO, RunLog, check_report_to
 from skipkernels.train.schedule import set_epoch_lr
-from skipkernels.train.step import STEP_KINDS, choose_step, make_step
+from skipkernels.train.step import STEP_KINDS, UPDATE_MODES, choose_step, choose_update, make_step
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MEMORY_PROBE_STEPS = 4  # CPU peak memory window; from step 2 on, gradients, momentum and activations coexist
@@ -88,6 +88,11 @@ class TrainConfig:
     step: str = option("auto", "how each step runs: eager, compiled (torch.compile), graph (a CUDA graph), or "
                        "auto (graph where it can run, else compiled on CUDA, else eager; the choice is printed)",
                        choices=STEP_KINDS, identity=False)
+    # Not part of the run's identity either: the update in backward is bit-identical to optimizer.step().
+    update_in_backward: str = option("auto", "run SGD's update on each tensor as soon as its gradient is complete "
+                                     "and free the gradient (no gradient buffer; bit-identical): auto (where it "
+                                     "can run: eager and compiled steps, one process; the choice is printed), "
+                                     "on or off", choices=UPDATE_MODES, identity=False)
     log_every: int = option(50, "read the step losses back to the host every N steps and at each epoch's end "
                             "(a non-finite loss stops training at the next read-back)", identity=False)
 
@@ -115,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if self.step not in STEP_KINDS:
             raise ValueError(f"step must be one of {STEP_KINDS}, got {self.step!r}")
+        if self.update_in_backward not in UPDATE_MODES:
+            raise ValueError(f"update_in_backward must be one of {UPDATE_MODES}, got {self.update_in_backward!r}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
@@ -188,7 +195,9 @@ class Trainer:
             self.step_module = distributed.data_parallel(self.step_module, self.device)
         # decided once, before any training: a forced kind that cannot run is refused here
         self.step_choice = choose_step(config.step, tuner, self.optimizer, config.batch_size)
-        self.train_step = make_step(self.step_choice, tuner, self.optimizer, self.autocast_dtype, self.step_module)
+        self.update_choice = choose_update(config.update_in_backward, self.step_choice.kind, self.optimizer)
+        self.train_step = make_step(self.step_choice, tuner, self.optimizer, self.autocast_dtype, self.step_module,
+                                    self.update_choice)
 
     # -------------------------------------------------------------- checkpoints
     @property
