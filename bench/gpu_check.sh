@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call (fits 9 minutes on a fresh H200/H100 machine, build included):
+# The whole GPU check in one call (fits 9 minutes on a fresh H200/H100 machine, build included, and
+# stage 7c's 5 minutes at most):
 #   bash bench/gpu_check.sh OUT
 # 1. build the compiled ops with their CUDA kernels the way a pip-installed package does on first
 #    use: the just-in-time build into the cache (skipkernels build), which every stage loads;  (about 1 min)
@@ -11,8 +12,12 @@
 # 6. the end-to-end comparison at batch 4 (skipkernels bench, every mode side by side, with the
 #    peak memory of each and where it goes), then finetune's own steady step under --step auto and
 #    eager at ViT-B/16, C = 500 (skipkernels bench --finetune), beside bench's for the same step;
+# 6c. the Skip step's peak memory at ViT-B/16 with the optimizer update after and inside backward
+#    (bench/update_memory.py);
 # 7. the step of other model families: EVA02-B-16, and a Hugging Face CLIP ViT-B/16 (transformers
 #    CLIPModel, random weights, written by bench/hf_clip_folder.py: the machine reaches no hub);
+# 7c. after training, at ViT-B/16: image -> logits latency per tuning method (skipkernels bench
+#    --inference), and the training step, peak memory and K′ at C = 1,000 and 21,841 (--classes);
 # 8. one summary table, last.
 # Every stage has its own time limit, so a hang costs that stage, not the run. Uses the machine's
 # own torch; open_clip_torch, ftfy and wcwidth wheels, when present in .whl/, are installed first
@@ -92,6 +97,11 @@ log "6b finetune's steady step, ViT-B/16 batch 4, C = 500: --step auto and eager
 rc_ft=$(stage 120 "$PY" -m skipkernels bench --out "$OUT/finetune" --repeats 10 --no-epoch --no-memory \
   --modes skip-kernels,skip-graph --finetune auto,eager)
 
+log "6c peak memory of the Skip step, ViT-B/16 batch 4, C = 100: optimizer update after and inside backward"
+rc_upd=$(stage 60 "$PY" bench/update_memory.py --device cuda --model ViT-B-16 --omega 6 --classes 100 --batch 4 \
+  --out "$OUT/update-memory-vitb16.json")
+log "6c exit: $rc_upd (results: $OUT/update-memory-vitb16.json)"
+
 log "7 another family: EVA02-B-16 (timm Eva image tower, rotary embeddings), batch 4"
 rc_eva=$(stage 60 "$PY" -m skipkernels bench --out "$OUT/eva02" --model EVA02-B-16 --repeats 10 --no-epoch \
   --no-memory --modes skip-ref,skip-kernels,skip-graph)
@@ -100,6 +110,15 @@ log "7b Hugging Face CLIP ViT-B/16 (transformers CLIPModel, random weights), bat
 rc_hf=$(stage 60 bash -c "'$PY' bench/hf_clip_folder.py '$OUT/hf-clip-b16' && '$PY' -m skipkernels bench \
   --out '$OUT/hf-clip' --model 'hf:$OUT/hf-clip-b16' --repeats 10 --no-epoch --no-memory \
   --modes skip-ref,skip-kernels,skip-graph")
+
+log "7c ViT-B/16 after training: image -> logits per method (batch 1, 64; eager, compiled), and the step against C"
+rc_inf=$(stage 60 "$PY" -m skipkernels bench --inference --no-compile --out "$OUT/inference" --repeats 10 \
+  --warmup 3 --modes zero-shot,skip,coop,vlpet-large,adapter,lora,lora-merged)
+rc_infc=$(stage 90 "$PY" -m skipkernels bench --inference --out "$OUT/inference-compiled" --repeats 10 --warmup 3 \
+  --modes zero-shot,skip)
+rc_cls=$(stage 150 "$PY" -m skipkernels bench --classes 1000,21841 --out "$OUT/classes" --repeats 5 --warmup 2 \
+  --modes skip,ft,coop,lskip-lora)
+log "7c exit: inference $rc_inf, compiled $rc_infc, class scaling $rc_cls (results: $OUT/inference*, $OUT/classes)"
 
 log "8 summary"
 "$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_ft" "$rc_eva" "$rc_hf" <<'PY' | tee -a "$LOG"

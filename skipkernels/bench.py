@@ -215,8 +215,10 @@ class ModeRunner:
             self.train_step = EagerStep(tuner, self.optimizer, autocast_dtype, loss)
         else:  # the Trainer's step of this kind; one that cannot run raises StepUnavailable
             choice = choose_step(self.mode.step, self.tuner, self.optimizer, scenario.batch)
+            from skipkernels.train.step import choose_update  # the Trainer's default: the update in backward
+            self.update_choice = choose_update("auto", choice.kind, self.optimizer)
             self.train_step = make_step(StepChoice(choice.kind, f"bench mode {name}"), self.tuner, self.optimizer,
-                                        autocast_dtype)
+                                        autocast_dtype, update=self.update_choice)
 
     def inputs_for(self, images):
         if self.plan.caches_prefix:
@@ -401,8 +403,8 @@ def run(args) -> dict:
     scenario = Scenario.default(device.type, args.quick, args.batch)
     if args.model:
         scenario.model = args.model
-    if args.classes:
-        scenario.classes = args.classes
+    if args.classes:  # one count; several are bench_classes' report
+        scenario.classes = args.classes[0]
     if args.skip_layers is not None:
         scenario.skip_layers = args.skip_layers
     if args.tokenizer:
@@ -494,6 +496,19 @@ def finetune_steady(scenario: Scenario, kinds, device, out: Path, results: dict,
     return report
 
 
+# The modes of the class-scaling report (--classes C1,C2,...; skipkernels.bench_classes)
+CLASS_SCALING_MODES = ("skip", "ft", "coop", "lora", "lskip-lora")
+
+
+def class_counts(text: str) -> list[int]:
+    """argparse type of ``--classes``: one count, or a comma-separated list of them."""
+    from skipkernels.flags import positive_int
+    counts = [positive_int(part.strip()) for part in text.split(",") if part.strip()]
+    if not counts or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 or a list of distinct ones, got {text!r}")
+    return counts
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from skipkernels.flags import DEVICE_HELP, MODEL_HELP, positive_int
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated modes: the bench's own "
@@ -506,14 +521,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-layers", type=int, default=None, help="omega (default: half the blocks of the model's "
                    "shallower tower, 6 for ViT-B/16)")
     p.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: the model's own)")
-    p.add_argument("--classes", type=positive_int, default=None, help="classes C (default: 500 on a GPU, 100 on a "
-                                                                      "CPU, 12 with --quick)")
+    p.add_argument("--classes", type=class_counts, default=None,
+                   help="classes C (default: 500 on a GPU, 100 on a CPU, 12 with --quick); a comma-separated list "
+                        "(e.g. 100,1000,10000,21841) reports training cost against C instead: step time, peak "
+                        f"memory, K′ and set-up per mode ({','.join(CLASS_SCALING_MODES)} unless --modes), "
+                        "classes-*.json and a log-log .png")
     p.add_argument("--epoch-images", type=positive_int, default=None, help="images of the timed epoch (default: 800 "
                                                                            "on a GPU, 400 on a CPU, 24 with --quick)")
     p.add_argument("--repeats", type=positive_int, default=10, help="timed steps per mode, the modes interleaved")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode before the timed ones")
     p.add_argument("--no-epoch", action="store_true", help="no epoch timing (LSkip caching and the epoch's steps)")
     p.add_argument("--no-memory", action="store_true", help="no peak memory (measured in a subprocess per mode)")
+    p.add_argument("--inference", action="store_true",
+                   help="time image -> class logits per method instead (zero-shot, skip, ft, coop, vlpet-large, "
+                        "adapter, lora, lora-merged, or --modes), batch 1 and 64 (--batch N: 1 and N), eager and "
+                        "compiled: inference-*.json and .png")
     p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile modes (skip-compile, "
                                                              "skip-compile-graphs)")
     p.add_argument("--finetune", default=None, metavar="KINDS",

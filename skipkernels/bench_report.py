@@ -73,6 +73,16 @@ def format_finetune(finetune: dict) -> str:
     return "\n".join(lines)
 
 
+def report_path(out, kind: str, device, model: str, label: str) -> Path:
+    """``out/<kind>-<device>-<model>-<label>-<UTC stamp>.json`` (the folder made): where a bench
+    report goes; its chart takes the same name with ``.png``."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    model = re.sub(r"[^A-Za-z0-9._-]+", "_", model).strip("_")  # hf:<folder> names a path
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{kind}-{device.type}-{model}-{label}-{stamp}.json"
+
+
 def write(results: dict, scenario, device, repeats: int, warmup: int, out: Path, finetune: dict | None = None) -> dict:
     """Print the table; write ``e2e-<tag>.json`` and ``.png`` under ``out``; return the report."""
     table = format_table(results)
@@ -84,12 +94,9 @@ def write(results: dict, scenario, device, repeats: int, warmup: int, out: Path,
               "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter"}
     if finetune:
         report["finetune"] = finetune
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    model = re.sub(r"[^A-Za-z0-9._-]+", "_", scenario.model).strip("_")  # hf:<folder> names a path
-    tag = f"{device.type}-{model}-b{scenario.batch}-{stamp}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"e2e-{tag}.json").write_text(json.dumps(report, indent=2))
-    drawn = chart(results, out / f"e2e-{tag}.png", f"{report['environment']['device']}: {scenario.model}, "
-                                                   f"C={scenario.classes}, batch {scenario.batch}")
-    print(f"saved: {out / f'e2e-{tag}.json'}" + (" and .png" if drawn else ""))
+    path = report_path(out, "e2e", device, scenario.model, f"b{scenario.batch}")
+    path.write_text(json.dumps(report, indent=2))
+    drawn = chart(results, path.with_suffix(".png"), f"{report['environment']['device']}: {scenario.model}, "
+                                                     f"C={scenario.classes}, batch {scenario.batch}")
+    print(f"saved: {path}" + (" and .png" if drawn else ""))
     return report

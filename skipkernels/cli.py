@@ -267,6 +267,14 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from skipkernels import bench
     _device(args.device)
+    if args.inference:  # image -> logits latency per method
+        from skipkernels import bench_inference
+        bench_inference.run(args)
+        return 0
+    if args.classes and len(args.classes) > 1:  # training cost against the class count
+        from skipkernels import bench_classes
+        bench_classes.run(args)
+        return 0
     bench.run(args)
     return 0
 
@@ -406,6 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "(repeat for both; default: none, printed only)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_predict)
+
+    p = add_command("export", help="a finetune run for use without skipkernels: an open_clip local-dir: folder, "
+                                   "save_pretrained (hf: runs), or an image classifier (torch.export and ONNX)")
+    from skipkernels.export import add_arguments as add_export_arguments
+    from skipkernels.export import command as cmd_export
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
 
     p = add_command("demo", help="zero-shot, FT, CoOp and Skip Tuning, base-to-new, on the embedded shapes "
                                     "set with a small pretrained CLIP")

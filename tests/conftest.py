@@ -78,3 +78,17 @@ def tokenizer(open_clip):
 def synthetic_root(tmp_path_factory):
     from skipkernels.data.synthetic import ensure_synthetic
     return ensure_synthetic(tmp_path_factory.mktemp("data"))
+
+
+def tiny_runs(synthetic_root, tmp_path_factory, modes, **train) -> dict:
+    """One-epoch finetune runs of the shipped tiny model on the synthetic set, one folder per mode."""
+    from skipkernels.skip.tuner import SkipConfig
+    from skipkernels.train.job import finetune
+    from skipkernels.train.trainer import TrainConfig
+    out = {}
+    for mode in modes:
+        folder = tmp_path_factory.mktemp(mode)
+        finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode=mode, skip_layers=1),
+                 train=TrainConfig(epochs=1, **train), out_dir=folder)
+        out[mode] = folder
+    return out

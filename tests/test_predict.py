@@ -4,16 +4,15 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_runs
+
 from skipkernels.cli import main
 from skipkernels.data import synthetic
 from skipkernels.data.coop import load_splits
 from skipkernels.data.fewshot import base_new_labels
 from skipkernels.data.images import EvalTransform, load_rgb, preprocess_config
 from skipkernels.predict import load_classifier, predict
-from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.evaluate import class_group
-from skipkernels.train.trainer import TrainConfig
-from skipkernels.train.job import finetune
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=0,
             progress=False)
@@ -23,13 +22,7 @@ FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=Fa
 def runs(synthetic_root, tmp_path_factory):
     """One-epoch runs of the tiny model: plain Skip Tuning, an adapter (pet.pt), LoRA (folded into
     model.pt) and CoOp."""
-    out = {}
-    for mode in ("skip", "lskip-adapter", "lskip-lora", "coop"):
-        folder = tmp_path_factory.mktemp(mode)
-        finetune(synthetic_root, "synthetic", "skipkernels-tiny", skip=SkipConfig(mode=mode, skip_layers=1),
-                 train=TrainConfig(epochs=1, **FAST), out_dir=folder)
-        out[mode] = folder
-    return out
+    return tiny_runs(synthetic_root, tmp_path_factory, ("skip", "lskip-adapter", "lskip-lora", "coop"), **FAST)
 
 
 def _test_images(synthetic_root, count):
