@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +72,7 @@ def _onnx_time(module, images_by_batch, repeats: int, warmup: int) -> dict | str
         return f"not measured: {', '.join(missing)} not installed (pip install 'skipkernels[export]')"
     import onnxruntime
 
+    from skipkernels.bench import _summary
     from skipkernels.export import write_onnx
     out = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -90,8 +90,7 @@ def _onnx_time(module, images_by_batch, repeats: int, warmup: int) -> dict | str
                 start = time.perf_counter()
                 session.run(["logits"], feed)
                 times.append(time.perf_counter() - start)
-            out[str(size)] = {"min": min(times), "median": statistics.median(times), "max": max(times),
-                              "n": len(times)}
+            out[str(size)] = _summary(times)
     return out
 
 

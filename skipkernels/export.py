@@ -213,7 +213,8 @@ def export_hf(folder: Path, results: dict, out: Path, check: bool = True) -> dic
     classnames = results["classnames"]
     tuner = load_classifier(classnames, checkpoint=str(folder))
     state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    import transformers
+    from skipkernels.models import import_transformers
+    transformers = import_transformers(name.removeprefix(HF_PREFIX))  # says how to install it where missing
     config = transformers.AutoConfig.from_pretrained(name.removeprefix(HF_PREFIX))
     model = getattr(transformers, type(tuner.model).__name__)(config)
     model.load_state_dict(state)

@@ -176,7 +176,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
         torch.manual_seed(seed)
     # every rank of a torchrun job builds the same model: open_clip's log lines ("initialized
     # randomly") once, from the main rank
-    quiet = contextlib.nullcontext() if distributed.is_main() else _logging_disabled(logging.WARNING)
+    quiet = contextlib.nullcontext() if distributed.is_main() else logging_disabled(logging.WARNING)
     try:
         with quiet:
             model = open_clip.create_model(name, pretrained=pretrained or None, device=device, **kwargs)
@@ -194,7 +194,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
 
 
 @contextlib.contextmanager
-def _logging_disabled(level: int):
+def logging_disabled(level: int):
     logging.disable(level)
     try:
         yield

@@ -69,11 +69,6 @@ def run_of(checkpoint: str | None) -> tuple[dict, Path | None]:
     return results, (path if path.is_dir() else path.parent) if results else None
 
 
-def run_defaults(checkpoint: str | None) -> dict:
-    """The results.json of the run that ``checkpoint`` belongs to, or {} (see ``run_of``)."""
-    return run_of(checkpoint)[0]
-
-
 @contextlib.contextmanager
 def plain_warnings(command: str):
     """Warnings printed as one line, ``skipkernels <command>: warning: <message>``: the user of a
@@ -137,7 +132,8 @@ def _inference_config(config, tuned: dict | None, folder: Path | None):
 
 def _model_from_state_dict(name: str, state: dict, path, device, tokenizer):
     """Model ``name`` with the weights ``state`` (a tuned model.pt's), and its tokenizer."""
-    from skipkernels.models import HF_PREFIX, create_hf_model, load_state_dict, load_tokenizer, open_clip_module
+    from skipkernels.models import (HF_PREFIX, create_hf_model, load_state_dict, load_tokenizer, logging_disabled,
+                                    open_clip_module)
     if name.startswith(HF_PREFIX):
         model, tokens = create_hf_model(name.removeprefix(HF_PREFIX), "none", device, tokenizer)
         load_state_dict(model, state, path, name)
@@ -145,11 +141,8 @@ def _model_from_state_dict(name: str, state: dict, path, device, tokenizer):
     open_clip = open_clip_module()
     if name not in open_clip.list_models():
         raise ValueError(f"{path} was tuned from the open_clip model {name!r}, which this open_clip does not know")
-    logging.disable(logging.WARNING)  # open_clip's "initialized randomly": the weights follow
-    try:
+    with logging_disabled(logging.WARNING):  # open_clip's "initialized randomly": the weights follow
         model = open_clip.create_model(name, pretrained=None, device=device)
-    finally:
-        logging.disable(logging.NOTSET)
     load_state_dict(model, state, path, name)
     return model, load_tokenizer(name, model, tokenizer)
 

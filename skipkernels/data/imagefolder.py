@@ -14,7 +14,7 @@ import random
 import warnings
 from pathlib import Path
 
-from skipkernels.data.images import ImageReadError, load_rgb
+from skipkernels.data.images import is_readable
 from skipkernels.data.splits import DatasetError, Item, Splits, name_lines
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -64,14 +64,6 @@ def _split_sizes(count: int, shots: int) -> tuple[int, int]:
     return shots, val
 
 
-def _readable(path: Path) -> bool:
-    try:
-        load_rgb(str(path))  # the very decode training and evaluation do
-        return True
-    except ImageReadError:
-        return False
-
-
 def _named(paths: list[Path], base: Path) -> str:
     """The first few of ``paths``, relative to ``base`` (which the message names)."""
     more = f" and {len(paths) - NAMED_FILES} more" if len(paths) > NAMED_FILES else ""
@@ -91,7 +83,7 @@ def _class_images(class_dir: Path, shots: int) -> tuple[list[Path], list[Path]]:
         raise DatasetError(f"class folder {class_dir} has {len(files)} images, fewer than {need}")
     readable, unreadable = [], []
     for path in files:
-        (readable if _readable(path) else unreadable).append(path)
+        (readable if is_readable(path) else unreadable).append(path)
     if len(readable) < minimum:
         raise DatasetError(f"class folder {class_dir} has {len(readable)} readable images, fewer than {need}; "
                            f"unreadable: {_named(unreadable, class_dir)}")

@@ -32,9 +32,10 @@ def load_rgb(path: str) -> Image.Image:
         raise ImageReadError(f"cannot decode image {path}: {err}") from err
 
 
-def is_readable(item: Item) -> bool:
+def is_readable(item) -> bool:
+    """Whether an Item (or a path) decodes as training and evaluation decode it."""
     try:
-        load_rgb(item.path)
+        load_rgb(str(getattr(item, "path", item)))
         return True
     except ImageReadError:
         return False

@@ -53,31 +53,29 @@ class CapturedStep:
                 p.copy_(value)
             for p in params:
                 buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    buf.copy_(saved_momentum[p]) if p in saved_momentum else buf.zero_()
+                if p in saved_momentum:
+                    buf.copy_(saved_momentum[p])
+                elif buf is not None:
+                    buf.zero_()
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.cuda.graph(self.graph):
             self.loss = self._step()
 
-    def _step(self):
+    def _step(self, inputs=None, labels=None):
+        """One static step on the capture's buffers, or eagerly on ``inputs``/``labels`` of another
+        shape (an epoch's smaller last batch). Gradients are zeroed, not freed: the graph reads them."""
         self.optimizer.zero_grad(set_to_none=False)
         with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
                             cache_enabled=False):
-            loss = self.tuner.loss(self.inputs, self.labels, static=True)
+            loss = self.tuner.loss(self.inputs if inputs is None else inputs,
+                                   self.labels if labels is None else labels, static=True)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
     def eager_step(self, inputs, labels):
-        """The same static step, run eagerly on other shapes (an epoch's smaller last batch). It
-        updates the tensors the graph reads in place (gradients are zeroed, not freed)."""
-        self.optimizer.zero_grad(set_to_none=False)
-        with torch.autocast("cuda", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.tuner.loss(inputs, labels.to(self.tuner.device), static=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
+        return self._step(inputs, labels.to(self.tuner.device))
 
     def __call__(self, inputs, labels, check_labels: bool = True):
         if check_labels:

@@ -16,7 +16,6 @@ from skipkernels.data.images import EvalTransform, ItemDataset, make_loader, pre
 from skipkernels.ops.subset_ce import class_scores_topk
 from skipkernels.train.run_folder import items_digest
 
-DEFAULT_SHOTS, DEFAULT_SEED = 16, 1  # finetune's, for an image folder's split without a run to follow
 
 
 def harmonic_mean(base: float, new: float) -> float:
@@ -90,10 +89,6 @@ class EvalData:
     notes: list[str]
 
 
-def _training_images(split_file: Path) -> set[str]:
-    return {str(Path(it.path).resolve()) for it in load_splits(split_file).train}
-
-
 def eval_data(data, dataset: str | None, shots: int | None = None, seed: int | None = None, run: dict | None = None,
               run_dir=None, checkpoint=None) -> EvalData:
     """The split ``eval`` tests on, for the run whose results.json is ``run`` (in folder ``run_dir``).
@@ -111,10 +106,13 @@ def eval_data(data, dataset: str | None, shots: int | None = None, seed: int | N
     run_shots, run_seed = trained.get("shots"), trained.get("seed")
     notes = []
     given = [flag for flag, value in (("--shots", shots), ("--seed", seed)) if value is not None]
+    # finetune's defaults (TrainConfig's), for an image folder's split without a run to follow
+    from skipkernels.train.trainer import TrainConfig
+    defaults = TrainConfig()
     if shots is None:
-        shots = run_shots if run_shots is not None else DEFAULT_SHOTS
+        shots = run_shots if run_shots is not None else defaults.shots
     if seed is None:
-        seed = run_seed if run_seed is not None else DEFAULT_SEED
+        seed = run_seed if run_seed is not None else defaults.seed
     other_draw = [f"--{flag} {value}" for flag, value, theirs in (("shots", shots, run_shots), ("seed", seed, run_seed))
                   if theirs is not None and value != theirs]
     name = resolve_folder(data, dataset)[0]
@@ -141,12 +139,13 @@ def eval_data(data, dataset: str | None, shots: int | None = None, seed: int | N
                          f"{'change' if len(given) > 1 else 'changes'} nothing (they draw an image folder's split)")
         return _checked(EvalData(splits, same_path, notes), run, run_dir, data)
     if run_split is not None and not same_path:  # the same folder reached by another path
-        trained_paths = _training_images(run_split)
+        run_splits = load_splits(run_split)
+        trained_paths = {str(Path(it.path).resolve()) for it in run_splits.train}
         if any(str(Path(it.path).resolve()) in trained_paths for it in splits.test + splits.val + splits.train):
             if other_draw:
                 refuse_other_draw(data)
             notes.append(f"{data} holds the training images of {run_dir}: testing on the run's split, {run_split}")
-            return EvalData(load_splits(run_split), True, notes)
+            return EvalData(run_splits, True, notes)
     if same_path and other_draw:
         refuse_other_draw(data)
     if checkpoint and not run:

@@ -62,7 +62,9 @@ def _run_data(data_root, dataset, train: TrainConfig, base_to_new: bool) -> _Run
         base, new = base_new_labels(len(splits.classnames))
     else:
         base, new = list(range(len(splits.classnames))), []
-    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=is_readable)
+    # an image folder's split is drawn from files already decoded once (data/imagefolder.py)
+    readable = None if splits.generated else is_readable
+    train_items = sample_few_shot(subset_classes(splits.train, base), train.shots, train.seed, readable=readable)
     test_groups = {"base" if new else "all": class_group(splits.test, splits.classnames, base)}
     if new:
         test_groups["new"] = class_group(splits.test, splits.classnames, new)

@@ -87,10 +87,7 @@ def compiled_unavailable(tuner, batch_size: int) -> str | None:
 def graph_unavailable(tuner, optimizer, batch_size: int) -> str | None:
     if tuner.device.type != "cuda":
         return "graph capture needs a CUDA device"
-    missing = [op for op in ("class_select", "subset_logits_ce") if not _ext.has_kernel(op, "cuda")]
-    if missing:
-        return f"graph capture needs the compiled CUDA ops ({', '.join(missing)}): {_ext.load_error or 'not built'}"
-    why = static_unavailable(tuner, batch_size)
+    why = static_unavailable(tuner, batch_size)  # which also needs the compiled ops on the device
     if why:
         return f"the step has no static form: {why}"
     if not isinstance(optimizer, torch.optim.SGD) or any(g.get("dampening", 0) or g.get("nesterov")
@@ -327,16 +324,13 @@ class GraphStep(EagerStep):
             self.captures += 1
         if inputs.shape == self.captured.inputs.shape and labels.shape == self.captured.labels.shape:
             return self.captured(inputs, labels, check_labels=False).clone()
-        return self.captured.eager_step(inputs, labels).clone()
+        return self.captured.eager_step(inputs, labels)  # a fresh tensor: no clone
 
 
 def make_step(choice: StepChoice, tuner, optimizer, autocast_dtype, loss_module=None,
               update: UpdateChoice | None = None):
     in_backward = update is not None and update.in_backward
-    if choice.kind == "graph":
-        if in_backward:
-            raise StepUnavailable(f"the graph step runs the update after backward: "
-                                  f"{update_in_backward_unavailable('graph', optimizer)}")
+    if choice.kind == "graph":  # choose_update never puts the update in its backward
         return GraphStep(tuner, optimizer, autocast_dtype)
     if choice.kind == "compiled":
         return CompiledStep(tuner, optimizer, autocast_dtype, update_in_backward=in_backward)
