@@ -8,13 +8,26 @@ from skipkernels.models import register_with_open_clip as _register_with_open_cl
 # The shipped configs by name in open_clip too: open_clip.create_model(name, pretrained="RUN/model.pt")
 _register_with_open_clip()
 
-__all__ = ["patch_clip", "unpatch_clip", "SkipTuner", "SkipConfig", "KernelPolicy", "info",
-           "use_policy", "use_backend", "__version__"]
+# The public API. Everything past patch_clip pulls in open_clip, the data stack or the trainer, so
+# those names load on first use (a bare `import skipkernels` stays light).
+_LAZY = {
+    "SkipTuner": "skipkernels.skip.tuner", "SkipConfig": "skipkernels.skip.tuner",
+    "finetune": "skipkernels.train.job", "TrainConfig": "skipkernels.train.trainer",
+    "apply_pet": "skipkernels.pet", "PetHandle": "skipkernels.pet", "pet_config": "skipkernels.pet",
+    "VLPETConfig": "skipkernels.pet", "AdapterConfig": "skipkernels.pet", "LoRAConfig": "skipkernels.pet",
+    "load_classifier": "skipkernels.prediction", "predict": "skipkernels.prediction",
+}
+
+__all__ = ["patch_clip", "unpatch_clip", "KernelPolicy", "info", "use_policy", "use_backend", "__version__",
+           *_LAZY]
 
 
 def __getattr__(name):
-    # The tuner pulls in open_clip and the data stack; load it on first use.
-    if name in ("SkipTuner", "SkipConfig"):
-        from skipkernels.skip import tuner
-        return getattr(tuner, name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'skipkernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

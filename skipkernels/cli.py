@@ -104,7 +104,7 @@ def _weights_note(args) -> None:
     """Refuse two sources of weights; say on stderr that the model has random weights, where it
     has: a model evaluated by mistake without weights otherwise only shows as chance accuracy."""
     from skipkernels.models import HF_PREFIX, RANDOM_WEIGHTS, SHIPPED_WEIGHTS
-    from skipkernels.predict import DEFAULT_MODEL
+    from skipkernels.prediction import DEFAULT_MODEL
     if args.checkpoint and args.pretrained:  # the checkpoint holds every weight: --pretrained would go unused
         raise ValueError(f"--checkpoint {args.checkpoint} and --pretrained {args.pretrained} both give the weights: "
                          "give --checkpoint for a tuned model, or --pretrained to test weights zero-shot")
@@ -119,7 +119,7 @@ def _weights_note(args) -> None:
 
 
 def cmd_eval(args) -> int:
-    from skipkernels.predict import load_classifier, plain_warnings, run_of
+    from skipkernels.prediction import load_classifier, plain_warnings, run_of
     from skipkernels.train.evaluate import class_group, class_labels, eval_data, evaluate_groups
     from skipkernels.train.trainer import autocast_dtype_for
     device = _device(args.device)
@@ -146,7 +146,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from skipkernels.predict import (check_output_path, collect_images, format_predictions, load_classifier,
+    from skipkernels.prediction import (check_output_path, collect_images, format_predictions, load_classifier,
                                      plain_warnings, predict, read_classnames, run_classnames, write_predictions)
     from skipkernels.train.trainer import autocast_dtype_for
     if args.top_k < 1:

@@ -14,7 +14,7 @@
 Every export folder holds ``provenance.json``: the run (folder, identity digest, mode, accuracy),
 the model, the classes and the versions that wrote it. The ``check`` of each format loads what
 was written and compares its logits with the run's, as skipkernels evaluates it
-(``predict.load_classifier``), within ``LOGIT_TOLERANCE``.
+(``prediction.load_classifier``), within ``LOGIT_TOLERANCE``.
 """
 from __future__ import annotations
 
@@ -178,7 +178,7 @@ def export_open_clip(folder: Path, results: dict, out: Path, check: bool = True)
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage (tied weights): each is written as its own copy
     save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / OPEN_CLIP_WEIGHTS))
-    from skipkernels.predict import load_classifier
+    from skipkernels.prediction import load_classifier
     classnames = results["classnames"]
     tuner = load_classifier(classnames, checkpoint=str(folder))
     preprocess = _preprocess(tuner.model)
@@ -204,7 +204,7 @@ def export_open_clip(folder: Path, results: dict, out: Path, check: bool = True)
 
 def export_hf(folder: Path, results: dict, out: Path, check: bool = True) -> dict:
     from skipkernels.models import HF_PREFIX
-    from skipkernels.predict import load_classifier
+    from skipkernels.prediction import load_classifier
     from skipkernels.train.export import read_tuned
     name = results["model"]
     if not name.startswith(HF_PREFIX):
@@ -261,7 +261,7 @@ def classifier_module(tuner, classnames, model_name: str | None = None) -> Image
 
 def export_classifier(folder: Path, results: dict, out: Path, classnames=None, program: str = "torch.export",
                       onnx: bool = True, check: bool = True) -> dict:
-    from skipkernels.predict import load_classifier
+    from skipkernels.prediction import load_classifier
     if program not in PROGRAMS:
         raise ValueError(f"program {program!r}: one of {', '.join(PROGRAMS)}")
     if onnx:
@@ -380,7 +380,7 @@ def add_arguments(p) -> None:
 
 
 def command(args) -> int:
-    from skipkernels.predict import plain_warnings, read_classnames
+    from skipkernels.prediction import plain_warnings, read_classnames
     classnames = read_classnames(args.classes) if args.classes else None
     with plain_warnings("export"):
         record = export_run(args.run, args.out, args.format, classnames, args.program, onnx=not args.no_onnx,

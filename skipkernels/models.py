@@ -171,7 +171,7 @@ def create_model(name: str, pretrained: str | None = None, device="cpu", seed: i
         if tuned is not None:
             raise CheckpointError(f"{pretrained} is a tuned {tuned['model']} with {tuned['skip_config']['mode']}'s "
                                   "modules, more than open_clip's weights: give it as --checkpoint (eval, predict) "
-                                  "or to skipkernels.predict.load_classifier(checkpoint=...)")
+                                  "or to skipkernels.prediction.load_classifier(checkpoint=...)")
     if seed is not None:
         torch.manual_seed(seed)
     # every rank of a torchrun job builds the same model: open_clip's log lines ("initialized

@@ -7,7 +7,7 @@ import torch
 
 import skipkernels
 from skipkernels.pet import apply_pet, pet_config
-from skipkernels.predict import load_classifier, predict
+from skipkernels.prediction import load_classifier, predict
 from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train.trainer import TrainConfig
 from skipkernels.train.job import finetune

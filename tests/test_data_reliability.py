@@ -13,7 +13,7 @@ from skipkernels.cli import _weights_note, main
 from skipkernels.data.coop import DatasetError, load_splits
 from skipkernels.data.fewshot import sample_few_shot
 from skipkernels.data.images import is_readable
-from skipkernels.predict import load_classifier
+from skipkernels.prediction import load_classifier
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.evaluate import eval_data
 from skipkernels.train.job import finetune

@@ -12,7 +12,7 @@ from conftest import tiny_runs
 
 from skipkernels import export
 from skipkernels.cli import main
-from skipkernels.predict import load_classifier
+from skipkernels.prediction import load_classifier
 from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.job import finetune
 from skipkernels.train.trainer import TrainConfig

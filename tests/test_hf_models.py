@@ -228,7 +228,7 @@ def test_finetune_runs_from_the_cli_on_a_saved_hf_model(tmp_path, synthetic_root
     assert results["finished"] and results["model"] == f"hf:{folder}"
     assert 0 <= results["accuracy"]["base"] <= 100 and results["exact_savings"]["text truncation"] == "on"
     # the tuned model loads back for evaluation and prediction, its weights those of model.pt
-    from skipkernels.predict import load_classifier
+    from skipkernels.prediction import load_classifier
     tuner = load_classifier(["cat", "dog"], checkpoint=str(out))
     saved = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in tuner.model.state_dict().items())

@@ -93,7 +93,7 @@ LAYERS = (
     ("skipkernels.pet",),
     ("skipkernels.skip", "skipkernels.patch"),
     ("skipkernels.data", "skipkernels.train", "skipkernels.plots", "skipkernels.models"),
-    ("skipkernels.cli", "skipkernels.flags", "skipkernels.bench", "skipkernels.bench_report", "skipkernels.pretrain_tiny", "skipkernels.predict", "skipkernels.reproduce",
+    ("skipkernels.cli", "skipkernels.flags", "skipkernels.bench", "skipkernels.bench_report", "skipkernels.pretrain_tiny", "skipkernels.prediction", "skipkernels.reproduce",
      "skipkernels.info", "skipkernels.__main__", "skipkernels"),
 )
 

@@ -11,7 +11,7 @@ from skipkernels.data import synthetic
 from skipkernels.data.coop import load_splits
 from skipkernels.data.fewshot import base_new_labels
 from skipkernels.data.images import EvalTransform, load_rgb, preprocess_config
-from skipkernels.predict import load_classifier, predict
+from skipkernels.prediction import load_classifier, predict
 from skipkernels.train.evaluate import class_group
 
 FAST = dict(batch_size=8, lr=3e-3, lr_image=3e-3, shots=8, same_class_batches=False, warmup_epochs=0,

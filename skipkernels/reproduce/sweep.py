@@ -265,7 +265,7 @@ def test_groups(splits, base_to_new: bool) -> dict:
 
 # ------------------------------------------------------------------ one run
 def _classifier(sweep: Sweep, run: Run, classnames, folder: Path):
-    from skipkernels.predict import load_classifier
+    from skipkernels.prediction import load_classifier
     skip, _ = sweep.configs(run)
     if run.trains:
         return load_classifier(classnames, checkpoint=str(folder), device=sweep.device, tokenizer=sweep.tokenizer)

@@ -6,7 +6,7 @@
 - Where a mode tunes parts that open_clip's model has no place for (VL-PET and Adapter modules,
   CoOp's context), model.pt is one dict: ``{FORMAT_KEY: FORMAT_VERSION, "model", "tokenizer",
   "skip_config", "classnames", "weights" (the open_clip state_dict), "pet", "prompt_learner"}``.
-  ``skipkernels eval`` / ``predict --checkpoint`` and ``predict.load_classifier`` rebuild the tuner
+  ``skipkernels eval`` / ``predict --checkpoint`` and ``prediction.load_classifier`` rebuild the tuner
   from it. open_clip refuses it (it is no state_dict), so those parts are never dropped unnoticed.
 """
 from __future__ import annotations
