@@ -126,19 +126,6 @@ def test_layer_norm(benchmark, tower, impl, mode, device):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("tower", list(TOWERS))
-def test_add_layer_norm(benchmark, tower, impl, mode, device):
-    m, d = TOWERS[tower][:2]
-    fn = _impl_fn(impl, ops_ln.add_layer_norm_reference, "layer_norm", "add_layer_norm")
-    x, delta = _randn(m, d, device=device), _randn(m, d, device=device)
-    w, b = _randn(d, device=device), _randn(d, device=device)
-    _run(benchmark, lambda x, dl, w, b: fn(x, dl, w, b, 1e-5), [x, delta, w, b], mode,
-         flop=9 * m * d, nbytes=_nbytes(x, delta, w, b) + 2 * _nbytes(x), shape=[m, d],
-         case=case_info("add_layer_norm", ops_ln.layer_norm_case(x)))
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("act", ["gelu", "quick_gelu"] if ON_GPU else ["gelu"])
 @pytest.mark.parametrize("tower", list(TOWERS))
 def test_linear_act_fc1(benchmark, tower, act, impl, mode, device):

@@ -1,22 +1,22 @@
-"""patch_clip / unpatch_clip: route an open_clip model's transformer blocks through the op layer.
+"""patch_clip / unpatch_clip: route a model's transformer blocks through the op layer.
 
-Supported families: ``skipkernels.families`` (CLIP and CustomTextCLIP with an open_clip or timm
-ViT / Eva image tower and open_clip's text transformer). Only ``forward`` is rebound, as an
-instance attribute of each block the op layer computes (the others, e.g. Eva blocks, keep their
-own), to its ``BlockPlan``; ``encode_image`` / ``encode_text`` are rebound to the model's
-``ModelPlan``. Parameters, their names, buffers and the state_dict stay exactly as open_clip made
-them, so checkpoints load either way.
+Supported families: ``skipkernels.adapters`` (open_clip CLIP and CustomTextCLIP with an open_clip
+or timm ViT / Eva image tower and open_clip's text transformer; transformers' CLIP, SigLIP and
+SigLIP 2). Only ``forward`` is rebound, as an instance attribute of each block the op layer
+computes (the others, e.g. Eva blocks, keep their own), to its ``BlockPlan`` in the model's one
+``ModelPlan``, which the model holds and which ``encode_image`` / ``encode_text`` are rebound to.
+Parameters, their names, buffers and the state_dict stay exactly as the model's library made them,
+so checkpoints load either way.
 """
 from __future__ import annotations
 
 import torch.nn as nn
 
 from skipkernels.families import is_hf_model, model_towers
-from skipkernels.ops.block import BlockPlan, routed_plan, unsupported_reason
+from skipkernels.ops.block import held_plan, routed_plan, unsupported_reason
 from skipkernels.pet import has_pet
-from skipkernels.pet.hooks import block_hooks
-from skipkernels.pet.layouts import own_forward, pet_forward
-from skipkernels.skip.towers import ModelPlan
+from skipkernels.pet.layouts import pet_forward
+from skipkernels.skip.towers import ModelPlan, hold_plan
 
 
 def fused_blocks(model: nn.Module) -> list:
@@ -44,18 +44,18 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     _ext.load()  # the compiled ops' first use (may compile them once), before any torch.compile trace
     if policy is not None:
         resolve(policy)  # an unknown backend name fails here, not at the first op
-    image, text = model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
-    for block in _computed(image, text):
-        hooks = block_hooks(block)
-        block.forward = BlockPlan(block, policy, hooks, own_forward(block) if hooks is None else None).as_forward()
-    text_mask = text.mask_kind
+    model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
+    # The model's one plan, built (or built again: the model may have changed since) under
+    # ``policy``; the blocks route through it.
+    plan = hold_plan(model, policy)
+    plan.route_blocks()
     # A transformers model keeps its own encoders (get_image_features / get_text_features return its
-    # output types); its layers run their plans.
-    plan = ModelPlan(model, policy) if text_mask != "custom" and not is_hf_model(model) else None
-    if plan is not None:  # the tower path knows causal masks and none
-        model.encode_text = plan.encode_text
-    if plan is not None and getattr(getattr(model, "visual", None), "output_tokens", False) is False:
-        model.encode_image = plan.encode_image
+    # output types); its layers run their plans. The tower path knows causal text masks and none.
+    if not is_hf_model(model):
+        if plan.text_mask != "custom":
+            model.encode_text = plan.encode_text
+        if getattr(getattr(model, "visual", None), "output_tokens", False) is False:
+            model.encode_image = plan.encode_image
     return model
 
 
@@ -68,8 +68,11 @@ def unpatch_clip(model: nn.Module) -> nn.Module:
         if routed_plan(block) is not None:
             block.__dict__.pop("forward")
         if has_pet(block) and "forward" not in block.__dict__:
-            block.forward = pet_forward(block, block_hooks(block))
+            block.forward = pet_forward(block)
     for name in ("encode_text", "encode_image"):
         if isinstance(getattr(model.__dict__.get(name), "__self__", None), ModelPlan):
             model.__dict__.pop(name)
+    plan = held_plan(model)
+    if plan is not None:
+        plan.routes_blocks = False  # the plan stays the model's (a tuner may run it); it routes nothing
     return model

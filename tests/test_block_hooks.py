@@ -4,8 +4,8 @@ import torch
 
 from conftest import tiny_clip
 from skipkernels import patch_clip, unpatch_clip
-from skipkernels.ops.block import NO_HOOKS, block_forward
-from skipkernels.pet import apply_pet, block_hooks, pet_config
+from skipkernels.ops.block import NO_HOOKS, block_forward, held_plan, routed_plan
+from skipkernels.pet import apply_pet, block_hooks, has_pet, pet_config
 from skipkernels.skip import towers
 
 ALL_PROJECTIONS = ("q", "k", "v", "out", "fc1", "fc2")
@@ -97,18 +97,20 @@ def test_without_hooks_a_pet_block_would_differ():
 def test_pet_on_a_patched_model_keeps_the_patched_forward_and_undoes_cleanly():
     model = patch_clip(tiny_clip())
     block = model.visual.transformer.resblocks[1]
-    patched = block.__dict__["forward"]
     handle = apply_pet(model, CONFIGS["vlpet-middle-x"])
-    assert block.__dict__["forward"] is patched  # PET hands its modules in as hooks instead
+    # PET hands its modules in as hooks: the block stays routed through the model's plan
+    assert routed_plan(block) is held_plan(model).image.plans[1] and routed_plan(block).hooks.attn is not None
     handle.remove()
-    assert block.__dict__["forward"] is patched and block_hooks(block) == NO_HOOKS
-    # PET first, then patch_clip, then remove: the patched forward stays
+    assert routed_plan(block) is held_plan(model).image.plans[1] and routed_plan(block).hooks == NO_HOOKS
+    assert block_hooks(block) == NO_HOOKS
+    # PET first, then patch_clip, then remove: the patched route stays
     model = tiny_clip()
     handle = apply_pet(model, CONFIGS["lora"])
     patch_clip(model)
-    patched = model.visual.transformer.resblocks[1].__dict__["forward"]
+    block = model.visual.transformer.resblocks[1]
+    assert routed_plan(block) is held_plan(model).image.plans[1]
     handle.remove()
-    assert model.visual.transformer.resblocks[1].__dict__["forward"] is patched
+    assert routed_plan(block) is held_plan(model).image.plans[1] and not has_pet(block)
     unpatch_clip(model)
     assert "forward" not in model.visual.transformer.resblocks[1].__dict__
 

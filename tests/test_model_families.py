@@ -12,7 +12,7 @@ import torch
 
 import skipkernels
 from conftest import assert_grads_equal, plain_loss_and_grads, tuner_loss_and_grads
-from skipkernels import SkipTuner
+from skipkernels import SkipConfig, SkipTuner
 from skipkernels.families import model_towers
 from skipkernels.models import create_model, open_clip_module
 
@@ -123,7 +123,7 @@ def test_loss_and_grads_equal_the_plain_model_on_the_subset(family, mode):
     model, tokenizer = build(family, seed=1)
     plain = copy.deepcopy(model)
     skipkernels.patch_clip(model)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=2, top_ratio=0.25, lam=0.5)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=2, top_ratio=0.25, lam=0.5))
     for p_plain, p in zip(plain.parameters(), model.parameters()):
         p_plain.requires_grad_(p.requires_grad)
     size = image_size(model)
@@ -143,7 +143,7 @@ def test_loss_and_grads_equal_the_plain_model_on_the_subset(family, mode):
 def test_lskip_freezes_exactly_the_blocks_below_omega(family):
     model, tokenizer = build(family)
     omega = 2
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="lskip", skip_layers=omega)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="lskip", skip_layers=omega))
     trainable = {n[len("model."):] for n, _ in tuner.trainable_named_parameters()}
     if family == "vit-l":
         image_blocks, text_blocks = "visual.transformer.resblocks", "transformer.resblocks"
@@ -193,7 +193,7 @@ EXPECTED_SAVINGS = {
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exact_savings_apply_only_where_exact_and_say_so(family):
     model, tokenizer = build(family)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="lskip", skip_layers=1)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="lskip", skip_layers=1))
     text = repr(tuner)
     for name, off in EXPECTED_SAVINGS[family].items():
         state = tuner.savings[name]
@@ -201,7 +201,7 @@ def test_exact_savings_apply_only_where_exact_and_say_so(family):
         assert f"{name}: {state}" in text
     truncated = tuner.text_cache.tokens_at_block.shape[1] < tuner.class_tokens.shape[1]
     assert truncated == (EXPECTED_SAVINGS[family]["text truncation"] is None)
-    off = SkipTuner(model, CLASSES, tokenizer, mode="lskip", skip_layers=1, prune_last_block=False)
+    off = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="lskip", skip_layers=1, prune_last_block=False))
     assert off.savings["text last-block pruning"] == "off (turned off in the config)"
 
 
@@ -212,15 +212,15 @@ def test_token_dropping_keeps_prefix_tokens_and_refuses_rotary_embeddings():
     assert kept.shape == (2, 2 + 4, 1) and torch.equal(kept[:, :2], x[:, :2])
     model, tokenizer = build("eva02")
     with pytest.raises(ValueError, match="rotary"):
-        SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, drop_ratio=0.5)
+        SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1, drop_ratio=0.5))
 
 
 def test_pet_methods_are_refused_where_their_modules_cannot_attach():
     model, tokenizer = build("eva02")
     with pytest.raises(ValueError, match="EvaBlock blocks would get none"):
-        SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1)
+        SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="lskip-lora", skip_layers=1))
     model, tokenizer = build("bidir-text")  # open_clip blocks in both towers
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="lskip-lora", skip_layers=1)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="lskip-lora", skip_layers=1))
     assert tuner.pet is not None
     # LoRA reaches the op layer's route as hooks (or through the adapted weight): the last blocks
     # stay pruned, which is exact since LoRA reads each token row on its own
@@ -229,7 +229,7 @@ def test_pet_methods_are_refused_where_their_modules_cannot_attach():
 
 def test_coop_learns_the_context_of_a_custom_text_model():
     model, tokenizer = build("siglip")
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="coop", coop_n_ctx=4)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="coop", coop_n_ctx=4))
     tuner.loss(torch.randn(2, 3, 32, 32), torch.tensor([0, 3])).backward()
     assert [n for n, _ in tuner.trainable_named_parameters()] == ["prompt_learner.ctx"]
     assert tuner.prompt_learner.ctx.grad.abs().sum() > 0
@@ -244,18 +244,20 @@ def test_convolutional_and_hybrid_towers_are_refused_with_the_reason(open_clip):
     fastvit = open_clip.CustomTextCLIP(32, dict(timm_model_name="fastvit_t8", timm_pool="avg",
                                                 timm_proj="linear", image_size=32), text_cfg)
     with pytest.raises(TypeError, match="hybrid"):
-        SkipTuner(fastvit, CLASSES, open_clip.get_tokenizer("ViT-B-16"), skip_layers=1)
+        SkipTuner(fastvit, CLASSES, open_clip.get_tokenizer("ViT-B-16"), SkipConfig(skip_layers=1))
 
 
 def test_tokenizer_must_fit_the_model():
     model, _ = build("siglip")
     open_clip = open_clip_module()
     with pytest.raises(ValueError, match="context"):
-        SkipTuner(model, CLASSES, open_clip.get_tokenizer("ViT-B-16"), skip_layers=1)  # 77 tokens for a 16-token context
+        # 77 tokens for a 16-token context
+        SkipTuner(model, CLASSES, open_clip.get_tokenizer("ViT-B-16"), SkipConfig(skip_layers=1))
     small_vocab = copy.deepcopy(model)
     small_vocab.text.token_embedding = torch.nn.Embedding(100, 64)
     with pytest.raises(ValueError, match="vocabulary"):
-        SkipTuner(small_vocab, CLASSES, open_clip.get_tokenizer("ViT-B-16", context_length=16), skip_layers=1)
+        SkipTuner(small_vocab, CLASSES, open_clip.get_tokenizer("ViT-B-16", context_length=16),
+                  SkipConfig(skip_layers=1))
 
 
 def test_a_local_hugging_face_tokenizer_folder_needs_no_network(tmp_path):
@@ -270,7 +272,7 @@ def test_a_local_hugging_face_tokenizer_folder_needs_no_network(tmp_path):
     model, tokenizer = create_model("skipkernels-tiny-siglip", tokenizer=str(tmp_path))
     tokens = tokenizer(["a photo of a cat."])
     assert tokens.shape == (1, 16) and int(tokens[0, 1]) == words.index("photo")
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, top_ratio=0.5)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1, top_ratio=0.5))
     loss = tuner.loss(tuner.image_prefix(torch.randn(2, 3, 32, 32)), torch.tensor([0, 5]))
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):
@@ -288,6 +290,6 @@ def test_info_command_shows_the_towers_and_savings(family, capsys):
     # the plan: what each sub-layer of each run of blocks runs (Eva's blocks run their own forward)
     assert "plan:" in printed and "image tower (timm" in printed and "text tower (open_clip text" in printed
     if family == "eva02":
-        assert "runs: its own forward (EvaBlock is not an open_clip" in printed
+        assert "runs: its own forward (EvaBlock is not a block the op layer computes" in printed
     else:
         assert "qkv: layer_norm_linear: layer_norm then linear_act, each PyTorch reference" in printed

@@ -107,3 +107,25 @@ def test_info_reports_extension_and_ops(capsys):
     assert set(data["triton_ops"]) >= {"layer_norm_linear", "attention", "linear_act", "pet_gate"}
     assert all("auto:" in status for status in data["triton_ops"].values())
     assert "layer_norm_linear" in out
+
+
+def test_a_model_holds_one_plan_that_copies_with_it_and_is_left_out_of_a_pickle(tokenizer):
+    """The tuner runs the plan the model holds; a deep copy holds a plan of its own modules, and
+    torch.save of the model leaves the plan behind (its bound ops do not pickle)."""
+    import copy
+    import io
+
+    from skipkernels import SkipConfig, SkipTuner
+    from skipkernels.ops.block import held_plan
+    model = tiny_clip()
+    tuner = SkipTuner(model, ["a", "b"], tokenizer, SkipConfig(mode="skip", skip_layers=1))
+    assert tuner.towers is held_plan(model)
+    copied = copy.deepcopy(model)
+    assert held_plan(copied).model is copied and held_plan(copied).image.blocks[0] is copied.visual.transformer.resblocks[0]
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert held_plan(loaded) is None
+    skipkernels.patch_clip(loaded)  # builds the loaded model's own plan
+    assert held_plan(loaded).model is loaded

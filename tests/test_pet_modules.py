@@ -311,8 +311,13 @@ def test_pet_state_dict_round_trip():
 
 def test_patched_blocks_run_pet_and_get_their_forward_back():
     from skipkernels.patch import patch_clip
+    from skipkernels.ops.block import held_plan, routed_plan
     model = patch_clip(make_clip())
-    patched = {b.name: b.module.__dict__["forward"] for b in find_blocks(model)}
+
+    def routes():  # each block's route, by position in the model's one plan
+        plans = held_plan(model).image.plans + held_plan(model).text.plans
+        return {b.name: plans.index(routed_plan(b.module)) for b in find_blocks(model)}
+    patched = routes()
     images, text = clip_inputs()
     handle = apply_pet(model, pet_config("lora", rank=4, targets=("q", "fc1"), skip_layers=1))
     randomize(handle)
@@ -322,8 +327,9 @@ def test_patched_blocks_run_pet_and_get_their_forward_back():
     handle2.load_pet_state_dict(handle.pet_state_dict())
     for a, b in zip(out, clip_out(plain, images, text)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert routes() == patched  # PET's modules come in as hooks: the blocks stay routed
     handle.remove()
-    assert {b.name: b.module.__dict__["forward"] for b in find_blocks(model)} == patched
+    assert routes() == patched
 
 
 def test_gradient_checkpointing_blocks(block_type):

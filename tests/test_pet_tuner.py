@@ -16,8 +16,8 @@ CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", 
 def test_pet_modes_start_at_the_base_model_and_train_only_their_modules(method, lskip, tokenizer):
     mode = f"lskip-{method}" if lskip else method
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 5])
-    base = SkipTuner(tiny_clip(seed=5), CLASSES, tokenizer, mode="lskip" if lskip else "ft", skip_layers=1)
-    tuner = SkipTuner(tiny_clip(seed=5), CLASSES, tokenizer, mode=mode, skip_layers=1)
+    base = SkipTuner(tiny_clip(seed=5), CLASSES, tokenizer, SkipConfig(mode="lskip" if lskip else "ft", skip_layers=1))
+    tuner = SkipTuner(tiny_clip(seed=5), CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=1))
     inputs = tuner.image_prefix(images) if lskip else images
     with torch.no_grad():
         expected = base.loss(base.image_prefix(images) if lskip else images, labels)
@@ -53,24 +53,28 @@ def test_lskip_lora_run_exports_a_plain_open_clip_model(synthetic_root, tmp_path
 
 
 def test_plans_follow_apply_merge_and_remove():
-    """A patched block's plan gets its hooks when PET modules come and go; a tower plan builds its
-    block plans again at its next call."""
+    """The model's one plan is built again when PET modules come and go: the patched blocks are
+    routed through block plans with the new hooks, and the tower plans (the same objects) see them."""
     from skipkernels import patch_clip
-    from skipkernels.ops.block import NO_HOOKS, routed_plan
+    from skipkernels.ops.block import NO_HOOKS, held_plan, routed_plan
     from skipkernels.pet import apply_pet, has_pet, pet_config
-    from skipkernels.skip.towers import ModelPlan
     model = patch_clip(tiny_clip(layers=3))
     blocks = list(model.visual.transformer.resblocks)
-    towers = ModelPlan(model)
-    plans = [routed_plan(b) for b in blocks]
-    assert all(p.hooks == NO_HOOKS for p in plans)
+    towers = held_plan(model)
+    image = towers.image
+
+    def routed_hooks():
+        return [routed_plan(b).hooks for b in blocks]
+    assert all(h == NO_HOOKS for h in routed_hooks())
     handle = apply_pet(model, pet_config("vlpet-small", skip_layers=1))
+    assert held_plan(model) is towers and towers.image is image
     assert [has_pet(b) for b in blocks] == [False, True, True]
-    assert [p.hooks.attn is not None for p in plans] == [False, True, True]
+    assert [h.attn is not None for h in routed_hooks()] == [False, True, True]
+    assert [routed_plan(b) for b in blocks] == towers.image.plans
     assert towers.image.pruning_off_reason() == "a PET module of the last block reads every token (VL-PET's small gate)"
     assert [p.hooks.attn is not None for p in towers.image.plans] == [False, True, True]
     handle.remove()
-    assert all(p.hooks == NO_HOOKS for p in plans) and towers.image.pruning_off_reason() is None
+    assert all(h == NO_HOOKS for h in routed_hooks()) and towers.image.pruning_off_reason() is None
     handle = apply_pet(model, pet_config("lora", skip_layers=2))
     handle.merge()
-    assert not any(has_pet(b) for b in blocks) and all(p.hooks == NO_HOOKS for p in plans)
+    assert not any(has_pet(b) for b in blocks) and all(h == NO_HOOKS for h in routed_hooks())

@@ -13,7 +13,7 @@ HELPER_MODULES = {"gemm_tiles"}
 
 def test_every_kernel_family_is_declared_by_an_op():
     kernels = triton_kernels()
-    assert {"layer_norm", "add_layer_norm", "linear_act", "linear_residual", "layer_norm_linear",
+    assert {"layer_norm", "linear_act", "linear_residual", "layer_norm_linear",
             "layer_norm_mlp", "attention", "pet_gate"} <= set(kernels)
     families = {m.name for m in pkgutil.iter_modules(skipkernels.triton.__path__)} - HELPER_MODULES
     assert families == {k.module for k in kernels.values()}

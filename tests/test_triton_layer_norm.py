@@ -11,10 +11,9 @@ import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
 
-import skipkernels.triton as skt  # noqa: E402
 from skipkernels.ops import layer_norm as ops_ln  # noqa: E402
 from skipkernels.triton import layer_norm as tln  # noqa: E402
-from kernel_checks import poison_outputs, SEED, max_error as _err, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
+from kernel_checks import poison_outputs, SEED, assert_fp64_rule  # noqa: E402,F401  (poison_outputs: autouse)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every input is drawn from a seeded generator; set SKIPKERNELS_TEST_SEED to draw other ones.
@@ -27,10 +26,9 @@ def _inputs(shape, dtype, affine=True, seed=0):
     n = shape[-1]
     # A non-zero mean and spread exercise the centring; weights around 1 keep outputs O(1).
     x = (torch.randn(shape, generator=g) * 2 + 0.5).to(DEVICE, dtype)
-    delta = torch.randn(shape, generator=g).to(DEVICE, dtype)
     w = (1 + 0.5 * torch.randn(n, generator=g)).to(DEVICE, dtype) if affine else None
     b = (0.5 * torch.randn(n, generator=g)).to(DEVICE, dtype) if affine else None
-    return x, delta, w, b
+    return x, w, b
 
 
 def _ln64(s, w, b, eps=1e-5):
@@ -42,25 +40,10 @@ def _ln64(s, w, b, eps=1e-5):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_norm_forward(shape, dtype, affine):
-    x, _, w, b = _inputs(shape, dtype, affine)
+    x, w, b = _inputs(shape, dtype, affine)
     y = tln.layer_norm(x, w, b, 1e-5)
     assert y.shape == x.shape and y.dtype == dtype
     assert_fp64_rule(y, ops_ln.layer_norm_reference(x, w, b, 1e-5), _ln64(x, w, b), "layer_norm")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES)
-def test_add_layer_norm_forward(shape, dtype):
-    x, delta, w, b = _inputs(shape, dtype, seed=1)
-    s, y = tln.add_layer_norm(x, delta, w, b, 1e-5)
-    s_ref, y_ref = ops_ln.add_layer_norm_reference(x, delta, w, b, 1e-5)
-    assert s.dtype == y.dtype == dtype
-    if dtype == torch.bfloat16 and skt.interpreting():
-        # The interpreter cannot round fp32 to bf16 in-kernel; torch rounds the stored copy.
-        assert _err(s, s_ref) <= 2 ** -7 * s_ref.abs().max().item()
-    else:
-        assert torch.equal(s, s_ref), "the residual stream must be exactly x + delta in its dtype"
-    assert_fp64_rule(y, y_ref, _ln64(x.double() + delta.double(), w, b), "add_layer_norm")
 
 
 def _randn(shape, seed):
@@ -80,7 +63,7 @@ def _grads(fn, inputs, gouts):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layer_norm_backward(shape, dtype):
-    x, _, w, b = _inputs(shape, dtype, seed=2)
+    x, w, b = _inputs(shape, dtype, seed=2)
     gy = _randn(shape, seed=7)
     fused = _grads(lambda x, w, b: tln.layer_norm(x, w, b, 1e-5), (x, w, b), (gy,))
     ref = _grads(lambda x, w, b: ops_ln.layer_norm_reference(x, w, b, 1e-5), (x, w, b), (gy,))
@@ -90,50 +73,28 @@ def test_layer_norm_backward(shape, dtype):
         assert_fp64_rule(gf, gr, ge, f"d{name}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("use_s", [True, False])
-def test_add_layer_norm_backward(shape, dtype, use_s):
-    x, delta, w, b = _inputs(shape, dtype, seed=3)
-    gs = _randn(shape, seed=8) if use_s else None
-    gy = _randn(shape, seed=9)
-    args = (x, delta, w, b)
-    fused = _grads(lambda *a: tln.add_layer_norm(*a, 1e-5), args, (gs, gy))
-    ref = _grads(lambda *a: ops_ln.add_layer_norm_reference(*a, 1e-5), args, (gs, gy))
-
-    def exact_fn(x, d, w, b):
-        s = x + d
-        return s, _ln64(s, w, b)
-
-    exact = _grads(exact_fn, [t.double() for t in args], (gs, gy))
-    for name, gf, gr, ge in zip(("x", "delta", "w", "b"), fused, ref, exact):
-        assert_fp64_rule(gf, gr, ge, f"d{name}")
-
-
 def test_saved_state_is_minimal():
-    x, delta, w, b = _inputs((2, 17, 64), torch.float32, seed=4)
+    x, w, b = _inputs((2, 17, 64), torch.float32, seed=4)
     x.requires_grad_(True)
-    s, y = tln.add_layer_norm(x, delta, w, b, 1e-5)
+    y = tln.layer_norm(x, w, b, 1e-5)
     saved = y.grad_fn.saved_tensors
-    # The residual stream (an output anyway), the weight and two fp32 scalars per row: no x̂.
+    # The input, the weight and two fp32 scalars per row: no x̂.
     per_row = [t for t in saved if t is not None and t.dim() == 1 and t.shape[0] == 34]
     assert len(per_row) == 2 and all(t.dtype == torch.float32 for t in per_row)
     assert sum(t.numel() for t in saved if t is not None) == 34 * 64 + 64 + 2 * 34
 
 
 def test_dispatch_uses_triton():
-    x, delta, w, b = _inputs((3, 64), torch.float32, seed=5)
+    x, w, b = _inputs((3, 64), torch.float32, seed=5)
     x.requires_grad_(True)
     y = ops_ln.layer_norm(x, w, b, 1e-5, backend="triton")
     assert type(y.grad_fn).__name__ == "_LayerNormFnBackward"
-    s, y = ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend="triton")
-    assert type(y.grad_fn).__name__ == "_AddLayerNormFnBackward"
     y = ops_ln.layer_norm(x, w, b, 1e-5, backend="torch")
     assert type(y.grad_fn).__name__ != "_LayerNormFnBackward"
 
 
 def test_non_contiguous_input():
-    x, _, w, b = _inputs((2, 3, 17, 32), torch.float32, seed=6)
+    x, w, b = _inputs((2, 3, 17, 32), torch.float32, seed=6)
     xt = x.transpose(1, 2)  # (B, L, H, Dh) view, as the qk-norm path produces
     y = tln.layer_norm(xt, w[:32], b[:32], 1e-6)
     torch.testing.assert_close(y, ops_ln.layer_norm_reference(xt, w[:32], b[:32], 1e-6))
@@ -145,24 +106,8 @@ def test_normalize_with_given_statistics_reproduces_the_forward(dtype):
     g = torch.Generator().manual_seed(SEED * 1000 + 77)
     x = (torch.randn(19, 96, generator=g) * 3 + 2).to(DEVICE, dtype)
     w, b = (1 + 0.3 * torch.randn(96, generator=g)).to(DEVICE, dtype), torch.randn(96, generator=g).to(DEVICE, dtype)
-    _, y, mean, rstd = tln._fwd(x, None, w, b, 1e-5, dtype)
+    y, mean, rstd = tln._fwd(x, w, b, 1e-5, dtype)
     again = tln.normalize_with_stats(x, w, b, mean, rstd, dtype)
     assert torch.equal(again, y)
     # Statistics are really read, not retaken: other statistics give other rows.
     assert not torch.equal(tln.normalize_with_stats(x, w, b, mean + 1, rstd, dtype), y)
-
-
-def test_add_layer_norm_kernel_refuses_broadcasts_and_dispatch_runs_the_reference():
-    from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
-    x = torch.randn(2, 5, 16, device=DEVICE)
-    delta = torch.randn(1, 5, 16, device=DEVICE)  # broadcasts over the batch
-    w, b = torch.randn(16, device=DEVICE), torch.randn(16, device=DEVICE)
-    assert tln.add_layer_norm_not_supported(x, x.clone(), w, b, 1e-5) == []
-    assert tln.add_layer_norm_not_supported(x, delta.double(), w, b, 1e-5)[0].startswith("delta")
-    with pytest.raises(ValueError, match="broadcasts"):
-        tln.add_layer_norm(x, delta, w, b, 1e-5)
-    got = ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend=KernelPolicy("auto", table=ALL_TRITON))
-    for a, r in zip(got, ops_ln.add_layer_norm_reference(x, delta, w, b, 1e-5)):
-        torch.testing.assert_close(a, r)
-    with pytest.raises(ValueError, match="forced, but the Triton add_layer_norm kernel .*broadcasts"):
-        ops_ln.add_layer_norm(x, delta, w, b, 1e-5, backend="triton")

@@ -155,28 +155,28 @@ def cases(quick: bool):
                              UPCAST=False, PRECISION="ieee"), w, s))
             bm, bn, w = tln._config(768)
             out.append((f"ln_bwd autocast {dt} grad into fp32", tln._ln_bwd_kernel,
-                        dict(DY="fp32", DS=None, S="fp32", W="fp32", Mean="fp32", Rstd="fp32", DX="fp32",
+                        dict(DY="fp32", S="fp32", W="fp32", Mean="fp32", Rstd="fp32", DX="fp32",
                              DWp="fp32", DBp="fp32"),
-                        dict(HAS_DS=False, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm, BLOCK_N=bn), w, 2))
+                        dict(HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm, BLOCK_N=bn), w, 2))
         out.append((f"act_bwd {dt}", tlin._act_bwd_kernel, dict(G=dt, Z=dt, DZ=dt),
                     dict(ACT=1, BLOCK=1024), 4, 2))
         out.append((f"act_fwd {dt}", tlin._act_fwd_kernel, dict(Z=dt, OUT=dt), dict(ACT=1, BLOCK=1024), 4, 2))
 
-        # LayerNorm (+ residual add) at both ViT widths.
+        # LayerNorm at both ViT widths.
         for width in (768, 512):
             bm, bn, w = tln._config(width)
             out.append((f"ln_fwd {dt} D{width}", tln._ln_fwd_kernel,
-                        dict(X=dt, D=dt, S=dt, Y=dt, W=dt, B=dt, Mean="fp32", Rstd="fp32"),
-                        dict(HAS_DELTA=True, HAS_W=True, HAS_B=True, GIVEN_STATS=False, BLOCK_M=bm,
+                        dict(X=dt, Y=dt, W=dt, B=dt, Mean="fp32", Rstd="fp32"),
+                        dict(HAS_W=True, HAS_B=True, GIVEN_STATS=False, BLOCK_M=bm,
                              BLOCK_N=bn), w, 2))
             out.append((f"ln_normalize_with_stats {dt} D{width}", tln._ln_fwd_kernel,
-                        dict(X=dt, D=None, S=None, Y=dt, W=dt, B=dt, Mean="fp32", Rstd="fp32"),
-                        dict(HAS_DELTA=False, HAS_W=True, HAS_B=True, GIVEN_STATS=True, BLOCK_M=bm,
+                        dict(X=dt, Y=dt, W=dt, B=dt, Mean="fp32", Rstd="fp32"),
+                        dict(HAS_W=True, HAS_B=True, GIVEN_STATS=True, BLOCK_M=bm,
                              BLOCK_N=bn), w, 2))
             out.append((f"ln_bwd {dt} D{width}", tln._ln_bwd_kernel,
-                        dict(DY=dt, DS=dt, S=dt, W=dt, Mean="fp32", Rstd="fp32", DX=dt, DWp="fp32",
+                        dict(DY=dt, S=dt, W=dt, Mean="fp32", Rstd="fp32", DX=dt, DWp="fp32",
                              DBp="fp32"),
-                        dict(HAS_DS=True, HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm,
+                        dict(HAS_W=True, NEED_DW=True, NEED_DB=True, BLOCK_M=bm,
                              BLOCK_N=bn), w, 2))
 
         # VL-PET gate.

@@ -1,15 +1,11 @@
 """One transformer block, computed through the op layer: ``BlockPlan``, the one route through a block.
 
-Handles both block types open_clip 3.3 builds, and timm's ViT block (SigLIP's image tower):
-- ``ResidualAttentionBlock`` with ``nn.MultiheadAttention`` (batch_first, packed in-projection);
-- ``CustomResidualAttentionBlock`` with open_clip's ``Attention`` (qk-norm, head scale, inner and
-  post-attention norms, MLP norm are supported; scaled-cosine attention is not);
-- timm ``vision_transformer.Block`` with the plain ``Attention`` and ``Mlp`` (qk-norm, attention
-  output norm, MLP norm, LayerScale), without stochastic depth or dropout;
-- Hugging Face ``CLIPEncoderLayer``, ``SiglipEncoderLayer`` and ``Siglip2EncoderLayer`` (separate
-  q, k, v projections, read as one packed projection).
-Any other block (Eva, scaled-cosine) runs its own forward (``skipkernels.skip.towers``);
-``unsupported_reason`` says which.
+The op layer knows no model class. It computes any pre-norm block given by its parts by role
+(``BlockParts``: norms, the packed q/k/v projection, the out projection, the MLP's projections and
+activation, LayerScales, qk-norms, a head scale), which an adapter (``skipkernels.adapters``)
+reports for the blocks of its ecosystem (``register_block_reader``). A block no adapter reads, or
+one it reads with a reason (e.g. scaled-cosine attention, Eva's rotary blocks), runs its own
+forward (``skipkernels.skip.towers``); ``unsupported_reason`` says why.
 
 A ``BlockPlan`` is built once per block and policy: the block's parts by role, its PET hooks, its
 activation, and the op each sub-layer runs, bound under the policy (``Op.bind``). Plain, patched,
@@ -31,7 +27,6 @@ from typing import Callable, Mapping, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from skipkernels.ops import policy as policies
 from skipkernels.ops.attention import ATTENTION
@@ -70,79 +65,18 @@ class BlockHooks(NamedTuple):
 NO_HOOKS = BlockHooks()
 
 
-# transformers' activation modules (ACT2FN) that compute one of the op layer's activations.
-_HF_ACTIVATIONS = {"QuickGELUActivation": "quick_gelu", "GELUActivation": "gelu", "GELUTanh": "gelu_tanh",
-                   "PytorchGELUTanh": "gelu_tanh"}
-HF_LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer", "Siglip2EncoderLayer")
-HF_ATTENTIONS = ("CLIPAttention", "SiglipAttention", "Siglip2Attention")
-
-
-def activation_name(module) -> str | None:
-    """The op-layer name of an MLP activation module, or None when it is something else."""
-    if type(module).__name__ == "QuickGELU":
-        return "quick_gelu"
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else "gelu_tanh"
-    if not type(module).__module__.startswith("transformers."):
-        return None
-    if type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is not F.gelu:
-        return None  # transformers' Python GELU (use_gelu_python)
-    return _HF_ACTIVATIONS.get(type(module).__name__)
-
-
-def unsupported_reason(block) -> str | None:
-    """Why the op layer cannot compute ``block`` (it then runs its own forward), or None."""
-    kind = type(block).__name__
-    if kind == "ResidualAttentionBlock":
-        attn = block.attn
-        if not isinstance(attn, nn.MultiheadAttention):
-            return f"ResidualAttentionBlock.attn is {type(attn).__name__}, not nn.MultiheadAttention"
-        if not attn.batch_first:
-            return "attention with batch_first=False"
-        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            return "nn.MultiheadAttention with separate k/v dims, bias_k/v or add_zero_attn"
-        if hasattr(block, "ln_1_kv"):
-            return "cross-attention block (CoCa decoder)"
-    elif kind == "CustomResidualAttentionBlock":
-        if getattr(block.attn, "logit_scale", None) is not None:
-            return "scaled-cosine attention (scaled_cosine_attn=True)"
-    elif kind == "Block" and type(block).__module__.startswith("timm."):
-        return _timm_unsupported_reason(block)
-    elif kind in HF_LAYERS and type(block).__module__.startswith("transformers."):
-        attn = block.self_attn
-        if type(attn).__name__ not in HF_ATTENTIONS:
-            return f"transformers attention {type(attn).__name__}"
-        if activation_name(block.mlp.activation_fn) is None:
-            return f"MLP activation {type(block.mlp.activation_fn).__name__}"
-        return None
-    else:
-        return (f"{kind} is not an open_clip ResidualAttentionBlock / CustomResidualAttentionBlock or a "
-                "timm ViT Block")
-    if activation_name(block.mlp.gelu) is None and not callable(block.mlp.gelu):
-        return f"MLP activation {type(block.mlp.gelu).__name__}"
-    return None
-
-
-def _timm_unsupported_reason(block) -> str | None:
-    attn, mlp = block.attn, block.mlp
-    if type(attn).__name__ != "Attention" or getattr(attn, "gate", None) is not None:
-        return f"timm attention {type(attn).__name__} (gated or not the plain one)"
-    if attn.num_heads * attn.head_dim != attn.qkv.in_features:
-        return "timm attention whose head width times heads differs from the model width"
-    if type(mlp).__name__ != "Mlp" or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
-        return f"timm MLP {type(mlp).__name__}"
-    if not (_is_identity(block.drop_path1) and _is_identity(block.drop_path2)):
-        return "stochastic depth (drop_path)"
-    if any(d.p for d in (attn.proj_drop, mlp.drop1, mlp.drop2)):
-        return "dropout after the projections"
-    return None
-
-
 class BlockParts(NamedTuple):
     """A pre-norm block by role: x += ls_1(ln_attn(out(ln_inner(attention(ln_1(x)))))), then
     x += ls_2(fc2(mlp_ln(act(fc1(ln_2(x)))))). The projections are given by the module that owns
-    their weight and bias (``qkv``: the attention module with a packed ``in_proj_weight``, or
-    timm's ``qkv`` Linear), read at each call."""
+    their weight and bias (``qkv``: e.g. an attention module with a packed ``in_proj_weight``, a
+    packed Linear, or ``PackedProjections``), read at each call. An adapter
+    (``skipkernels.adapters``) reports them for the blocks of its ecosystem.
+
+    act_name: the op layer's name of ``act`` (``ACTIVATIONS``), or None: ``act`` runs as a module.
+    calling: the signature of the block's own forward, which a routed block keeps: "x" (x, then
+        an optional mask positionally or as ``attn_mask``, ``is_causal``) or "hidden_states"
+        (hidden_states, attention_mask, ..., ``is_causal``).
+    """
     ln_1: nn.Module
     qkv: nn.Module
     qkv_names: tuple[str, str]
@@ -151,19 +85,21 @@ class BlockParts(NamedTuple):
     dropout_p: float
     ln_q: nn.Module | None
     ln_k: nn.Module | None
-    attn: nn.Module | None  # the module holding open_clip's head_scale, or None
+    attn: nn.Module | None  # the module holding a per-head ``head_scale``, or None
     ln_inner: nn.Module | None
     ln_attn: nn.Module | None
-    ls_1: nn.Module
+    ls_1: nn.Module | None
     ln_2: nn.Module
     fc1: nn.Linear
     act: nn.Module
     mlp_ln: nn.Module | None
     fc2: nn.Linear
-    ls_2: nn.Module
+    ls_2: nn.Module | None
+    act_name: str | None = None
+    calling: str = "x"
 
 
-class _PackedQKV:
+class PackedProjections:
     """Separate q, k, v projections read as one packed (3D, D) projection, as the block computes
     them in one GEMM; the weights are read (and concatenated) at each call."""
 
@@ -180,27 +116,36 @@ class _PackedQKV:
         return None if any(b is None for b in biases) else torch.cat(biases)
 
 
+# How blocks are read: each adapter registers a reader, ``reader(block) -> BlockParts`` (the op
+# layer computes it), a str (why it cannot), or None (not a block of that adapter's ecosystem).
+_BLOCK_READERS: list[Callable] = []
+
+
+def register_block_reader(reader: Callable) -> None:
+    _BLOCK_READERS.append(reader)
+
+
+def read_block(block) -> "BlockParts | str":
+    """The parts of ``block`` by role, or why the op layer does not compute it."""
+    for reader in _BLOCK_READERS:
+        found = reader(block)
+        if found is not None:
+            return found
+    return f"{type(block).__name__} is not a block the op layer computes (no adapter reads it)"
+
+
+def unsupported_reason(block) -> str | None:
+    """Why the op layer cannot compute ``block`` (it then runs its own forward), or None."""
+    found = read_block(block)
+    return found if isinstance(found, str) else None
+
+
 def block_parts(block) -> BlockParts:
-    """The parts of an open_clip block, a timm ViT ``Block`` or a transformers CLIP / SigLIP encoder
-    layer (same maths, other names)."""
-    if type(block).__name__ in HF_LAYERS:
-        attn, mlp = block.self_attn, block.mlp
-        return BlockParts(block.layer_norm1, _PackedQKV(attn.q_proj, attn.k_proj, attn.v_proj), ("weight", "bias"),
-                          attn.out_proj, attn.num_heads, attn.dropout, None, None, None, None, None, None,
-                          block.layer_norm2, mlp.fc1, mlp.activation_fn, None, mlp.fc2, None)
-    attn, mlp = block.attn, block.mlp
-    if not hasattr(block, "ln_1"):  # timm: fused qkv Linear, q_norm / k_norm, norm before proj
-        return BlockParts(block.norm1, attn.qkv, ("weight", "bias"), attn.proj, attn.num_heads, attn.attn_drop.p,
-                          attn.q_norm, attn.k_norm, None, attn.norm, None, block.ls1, block.norm2, mlp.fc1, mlp.act,
-                          mlp.norm, mlp.fc2, block.ls2)
-    if isinstance(attn, nn.MultiheadAttention):
-        attention = (attn.num_heads, attn.dropout, None, None, None, None)
-    else:
-        scaled = attn if getattr(attn, "head_scale", None) is not None else None
-        attention = (attn.num_heads, attn.attn_drop.p, attn.ln_q, attn.ln_k, scaled, attn.ln_inner)
-    return BlockParts(block.ln_1, attn, ("in_proj_weight", "in_proj_bias"), attn.out_proj, *attention,
-                      getattr(block, "ln_attn", None), block.ls_1, block.ln_2, mlp.c_fc, mlp.gelu,
-                      getattr(mlp, "ln", None), mlp.c_proj, block.ls_2)
+    """The parts of ``block`` (a ValueError naming why the op layer does not compute it)."""
+    found = read_block(block)
+    if isinstance(found, str):
+        raise ValueError(f"the op layer does not compute this block: {found}")
+    return found
 
 
 def _gamma_owner(module):
@@ -222,16 +167,13 @@ class BlockPlan:
     """
 
     def __init__(self, block: nn.Module, policy=None, hooks: BlockHooks | None = NO_HOOKS,
-                 own_forward: Callable | None = None):
-        reason = unsupported_reason(block)
-        if reason is not None:
-            raise ValueError(f"the op layer does not compute this block: {reason}")
+                 own_forward: Callable | None = None, parts: BlockParts | None = None):
         self.block = block
         self.policy = policy
         self.hooks = hooks
         self.own_forward = own_forward
-        self.parts = parts = block_parts(block)
-        self.act = activation_name(parts.act)
+        self.parts = parts = block_parts(block) if parts is None else parts
+        self.act = parts.act_name
         self.gamma_1, self.gamma_2 = _gamma_owner(parts.ls_1), _gamma_owner(parts.ls_2)
         self.bind(policies.resolve(policy))
 
@@ -253,12 +195,12 @@ class BlockPlan:
         self.layer_norm_mlp = LAYER_NORM_MLP.bind(policy)
         self.gated_update = GATED_UPDATE.bind(policy)
 
-    def set_hooks(self, hooks: BlockHooks | None, own_forward: Callable | None = None) -> None:
-        """New PET hooks (PET modules were added or taken out): the sub-layers are chosen again.
-        None: the block holds PET modules the op layer would not apply; as a module it then runs
-        ``own_forward`` (PET's forward with them)."""
-        self.hooks, self.own_forward = hooks, own_forward
-        self.bind(self.bound_policy)
+    def follow_ambient(self) -> None:
+        """A plan given no policy binds again when the ambient policy changed (``use_policy``)."""
+        if self.policy is None:
+            ambient = policies.current_policy()
+            if ambient is not self.bound_policy:
+                self.bind(ambient)
 
     def describe(self) -> dict:
         """What each sub-layer runs, and why (``print(tuner)``, ``skipkernels info --model``)."""
@@ -315,8 +257,6 @@ class BlockPlan:
 
     # ------------------------------------------------------------------ the block
     def forward(self, x, causal: bool = False, attn_mask=None, query_index=None):
-        if self.policy is None and self.bound_policy is not policies._ambient:
-            self.bind(policies._ambient)  # the ambient policy changed (use_policy)
         parts, hooks = self.parts, self.hooks
         if hooks is None:
             raise ValueError("this block holds PET modules the op layer would not apply: it runs its own forward")
@@ -382,10 +322,9 @@ class BlockPlan:
     __call__ = forward
 
     def module_forward(self, x, *args, attn_mask=None, is_causal: bool = False):
-        """The block's ``forward`` once ``patch_clip`` routes it here, with open_clip's and timm's
-        signatures: ResidualAttentionBlock's (q_x, k_x, v_x, attn_mask), which open_clip's gradient
-        checkpointing passes positionally; Custom blocks' (x, attn_mask); timm's (x, attn_mask,
-        is_causal)."""
+        """The block's ``forward`` once ``patch_clip`` routes it here, for blocks called as
+        (x, k_x, v_x, attn_mask) (gradient checkpointing passes these positionally), (x, attn_mask)
+        or (x, attn_mask=, is_causal=); cross-attention inputs are refused."""
         if len(args) == 3:
             k_x, v_x, attn_mask = args
             if k_x is not None or v_x is not None:
@@ -396,21 +335,34 @@ class BlockPlan:
             raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
         if self.hooks is None:
             return self.own_forward(x, attn_mask=attn_mask)
+        self.follow_ambient()
         return self.forward(x, causal=is_causal, attn_mask=attn_mask)
 
     def as_forward(self):
         """The bound method a routed block's ``forward`` becomes: its family's signature."""
-        return self.hf_module_forward if type(self.block).__name__ in HF_LAYERS else self.module_forward
+        return self.hf_module_forward if self.parts.calling == "hidden_states" else self.module_forward
 
     def hf_module_forward(self, hidden_states, attention_mask=None, *args, is_causal: bool = False, **kwargs):
-        """The block's ``forward`` once ``patch_clip`` routes a transformers encoder layer here:
-        ``attention_mask`` is the layer's 4-D mask (causality included) or None, with
-        ``is_causal`` then saying whether the attention is causal (transformers' SDPA path)."""
+        """The block's ``forward`` once ``patch_clip`` routes a block called as (hidden_states,
+        attention_mask, ..., is_causal=) here: ``attention_mask`` is the layer's 4-D mask
+        (causality included) or None, with ``is_causal`` then saying whether the attention is
+        causal."""
         if self.hooks is None:
             return self.own_forward(hidden_states, attention_mask, *args, is_causal=is_causal, **kwargs)
+        self.follow_ambient()
         if attention_mask is not None:
             return self.forward(hidden_states, attn_mask=attention_mask)
         return self.forward(hidden_states, causal=bool(is_causal))
+
+
+# The attribute under which a model holds its one plan of both towers (``skip.towers.ModelPlan``):
+# whatever changes what the blocks run (PET modules, a new policy) asks that plan to rebuild.
+MODEL_PLAN_ATTRIBUTE = "skipkernels_plan"
+
+
+def held_plan(model: nn.Module):
+    """The plan ``model`` holds (``skip.towers.ModelPlan``), or None."""
+    return model.__dict__.get(MODEL_PLAN_ATTRIBUTE)
 
 
 def routed_plan(block) -> BlockPlan | None:

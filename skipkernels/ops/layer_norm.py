@@ -1,4 +1,4 @@
-"""LayerNorm and residual-add + LayerNorm.
+"""LayerNorm.
 
 Reference: statistics in fp32 at least (as open_clip's ``LayerNormFp32`` and autocast do; fp64
 inputs stay fp64), result in the input dtype. Kernels: ``skipkernels.triton.layer_norm``.
@@ -21,28 +21,15 @@ def layer_norm_reference(x, weight, bias, eps: float):
     return y.to(x.dtype)
 
 
-def add_layer_norm_reference(x, delta, weight, bias, eps: float):
-    """Returns ``(s, layer_norm(s))`` with ``s = x + delta``: the residual stream and its norm."""
-    s = x + delta
-    return s, layer_norm_reference(s, weight, bias, eps)
-
-
 def layer_norm_case(x, *_):
-    """The measured table's key of layer_norm and add_layer_norm: (D,) and the row count."""
+    """The measured table's key of layer_norm: (D,) and the row count."""
     return (x.shape[-1],), measured.rows_of(x)
 
 
 # The kernels run only where a GPU measurement (ops/measured.py) shows them beating PyTorch's LayerNorm.
 LAYER_NORM = register(Op("layer_norm", layer_norm_reference, case=layer_norm_case,
                          impls=(Triton("layer_norm", "layer_norm"),)))
-ADD_LAYER_NORM = register(Op("add_layer_norm", add_layer_norm_reference, case=layer_norm_case,
-                             impls=(Triton("layer_norm", "add_layer_norm",
-                                           not_supported="add_layer_norm_not_supported"),)))
 
 
 def layer_norm(x, weight, bias, eps: float, backend: Backend = None):
     return LAYER_NORM(x, weight, bias, eps, backend=backend)
-
-
-def add_layer_norm(x, delta, weight, bias, eps: float, backend: Backend = None):
-    return ADD_LAYER_NORM(x, delta, weight, bias, eps, backend=backend)

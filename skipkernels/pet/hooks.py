@@ -1,12 +1,14 @@
-"""How the op layer applies a block's PET modules: ``block_hooks``. The only part of ``pet`` that
-the op layer's users (``skip``, ``patch``) import besides the config."""
+"""How the op layer applies a block's PET modules: ``block_hooks``, from the parts the block's
+adapter reports. The only part of ``pet`` that the op layer's users (``skip``, ``patch``) import
+besides the config."""
 from __future__ import annotations
 
 import functools
 
 import torch.nn as nn
 
-from skipkernels.ops.block import BlockHooks, block_parts, unsupported_reason
+from skipkernels import adapters
+from skipkernels.ops.block import BlockHooks, BlockParts
 from skipkernels.pet import modules as M
 
 
@@ -15,16 +17,6 @@ def has_pet(module: nn.Module) -> bool:
     ``BlockPlan`` applies them only as the hooks ``block_hooks`` builds."""
     return any(name.rsplit(".", 1)[-1].startswith(("pet_", "lora"))
                for name, _ in module.named_modules() if name)
-
-
-# PET modules come and go only through apply_pet / merge / remove, which bump this generation: a
-# tower plan built at another generation builds its block plans again (skipkernels.skip.towers).
-generation = 0
-
-
-def changed() -> None:
-    global generation
-    generation += 1
 
 
 def _sublayer_hook(modifier: nn.Module):
@@ -39,24 +31,22 @@ def _adapter_update(modifier, x, h, gate_op):
     return modifier(x, h)
 
 
-def _out_projection(parts) -> nn.Module | None:
-    if isinstance(parts.qkv, nn.MultiheadAttention):
-        return None  # it reads out_proj.weight itself: LoRA there is weight-level and needs no hook
-    return parts.out
-
-
-def block_hooks(block: nn.Module):
+def block_hooks(block: nn.Module, parts: BlockParts | None = None):
     """The ``skipkernels.ops.block.BlockHooks`` that apply ``block``'s PET modules on the op
     layer's route (``NO_HOOKS`` for a block without any), or None where the block runs its own
-    forward: the op layer does not compute it (``ops.block.unsupported_reason``) or it holds a
-    module that route would not apply. Walks the block's modules: plans call it once, when they
-    are built."""
-    if unsupported_reason(block) is not None:
-        return None
-    parts = block_parts(block)
+    forward: the op layer does not compute it or it holds a module that route would not apply.
+    ``parts``: the block's parts as its adapter reported them (read here when not given). Walks
+    the block's modules: plans call it once, when they are built."""
+    if parts is None:
+        parts = adapters.read_block(block)
+        if not isinstance(parts, BlockParts):
+            return None
     lora = {}
-    for role, linear in (("out", _out_projection(parts)), ("fc1", parts.fc1), ("fc2", parts.fc2)):
-        factors = linear._modules.get("lora") if linear is not None else None
+    # LoRA on a projection the plan calls as a module hangs as its "lora" child; one on a weight
+    # the plan reads as a tensor (e.g. nn.MultiheadAttention's out_proj) is weight-level and
+    # reads W + ΔW itself, so it needs no hook.
+    for role, linear in (("out", parts.out), ("fc1", parts.fc1), ("fc2", parts.fc2)):
+        factors = linear._modules.get("lora")
         if factors is not None:
             lora[role] = factors
     known = {id(m) for m in lora.values()}

@@ -6,7 +6,7 @@
     handle.merge()    # LoRA only: fold into the weights, leaving the plain model
     handle.remove()   # any method: the original model, exactly (weights, keys, requires_grad)
 
-What goes where (see ``skipkernels.pet.layouts`` for the hook points of each family):
+What goes where (the adapters report the attach points of each family; ``skipkernels.pet.layouts``):
 - ``vlpet-*``: a ``VLPETModifier`` on each chosen sub-layer (default ``attn`` and ``mlp``) of
   every encoder block with index ≥ ``skip_layers``. In encoder-decoders the decoder blocks get
   the paper's lightweight design instead (``decoder="value_adapter"``): a parallel adapter on
@@ -26,8 +26,6 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
-from skipkernels.ops.block import HF_ATTENTIONS
-from skipkernels.pet import hooks as H
 from skipkernels.pet import layouts as L
 from skipkernels.pet import modules as M
 from skipkernels.pet.config import LORA_ALIASES, AdapterConfig, LoRAConfig, PetConfig, VLPETConfig
@@ -45,7 +43,7 @@ class PetHandle:
         self._lora_undo: list[Callable[[bool], None]] = []
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
         self._base_keys: list[str] = []
-        self._clip_forwards: set[str] = set()  # blocks whose forward PET took over
+        self._clip_forwards: dict[str, nn.Module] = {}  # blocks whose forward PET takes over
         self.active = True
 
     # -- parameters --------------------------------------------------------------------------
@@ -102,7 +100,7 @@ class PetHandle:
         self._requires_grad.clear()
         self.modules.clear()
         self.active = False
-        _changed(self.model)
+        _rebuild_plan(self.model)
 
     def merge(self) -> nn.Module:
         """Fold LoRA into the pre-trained weights and remove the PET modules; returns the model.
@@ -172,6 +170,7 @@ def apply_pet(model: nn.Module, config: PetConfig,
                     _add_value_adapter(handle, block, filter_fn)
                     continue
             inject(handle, block, filter_fn)
+        _install_clip_forwards(handle)
         if not handle.modules:
             raise ValueError(f"apply_pet({config.method}) matched nothing: check targets "
                              f"{config.resolved_targets()}, skip_layers={config.skip_layers} and filter_fn")
@@ -181,19 +180,17 @@ def apply_pet(model: nn.Module, config: PetConfig,
             handle.remove() if handle.modules else handle._finish()
         raise
     finally:
-        _changed(model)
+        _rebuild_plan(model)
     return handle
 
 
-def _changed(model: nn.Module) -> None:
-    """PET modules were added or taken out: the blocks ``patch_clip`` routes through a plan get
-    their new hooks now, and tower plans build theirs again at their next call."""
-    from skipkernels.ops.block import routed_plan
-    H.changed()
-    for module in model.modules():
-        plan = routed_plan(module)
-        if plan is not None:
-            plan.set_hooks(H.block_hooks(module), L.own_forward(module))
+def _rebuild_plan(model: nn.Module) -> None:
+    """PET modules were added or taken out: the plan the model holds (``patch_clip``'s, a tuner's)
+    is built again, which routes the patched blocks through their new plans."""
+    from skipkernels.ops.block import held_plan
+    plan = held_plan(model)
+    if plan is not None:
+        plan.rebuild()
 
 
 def _freeze(handle: PetHandle) -> None:
@@ -217,13 +214,16 @@ def _block_param(block: L.Block) -> torch.Tensor:
 
 def _ensure_clip_forward(handle: PetHandle, block: L.Block) -> None:
     """Blocks patch_clip routes through the op layer take PET's modules as hooks there
-    (``block_hooks``); the others get open_clip's forward with the modifiers owning the adds."""
+    (``block_hooks``); the others get PET's forward (``_install_clip_forwards``, once every module
+    is in), in which the modules apply."""
     from skipkernels.ops.block import routed_plan
-    if routed_plan(block.module) is not None:
-        return
-    if block.owns_forward and block.name not in handle._clip_forwards:
-        handle._undo.append(L.install_clip_forward(block.module))
-        handle._clip_forwards.add(block.name)
+    if routed_plan(block.module) is None and block.owns_forward:
+        handle._clip_forwards.setdefault(block.name, block.module)
+
+
+def _install_clip_forwards(handle: PetHandle) -> None:
+    for module in handle._clip_forwards.values():
+        handle._undo.append(L.install_clip_forward(module))
 
 
 def _add_modifiers(handle: PetHandle, block: L.Block, filter_fn) -> None:
@@ -321,10 +321,10 @@ def _add_lora(handle: PetHandle, block: L.Block, filter_fn) -> None:
             if filter_fn is not None and not filter_fn(child_full, child):
                 continue
             lora = M.LoRAFactors(child.in_features, child.out_features, rank, cfg.alpha, cfg.dropout)
-            if isinstance(module, nn.MultiheadAttention) or (
-                    type(module).__name__ in HF_ATTENTIONS and child_name in ("q_proj", "k_proj", "v_proj")):
+            if isinstance(module, nn.MultiheadAttention) or any(child is w for w in block.weight_read):
                 # nn.MultiheadAttention reads out_proj.weight itself, never calls out_proj; the op
-                # layer reads transformers' q, k and v weights as one packed projection.
+                # layer reads the projections the adapter names (e.g. separate q, k, v read as one
+                # packed projection) as tensors.
                 _register(handle, f"{child_full}.{M.lora_child_name('weight')}", lora, child.weight)
                 M.install_weight_lora(child, "weight", lora)
                 handle._lora_undo.append(_weight_lora_undo(child, "weight"))

@@ -1,71 +1,38 @@
-"""Where PET modules attach: transformer blocks and their residual sub-layers, per model family.
+"""Where PET modules attach: transformer blocks and their residual sub-layers, as the adapters
+report them (``skipkernels.adapters.pet_block``).
 
 A *block* is one transformer layer; its *sub-layers* are the residual branches ``attn`` (self-
 attention), ``cross`` (cross-attention, decoders) and ``mlp``. For each sub-layer a layout names
 the module whose input is the residual stream X (``x_module``), the module whose output is the
 branch output H (``out_module``), and for cross-attention the value projection (``value``).
 
-Families:
-- ``clip``: open_clip ``ResidualAttentionBlock`` (nn.MultiheadAttention) and
-  ``CustomResidualAttentionBlock`` (open_clip ``Attention``), and transformers' CLIP / SigLIP /
-  SigLIP 2 encoder layers, which always run the op layer's plan under PET. A block ``patch_clip`` routes
-  through the op layer gets its PET modules as ``BlockHooks`` there (``pet.hooks.block_hooks``);
-  on any other, PET owns the forward (``clip_block_forward``). Either way X and H are plain
-  values: H is the whole branch output ``ls_1(attn(ln_1(X)))`` (``ls_1(ln_attn(attn(ln_1(X))))`` for the custom block), i.e. including
-  LayerScale and the post-attention norm, and the modifier adds the residual itself.
-- ``bart``: Hugging Face BART layers (post-norm). attn: X = the q-projection's input (the layer
-  input), H = ``out_proj``'s output; mlp: X = ``fc1``'s input, H = ``fc2``'s output; cross: X =
-  ``encoder_attn.q_proj``'s input, H = ``encoder_attn.out_proj``'s, value ``encoder_attn.v_proj``.
-- ``t5``: Hugging Face T5 blocks (pre-norm). X = the input of ``T5LayerSelfAttention`` /
-  ``T5LayerCrossAttention`` / ``T5LayerFF`` (the residual stream before their norm), H = the
-  output of ``o`` / ``o`` / ``DenseReluDense.wo``; value ``EncDecAttention.v``.
-In the Hugging Face layers the host adds the residual (after its dropout), so the modifier
-rewrites H into s · G ⊙ (H + ΔH) with a forward hook and the host computes X + that.
+Two kinds of block:
+- family ``clip`` (open_clip's blocks, transformers' CLIP / SigLIP encoder layers): PET's modifiers
+  own the residual adds. A block ``patch_clip`` routes through the op layer gets its PET modules
+  as ``BlockHooks`` there (``pet.hooks.block_hooks``); on any other PET installs a forward
+  (``pet_forward``: the adapter's forward with the modifiers, or the op layer's plan for blocks
+  the adapter says run it). X and H are plain values: H is the whole branch output, LayerScale
+  and post-attention norm included, and the modifier adds the residual itself.
+- hook-based families (BART, T5): the host adds the residual, so the modifier rewrites H into
+  s · G ⊙ (H + ΔH) with a forward hook and the host computes X + that.
 
 Other models: ``register_layout(fn)`` with ``fn(name, module) -> Block | None``.
 """
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch.nn as nn
 
-from skipkernels.ops.block import HF_LAYERS, NO_HOOKS, BlockPlan
+from skipkernels.adapters import pet_block
+from skipkernels.adapters.base import PetBlock as Block
+from skipkernels.adapters.base import SubLayer
+from skipkernels.adapters.open_clip import clip_block_forward
+from skipkernels.ops.block import BlockPlan
 
-CLIP_BLOCKS = ("ResidualAttentionBlock", "CustomResidualAttentionBlock")
-# The blocks whose modifiers PET's own forward (or the op layer's route: transformers' CLIP /
-# SigLIP encoder layers, HF_LAYERS) applies: every other
-# block gets them through forward hooks.
-FORWARD_BLOCKS = CLIP_BLOCKS + HF_LAYERS
-# Post-norm BART-style layers: the FFN's residual is fc1's input. Pre-norm relatives (mBART,
-# Whisper, ...) keep the residual before their final norm and need a layout of their own.
-BART_LAYERS = ("BartEncoderLayer", "BartDecoderLayer")
-
-
-@dataclass
-class SubLayer:
-    kind: str                            # "attn", "cross" or "mlp"
-    out_module: nn.Module | None = None  # its output is H (hook-based families)
-    x_module: nn.Module | None = None    # its first input is X (hook-based families)
-    value: nn.Linear | None = None       # cross-attention value projection
-
-
-@dataclass
-class Block:
-    name: str
-    module: nn.Module
-    index: int
-    family: str          # "clip" (PET owns the forward) or a hook-based family
-    width: int
-    is_decoder: bool
-    token_dim: int = 1
-    sublayers: dict = field(default_factory=dict)
-
-    @property
-    def owns_forward(self) -> bool:
-        return self.family == "clip"
+__all__ = ["Block", "SubLayer", "register_layout", "find_blocks", "layout_of", "pet_forward", "own_forward",
+           "runs_pet_forward", "install_clip_forward", "install_hooked_modifier", "PetPlan"]
 
 
 def _index_in_parent(name: str, parents: dict) -> int | None:
@@ -78,54 +45,7 @@ def _index_in_parent(name: str, parents: dict) -> int | None:
     return None
 
 
-def _clip_block(name, module):
-    if type(module).__name__ not in CLIP_BLOCKS:
-        return None
-    attn = module.attn
-    token_dim = 1 if getattr(attn, "batch_first", True) else 0
-    width = module.mlp.c_fc.in_features
-    return Block(name, module, -1, "clip", width, is_decoder=hasattr(module, "ln_1_kv"),
-                 token_dim=token_dim,
-                 sublayers={"attn": SubLayer("attn"), "mlp": SubLayer("mlp")})
-
-
-def _hf_encoder_layer(name, module):
-    if type(module).__name__ not in HF_LAYERS or not type(module).__module__.startswith("transformers."):
-        return None
-    return Block(name, module, -1, "clip", module.mlp.fc1.in_features, is_decoder=False,
-                 sublayers={"attn": SubLayer("attn"), "mlp": SubLayer("mlp")})
-
-
-def _bart_layer(name, module):
-    if type(module).__name__ not in BART_LAYERS:
-        return None
-    subs = {"attn": SubLayer("attn", module.self_attn.out_proj, module.self_attn.q_proj),
-            "mlp": SubLayer("mlp", module.fc2, module.fc1)}
-    cross = getattr(module, "encoder_attn", None)
-    if cross is not None:
-        subs["cross"] = SubLayer("cross", cross.out_proj, cross.q_proj, cross.v_proj)
-    return Block(name, module, -1, "bart", module.fc1.in_features, is_decoder=cross is not None,
-                 sublayers=subs)
-
-
-def _t5_block(name, module):
-    layers = getattr(module, "layer", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) < 2:
-        return None
-    first, last = layers[0], layers[-1]
-    if not hasattr(first, "SelfAttention") or not hasattr(last, "DenseReluDense"):
-        return None
-    wo = last.DenseReluDense.wo
-    subs = {"attn": SubLayer("attn", first.SelfAttention.o, first),
-            "mlp": SubLayer("mlp", wo, last)}
-    is_decoder = len(layers) == 3 and hasattr(layers[1], "EncDecAttention")
-    if is_decoder:
-        cross = layers[1]
-        subs["cross"] = SubLayer("cross", cross.EncDecAttention.o, cross, cross.EncDecAttention.v)
-    return Block(name, module, -1, "t5", wo.out_features, is_decoder=is_decoder, sublayers=subs)
-
-
-_LAYOUTS: list[Callable] = [_clip_block, _hf_encoder_layer, _bart_layer, _t5_block]
+_LAYOUTS: list[Callable] = [pet_block]
 
 
 def register_layout(fn: Callable) -> None:
@@ -152,45 +72,27 @@ def find_blocks(model: nn.Module) -> list[Block]:
     return blocks
 
 
-# --------------------------------------------------------------- open_clip block forward under PET
+def layout_of(module: nn.Module) -> Block | None:
+    """``module``'s PET layout, if it is a block some layout knows."""
+    for layout in _LAYOUTS:
+        block = layout("", module)
+        if block is not None:
+            return block
+    return None
 
-def _modify(block, kind, x, h):
-    modifier = block._modules.get(f"pet_{kind}")
-    return x + h if modifier is None else modifier(x, h)
 
-
-def clip_block_forward(self, x, *args, attn_mask=None):
-    """open_clip's block forward with the PET sub-layer modifiers ``pet_attn``/``pet_mlp`` owning
-    the residual adds. With no modifier it is open_clip's own computation, op for op.
-
-    Accepts ResidualAttentionBlock's (q_x, k_x, v_x, attn_mask), the custom block's (x, attn_mask)
-    and open_clip's gradient-checkpointing call (x, None, None, attn_mask) for either.
-    """
-    k_x = v_x = None
-    if len(args) == 3:
-        k_x, v_x, attn_mask = args
-    elif len(args) == 1:
-        attn_mask = args[0]
-    elif args:
-        raise TypeError(f"unexpected block arguments: {len(args) + 1} positional")
-    if type(self).__name__ == "ResidualAttentionBlock":
-        k_x = self.ln_1_kv(k_x) if hasattr(self, "ln_1_kv") and k_x is not None else None
-        v_x = self.ln_1_kv(v_x) if hasattr(self, "ln_1_kv") and v_x is not None else None
-        h = self.ls_1(self.attention(q_x=self.ln_1(x), k_x=k_x, v_x=v_x, attn_mask=attn_mask))
-    else:
-        if k_x is not None or v_x is not None:
-            raise ValueError("CustomResidualAttentionBlock takes no cross-attention inputs")
-        h = self.ls_1(self.ln_attn(self.attn(self.ln_1(x), attn_mask=attn_mask)))
-    x = _modify(self, "attn", x, h)
-    h = self.ls_2(self.mlp(self.ln_2(x)))
-    return _modify(self, "mlp", x, h)
+def attaches_in_forward(module: nn.Module) -> bool:
+    """Whether PET's modules attach to ``module`` as a block whose forward applies them."""
+    block = layout_of(module)
+    return block is not None and block.owns_forward
 
 
 def own_forward(block):
-    """The forward a block runs when the op layer cannot apply its PET modules: PET's for
-    open_clip blocks (``clip_block_forward``, which applies them), else the block class's own."""
-    if type(block).__name__ in CLIP_BLOCKS:
-        return types.MethodType(clip_block_forward, block)
+    """The forward a block runs when the op layer cannot apply its PET modules: the one its
+    adapter reports (which applies them), else the block class's own."""
+    layout = layout_of(block)
+    if layout is not None and layout.forward is not None:
+        return layout.forward
     return types.MethodType(type(block).forward, block)
 
 
@@ -201,13 +103,17 @@ def runs_pet_forward(block: nn.Module) -> bool:
                                                                                   PetPlan)
 
 
-def pet_forward(block: nn.Module, hooks=None):
+def pet_forward(block: nn.Module):
     """The forward under which a block that ``patch_clip`` does not route applies its PET modules:
-    ``clip_block_forward`` for open_clip blocks; for a transformers encoder layer the op layer's
-    plan with the modules as ``hooks`` (None: none yet, given by ``set_hooks`` once they are in)."""
-    if type(block).__name__ in HF_LAYERS:
-        return PetPlan(block, None, hooks if hooks is not None else NO_HOOKS).as_forward()
-    return types.MethodType(clip_block_forward, block)
+    the adapter's forward with the modifiers owning the adds, or, for blocks whose adapter says
+    PET runs the op layer's plan, that plan with the modules it holds now as hooks
+    (``block_hooks``)."""
+    layout = layout_of(block)
+    if layout is not None and layout.runs_plan:
+        from skipkernels.pet.hooks import block_hooks
+        hooks = block_hooks(block)
+        return PetPlan(block, None, hooks, own_forward(block) if hooks is None else None).as_forward()
+    return own_forward(block)
 
 
 class PetPlan(BlockPlan):
@@ -216,9 +122,8 @@ class PetPlan(BlockPlan):
 
 def install_clip_forward(block: nn.Module):
     """Route ``block`` through ``clip_block_forward`` (a transformers encoder layer: through the op
-    layer's plan, which applies the modules as hooks; ``set_hooks`` gives it them once they are
-    in); returns an undo callable that restores whatever forward the instance had, unless another
-    forward was bound over it since."""
+    layer's plan with its PET modules as hooks, so call it once they are all in); returns an undo callable that restores whatever
+    forward the instance had, unless another forward was bound over it since."""
     had = "forward" in block.__dict__
     previous = block.__dict__.get("forward")
     installed = pet_forward(block)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from skipkernels._compat import import_open_clip
+from skipkernels.adapters import is_paper_model
 
 text_global_pool = import_open_clip().transformer.text_global_pool
 
@@ -49,9 +50,9 @@ class PaperSkipTuning(nn.Module):
 
     def __init__(self, model, classnames, tokenizer, skip_layers: int | None = None, top_ratio: float = 0.5,
                  max_top: int = 50, lam: float = 0.3, template: str = "a photo of a {}.", seed: int = 0,
-                 rank_mask: torch.Tensor | None = None):
+                 rank_mask: torch.Tensor | None = None, top_count: int | None = None):
         super().__init__()
-        if type(model).__name__ != "CLIP" or not hasattr(model.visual, "transformer"):
+        if not is_paper_model(model):
             raise UnsupportedPaperModel(
                 f"the paper-style step runs open_clip CLIP models with their own ViT image tower (the "
                 f"paper's models), not {type(model).__name__}"
@@ -86,9 +87,14 @@ class PaperSkipTuning(nn.Module):
 
         num_classes = len(classnames)
         # The authors' count (select_classes): a ratio up to 1, a count above; max_top caps both;
-        # r == 1.0 or K == C runs every class.
-        top_k = math.ceil(top_ratio * num_classes) if top_ratio <= 1.0 else math.ceil(min(top_ratio, num_classes))
-        self.top_k = num_classes if top_ratio == 1.0 else int(min(top_k, max_top))
+        # r == 1.0 or K == C runs every class. top_count, where given, is that count spelled as one.
+        if top_count is not None:
+            if top_count < 1:
+                raise ValueError(f"top_count must be >= 1, got {top_count}")
+            self.top_k = int(min(top_count, num_classes, max_top))
+        else:
+            top_k = math.ceil(top_ratio * num_classes) if top_ratio <= 1.0 else math.ceil(min(top_ratio, num_classes))
+            self.top_k = num_classes if top_ratio == 1.0 else int(min(top_k, max_top))
         if rank_mask is None:
             gen = torch.Generator().manual_seed(seed)
             probs = _keep_probabilities(num_classes - self.top_k, lam)

@@ -3,9 +3,11 @@
 ``ModelPlan(model, policy)`` holds an ``ImagePlan`` and a ``TextPlan``: each tower's parts (found
 once by ``skipkernels.families``), and per block a ``BlockPlan`` (the op each sub-layer runs, its
 PET hooks) or, for a block the op layer does not compute, the block's own forward. A training step
-runs loss -> tower plan -> block plan -> kernel and decides nothing again. The plans are built
-again when PET modules are added or taken out (``pet.hooks.generation``); a plan given no policy
-follows the ambient one (``BlockPlan``).
+runs loss -> tower plan -> block plan -> kernel and decides nothing again. A model holds one
+``ModelPlan`` (``model_plan``): ``patch_clip`` routes the blocks' and encoders' forwards through it,
+the tuner runs it, and whatever changes what the blocks run (``apply_pet``, ``PetHandle.remove`` /
+``merge``, a new policy) calls its ``rebuild``, the one place the plans are built again. A plan
+given no policy follows the ambient one, checked once per tower run.
 
 Image: stem -> blocks -> pool + norm -> projection; text: token + positional embedding -> blocks
 (causal, or bidirectional for SigLIP) -> final norm -> pool at the model's own pooling position ->
@@ -22,13 +24,18 @@ Two exact savings live here (docs/ARCHITECTURE.md, "The algorithm"), each only w
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from skipkernels.adapters import read_block
 from skipkernels.families import model_towers
-from skipkernels.ops.block import BlockPlan, routed_plan, unsupported_reason
-from skipkernels.pet import hooks as pet_hooks
+from skipkernels.ops import policy as policies
+from skipkernels.ops.block import MODEL_PLAN_ATTRIBUTE, BlockParts, BlockPlan, held_plan, unsupported_reason
+from skipkernels.pet.hooks import block_hooks
+from skipkernels.pet.layouts import own_forward
 
 TEXT_PAD_MULTIPLE = 8
 
@@ -41,34 +48,44 @@ def truncated_length(pool_index, context_length: int) -> int:
 
 
 class TowerPlan:
-    """A tower's blocks, each with its ``BlockPlan`` or None (the block runs its own forward)."""
+    """A tower's blocks, each with its ``BlockPlan`` (``hooks`` None: the block holds PET modules the
+    op layer would not apply and runs its own forward) or None (the op layer does not compute it)."""
 
     def __init__(self, tower, policy):
         self.tower = tower
         self.blocks = list(tower.blocks)
-        self.policy = policy
-        self.plan_blocks()
+        self.plan_blocks(policy)
 
-    def plan_blocks(self) -> None:
+    def plan_blocks(self, policy) -> None:
+        """Build every block's plan under ``policy`` from the modules the blocks hold now."""
+        self.policy = policy
         plans = []
         for block in self.blocks:
-            hooks = pet_hooks.block_hooks(block)
-            plans.append(BlockPlan(block, self.policy, hooks) if hooks is not None else None)
+            parts = read_block(block)  # the block's adapter reports its parts by role
+            if not isinstance(parts, BlockParts):
+                plans.append(None)  # the op layer does not compute it: it runs its own forward
+                continue
+            hooks = block_hooks(block, parts)
+            plans.append(BlockPlan(block, policy, hooks, own_forward(block) if hooks is None else None, parts))
         self.plans = plans
-        self.generation = pet_hooks.generation
+        self.bound_policy = policies.resolve(policy)
         self.off_reasons = self.find_off_reasons()
+
+    def follow_ambient(self) -> None:
+        """Bind the blocks' ops again where the plan follows the ambient policy and it changed."""
+        if self.policy is None:
+            ambient = policies.current_policy()
+            if ambient is not self.bound_policy:
+                for plan in self.plans:
+                    if plan is not None:
+                        plan.bind(ambient)
+                self.bound_policy = ambient
 
     def find_off_reasons(self) -> dict:
         """Why each exact saving does not apply to this tower, by name (None: it applies)."""
         return {"pruning": self.tower.pruning_off_reason() or self.last_block_off_reason()}
 
-    def refresh(self) -> None:
-        """Plan again if PET modules were added or taken out since (on any model)."""
-        if self.generation != pet_hooks.generation:
-            self.plan_blocks()
-
     def off_reason(self, saving: str) -> str | None:
-        self.refresh()
         return self.off_reasons[saving]
 
     def pruning_off_reason(self) -> str | None:
@@ -86,12 +103,12 @@ class TowerPlan:
         """Blocks [start, stop): the op layer's plan for each block it computes, the others through
         their own forward. With ``prune_index`` the last block computes only those rows; one that
         cannot be pruned exactly runs in full and the rows are taken after it."""
-        self.refresh()
+        self.follow_ambient()
         module_kwargs = None
         for i in range(start, stop):
             plan = self.plans[i]
             index = prune_index if i == stop - 1 else None
-            if plan is not None:
+            if plan is not None and plan.hooks is not None:
                 pruned = index if plan.hooks.row_wise else None
                 x = plan.forward(x, causal, None, pruned)
                 if pruned is not None:
@@ -108,7 +125,7 @@ class TowerPlan:
         if not self.plans:
             return None
         plan = self.plans[-1]
-        if plan is None:
+        if plan is None or plan.hooks is None:
             return f"the last block ({type(self.blocks[-1]).__name__}) runs its own forward"
         if not plan.hooks.row_wise:
             return "a PET module of the last block reads every token (VL-PET's small gate)"
@@ -117,7 +134,7 @@ class TowerPlan:
     def describe(self) -> list[str]:
         """One line per run of equal blocks: what each sub-layer runs."""
         lines, previous, first = [], None, 0
-        described = [plan.describe() if plan is not None else {
+        described = [plan.describe() if plan is not None and plan.hooks is not None else {
             "block": type(block).__name__,
             "runs": f"its own forward ({unsupported_reason(block) or 'PET modules the op layer would not apply'})"}
             for block, plan in zip(self.blocks, self.plans)]
@@ -178,7 +195,8 @@ class TextPlan(TowerPlan):
     """The text tower: embedding, blocks (causal or not), final norm, pooling and projection."""
 
     def __init__(self, tower, policy):
-        self.causal = tower.mask_kind == "causal"
+        self.mask_kind = tower.mask_kind
+        self.causal = self.mask_kind == "causal"
         self.token_embedding = tower.token_embedding
         self.context_length = tower.positional_embedding.shape[0]
         super().__init__(tower, policy)
@@ -186,8 +204,8 @@ class TextPlan(TowerPlan):
     def find_off_reasons(self) -> dict:
         reason = self.tower.truncation_off_reason()
         if reason is None:
-            for block, plan in zip(self.blocks, self.plans):
-                if plan is None and unsupported_reason(block) is None:
+            for plan in self.plans:
+                if plan is not None and plan.hooks is None:
                     reason = "a text block holds PET modules that run in its own forward"
                     break
                 if plan is not None and not plan.hooks.row_wise:
@@ -274,24 +292,78 @@ class TextPlan(TowerPlan):
         return self.encode_from(x, 0, pool_index, prune_last)
 
 
+# ``ModelPlan.rebuild``'s default: keep the plan's policy.
+KEEP_POLICY = object()
+
+
 class ModelPlan:
-    """Both towers of a supported open_clip model, planned under ``policy`` (a KernelPolicy, a
-    backend name, or None for the ambient one). A clear error for an unsupported model."""
+    """Both towers of a supported model, planned under ``policy`` (a KernelPolicy, a backend name,
+    or None for the ambient one). A clear error for an unsupported model. ``model_plan(model)`` is
+    the one the model holds; one built directly (``ModelPlan(model)``) only describes the model."""
 
     def __init__(self, model, policy=None):
-        image, text = model_towers(model)
-        if text.mask_kind == "custom":
-            raise ValueError("text attention masks other than causal or none are not supported")
         self.model = model
+        self.routes_blocks = False  # patch_clip routes the blocks' forwards through this plan
+        self.build(policy)
+
+    def __deepcopy__(self, memo):
+        # A deep-copied model holds a copy of its plan over the copied modules (what __reduce__
+        # below would otherwise drop).
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
+    def __reduce__(self):
+        # A pickled model (torch.save(model)) leaves its plan behind: bound ops do not pickle, and
+        # hold_plan builds a plan again where one is needed.
+        return _no_plan, ()
+
+    def build(self, policy) -> None:
+        """Find the towers and plan every block under ``policy``, from the model as it is now."""
+        image, text = model_towers(self.model)
         self.policy = policy
         self.image = ImagePlan(image, policy)
         self.text = TextPlan(text, policy)
 
-    def refresh(self) -> None:
-        """Bring both towers' plans up to date now: a compiled step calls this before its traced
-        call, so a plan is never rebuilt (reading files, binding ops) inside the trace."""
-        self.image.refresh()
-        self.text.refresh()
+    @property
+    def text_mask(self) -> str:
+        """'causal', 'none' or 'custom': with a custom mask the blocks still run their plans as
+        modules, but the text tower is not run by this plan (``model_plan`` refuses to tune it)."""
+        return self.text.mask_kind
+
+    def rebuild(self, policy=KEEP_POLICY, towers: bool = False) -> None:
+        """Build the block plans again: the blocks' PET modules changed (``apply_pet``,
+        ``PetHandle.remove`` / ``merge``) or, given one, the policy did; the tower plans stay the
+        same objects (a tuner's caches keep them). ``towers``: find the towers again too (the model
+        may have changed: ``hold_plan``). Blocks ``patch_clip`` routed are routed through the new
+        block plans."""
+        policy = self.policy if policy is KEEP_POLICY else policy
+        if towers:
+            self.build(policy)
+        else:
+            self.policy = policy
+            self.image.plan_blocks(policy)
+            self.text.plan_blocks(policy)
+        if self.routes_blocks:
+            self.route_blocks()
+
+    def follow_ambient(self) -> None:
+        """Bind both towers' ops under the ambient policy now, where the plan follows it: a compiled
+        or captured step calls this first, so no op is bound (reading the measured table) inside
+        its trace."""
+        self.image.follow_ambient()
+        self.text.follow_ambient()
+
+    refresh = follow_ambient  # the name the benchmark's compiled steps call
+
+    def route_blocks(self) -> None:
+        """Set the forward of every block the op layer computes to its plan's (``patch_clip``)."""
+        self.routes_blocks = True
+        for tower in (self.image, self.text):
+            for block, plan in zip(tower.blocks, tower.plans):
+                if plan is not None:
+                    block.forward = plan.as_forward()
 
     def default_skip_layers(self) -> tuple[int, str]:
         """The default ω and why: the paper's proportion, half the blocks (6 of ViT-B/16's 12). One ω
@@ -329,20 +401,33 @@ class ModelPlan:
         return F.normalize(features, dim=-1) if normalize else features
 
 
-def patched_plan(model: nn.Module) -> ModelPlan | None:
-    """The plan ``patch_clip`` routed ``model``'s encoders through, or None."""
-    for name in ("encode_image", "encode_text"):
-        plan = getattr(model.__dict__.get(name), "__self__", None)
-        if isinstance(plan, ModelPlan):
-            return plan
+def _no_plan():
     return None
 
 
+def hold_plan(model: nn.Module, policy=None) -> ModelPlan:
+    """The one plan ``model`` holds, built under ``policy`` from the model as it is now (its towers
+    found again: modules may have been replaced since). The same object where the model held one,
+    so what was routed through it (``patch_clip``) stays routed."""
+    plan = held_plan(model)
+    if plan is None:
+        plan = ModelPlan(model, policy)
+        model.__dict__[MODEL_PLAN_ATTRIBUTE] = plan  # a plain attribute: no module, parameter or state
+    else:
+        plan.rebuild(policy, towers=True)
+    return plan
+
+
+def model_plan(model: nn.Module, policy=None) -> ModelPlan:
+    """The model's plan for a tuner (``hold_plan``); a ValueError where its text tower cannot run on it."""
+    plan = hold_plan(model, policy)
+    if plan.text_mask == "custom":
+        raise ValueError("text attention masks other than causal or none are not supported")
+    return plan
+
+
 def model_policy(model: nn.Module):
-    """The policy ``patch_clip`` gave ``model`` (None: the ambient one, or not patched): its
-    encoders' plan's, or (a transformers model keeps its own encoders) its first routed block's."""
-    plan = patched_plan(model)
-    if plan is not None:
-        return plan.policy
-    block = next(filter(None, map(routed_plan, model.modules())), None)
-    return block.policy if block is not None else None
+    """The policy of the plan ``model`` holds (given to ``patch_clip`` or a tuner); None: the
+    ambient one, or no plan."""
+    plan = held_plan(model)
+    return plan.policy if plan is not None else None

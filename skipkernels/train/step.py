@@ -292,7 +292,7 @@ class CompiledStep(EagerStep):
                                            backend=backend)
 
     def loss(self, inputs, labels):
-        self.tuner.towers.refresh()  # plans rebuilt now, never inside the trace
+        self.tuner.towers.follow_ambient()  # ops bound now, never inside the trace
         return self.compiled_loss(inputs, labels.to(self.tuner.device, non_blocking=True))
 
 
@@ -317,7 +317,7 @@ class GraphStep(EagerStep):
         from skipkernels.skip.graph import CapturedStep
         labels = labels.to(self.tuner.device, non_blocking=True)
         if self.captured is None:
-            self.tuner.towers.refresh()  # plans rebuilt now, never inside the capture
+            self.tuner.towers.follow_ambient()  # ops bound now, never inside the capture
             self.captured = CapturedStep(self.tuner, self.optimizer, inputs, labels, self.autocast_dtype,
                                          check_labels=False)
             self.captured_lrs = [g["lr"] for g in self.optimizer.param_groups]

@@ -1,13 +1,10 @@
-"""LayerNorm and fused residual-add + LayerNorm (forward and backward) in Triton.
+"""LayerNorm (forward and backward) in Triton.
 
-Semantics match ``skipkernels.ops.layer_norm``: statistics in fp32, result in the input dtype;
-``add_layer_norm`` returns ``(s, layer_norm(s))`` with ``s = x + delta`` rounded to the input dtype
-(the normalised value is that of the stored residual stream, as in the reference).
+Semantics match ``skipkernels.ops.layer_norm``: statistics in fp32, result in the input dtype.
 
-Forward: one pass over each row tile reads x (and delta), writes s and y, and keeps only the
-per-row mean and rstd (fp32) for backward. Backward recomputes x̂ from s, mean and rstd, writes dx
-(adding the incoming gradient of s for the fused op) and per-program partial sums of dw/db, which
-torch reduces over a few hundred rows at most.
+Forward: one pass over each row tile reads x, writes y, and keeps only the per-row mean and rstd
+(fp32) for backward. Backward recomputes x̂ from x, mean and rstd, writes dx and per-program
+partial sums of dw/db, which torch reduces over a few hundred rows at most.
 """
 from __future__ import annotations
 
@@ -20,8 +17,7 @@ from skipkernels.triton import check_tensors, interpreter_shortcuts, interpretin
 
 
 @triton.jit
-def _ln_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, M, N, eps,
-                   HAS_DELTA: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+def _ln_fwd_kernel(X, Y, W, B, Mean, Rstd, M, N, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    GIVEN_STATS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # GIVEN_STATS: normalise with the Mean / Rstd passed in (a backward recomputing a forward's
     # normalised rows exactly) instead of taking and storing them.
@@ -33,12 +29,6 @@ def _ln_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, M, N, eps,
     mask = rmask[:, None] & cmask[None, :]
     offs = rows[:, None].to(tl.int64) * N + cols[None, :]
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        d = tl.load(D + offs, mask=mask, other=0.0).to(tl.float32)
-        # Round to the stored dtype first: the norm is of the residual stream we return.
-        s = (x + d).to(S.dtype.element_ty)
-        tl.store(S + offs, s, mask=mask)
-        x = s.to(tl.float32)
     if GIVEN_STATS:
         mean = tl.load(Mean + rows, mask=rmask, other=0.0)
         rstd = tl.load(Rstd + rows, mask=rmask, other=0.0)
@@ -62,9 +52,8 @@ def _ln_fwd_kernel(X, D, S, Y, W, B, Mean, Rstd, M, N, eps,
 
 
 @triton.jit
-def _ln_bwd_kernel(DY, DS, S, W, Mean, Rstd, DX, DWp, DBp, M, N, rows_per_prog,
-                   HAS_DS: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
-                   NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _ln_bwd_kernel(DY, S, W, Mean, Rstd, DX, DWp, DBp, M, N, rows_per_prog,
+                   HAS_W: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     cmask = cols < N
@@ -90,8 +79,6 @@ def _ln_bwd_kernel(DY, DS, S, W, Mean, Rstd, DX, DWp, DBp, M, N, rows_per_prog,
         c1 = tl.sum(xhat * wdy, axis=1) / N
         c2 = tl.sum(wdy, axis=1) / N
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-        if HAS_DS:
-            dx += tl.load(DS + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
             dw_acc += tl.sum(dy * xhat, axis=0)
@@ -114,14 +101,13 @@ def _config(n: int):
     return block_m, block_n, num_warps
 
 
-def _fwd(x2, d2, weight, bias, eps, out_dtype, stats=None):
-    """One launch: returns (s, y, mean, rstd). With ``stats=(mean, rstd)`` the rows are
+def _fwd(x2, weight, bias, eps, out_dtype, stats=None):
+    """One launch: returns (y, mean, rstd). With ``stats=(mean, rstd)`` the rows are
     normalised with those (a backward reproducing a forward's rows) and they are returned as is."""
     m, n = x2.shape
     dev = x2.device
     sd = store_dtype(out_dtype)
     y = new_empty((m, n), sd, dev)
-    s = new_empty((m, n), sd, dev) if d2 is not None else None
     if stats is None:
         mean, rstd = new_empty((m,), torch.float32, dev), new_empty((m,), torch.float32, dev)
     else:
@@ -129,22 +115,20 @@ def _fwd(x2, d2, weight, bias, eps, out_dtype, stats=None):
     if m > 0:
         block_m, block_n, num_warps = _config(n)
         _ln_fwd_kernel[(triton.cdiv(m, block_m),)](
-            x2, d2, s, y, weight, bias, mean, rstd, m, n, eps,
-            HAS_DELTA=d2 is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            x2, y, weight, bias, mean, rstd, m, n, eps, HAS_W=weight is not None, HAS_B=bias is not None,
             GIVEN_STATS=stats is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     if sd != out_dtype:
         y = y.to(out_dtype)
-        s = None if s is None else s.to(out_dtype)
-    return s, y, mean, rstd
+    return y, mean, rstd
 
 
 def normalize_with_stats(x2, weight, bias, mean, rstd, out_dtype):
     """``(x2 - mean) * rstd * weight + bias`` rounded once to ``out_dtype``: the normalised rows
     of a forward that saved its (fp32) row statistics, without taking them again."""
-    return _fwd(x2, None, weight, bias, 0.0, out_dtype, stats=(mean, rstd))[1]
+    return _fwd(x2, weight, bias, 0.0, out_dtype, stats=(mean, rstd))[0]
 
 
-def _bwd(dy2, ds2, s2, weight, mean, rstd, need_dw, need_db):
+def _bwd(dy2, s2, weight, mean, rstd, need_dw, need_db):
     m, n = s2.shape
     dev = s2.device
     sd = store_dtype(s2.dtype)
@@ -160,8 +144,7 @@ def _bwd(dy2, ds2, s2, weight, mean, rstd, need_dw, need_db):
     dbp = torch.empty((programs, n), dtype=torch.float32, device=dev) if need_db else None
     if programs > 0:
         _ln_bwd_kernel[(programs,)](
-            dy2, ds2, s2, weight, mean, rstd, dx, dwp, dbp, m, n, rows_per_prog,
-            HAS_DS=ds2 is not None, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
+            dy2, s2, weight, mean, rstd, dx, dwp, dbp, m, n, rows_per_prog, HAS_W=weight is not None, NEED_DW=need_dw, NEED_DB=need_db,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
     if sd != s2.dtype:
         dx = dx.to(s2.dtype)
@@ -179,7 +162,7 @@ class _LayerNormFn(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         n = x.shape[-1]
         x2 = _rows(x, n)
-        _, y, mean, rstd = _fwd(x2, None, weight, bias, eps, x.dtype)
+        y, mean, rstd = _fwd(x2, weight, bias, eps, x.dtype)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -191,40 +174,8 @@ class _LayerNormFn(torch.autograd.Function):
         n = x2.shape[-1]
         need_dw = weight is not None and ctx.needs_input_grad[1]
         need_db = ctx.has_bias and ctx.needs_input_grad[2]
-        dx, dw, db = _bwd(_rows(dy, n), None, x2, weight, mean, rstd, need_dw, need_db)
+        dx, dw, db = _bwd(_rows(dy, n), x2, weight, mean, rstd, need_dw, need_db)
         return (dx.view(dy.shape) if ctx.needs_input_grad[0] else None,
-                None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(ctx.bias_dtype), None)
-
-
-class _AddLayerNormFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, delta, weight, bias, eps):
-        ctx.set_materialize_grads(False)  # an unused output then brings None, not zeros
-        n = x.shape[-1]
-        s2, y, mean, rstd = _fwd(_rows(x, n), _rows(delta, n), weight, bias, eps, x.dtype)
-        # s is an output anyway, so keeping it for backward costs no extra memory.
-        ctx.save_for_backward(s2, weight, mean, rstd)
-        ctx.has_bias = bias is not None
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return s2.view(x.shape), y.view(x.shape)
-
-    @staticmethod
-    def backward(ctx, ds, dy):
-        s2, weight, mean, rstd = ctx.saved_tensors
-        n = s2.shape[-1]
-        need_dw = weight is not None and ctx.needs_input_grad[2]
-        need_db = ctx.has_bias and ctx.needs_input_grad[3]
-        if dy is None:
-            dx, dw, db = ds, None, None
-        else:
-            ds2 = None if ds is None else _rows(ds, n)
-            dx, dw, db = _bwd(_rows(dy, n), ds2, s2, weight, mean, rstd, need_dw, need_db)
-            dx = dx.view(dy.shape)
-        if dx is None:
-            return None, None, None, None, None
-        # d(x + delta) flows unchanged to both summands, as autograd's own add does.
-        return (dx if ctx.needs_input_grad[0] else None, dx if ctx.needs_input_grad[1] else None,
                 None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(ctx.bias_dtype), None)
 
@@ -247,25 +198,3 @@ def layer_norm(x, weight, bias, eps: float):
     _check(x, weight, bias)
     weight, bias = _params(weight, bias)
     return _LayerNormFn.apply(x, weight, bias, float(eps))
-
-
-def add_layer_norm_not_supported(x, delta, weight, bias, eps: float) -> list[str]:
-    """Why ``add_layer_norm`` cannot take these inputs (empty: it can); the op layer runs the
-    reference for them, which handles broadcasting and type promotion in the add exactly."""
-    reasons = []
-    if delta.shape != x.shape:
-        reasons.append(f"delta {tuple(delta.shape)} broadcasts against x {tuple(x.shape)}")
-    if delta.dtype != x.dtype:
-        reasons.append(f"delta ({delta.dtype}) and x ({x.dtype}) differ in dtype")
-    return reasons
-
-
-def add_layer_norm(x, delta, weight, bias, eps: float):
-    """Returns ``(x + delta, layer_norm(x + delta))`` from one kernel."""
-    reasons = add_layer_norm_not_supported(x, delta, weight, bias, eps)
-    if reasons:
-        raise ValueError("add_layer_norm kernel: " + "; ".join(reasons))
-    _check(x, weight, bias)
-    check_tensors(delta)
-    weight, bias = _params(weight, bias)
-    return _AddLayerNormFn.apply(x, delta, weight, bias, float(eps))

@@ -173,7 +173,7 @@ def backward_from_preactivation(dz, x2, ln_weight, ln_bias, eps, weight, bias, m
     need_lnb = ln_bias is not None and need_lnb
     if need_x or need_lnw or need_lnb:
         dh = dz @ weight
-        dx, dlnw, dlnb = tln._bwd(dh.to(x2.dtype).contiguous(), None, x2, ln_weight, mean, rstd,
+        dx, dlnw, dlnb = tln._bwd(dh.to(x2.dtype).contiguous(), x2, ln_weight, mean, rstd,
                                   need_lnw, need_lnb)
         dx = dx if need_x else None
         dlnw = None if dlnw is None else dlnw.to(ln_weight.dtype)
