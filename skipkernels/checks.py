@@ -20,11 +20,6 @@ def _kind(value) -> str:
     return f"{type(value).__name__} {value!r}"[:200]
 
 
-def check_type(name: str, value, types, what: str) -> None:
-    if not isinstance(value, types):
-        raise TypeError(f"{name} must be {what}, got {_kind(value)}")
-
-
 def check_classnames(name: str, classnames) -> list[str]:
     """A list (or other sequence) of non-empty strings, not one string."""
     if isinstance(classnames, (str, bytes)):

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 from skipkernels._version import __version__
-from skipkernels.flags import DEVICE_HELP, MODEL_HELP, NO_PROGRESS_HELP, positive_int
-from skipkernels.flags import check_autocast as _check_autocast  # noqa: F401  (tests)
+from skipkernels.flags import DEVICE_HELP, MODEL_HELP, NO_PROGRESS_HELP, note_top_ratio_count, positive_int
 from skipkernels.flags import check_training_flags as _check_finetune_flags
 from skipkernels.flags import flag_device as _device
 from skipkernels.flags import kernel_policy as _policy
@@ -73,6 +72,7 @@ def _configs(args):
     from skipkernels.options import from_args
     from skipkernels.skip.tuner import SkipConfig
     from skipkernels.train.trainer import TrainConfig, protocol_epochs
+    note_top_ratio_count(args)
     skip = from_args(SkipConfig, args)
     epochs = protocol_epochs(_protocol_dataset(args), args.epochs) if args.protocol_epochs else args.epochs
     return skip, from_args(TrainConfig, args, epochs=epochs)
@@ -120,7 +120,7 @@ def _weights_note(args) -> None:
 
 def cmd_eval(args) -> int:
     from skipkernels.prediction import load_classifier, plain_warnings, run_of
-    from skipkernels.train.evaluate import class_group, class_labels, eval_data, evaluate_groups
+    from skipkernels.train.evaluate import class_groups, eval_data, evaluate_groups
     from skipkernels.train.trainer import autocast_dtype_for
     device = _device(args.device)
     _weights_note(args)
@@ -135,8 +135,7 @@ def cmd_eval(args) -> int:
             raise ValueError(f"{run_dir} was trained on all classes of {args.data}, so none of them is new to it: "
                              "use --classes all (or base)")
         splits = chosen.splits
-        groups = {group: class_group(splits.test, splits.classnames, labels)
-                  for group, labels in class_labels(len(splits.classnames), classes).items()}
+        groups = class_groups(splits, classes)
         tuner = load_classifier(splits.classnames, args.model, args.checkpoint, args.pretrained, device,
                                 args.template, tokenizer=args.tokenizer)
         out = evaluate_groups(tuner, groups, autocast_dtype=autocast_dtype_for("auto", device),
@@ -352,17 +351,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help=DEVICE_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from skipkernels.options import HelpFormatter
-    parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
-                        help="print the version of skipkernels and exit")
-    sub = parser.add_subparsers(dest="command", required=True, help="skipkernels COMMAND --help lists its flags")
-    add_parser = sub.add_parser
-
-    def add_command(name, **kwargs):  # every command's --help shows each default
-        return add_parser(name, formatter_class=HelpFormatter, **kwargs)
-
+def _add_finetune_command(add_command) -> None:
     p = add_command("finetune", help="fine-tune on a CoOp-layout dataset and evaluate base/new accuracy")
     p.add_argument("--data", default=None, help="dataset root, a folder in CoOp's layout, a split_zhou_*.json, or "
                                                 "an image folder DIR/<class>/<images> (default: the embedded "
@@ -387,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_finetune)
 
+
+def _add_eval_command(add_command) -> None:
     p = add_command("eval", help="accuracy of a tuned or pretrained (zero-shot) model on a dataset's test split")
     p.add_argument("--data", required=True, help="dataset root, split_zhou_*.json file or image folder")
     p.add_argument("--dataset", default=None, help="standard dataset name under --data (default: none, --data "
@@ -402,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_predict_command(add_command) -> None:
     p = add_command("predict", help="top-k classes of images with a tuned or pretrained model")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--classes", default=None, help="a text file with one class per line, or a comma-separated list "
@@ -415,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_predict)
 
+
+def _add_export_command(add_command) -> None:
     p = add_command("export", help="a finetune run for use without skipkernels: an open_clip local-dir: folder, "
                                    "save_pretrained (hf: runs), or an image classifier (torch.export and ONNX)")
     from skipkernels.export import add_arguments as add_export_arguments
@@ -422,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
+
+def _add_demo_command(add_command) -> None:
     p = add_command("demo", help="zero-shot, FT, CoOp and Skip Tuning, base-to-new, on the embedded shapes "
                                     "set with a small pretrained CLIP")
     p.add_argument("--modes", default=DEMO_MODES, help="comma-separated modes trained, each from the same weights "
@@ -434,18 +431,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_demo)
 
+
+def _add_bench_command(add_command) -> None:
     p = add_command("bench", help="step and epoch time, peak memory: FT, CoOp, Skip (reference, "
                                      "torch.compile, our kernels, CUDA graph) side by side")
     from skipkernels.bench import add_arguments
     add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
+
+def _add_reproduce_command(add_command) -> None:
     p = add_command("reproduce", help="the paper's evaluation (base-to-new, few-shot, cross-dataset, domain "
                                          "generalization) as one resumable sweep, with the paper's tables")
     from skipkernels.reproduce.command import add_arguments as add_reproduce_arguments
     add_reproduce_arguments(p)
     p.set_defaults(func=cmd_reproduce)
 
+
+def _add_build_command(add_command) -> None:
     p = add_command("build", help="compile the C++/CUDA ops now for this torch, into the cache the ops load from "
                                      "(a Docker image, a cluster's shared cache)")
     p.add_argument("--cache", default=None, metavar="DIR",
@@ -453,11 +456,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "~/.cache/skipkernels)")
     p.set_defaults(func=cmd_build)
 
+
+def _add_info_command(add_command) -> None:
     p = add_command("info", help="torch, CUDA, Triton and where the compiled ops come from (or why not)")
     p.add_argument("--json", action="store_true", help="also print all of it as JSON")
     p.add_argument("--model", default=None, help="also show this model's towers and which exact savings apply to "
                                                  f"it, with random weights: {MODEL_HELP} (default: none)")
     p.set_defaults(func=cmd_info)
+
+
+def _add_plan_command(add_command) -> None:
+    p = add_command("plan", help="a run's peak training memory by kind, predicted without a GPU, and whether it fits "
+                                 "a card (--gpu-memory 24GB)")
+    from skipkernels.memory_plan import add_arguments as add_plan_arguments
+    from skipkernels.memory_plan import command as cmd_plan
+    add_plan_arguments(p)
+    p.set_defaults(func=cmd_plan)
+
+
+# The commands, in the order --help lists them: each adds its parser with ``add_command``.
+COMMANDS = (_add_finetune_command, _add_eval_command, _add_predict_command, _add_export_command, _add_demo_command,
+            _add_bench_command, _add_reproduce_command, _add_build_command, _add_info_command, _add_plan_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from skipkernels.options import HelpFormatter
+    parser = argparse.ArgumentParser(prog="skipkernels", description="Skip Tuning of open_clip CLIP models")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version of skipkernels and exit")
+    sub = parser.add_subparsers(dest="command", required=True, help="skipkernels COMMAND --help lists its flags")
+
+    def add_command(name, **kwargs):  # every command's --help shows each default
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+
+    for add in COMMANDS:
+        add(add_command)
     return parser
 
 

@@ -148,12 +148,17 @@ def example_images(tuner, count: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _refuse_unfoldable(results: dict, tuned: dict | None, fmt: str) -> None:
-    if tuned is None:
+def _refuse_unfoldable(results: dict, fmt: str) -> None:
+    """ExportError where the run's mode tuned parts that open_clip's (or transformers') model has no
+    place for: CoOp's context, PET modules other than LoRA (folded into the weights it adapts).
+    Read from results.json, before model.pt is opened."""
+    from skipkernels.skip.modes import mode_plan
+    mode = results.get("mode")
+    plan = mode_plan(mode, None)
+    if plan.trains != "prompt" and (plan.trains != "pet" or plan.pet_method == "lora"):
         return
-    mode = tuned["skip_config"]["mode"]
     what = ("CoOp's learned context is no weight of the model: it is an input of the text tower"
-            if tuned.get("prompt_learner") is not None else
+            if plan.trains == "prompt" else
             f"{mode}'s modules are nonlinear (GELU, sigmoid gates) and sit between the model's layers, so no "
             "change of open_clip's weights computes them")
     raise ExportError(f"{results.get('model')} tuned with {mode} cannot be exported as {fmt}: {what}. "
@@ -165,22 +170,21 @@ def export_open_clip(folder: Path, results: dict, out: Path, check: bool = True)
     from safetensors.torch import save_file
 
     from skipkernels.models import HF_PREFIX, open_clip_module
-    from skipkernels.train.export import read_tuned
+    from skipkernels.prediction import load_classifier
     name = results["model"]
     if name.startswith(HF_PREFIX):
         raise ExportError(f"{name} is a transformers model, not an open_clip one: use --format hf")
-    _refuse_unfoldable(results, read_tuned(folder / "model.pt"), "open_clip")
+    _refuse_unfoldable(results, "open_clip")
     open_clip = open_clip_module()
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise ExportError(f"open_clip has no config for {name}")
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    classnames = results["classnames"]
+    tuner = load_classifier(classnames, checkpoint=str(folder))  # model.pt's weights, read once
     out.mkdir(parents=True, exist_ok=True)
     # safetensors refuses tensors that share storage (tied weights): each is written as its own copy
-    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(out / OPEN_CLIP_WEIGHTS))
-    from skipkernels.prediction import load_classifier
-    classnames = results["classnames"]
-    tuner = load_classifier(classnames, checkpoint=str(folder))
+    save_file({k: v.detach().contiguous().clone() for k, v in tuner.model.state_dict().items()},
+              str(out / OPEN_CLIP_WEIGHTS))
     preprocess = _preprocess(tuner.model)
     _write_json({"model_cfg": model_cfg,
                  "preprocess_cfg": {k: preprocess[k] for k in ("size", "mean", "std", "interpolation", "resize_mode")}},
@@ -203,21 +207,18 @@ def export_open_clip(folder: Path, results: dict, out: Path, check: bool = True)
 
 
 def export_hf(folder: Path, results: dict, out: Path, check: bool = True) -> dict:
-    from skipkernels.models import HF_PREFIX
+    from skipkernels.models import HF_PREFIX, import_transformers
     from skipkernels.prediction import load_classifier
-    from skipkernels.train.export import read_tuned
     name = results["model"]
     if not name.startswith(HF_PREFIX):
         raise ExportError(f"{name} is an open_clip model: use --format open_clip (save_pretrained is transformers')")
-    _refuse_unfoldable(results, read_tuned(folder / "model.pt"), "hf")
+    _refuse_unfoldable(results, "hf")
     classnames = results["classnames"]
-    tuner = load_classifier(classnames, checkpoint=str(folder))
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-    from skipkernels.models import import_transformers
+    tuner = load_classifier(classnames, checkpoint=str(folder))  # model.pt's weights, read once
     transformers = import_transformers(name.removeprefix(HF_PREFIX))  # says how to install it where missing
     config = transformers.AutoConfig.from_pretrained(name.removeprefix(HF_PREFIX))
     model = getattr(transformers, type(tuner.model).__name__)(config)
-    model.load_state_dict(state)
+    model.load_state_dict(tuner.model.state_dict())
     model.save_pretrained(out)
     try:  # the tokenizer the run used, so that the folder is complete
         transformers.AutoTokenizer.from_pretrained(results.get("tokenizer") or name.removeprefix(HF_PREFIX)) \
@@ -248,6 +249,7 @@ def classifier_module(tuner, classnames, model_name: str | None = None) -> Image
     tuned model is one and ``model_name`` names its open_clip config (skipkernels' routed blocks
     then stay out of the exported graph), else the tuner's."""
     from skipkernels.models import HF_PREFIX, open_clip_module
+    tuner.restore_prefix()  # the exported image tower runs whole: no weight of it may be off the device
     with torch.no_grad():
         text = tuner.encode_classes(list(classnames), normalize=True).float().cpu()
     plain = tuner.pet is None and hasattr(tuner.model, "visual") and hasattr(tuner.model, "encode_image")

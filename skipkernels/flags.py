@@ -4,6 +4,7 @@ Also the help of the flags several commands share."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from skipkernels.models import HF_PREFIX, SHIPPED_CONFIGS, SHIPPED_WEIGHTS
 
@@ -23,6 +24,24 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+# The start of SkipConfig's FutureWarning for top_ratio above 1 (a count), as a warnings filter.
+TOP_RATIO_COUNT_WARNING = r"top_ratio=\S+ above 1 is a count of classes"
+
+
+def note_top_ratio_count(args) -> None:
+    """--top-ratio above 1, the older spelling of a count of classes: one line on stderr saying to
+    use --top-count, in place of Python's FutureWarning (two lines, repeated by each config the
+    run rebuilds). Call it before the configs are built."""
+    ratio = getattr(args, "top_ratio", None)
+    if ratio is None or ratio <= 1 or getattr(args, "top_count", None) is not None:
+        return  # a share; or both flags given, which SkipConfig refuses
+    import math
+    import warnings
+    print(f"skipkernels {args.command}: note: --top-ratio {ratio:g} above 1 is a count of classes: use --top-count "
+          f"{math.ceil(ratio)}, which keeps the same classes", file=sys.stderr)
+    warnings.filterwarnings("ignore", message=TOP_RATIO_COUNT_WARNING, category=FutureWarning)
 
 
 def kernel_policy(args, train):

@@ -1,5 +1,7 @@
 """Creating models: open_clip's (built-in names, the embedded tiny config, local or named weights)
-and Hugging Face transformers' (``hf:<folder or hub name>``: CLIPModel, SiglipModel, Siglip2Model)."""
+and Hugging Face transformers' (``hf:<folder or hub name>``: CLIPModel, SiglipModel, Siglip2Model).
+Also the reading of a run's model.pt that holds more than open_clip's weights (``read_tuned``; its
+format and writer: ``skipkernels.train.export``)."""
 from __future__ import annotations
 
 import contextlib
@@ -13,25 +15,10 @@ from pathlib import Path
 import torch
 
 from skipkernels import distributed
-from skipkernels._compat import import_open_clip
-from skipkernels.train.checkpoint import CheckpointError
-from skipkernels.train.export import read_tuned
-from skipkernels.train.report import MissingDependency
+from skipkernels._compat import import_open_clip, install_hint
+from skipkernels.adapters.timm import register_tiny_trunks
+from skipkernels.errors import CheckpointError, MissingDependency
 
-TINY_MODEL = "skipkernels-tiny"  # small random-weight ViT config for CPU runs and tests
-# Small random-weight members of the other supported families (configs/), for CPU runs and tests:
-# the real models' block classes, pooling and masks at small widths and depths.
-TINY_FAMILIES = ("skipkernels-tiny-siglip", "skipkernels-tiny-siglip2", "skipkernels-tiny-eva02")
-# Their timm image trunks, registered with timm under these names so open_clip's TimmModel builds
-# them: (timm module, class, constructor arguments).
-_TINY_TIMM_TRUNKS = {
-    "skipkernels_tiny_siglip_vit": ("vision_transformer", "VisionTransformer", dict(
-        img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, class_token=False, global_pool="map")),
-    "skipkernels_tiny_eva02": ("eva", "Eva", dict(
-        img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4, qkv_fused=False, mlp_ratio=4 * 2 / 3,
-        swiglu_mlp=True, scale_mlp=True, scale_attn_inner=True, use_rot_pos_emb=True, ref_feat_shape=(4, 4),
-        global_pool="token")),
-}
 _registered = False
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHIPPED_CONFIGS = tuple(sorted(path.stem for path in CONFIG_DIR.glob("*.json")))
@@ -58,23 +45,6 @@ def resolve_pretrained(name: str, pretrained: str | None, say: bool = True) -> s
     return pretrained or None
 
 
-def _register_tiny_timm_trunks() -> None:
-    import importlib
-
-    from timm.models import register_model
-
-    def entrypoint(name, module, cls, defaults):
-        def create(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
-            if pretrained:
-                raise ValueError(f"{name} is a random-weight test trunk: it has no pretrained weights")
-            return getattr(importlib.import_module(f"timm.models.{module}"), cls)(**{**defaults, **kwargs})
-        create.__name__ = create.__qualname__ = name
-        return create
-
-    for name, (module, cls, defaults) in _TINY_TIMM_TRUNKS.items():
-        register_model(entrypoint(name, module, cls, defaults))
-
-
 def _register_shipped_configs(factory) -> None:
     """The shipped configs into open_clip's ``factory`` module, and their timm trunks, once."""
     global _registered
@@ -82,7 +52,7 @@ def _register_shipped_configs(factory) -> None:
         return
     factory.add_model_config(CONFIG_DIR)
     try:
-        _register_tiny_timm_trunks()
+        register_tiny_trunks()
     except ImportError:  # without timm only the open_clip ViT configs can be built
         pass
     _registered = True
@@ -205,6 +175,22 @@ def logging_disabled(level: int):
 HF_PREFIX = "hf:"
 
 
+def hf_config_and_class(source: str, hint: str = ""):
+    """(transformers, the saved config of ``source``, its supported model class); ValueError, with
+    ``hint`` appended, where the config cannot be read or its model type is not supported."""
+    from skipkernels.adapters.transformers import model_class
+    from skipkernels.families import HF_MODELS
+    transformers = import_transformers(source)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not read the transformers config of {source!r}: {err}.{hint}") from err
+    cls = model_class(transformers, config.model_type)
+    if cls is None:
+        raise ValueError(f"{source!r} is a transformers {config.model_type!r} model; supported: {', '.join(HF_MODELS)}")
+    return transformers, config, cls
+
+
 def create_hf_model(source: str, pretrained: str | None = None, device="cpu", tokenizer: str | None = None,
                     seed: int | None = 0):
     """(model, tokenizer) of a Hugging Face CLIPModel, SiglipModel or Siglip2Model saved in folder
@@ -213,17 +199,8 @@ def create_hf_model(source: str, pretrained: str | None = None, device="cpu", to
     those weights); the tokenizer is the folder's (or ``tokenizer``'s), padded to the model's text
     context. ``seed`` seeds torch's RNG first, as for open_clip models: random weights, and whatever
     is drawn after (PET modules' initial weights), are then the same in every process."""
-    transformers = import_transformers(source)
-
-    from skipkernels.families import HF_MODELS, token_function
-    try:
-        config = transformers.AutoConfig.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"could not read the transformers config of {source!r}: {err}. {_OFFLINE_HINT}") from err
-    architecture = {"clip": "CLIPModel", "siglip": "SiglipModel", "siglip2": "Siglip2Model"}.get(config.model_type)
-    if architecture not in HF_MODELS:
-        raise ValueError(f"{source!r} is a transformers {config.model_type!r} model; supported: {', '.join(HF_MODELS)}")
-    cls = getattr(transformers, architecture)
+    from skipkernels.families import token_function
+    transformers, config, cls = hf_config_and_class(source, f" {_OFFLINE_HINT}")
     weights_file = pretrained not in (None, RANDOM_WEIGHTS) and os.path.isfile(pretrained)
     if pretrained not in (None, RANDOM_WEIGHTS) and not weights_file:
         raise FileNotFoundError(f"pretrained checkpoint not found: {pretrained} (a transformers model loads its own "
@@ -250,8 +227,28 @@ def import_transformers(source: str = "<folder or hub name>"):
         import transformers
     except ImportError as err:
         raise MissingDependency(f"model {HF_PREFIX}{source} needs the transformers package, which is not installed "
-                                f"({err}): pip install transformers") from err
+                                f"({err}): {install_hint('transformers')}") from err
     return transformers
+
+
+# model.pt holding more than open_clip's weights: a dict marked with this key and version.
+FORMAT_KEY = "skipkernels_tuned_model"
+FORMAT_VERSION = 1
+
+
+def read_tuned(path) -> dict | None:
+    """The dict of a model.pt that holds more than open_clip's weights (``train.export``); None for
+    anything else (a plain state_dict, a safetensors file), which open_clip then loads or refuses."""
+    try:  # mapped, to look: a plain state_dict's tensors are not read here
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - not ours to read: open_clip's loading says what it is
+        return None
+    if not isinstance(state, dict) or FORMAT_KEY not in state:
+        return None
+    if state[FORMAT_KEY] != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is a tuned model of format {state[FORMAT_KEY]!r}; this version "
+                              f"of skipkernels reads format {FORMAT_VERSION}")
+    return torch.load(path, map_location="cpu", weights_only=True)  # in memory: the file may be replaced
 
 
 def load_state_dict(model, state: dict, path, name: str) -> None:
@@ -284,9 +281,9 @@ def load_tokenizer(name: str, model, tokenizer: str | None = None):
         if tokenizer and os.path.isdir(tokenizer):
             if os.path.isfile(os.path.join(tokenizer, "open_clip_config.json")):
                 return open_clip.get_tokenizer(f"local-dir:{tokenizer}", context_length=context)
-            from open_clip.tokenizer import HFTokenizer
+            from skipkernels.adapters.open_clip import folder_tokenizer
             kwargs = (open_clip.get_model_config(name) or {}).get("text_cfg", {}).get("tokenizer_kwargs", {})
-            return HFTokenizer(tokenizer, context_length=context, **kwargs)
+            return folder_tokenizer(tokenizer, context, **kwargs)
         return open_clip.get_tokenizer(source, context_length=context)
     except (OSError, ValueError, ImportError) as err:
         raise ValueError(f"could not load the tokenizer {source!r} for {name}: {err}. {_OFFLINE_HINT}") from err

@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
+import sys
 import typing
 
 _KEY = "skipkernels.option"
@@ -59,6 +61,28 @@ def cli_fields(cls) -> list[dataclasses.Field]:
 def identity_fields(cls) -> list[dataclasses.Field]:
     """The fields of dataclass ``cls`` that are part of a run's identity (all but identity=False)."""
     return [f for f in dataclasses.fields(cls) if spec(f).identity]
+
+
+def identity_values(config) -> dict:
+    """``{field: value}`` of the identity fields of dataclass instance ``config``, as a run's
+    identity records them. A class with two spellings of one setting writes them one way in its
+    ``canonical_identity(values)`` (``SkipConfig``'s top_count and top_ratio)."""
+    values = {f.name: getattr(config, f.name) for f in identity_fields(type(config))}
+    canonical = getattr(type(config), "canonical_identity", None)
+    return canonical(values) if canonical is not None else values
+
+
+def outside_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, from the function that calls this, of the first frame outside
+    skipkernels and dataclasses: a config's warning names the user's line, and is shown once for
+    it however often the package rebuilds that config (``dataclasses.replace``)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    inside = (dataclasses.__file__, "<string>")  # "<string>": a dataclass's generated __init__
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (frame.f_code.co_filename.startswith(package)
+                                        or frame.f_code.co_filename in inside):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def flag_of(field: dataclasses.Field) -> str:

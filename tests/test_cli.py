@@ -274,11 +274,11 @@ def test_backends_that_can_run_pass_the_check(monkeypatch):
 
 
 def test_an_autocast_dtype_the_device_lacks_is_refused():
-    from skipkernels.cli import _check_autocast
+    from skipkernels.flags import check_autocast
     for dtype in (None, torch.bfloat16, torch.float16):  # torch's CPU autocast runs both
-        _check_autocast(torch.device("cpu"), dtype)
+        check_autocast(torch.device("cpu"), dtype)
     with pytest.raises(ValueError, match="--amp float64: autocast on cpu does not support it"):
-        _check_autocast(torch.device("cpu"), torch.float64)
+        check_autocast(torch.device("cpu"), torch.float64)
 
 
 def test_a_measured_table_written_by_the_tool_passes_the_check(tmp_path):

@@ -182,7 +182,7 @@ def test_hf_models_without_transformers_say_how_to_install_it(synthetic_root, tm
         assert code == 2 and len(error) == 1, (argv, err)
         assert error[0].startswith(f"skipkernels {argv[0]}: error: model hf:{tmp_path / 'clip'} needs the "
                                    "transformers package, which is not installed"), error
-        assert error[0].endswith(": pip install transformers") and "Traceback" not in err
+        assert error[0].endswith(": pip install 'skipkernels[hf]' (or pip install transformers)") and "Traceback" not in err
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
@@ -263,7 +263,7 @@ def test_skipkernels_imported_after_open_clip_registers_at_once(monkeypatch):
     monkeypatch.setattr(factory, "_MODEL_CONFIGS", {k: v for k, v in factory._MODEL_CONFIGS.items()
                                                     if k not in models.SHIPPED_CONFIGS})
     monkeypatch.setattr(models, "_registered", False)
-    monkeypatch.setattr(models, "_register_tiny_timm_trunks", lambda: None)  # timm keeps them
+    monkeypatch.setattr(models, "register_tiny_trunks", lambda: None)  # timm keeps them
     models.register_with_open_clip()  # what `import skipkernels` runs
     assert set(models.SHIPPED_CONFIGS) <= set(factory.list_models())
 

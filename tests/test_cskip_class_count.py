@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import tiny_clip
-from skipkernels import SkipTuner
+from skipkernels import SkipConfig, SkipTuner
 from skipkernels.ops.class_select import rank_keep_probs, top_k_for
 from skipkernels.skip.paper import PaperSkipTuning
 
@@ -59,8 +59,8 @@ def test_class_count_follows_the_authors_rule(num_classes, top_ratio, max_top, t
     assert top_k_for(num_classes, top_ratio, max_top) == top_k, why
     names = _names(num_classes)
     model = tiny_clip(layers=2)
-    tuner = SkipTuner(copy.deepcopy(model), names, tokenizer, mode="skip", skip_layers=1, top_ratio=top_ratio,
-                      max_top=max_top, seed=5)
+    tuner = SkipTuner(copy.deepcopy(model), names, tokenizer,
+                      SkipConfig(mode="skip", skip_layers=1, top_ratio=top_ratio, max_top=max_top), seed=5)
     skipper = tuner.skipper
     assert skipper.top_k == top_k and skipper.enabled == (top_k < num_classes), why
     assert skipper.rank_mask.shape == (num_classes - top_k,)
@@ -114,7 +114,7 @@ def test_the_lone_lower_rank_is_always_kept():
 def test_two_classes_still_train_on_one_class_batches(tokenizer):
     """Why the lone lower rank is kept: at C = 2, K = 1, and the authors' rule would leave a batch
     of one class a one-class subset, whose cross-entropy is 0, so nothing would train."""
-    tuner = SkipTuner(tiny_clip(layers=2), NAMES[:2], tokenizer, mode="skip", skip_layers=1)
+    tuner = SkipTuner(tiny_clip(layers=2), NAMES[:2], tokenizer, SkipConfig(mode="skip", skip_layers=1))
     assert tuner.skipper.top_k == 1 and tuner.skipper.rank_mask.tolist() == [True]
     loss = tuner.loss(tuner.image_prefix(torch.randn(4, 3, 32, 32)), torch.tensor([1, 1, 1, 1]))
     assert tuner.last_selected.tolist() == [0, 1] and loss.item() > 0

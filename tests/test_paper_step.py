@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_clip
-from skipkernels import SkipTuner
+from skipkernels import SkipConfig, SkipTuner
 from skipkernels.skip.paper import PaperSkipTuning
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
@@ -21,8 +21,8 @@ def _grads(module_params):
 @pytest.mark.parametrize("omega", [1, 2])
 def test_paper_step_equals_the_tuner(block, omega, tokenizer):
     model = tiny_clip(block, layers=3)
-    tuner = SkipTuner(copy.deepcopy(model), CLASSES, tokenizer, mode="skip", skip_layers=omega,
-                      top_ratio=0.3, max_top=3, lam=0.3, seed=4)
+    tuner = SkipTuner(copy.deepcopy(model), CLASSES, tokenizer,
+                      SkipConfig(mode="skip", skip_layers=omega, top_ratio=0.3, max_top=3, lam=0.3), seed=4)
     paper = PaperSkipTuning(copy.deepcopy(model), CLASSES, tokenizer, skip_layers=omega, top_ratio=0.3,
                             max_top=3, lam=0.3, rank_mask=tuner.skipper.rank_mask)
     assert {n for n, p in paper.model.named_parameters() if p.requires_grad} == \

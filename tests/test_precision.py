@@ -35,11 +35,11 @@ def test_autocast_around_a_step_with_every_backend(backend, dtype, tokenizer):
     """The compiled ops run below autocast in their inputs' dtypes (fp32 accumulation); the loss
     is fp32 and close to the fp32 step's."""
     images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 3])
-    reference = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, skip_layers=2,
-                          top_ratio=6, policy="torch")
+    reference = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer,
+                          SkipConfig(skip_layers=2, top_count=6), policy="torch")
     want, _ = _step(reference, images, labels)
-    tuner = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, skip_layers=2, top_ratio=6,
-                      policy=backend)
+    tuner = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer,
+                      SkipConfig(skip_layers=2, top_count=6), policy=backend)
     with torch.autocast("cpu", dtype=dtype):
         loss, grads = _step(tuner, images, labels)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -55,7 +55,7 @@ def test_weights_in_bf16_fp16_fp64_tune(mode, dtype, tokenizer):
     matches fp32 to fp32's precision."""
     images, labels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 1, 2, 3])
     model = skipkernels.patch_clip(tiny_clip(layers=4).to(dtype))
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=2, top_ratio=6)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=2, top_count=6))
     assert tuner.dtype == dtype
     if tuner.plan.caches_prefix:
         assert tuner.cache_dtype == dtype and tuner.text_cache.tokens_at_block.dtype == dtype
@@ -69,8 +69,8 @@ def test_weights_in_bf16_fp16_fp64_tune(mode, dtype, tokenizer):
     opt.step()
     after = [p.detach() for p in tuner.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
-    fp32 = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, mode=mode, skip_layers=2,
-                     top_ratio=6)
+    fp32 = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer,
+                     SkipConfig(mode=mode, skip_layers=2, top_count=6))
     want, _ = _step(fp32, images, labels)
     tol = 1e-5 if dtype == torch.float64 else 0.05
     assert abs(loss.item() - want.item()) <= tol * abs(want.item())
@@ -78,7 +78,7 @@ def test_weights_in_bf16_fp16_fp64_tune(mode, dtype, tokenizer):
 
 def test_cache_dtype_overrides_the_model_dtype(tokenizer):
     model = skipkernels.patch_clip(tiny_clip(layers=4).to(torch.float64))
-    tuner = SkipTuner(model, CLASSES, tokenizer, skip_layers=2, cache_dtype="float32")
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(skip_layers=2, cache_dtype="float32"))
     assert tuner.cache_dtype == torch.float32 and tuner.text_cache.tokens_at_block.dtype == torch.float32
     loss, _ = _step(tuner, torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 1]))
     assert loss.dtype == torch.float64 and math.isfinite(loss.item())

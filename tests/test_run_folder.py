@@ -62,7 +62,7 @@ def _results(folder):
 # ---------------------------------------------------------------- the run's identity
 # One other value for every identity field; the refusal must name the field.
 CONFIG_CHANGES = {
-    "skip_config": {"mode": "lskip", "skip_layers": 2, "top_ratio": 0.25, "max_top": 3, "lam": 0.5,
+    "skip_config": {"mode": "lskip", "skip_layers": 2, "top_ratio": 0.25, "top_count": 1, "max_top": 3, "lam": 0.5,
                     "resample": "step", "drop_ratio": 0.25, "truncate_text": False, "prune_last_block": False,
                     "template": "a {}.", "cache_dtype": "bfloat16", "coop_n_ctx": 2, "coop_init": "a photo"},
     "train_config": {"epochs": 2, "batch_size": 2, "lr": 1e-2, "lr_image": 1e-2, "momentum": 0.5,
@@ -99,7 +99,7 @@ def test_a_rerun_with_another_setting_is_refused_naming_it(key, changes, runs, r
         kwargs = changes
     with pytest.raises(CheckpointError, match="holds a run with other settings") as err:
         _run(root, folder, **kwargs)
-    stored = _results(folder)["identity"][key]
+    stored = _results(folder)["identity"].get(key)  # top_count: recorded only where set (SkipConfig)
     assert f"{key}: {stored!r} there" in str(err.value)
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before  # before any work
 

@@ -16,6 +16,7 @@ compiled ops then need no host synchronisation, which lets a training step be gr
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -23,17 +24,20 @@ from skipkernels.ops.op import Compiled, Op, register
 from skipkernels.ops.policy import Backend
 
 
-def check_cskip_params(top_ratio: float, max_top: int, lam: float) -> None:
+def check_cskip_params(top_ratio: float, max_top: int, lam: float, top_count: int | None = None) -> None:
     """The one check of CSkip's parameters (SkipConfig, ClassSkipper and the functions below)."""
-    _check_top(top_ratio, max_top)
+    _check_top(top_ratio, max_top, top_count)
     _check_lam(lam)
 
 
-def _check_top(top_ratio: float, max_top: int) -> None:
+def _check_top(top_ratio: float, max_top: int, top_count: int | None = None) -> None:
     if not top_ratio > 0:
         raise ValueError(f"top_ratio must be > 0, got {top_ratio}")
     if max_top < 1:
         raise ValueError(f"max_top must be >= 1, got {max_top}")
+    if top_count is not None and (isinstance(top_count, bool) or not isinstance(top_count, numbers.Integral)
+                                  or top_count < 1):
+        raise ValueError(f"top_count must be an integer >= 1 (a number of classes), got {top_count!r}")
 
 
 def _check_lam(lam: float) -> None:
@@ -50,16 +54,20 @@ def check_label_range(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels must lie in [0, {num_classes}), got range [{low}, {high}]")
 
 
-def top_k_for(num_classes: int, top_ratio: float, max_top: int) -> int:
+def top_k_for(num_classes: int, top_ratio: float, max_top: int, top_count: int | None = None) -> int:
     """K, the number of top-ranked classes CSkip always keeps: the authors' rule (SkipTuning,
     ``trainers/skip_tuning.py``, ``select_classes``), float arithmetic included.
 
     r <= 1 is a ratio: ceil(r*C). r > 1 is a count: ceil(min(r, C)), so 2.5 keeps 3. Either is
     then capped at ``max_top``. r == 1.0 keeps every class (CSkip off), whatever ``max_top``.
+    ``top_count`` (when not None, ``top_ratio`` is not read) is the count spelled as one:
+    K = min(top_count, C, max_top), the same K as r = top_count > 1.
     CSkip is off wherever K == C (``ClassSkipper.enabled``)."""
     if num_classes < 1:
         raise ValueError("class selection needs at least one class")
-    _check_top(top_ratio, max_top)
+    _check_top(top_ratio, max_top, top_count)
+    if top_count is not None:
+        return int(min(top_count, num_classes, max_top))
     if top_ratio == 1.0:
         return int(num_classes)
     count = math.ceil(top_ratio * num_classes) if top_ratio < 1 else math.ceil(min(top_ratio, num_classes))

@@ -96,7 +96,7 @@ def _modes(text):
 
 def build_sweep(args):
     """(Sweep, runs, shard) from the parsed flags, every flag checked before anything runs."""
-    from skipkernels.flags import check_training_flags, flag_device, kernel_policy
+    from skipkernels.flags import check_training_flags, flag_device, kernel_policy, note_top_ratio_count
     from skipkernels.models import resolve_pretrained
     from skipkernels.options import from_args
     from skipkernels.reproduce.sweep import Sweep
@@ -125,6 +125,7 @@ def build_sweep(args):
                 raise ValueError(f"--datasets: none of {', '.join(datasets)} belongs to {name} "
                                  f"({', '.join(PROTOCOLS[name].datasets)})")
         runs += protocols.plan(name, chosen, seeds, shots, modes, args.source)
+    note_top_ratio_count(args)
     skip = from_args(SkipConfig, args, exclude=EXCLUDED["SkipConfig"])
     given = {f: getattr(args, f) for f in protocols.PROTOCOL_FIELDS if getattr(args, f, None) is not None}
     train = from_args(TrainConfig, args, exclude=EXCLUDED["TrainConfig"] + protocols.PROTOCOL_FIELDS, **given)
@@ -211,7 +212,7 @@ def run(args) -> int:
                   if states[run.key][0] == sw.OTHER_SETTINGS]
     if mismatched and not args.no_resume:  # before any work: nothing is trained, nothing rewritten
         raise CheckpointError(sw.other_settings_message(args.out, mismatched))
-    outcome = sw.run_sweep(sweep, runs, probes, shard, replace=args.no_resume)
+    outcome = sw.run_sweep(sweep, runs, probes, shard, replace=args.no_resume, states=states)
     summary = tables.write(args.out, args.compare_paper)
     print(json.dumps({k: len(v) for k, v in outcome.items()}))
     _print_written(args.out, summary)

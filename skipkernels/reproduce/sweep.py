@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from skipkernels.data.coop import DatasetError, load_splits, resolve_folder
 from skipkernels.data.fewshot import base_new_labels
-from skipkernels.options import identity_fields
+from skipkernels.options import identity_fields, identity_values
 from skipkernels.reproduce import locks
 from skipkernels.reproduce.protocols import PROTOCOL_FIELDS, PROTOCOLS, ZERO_SHOT, Run, steps_per_epoch
 from skipkernels.train import run_folder
 from skipkernels.train.checkpoint import CheckpointError, atomic_write_text
-from skipkernels.train.evaluate import class_group, evaluate_groups
+from skipkernels.train.evaluate import class_groups, evaluate_groups
 from skipkernels.train.run_folder import RESULTS_NAME
 from skipkernels.train.trainer import TrainConfig, autocast_dtype_for, protocol_epochs
 
@@ -80,10 +80,8 @@ class Sweep:
         return json.loads(json.dumps({
             "run": dataclasses.asdict(run), "model": self.model, "pretrained": self.pretrained,
             "tokenizer": self.tokenizer, "data": str(Path(self.data_root).expanduser().resolve()),
-            "skip_config": {f.name: getattr(skip, f.name) for f in identity_fields(type(skip))},
-            "train_config": {f.name: getattr(train, f.name) for f in identity_fields(type(train))},
-            "kernel_policy": None if self.policy is None else
-            {f.name: getattr(self.policy, f.name) for f in identity_fields(type(self.policy))},
+            "skip_config": identity_values(skip), "train_config": identity_values(train),
+            "kernel_policy": None if self.policy is None else identity_values(self.policy),
         }, default=str))
 
 
@@ -172,11 +170,6 @@ def folder_state(sweep: Sweep, run: Run) -> tuple[str, list[str]]:
     return FINISHED, []
 
 
-def is_finished(sweep: Sweep, run: Run) -> bool:
-    """The run's folder holds this run (same settings), finished, with every target evaluated."""
-    return folder_state(sweep, run)[0] == FINISHED
-
-
 def clear_folder(folder: Path) -> list[str]:
     """Remove what a run wrote into ``folder`` (the lock aside); returns the names."""
     removed = run_folder.clear(folder)
@@ -254,15 +247,6 @@ def expected_steps(sweep: Sweep, run: Run, probes: dict) -> tuple[int, int | Non
                                                          train.batch_size, train.same_class_batches)
 
 
-def test_groups(splits, base_to_new: bool) -> dict:
-    """The test groups ``evaluate_groups`` scores: base and new, or all classes."""
-    if base_to_new:
-        base, new = base_new_labels(len(splits.classnames))
-        return {"base": class_group(splits.test, splits.classnames, base),
-                "new": class_group(splits.test, splits.classnames, new)}
-    return {"all": class_group(splits.test, splits.classnames, list(range(len(splits.classnames))))}
-
-
 # ------------------------------------------------------------------ one run
 def _classifier(sweep: Sweep, run: Run, classnames, folder: Path):
     from skipkernels.prediction import load_classifier
@@ -283,7 +267,7 @@ def _zero_shot(sweep: Sweep, run: Run, folder: Path) -> dict:
     """results.json of a zero-shot run: the pretrained model on the run's test classes."""
     start = time.perf_counter()
     splits = load_splits(sweep.data_root, run.dataset, run.shots, run.seed)
-    groups = test_groups(splits, PROTOCOLS[run.protocol].base_to_new)
+    groups = class_groups(splits, "base2new" if PROTOCOLS[run.protocol].base_to_new else "all")
     tuner = _classifier(sweep, run, groups[next(iter(groups))][1], folder)
     accuracy = _evaluate(sweep, tuner, groups)
     results = {"dataset": splits.name, "model": sweep.model, "pretrained": sweep.pretrained, "mode": ZERO_SHOT,
@@ -314,7 +298,7 @@ def _transfer(sweep: Sweep, run: Run, folder: Path) -> dict:
             continue
         try:
             splits = load_splits(sweep.data_root, target)
-            groups = test_groups(splits, False)
+            groups = class_groups(splits, "all")
             if tuner is None:
                 tuner = _classifier(sweep, run, groups["all"][1], folder)
             done[target] = {"accuracy": _evaluate(sweep, tuner, groups)["all"], "classes": len(splits.classnames),
@@ -325,14 +309,15 @@ def _transfer(sweep: Sweep, run: Run, folder: Path) -> dict:
     return done
 
 
-def execute(sweep: Sweep, run: Run, replace: bool = False) -> dict:
+def execute(sweep: Sweep, run: Run, replace: bool = False, state: tuple[str, list[str]] | None = None) -> dict:
     """Run ``run`` in its folder (its lock held by the caller); returns its results. A folder
     holding the run made with other settings is refused (CheckpointError), or with ``replace``
     cleared first, as is one holding this run unfinished or failed. The folder's ``sweep_run.json``
     is written only once the folder is known to hold this run, so it never names settings its
-    results were not made with."""
+    results were not made with. ``state``: ``folder_state`` of the run, read under its lock (None:
+    read here)."""
     folder = sweep.folder(run)
-    state, diffs = folder_state(sweep, run)
+    state, diffs = state if state is not None else folder_state(sweep, run)
     if state == OTHER_SETTINGS and not replace:
         raise CheckpointError(f"{folder} holds a run made with other settings ({'; '.join(diffs)}); use --no-resume "
                               "to train it again with these settings, or another --out")
@@ -378,18 +363,22 @@ def _target_errors(run: Run, results: dict) -> str | None:
     return "targets failed: " + "; ".join(errors) if errors else None
 
 
-def run_sweep(sweep: Sweep, runs: list[Run], probes: dict, shard=(0, 1), replace: bool = False) -> dict:
+def run_sweep(sweep: Sweep, runs: list[Run], probes: dict, shard=(0, 1), replace: bool = False,
+              states: dict | None = None) -> dict:
     """Every run of ``runs`` in this shard that is not finished and not held by another process.
     ``replace``: a run whose folder holds other settings, or this run unfinished or failed, starts
-    over. Returns {"done": [...], "skipped": [...], "held": [...], "failed": [{run, error}]} by run key:
-    skipped are the runs finished before with these settings; a transfer run with a failed target
-    is failed."""
+    over. ``states``: ``{run key: folder_state}`` of this shard's runs where the caller has read
+    them (None: read here); each run's folder is read again once its lock is held. Returns
+    {"done": [...], "skipped": [...], "held": [...], "failed": [{run, error}]} by run key: skipped
+    are the runs finished before with these settings; a transfer run with a failed target is failed."""
     mine = shard_of(runs, shard)
     weights = {}
     for run in mine:
         steps = expected_steps(sweep, run, probes)[1]
         weights[run.key] = max(1, steps or 1)
-    finished = {run.key for run in mine if is_finished(sweep, run)}
+    if states is None:
+        states = {run.key: folder_state(sweep, run) for run in mine}
+    finished = {run.key for run in mine if states[run.key][0] == FINISHED}
     outcome = {"done": [], "skipped": sorted(finished), "held": [], "failed": []}
     bar = tqdm(total=sum(weights.values()), initial=sum(weights[k] for k in finished), unit="step",
                desc=f"sweep {shard[0]}/{shard[1]}" if shard[1] > 1 else "sweep", disable=not sweep.progress,
@@ -417,10 +406,11 @@ def run_sweep(sweep: Sweep, runs: list[Run], probes: dict, shard=(0, 1), replace
                     problem = shots_problem(run, probes)
                     if problem:  # refused before the model loads
                         raise DatasetError(f"cannot draw {run.shots} shots: {problem}")
-                    if is_finished(sweep, run):  # finished by another process meanwhile
+                    state = folder_state(sweep, run)  # under the lock: another process may have run it meanwhile
+                    if state[0] == FINISHED:
                         outcome["skipped"].append(run.key)
                         continue
-                    results = execute(sweep, run, replace)
+                    results = execute(sweep, run, replace, state)
                 except RUN_ERRORS as err:
                     message = f"{type(err).__name__}: {err}"
                     folder = sweep.folder(run)

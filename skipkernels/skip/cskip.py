@@ -28,13 +28,13 @@ class ClassSkipper:
     """
 
     def __init__(self, prototypes: torch.Tensor, top_ratio: float = 0.5, max_top: int = 50, lam: float = 0.3,
-                 resample: str = "fixed", seed: int = 0, policy=None):
+                 resample: str = "fixed", seed: int = 0, policy=None, top_count: int | None = None):
         if resample not in RESAMPLE_MODES:
             raise ValueError(f"resample must be one of {RESAMPLE_MODES}, got {resample!r}")
-        check_cskip_params(top_ratio, max_top, lam)
+        check_cskip_params(top_ratio, max_top, lam, top_count)
         self.prototypes = F.normalize(prototypes.detach().float(), dim=-1)
         self.num_classes = prototypes.shape[0]
-        self.top_k = top_k_for(self.num_classes, top_ratio, max_top)
+        self.top_k = top_k_for(self.num_classes, top_ratio, max_top, top_count)
         self.lam = lam
         self.resample = resample
         self.enabled = self.top_k < self.num_classes

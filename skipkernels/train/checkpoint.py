@@ -7,9 +7,7 @@ from pathlib import Path
 
 import torch
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that does not belong to this model or configuration."""
+from skipkernels.errors import CheckpointError
 
 
 def _atomic_write(path: str | os.PathLike, write) -> None:

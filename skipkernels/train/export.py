@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
-
+from skipkernels.models import FORMAT_KEY, FORMAT_VERSION
+from skipkernels.models import read_tuned  # noqa: F401 - model.pt's reader, beside its writer
 from skipkernels.train import checkpoint
-
-FORMAT_KEY = "skipkernels_tuned_model"
-FORMAT_VERSION = 1
 
 
 def fold_lora(tuner) -> None:
@@ -46,18 +43,3 @@ def export_model(tuner, path, model_name: str, tokenizer: str | None, classnames
         "pet": _cpu(pet.pet_state_dict()) if pet is not None else None,
         "prompt_learner": _cpu(tuner.prompt_learner.state_dict()) if tuner.prompt_learner is not None else None,
     }, path)
-
-
-def read_tuned(path) -> dict | None:
-    """The dict of a model.pt that holds more than open_clip's weights; None for anything else
-    (a plain state_dict, a safetensors file), which open_clip then loads or refuses."""
-    try:  # mapped, to look: a plain state_dict's tensors are not read here
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - not ours to read: open_clip's loading says what it is
-        return None
-    if not isinstance(state, dict) or FORMAT_KEY not in state:
-        return None
-    if state[FORMAT_KEY] != FORMAT_VERSION:
-        raise checkpoint.CheckpointError(f"{path} is a tuned model of format {state[FORMAT_KEY]!r}; this version "
-                                         f"of skipkernels reads format {FORMAT_VERSION}")
-    return torch.load(path, map_location="cpu", weights_only=True)  # in memory: the file may be replaced

@@ -6,15 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from skipkernels._compat import install_hint
+from skipkernels.errors import MissingDependency
 from skipkernels.plots import write_metrics_csv
 
 REPORT_TO = (None, "tensorboard")  # None: metrics.csv only ("none" on the command line)
 METRICS_NAME = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"  # under the run's folder
-
-
-class MissingDependency(ImportError, ValueError):
-    """An optional package a setting needs is not installed (the message says which and how)."""
 
 
 def summary_writer_class():
@@ -23,7 +21,7 @@ def summary_writer_class():
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
         raise MissingDependency("report_to 'tensorboard' (--report-to tensorboard) needs the tensorboard package, "
-                                f"which is not installed ({err}): pip install tensorboard, or report to none") \
+                                f"which is not installed ({err}): {install_hint('tensorboard')}, or report to none") \
             from err
     return SummaryWriter
 

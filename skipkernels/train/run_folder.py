@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from skipkernels.options import identity_fields
+from skipkernels.options import identity_values
 from skipkernels.train import checkpoint
 from skipkernels.train.report import TENSORBOARD_DIR
 
@@ -55,8 +55,9 @@ def items_digest(items, classnames=()) -> str:
 
 
 def config_identity(section: str, config) -> dict:
-    """``{"<section>.<field>": value}`` for the identity fields of dataclass ``config``."""
-    return {f"{section}.{f.name}": getattr(config, f.name) for f in identity_fields(type(config))}
+    """``{"<section>.<field>": value}`` for the identity fields of dataclass ``config``
+    (``options.identity_values``: one setting's two spellings recorded one way)."""
+    return {f"{section}.{name}": value for name, value in identity_values(config).items()}
 
 
 def run_identity(*, model: str, pretrained: str | None, model_seed, tokenizer: str | None, data_root, dataset: str,
