@@ -37,7 +37,7 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    from skipkernels.bench import WORDS
+    from skipkernels.data.names import WORDS
     words = sorted(set(WORDS) | set("a photo of the class X .".split()))
     vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}, "<bos>": 49406, "<eos>": 49407}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

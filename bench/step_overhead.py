@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import skipkernels
-from skipkernels import SkipTuner
+from skipkernels import SkipConfig, SkipTuner
 from skipkernels.models import create_model
 
 # What a steady step must not re-derive: the towers, a block's parts, its hooks, the kernel policy,
@@ -40,7 +40,7 @@ def build(model_name, classes, batch, omega, mode="skip"):
     model, tokenizer = create_model(model_name, pretrained="none", seed=0)
     model = skipkernels.patch_clip(model)
     names = [f"class {i}" for i in range(classes)]
-    tuner = SkipTuner(model, names, tokenizer, mode=mode, skip_layers=omega)
+    tuner = SkipTuner(model, names, tokenizer, SkipConfig(mode=mode, skip_layers=omega))
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(0))

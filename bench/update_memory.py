@@ -19,7 +19,7 @@ import json
 
 import torch
 
-from skipkernels import SkipTuner
+from skipkernels import SkipConfig, SkipTuner
 from skipkernels.models import create_model
 from skipkernels.patch import patch_clip
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
@@ -34,7 +34,7 @@ def measure(model_name, mode, classes, batch, omega, in_backward, device):
     model, tokenizer = create_model(model_name, pretrained="none", device=device, seed=0)
     model = patch_clip(model)
     names = [f"class {i}" for i in range(classes)]
-    tuner = SkipTuner(model, names, tokenizer, mode=mode, skip_layers=omega, seed=1)
+    tuner = SkipTuner(model, names, tokenizer, SkipConfig(mode=mode, skip_layers=omega), seed=1)
     optimizer = torch.optim.SGD(tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9, weight_decay=5e-4)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     step = EagerStep(tuner, optimizer, autocast_dtype, update_in_backward=in_backward)

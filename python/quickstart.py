@@ -29,7 +29,8 @@ def main():
 
     model, tokenizer = create_model(args.model, args.pretrained)
     model = skipkernels.patch_clip(model)
-    tuner = skipkernels.SkipTuner(model, classnames, tokenizer, skip_layers=args.skip_layers, top_ratio=0.5)
+    config = skipkernels.SkipConfig(skip_layers=args.skip_layers, top_ratio=0.5)
+    tuner = skipkernels.SkipTuner(model, classnames, tokenizer, config)
     optimizer = torch.optim.SGD(tuner.parameter_groups(lr=3e-3, lr_image=3e-3), lr=3e-3, momentum=0.9)
 
     size, mean, std = preprocess_config(model)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from skipkernels.data.names import class_names
 from skipkernels.ops.policy import ALL_TRITON, KernelPolicy
 
 
@@ -97,10 +98,6 @@ GRAPH_MODES = tuple(m.name for m in BENCH_MODES.values() if m.captured)
 # Parameter-efficient methods can be added by their SkipTuner mode name, e.g. --modes ...,lskip-lora
 DEFAULT_MODES = ALL_MODES + ("vlpet-large", "lskip-vlpet-large", "lora", "lskip-lora")
 
-WORDS = ("alpine", "brindled", "crested", "dappled", "eastern", "feathered", "giant", "hooded", "indian",
-         "jungle", "king", "lesser", "marbled", "northern", "olive", "painted", "royal", "spotted", "tufted")
-
-
 @dataclasses.dataclass
 class Scenario:
     model: str
@@ -120,15 +117,6 @@ class Scenario:
             # default times 800 so that every mode's epoch fits one run.
             return cls("ViT-B-16", 500, 16, batch or 4, None, 800)
         return cls("skipkernels-tiny", 100, 16, batch or 4, None, 400)
-
-
-def class_names(count: int) -> list[str]:
-    """Varied, deterministic names so prompt lengths (and text truncation) are realistic."""
-    names = []
-    for i in range(count):
-        words = [WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(1 + i % 4)]
-        names.append(" ".join(words) + f" {i}")
-    return names
 
 
 def bench_mode(name: str) -> BenchMode:
@@ -178,7 +166,7 @@ class ModeRunner:
 
     def __init__(self, name, base_model, tokenizer, scenario: Scenario, device, autocast_dtype):
         from skipkernels.skip.modes import mode_plan
-        from skipkernels.skip.tuner import SkipTuner
+        from skipkernels.skip.tuner import SkipConfig, SkipTuner
         self.name = name
         self.mode = bench_mode(name)
         self.device = device
@@ -193,8 +181,8 @@ class ModeRunner:
                                          skip_layers=scenario.skip_layers)
             self.plan = mode_plan(mode, self.tuner.skip_layers)
         else:
-            self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer, mode=mode,
-                                   skip_layers=scenario.skip_layers, policy=self.policy)
+            self.tuner = SkipTuner(model, class_names(scenario.classes), tokenizer,
+                                   SkipConfig(mode=mode, skip_layers=scenario.skip_layers), policy=self.policy)
             self.plan = self.tuner.plan
         self.optimizer = torch.optim.SGD(self.tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9,
                                          weight_decay=5e-4)
@@ -349,15 +337,19 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
             for _ in range(1 + steps):
                 runner.step(inputs, labels)
         peak_mb = None if probe.peak_bytes is None else probe.peak_bytes / 2**20
+        from skipkernels.memory_plan import predicted_for_bench  # after the measurement: it runs steps of its own
         return {"peak_mb": peak_mb, "kind": f"cpu allocator peak over the first {1 + steps} steps, above the "
-                                            "level before them (torch.profiler)"}
+                                            "level before them (torch.profiler)",
+                **predicted_for_bench(scenario, runner, device)}
     runner.step(inputs, labels)  # first step creates gradients and optimizer state; measured below
     with PeakMemory(device) as peak:
         for _ in range(steps):
             runner.step(inputs, labels)
     # everything allocated: weights, gradients, optimizer state, activations, the batch
+    from skipkernels.memory_plan import predicted_for_bench
     return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps",
-            "breakdown_mb": memory_breakdown(runner, peak.start_bytes, peak.peak_bytes)}
+            "breakdown_mb": memory_breakdown(runner, peak.start_bytes, peak.peak_bytes),
+            **predicted_for_bench(scenario, runner, device)}
 
 
 def _tensor_bytes(tensors, device_type: str) -> int:

@@ -7,7 +7,8 @@ else C), peak training memory (a subprocess per mode and C, as ``skipkernels ben
 prefix cache's size, dtype and device. Skip Tuning's claim is that its step follows K′, not C:
 the report gives, from the smallest C to each larger one, the step's growth over K′'s growth, and
 over the growth of K′ × T, the prompts times the tokens per prompt the text suffix runs (T, the
-longest selected prompt, grows with C where longer class names come in).
+longest selected prompt; the synthetic class names, ``data.names.class_names``, give every prompt the
+same length, so T is the same at every C).
 Written as ``classes-<tag>.json`` with a log-log chart ``classes-<tag>.png`` beside it.
 """
 from __future__ import annotations
@@ -151,7 +152,7 @@ def run(args) -> dict:
     points: dict[int, dict] = {}
     for count in counts:
         point_scenario = dataclasses.replace(scenario, classes=count)
-        from skipkernels.bench import class_names
+        from skipkernels.data.names import class_names
         prompts = [f"a photo of a {name}." for name in class_names(count)]
         start = time.perf_counter()
         tokenizer(prompts)

@@ -37,8 +37,9 @@ _TUNER_MODE = {"zero-shot": "ft", "skip": "skip", "ft": "ft", "coop": "coop", "v
 def method_classifier(method: str, base, tokenizer, classnames, skip_layers):
     """The classifier of ``method`` on a copy of ``base``: class embeddings cached, eval mode."""
     from skipkernels.export import ImageClassifier, TunerImageTower
-    from skipkernels.skip.tuner import SkipTuner
-    tuner = SkipTuner(copy.deepcopy(base), classnames, tokenizer, mode=_TUNER_MODE[method], skip_layers=skip_layers)
+    from skipkernels.skip.tuner import SkipConfig, SkipTuner
+    config = SkipConfig(mode=_TUNER_MODE[method], skip_layers=skip_layers)
+    tuner = SkipTuner(copy.deepcopy(base), classnames, tokenizer, config)
     if method == "lora-merged":
         tuner.pet.merge()
     tuner.eval()
@@ -96,7 +97,8 @@ def _onnx_time(module, images_by_batch, repeats: int, warmup: int) -> dict | str
 
 def measure(scenario, methods, device, repeats: int, warmup: int, compiled: bool, onnx: bool,
             batches=INFERENCE_BATCHES) -> dict:
-    from skipkernels.bench import _images, base_model, class_names
+    from skipkernels.bench import _images, base_model
+    from skipkernels.data.names import class_names
     base, tokenizer, _ = base_model(scenario, device)
     if scenario.skip_layers is None:
         from skipkernels.skip.towers import ModelPlan

@@ -2,6 +2,8 @@
 and what it needs, never in an error from inside torch (CPU; the CUDA cases are in
 tests/cuda/test_cuda_api_inputs.py). Each case asserts the exception type and a word of its
 message, so no case passes by raising just anything."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -19,15 +21,19 @@ CLASSES = ["ant", "bee", "cow", "dog"]
 
 @pytest.fixture(scope="module")
 def ctx(tokenizer):
-    skip = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, skip_layers=2)
-    ft = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, mode="ft")
+    skip = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, SkipConfig(skip_layers=2))
+    ft = SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4)), CLASSES, tokenizer, SkipConfig(mode="ft"))
     images = torch.randn(2, 3, 32, 32)
     return {"skip": skip, "ft": ft, "images": images, "prefix": skip.image_prefix(images), "tokenizer": tokenizer,
             "labels": torch.tensor([0, 1])}
 
 
 def new_tuner(c, **kwargs):
+    """SkipTuner with these arguments; SkipConfig's fields among them go into its config."""
     args = {"model": tiny_clip(layers=4), "classnames": CLASSES, "tokenizer": c["tokenizer"], **kwargs}
+    fields = {f.name for f in dataclasses.fields(SkipConfig)} & set(args)
+    if fields:
+        args["config"] = SkipConfig(**{name: args.pop(name) for name in fields})
     return SkipTuner(args.pop("model"), args.pop("classnames"), args.pop("tokenizer"), **args)
 
 

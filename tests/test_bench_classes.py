@@ -18,6 +18,18 @@ def test_class_counts_parse_one_or_a_list_and_refuse_zero_and_repeats():
         class_counts("100,100")
 
 
+def test_synthetic_class_names_are_distinct_and_give_prompts_of_one_token_length(tokenizer):
+    """So the report's cost against C is not one of prompt length."""
+    from skipkernels.data.names import class_names
+    from skipkernels.bench_classes import IMAGENET_21K
+    names = class_names(IMAGENET_21K)
+    assert len(set(names)) == IMAGENET_21K and names[:12] == class_names(12)
+    sample = names[::97] + names[-5:]
+    tokens = tokenizer([f"a photo of a {name}." for name in sample])
+    lengths = set((tokens.argmax(dim=-1) + 1).tolist())  # up to the end-of-text token, the largest id
+    assert lengths == {11}  # start, "a photo of a", four words, ".", end
+
+
 def test_the_class_scaling_report_writes_its_json_and_log_log_chart(tmp_path, capsys):
     assert main(["bench", "--quick", "--classes", "60,12", "--modes", "skip,ft", "--repeats", "2", "--warmup", "1",
                  "--out", str(tmp_path)]) == 0
@@ -51,17 +63,16 @@ def test_the_class_scaling_report_refuses_a_step_variant_before_any_work(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.slow
 def test_skip_tuning_trains_an_epoch_over_21841_classes_on_cpu():
     """ImageNet-21k's class count on the tiny model: the prefix cache holds every class, a step
     runs K′ of them (CSkip's subset, the same every step), and the weights train."""
-    from skipkernels.bench import class_names
+    from skipkernels.data.names import class_names
     from skipkernels.bench_classes import IMAGENET_21K
     from skipkernels.models import create_model
     from skipkernels.patch import patch_clip
-    from skipkernels.skip.tuner import SkipTuner
+    from skipkernels.skip.tuner import SkipConfig, SkipTuner
     model, tokenizer = create_model("skipkernels-tiny", None, seed=0)
-    tuner = SkipTuner(patch_clip(model), class_names(IMAGENET_21K), tokenizer, skip_layers=2)
+    tuner = SkipTuner(patch_clip(model), class_names(IMAGENET_21K), tokenizer, SkipConfig(skip_layers=2))
     cache = tuner.text_cache.tokens_at_block
     assert cache.shape[0] == IMAGENET_21K and cache.device.type == "cpu"
     assert tuner.skipper.top_k == 50

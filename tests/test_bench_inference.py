@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from skipkernels.bench import class_names
+from skipkernels.data.names import class_names
 from skipkernels.bench_inference import INFERENCE_METHODS, method_classifier
 from skipkernels.cli import main
 from skipkernels.models import create_model

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import tiny_clip
-from skipkernels import SkipTuner, _ext
+from skipkernels import SkipConfig, SkipTuner, _ext
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog", "purple hexagon",
            "orange"]
@@ -42,7 +42,7 @@ def test_dispatch_reads_constants_not_the_extension(monkeypatch, name):
 @pytest.mark.parametrize("mode", ["skip", "lskip"])
 def test_tuner_static_loss_traces_in_one_graph(mode, tokenizer):
     model = tiny_clip(layers=2)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, top_ratio=0.5, max_top=4)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=1, top_ratio=0.5, max_top=4))
     images = torch.randn(2, 3, 32, 32)
     labels = torch.tensor([1, 6])
     inputs = tuner.image_prefix(images)
@@ -61,7 +61,7 @@ def test_tuner_static_loss_traces_in_one_graph(mode, tokenizer):
 def test_other_families_static_loss_traces_in_one_graph(family):
     from skipkernels.models import create_model
     model, tokenizer = create_model(f"skipkernels-tiny-{family}", tokenizer="ViT-B-16")
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, top_ratio=0.5, max_top=4)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1, top_ratio=0.5, max_top=4))
     inputs = tuner.image_prefix(torch.randn(2, 3, 32, 32))
     labels = torch.tensor([1, 6])
     expected = tuner.loss(inputs, labels, static=True)

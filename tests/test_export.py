@@ -143,17 +143,25 @@ def test_export_command_writes_the_classifier_and_says_what_it_checked(runs, tmp
     assert "use --format open_clip" in capsys.readouterr().err
 
 
-def test_hf_run_exports_with_save_pretrained(tmp_path, synthetic_root):
-    import transformers
-
+@pytest.fixture(scope="module")
+def hf_run(synthetic_root, tmp_path_factory):
+    """A one-epoch Skip Tuning run of a tiny transformers CLIP, given as ``hf:<folder>``."""
     from hf_models import tiny_hf
     from test_hf_models import _word_tokenizer
-    source = tmp_path / "tiny-clip"
+    folder = tmp_path_factory.mktemp("hf-run")
+    source = folder / "tiny-clip"
     tiny_hf("clip").save_pretrained(source)
     _word_tokenizer().save_pretrained(source)
-    run = tmp_path / "run"
+    run = folder / "run"
     finetune(synthetic_root, "synthetic", f"hf:{source}", skip=SkipConfig(mode="skip", skip_layers=1),
              train=TrainConfig(epochs=1, **FAST), out_dir=run)
+    return run
+
+
+def test_hf_run_exports_with_save_pretrained(hf_run, tmp_path):
+    import transformers
+
+    run = hf_run
     out = tmp_path / "hf"
     record = export.export_run(run, out, "hf")
     assert record["checked_max_abs_logit_error"] <= export.LOGIT_TOLERANCE
@@ -161,6 +169,22 @@ def test_hf_run_exports_with_save_pretrained(tmp_path, synthetic_root):
     saved = torch.load(run / "model.pt", weights_only=True)
     assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
     assert transformers.AutoTokenizer.from_pretrained(out)("a photo of a red circle.")["input_ids"][0] == 998
+
+
+def test_hf_run_exports_as_a_classifier_eager_and_under_onnxruntime(hf_run, tmp_path):
+    """The classifier of an ``hf:`` run: its transformers image tower with the class embeddings baked in."""
+    classes = json.loads((hf_run / "results.json").read_text())["classnames"][:4]
+    out = tmp_path / "classifier"
+    record = export.export_run(hf_run, out, "classifier", classnames=classes)
+    assert record["format"] == "classifier" and record["classes"] == classes
+    assert record["checked_max_abs_logit_error"]["torch.export"] <= export.LOGIT_TOLERANCE
+    images = _images(count=3)  # not the batch size it was traced with
+    expected = _run_logits(hf_run, classes, images)
+    with torch.no_grad():
+        logits = export.load_program(out / export.CLASSIFIER_FILES["torch.export"])(images)
+    assert logits.shape == (3, 4) and (logits - expected).abs().max() <= export.LOGIT_TOLERANCE
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (the export extra)")
+    assert (export.onnx_logits(out / export.ONNX_NAME, images) - expected).abs().max() <= export.LOGIT_TOLERANCE
 
 
 def test_onnx_without_its_packages_is_refused_before_any_work(runs, tmp_path, monkeypatch):

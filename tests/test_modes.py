@@ -69,7 +69,7 @@ def _expected_trainable(model, plan):
 def test_the_tuner_caches_runs_and_trains_what_its_plan_says(mode, tokenizer):
     torch.manual_seed(0)
     model = tiny_clip(layers=3)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=OMEGA, top_ratio=0.25)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=OMEGA, top_ratio=0.25))
     plan = tuner.plan
     assert plan == mode_plan(mode, OMEGA)
     assert tuner.skip_layers == plan.skip_layers

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import tiny_clip
-from skipkernels import SkipTuner, distributed
+from skipkernels import SkipConfig, SkipTuner, distributed
 from skipkernels.data.coop import load_splits
 from skipkernels.data.fewshot import sample_few_shot
 from skipkernels.train import step as step_module
@@ -19,7 +19,7 @@ FAST = dict(batch_size=2, lr=3e-3, lr_image=3e-3, shots=4, same_class_batches=Fa
 
 
 def _tuner(names, tokenizer, mode="skip"):
-    return SkipTuner(tiny_clip(layers=2), names, tokenizer, mode=mode, skip_layers=1, top_ratio=0.5, seed=1)
+    return SkipTuner(tiny_clip(layers=2), names, tokenizer, SkipConfig(mode=mode, skip_layers=1, top_ratio=0.5), seed=1)
 
 
 def _items(synthetic_root):
@@ -141,7 +141,7 @@ def test_the_gradient_buffer_is_gone_from_the_peak(synthetic_root, tokenizer):
     model = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=16, width=256, head_width=64,
                                                           layers=2),
                            text_cfg=dict(context_length=77, vocab_size=49408, width=256, heads=4, layers=2))
-    tuner = SkipTuner(model, names[:4], tokenizer, mode="skip", skip_layers=1, top_ratio=1.0, seed=1)
+    tuner = SkipTuner(model, names[:4], tokenizer, SkipConfig(mode="skip", skip_layers=1, top_ratio=1.0), seed=1)
     with torch.no_grad():
         tokens = tuner.image_prefix(torch.randn(1, 3, 32, 32))  # LSkip: the step takes the cached prefix
     labels = torch.tensor([0])

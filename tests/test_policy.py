@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_clip
-from skipkernels import KernelPolicy, SkipTuner, patch_clip, use_backend, use_policy
+from skipkernels import KernelPolicy, SkipConfig, SkipTuner, patch_clip, use_backend, use_policy
 from skipkernels.ops import measured
 from skipkernels.ops import op as op_module
 from skipkernels.ops.linear import linear_act
@@ -98,12 +98,12 @@ def test_patch_clip_and_skip_tuner_carry_their_policy_to_every_op(seen_policies,
             model.encode_text(tokenizer(["a cat"]))
     assert seen_policies and all(p is patched_policy for p in seen_policies)
 
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1))
     assert tuner.policy is patched_policy  # the model's policy is the tuner's default
     tuner_policy = KernelPolicy("torch", table="tuner.json")
     seen_policies.clear()
     with use_backend("triton"):
-        tuner = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, policy=tuner_policy)
+        tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1), policy=tuner_policy)
         tuner.loss(tuner.image_prefix(images), torch.tensor([0, 2])).backward()
     assert seen_policies and all(p is tuner_policy for p in seen_policies)
     assert {"layer_norm_linear", "attention", "linear_residual", "layer_norm_mlp", "class_select",
@@ -111,7 +111,7 @@ def test_patch_clip_and_skip_tuner_carry_their_policy_to_every_op(seen_policies,
 
 
 def test_a_plan_given_no_policy_follows_the_ambient_one(seen_policies, tokenizer):
-    tuner = SkipTuner(tiny_clip(), CLASSES, tokenizer, mode="skip", skip_layers=1)
+    tuner = SkipTuner(tiny_clip(), CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1))
     inputs, labels = tuner.image_prefix(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2])
     tuner.loss(inputs, labels)
     seen_policies.clear()
@@ -164,7 +164,7 @@ def test_the_trainer_is_deterministic_while_it_trains_only(synthetic_root, token
     from skipkernels.train.trainer import TrainConfig, Trainer
     splits = load_splits(synthetic_root, "synthetic", 4, 1)
     items = [it for it in splits.train if it.label < len(CLASSES)][:8]
-    tuner = SkipTuner(tiny_clip(), splits.classnames[:len(CLASSES)], tokenizer, mode="skip", skip_layers=1)
+    tuner = SkipTuner(tiny_clip(), splits.classnames[:len(CLASSES)], tokenizer, SkipConfig(mode="skip", skip_layers=1))
     config = TrainConfig(epochs=1, batch_size=4, shots=4, same_class_batches=False, warmup_epochs=0,
                          progress=False, deterministic=True)  # the one place the setting lives
     trainer = Trainer(tuner, items, config)

@@ -12,7 +12,7 @@ from skipkernels.data.fewshot import base_new_labels
 from skipkernels.data.images import EvalTransform, preprocess_config
 from skipkernels.models import create_model
 from skipkernels.pretrain_tiny import MODEL, WEIGHTS, draw_batch, pretrain
-from skipkernels.skip.tuner import SkipTuner
+from skipkernels.skip.tuner import SkipConfig, SkipTuner
 from skipkernels.train.evaluate import class_group, evaluate_groups
 
 
@@ -45,7 +45,7 @@ def test_zero_shot_recognises_unseen_colour_shape_pairs(pretrained):
     model, tokenizer = pretrained
     images, labels = draw_batch(shapes.DEMO_NEW, 20, EvalTransform(*preprocess_config(model)), random.Random(0))
     names = [shapes.classname(c, s) for c, s in shapes.DEMO_NEW]
-    tuner = SkipTuner(model, names, tokenizer, mode="ft")
+    tuner = SkipTuner(model, names, tokenizer, SkipConfig(mode="ft"))
     with torch.no_grad():
         logits = tuner.encode_images(images, normalize=True) @ tuner.encode_classes(names, normalize=True).T
     assert (logits.argmax(1) == labels).float().mean().item() >= 0.8
@@ -60,7 +60,8 @@ def test_zero_shot_on_the_demo_set_is_well_above_chance(pretrained, tmp_path_fac
     groups = {"base": class_group(splits.test, splits.classnames, base),
               "new": class_group(splits.test, splits.classnames, new)}
     model, tokenizer = pretrained
-    accuracy = evaluate_groups(SkipTuner(model, groups["base"][1], tokenizer, mode="ft"), groups, progress=False)
+    tuner = SkipTuner(model, groups["base"][1], tokenizer, SkipConfig(mode="ft"))
+    accuracy = evaluate_groups(tuner, groups, progress=False)
     chance = 100 / len(new)
     assert accuracy["new"] >= 2 * chance, accuracy
     assert accuracy["base"] >= 2 * chance, accuracy

@@ -62,7 +62,7 @@ def test_unreadable_test_images_are_skipped_in_evaluation(synthetic_root, tmp_pa
 
 def test_unicode_and_very_long_class_names(tokenizer):
     names = ["café au lait", "北京烤鸭", "Ærøskøbing ferry", "x" * 2000, " ".join(["very long"] * 200), "emoji 🐟"]
-    tuner = SkipTuner(tiny_clip(), names, tokenizer, mode="skip", skip_layers=1, top_ratio=0.5)
+    tuner = SkipTuner(tiny_clip(), names, tokenizer, SkipConfig(mode="skip", skip_layers=1, top_ratio=0.5))
     loss = tuner.loss(tuner.image_prefix(torch.randn(2, 3, 32, 32)), torch.tensor([1, 3]))
     assert torch.isfinite(loss)
     # a name longer than the context is cut by the tokenizer, which still ends it with EOT

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import skipkernels
-from skipkernels import SkipTuner
+from skipkernels import SkipConfig, SkipTuner
 from skipkernels.models import create_model
 from skipkernels.skip.modes import MODES
 
@@ -40,7 +40,7 @@ def _step(family: str, mode: str) -> dict:
                                     tokenizer="ViT-B-16" if family != "clip" else None)
     model = skipkernels.patch_clip(model, policy="torch")
     torch.manual_seed(1)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, top_ratio=0.5, max_top=3, seed=3)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, top_ratio=0.5, max_top=3), seed=3)
     size = model.visual.image_size if hasattr(model.visual, "image_size") else 32
     size = size[0] if isinstance(size, (tuple, list)) else size
     images = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(2))

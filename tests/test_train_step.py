@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import tiny_clip
-from skipkernels import KernelPolicy, SkipTuner, _ext
+from skipkernels import KernelPolicy, SkipConfig, SkipTuner, _ext
 from skipkernels.data.coop import load_splits
 from skipkernels.data.fewshot import sample_few_shot
 from skipkernels.train import step as step_module
@@ -21,7 +21,8 @@ FAST = dict(batch_size=2, lr=3e-3, lr_image=3e-3, shots=4, same_class_batches=Fa
 
 
 def _tuner(names, tokenizer, **kw):
-    return SkipTuner(tiny_clip(layers=2), names, tokenizer, mode="skip", skip_layers=1, top_ratio=0.5, seed=1, **kw)
+    config = SkipConfig(mode="skip", skip_layers=1, top_ratio=0.5)
+    return SkipTuner(tiny_clip(layers=2), names, tokenizer, config, seed=1, **kw)
 
 
 def _items(synthetic_root):
@@ -79,7 +80,7 @@ def test_on_cpu_auto_is_eager_and_graph_is_refused_before_training(synthetic_roo
         Trainer(tuner, items, TrainConfig(epochs=1, step="graph", **FAST))
     with pytest.raises(ValueError, match="step must be one of"):
         TrainConfig(step="fast")
-    reference = SkipTuner(tiny_clip(layers=2), names, tokenizer, mode="skip", skip_layers=1, policy="torch")
+    reference = SkipTuner(tiny_clip(layers=2), names, tokenizer, SkipConfig(mode="skip", skip_layers=1), policy="torch")
     with pytest.raises(ValueError, match="step='compiled' cannot run this training: the step has no static form: "
                                          "it needs the compiled .* ops, which kernel backend 'torch' does not run"):
         Trainer(reference, items, TrainConfig(epochs=1, step="compiled", **FAST))
@@ -235,7 +236,7 @@ def test_the_compiled_step_plans_again_outside_its_trace(synthetic_root, tokeniz
     fullgraph trace)."""
     names, items = _items(synthetic_root)
     trainer = Trainer(_tuner(names, tokenizer), items, TrainConfig(epochs=1, step="compiled", **FAST))
-    SkipTuner(tiny_clip(layers=2), names, tokenizer, mode="lora", skip_layers=1)
+    SkipTuner(tiny_clip(layers=2), names, tokenizer, SkipConfig(mode="lora", skip_layers=1))
     trainer.train()
     assert len(trainer.steps) >= 4 and trainer.train_step.kind == "compiled"
 
@@ -245,7 +246,7 @@ def test_the_compiled_step_trains_pet_coop_and_ft_modes_as_eager_does(mode, synt
     names, items = _items(synthetic_root)
 
     def tuner():
-        return SkipTuner(tiny_clip(layers=2), names, tokenizer, mode=mode, skip_layers=1, seed=1)
+        return SkipTuner(tiny_clip(layers=2), names, tokenizer, SkipConfig(mode=mode, skip_layers=1), seed=1)
     eager = _train(tuner(), items, epochs=1, step="eager")
     compiled = _train(tuner(), items, epochs=1, step="compiled")
     assert compiled.step_choice.kind == "compiled"

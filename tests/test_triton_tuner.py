@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 from conftest import assert_grads_equal, plain_loss_and_grads, tiny_clip, tuner_loss_and_grads  # noqa: E402
-from skipkernels import SkipTuner, use_backend  # noqa: E402
+from skipkernels import SkipConfig, SkipTuner, use_backend  # noqa: E402
 from test_tuner import CLASSES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +38,7 @@ def test_skip_tuning_step_on_triton_equals_open_clip(block, mode, tokenizer, mon
     model = tiny_clip(block, layers=3).to(DEVICE)
     plain = copy.deepcopy(model)
     with use_backend("triton"):
-        tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, top_ratio=0.25, lam=0.5)
+        tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=1, top_ratio=0.25, lam=0.5))
     for p_plain, p in zip(plain.parameters(), model.parameters()):
         p_plain.requires_grad_(p.requires_grad)
     g = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very
 def test_lskip_loss_and_grads_equal_plain_computation(block, omega, tokenizer):
     model = tiny_clip(block, layers=3)
     plain = copy.deepcopy(model)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="lskip", skip_layers=omega)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="lskip", skip_layers=omega))
     for p_plain, (name, p) in zip(plain.parameters(), model.named_parameters()):
         p_plain.requires_grad_(p.requires_grad)
     images = torch.randn(4, 3, 32, 32)
@@ -36,7 +36,7 @@ def test_lskip_loss_and_grads_equal_plain_computation(block, omega, tokenizer):
 
 def test_ft_trains_everything_but_logit_scale(tokenizer):
     model = tiny_clip()
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="ft")
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="ft"))
     trainable = {n for n, _ in tuner.trainable_named_parameters()}
     all_names = {f"model.{n}" for n, _ in model.named_parameters()}
     assert trainable == all_names - {"model.logit_scale"}
@@ -52,7 +52,7 @@ def test_ft_trains_everything_but_logit_scale(tokenizer):
 def test_cskip_loss_equals_plain_computation_on_the_subset(mode, tokenizer):
     model = tiny_clip(layers=3)
     plain = copy.deepcopy(model)
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, top_ratio=0.25, lam=0.5)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode=mode, skip_layers=1, top_ratio=0.25, lam=0.5))
     for p_plain, p in zip(plain.parameters(), model.parameters()):
         p_plain.requires_grad_(p.requires_grad)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([6, 2, 6, 3])
@@ -73,8 +73,8 @@ def test_truncation_and_pruning_change_nothing(mode, tokenizer):
     for truncate in (True, False):
         for prune in (True, False):
             model = tiny_clip(layers=3, seed=11)
-            tuner = SkipTuner(model, CLASSES, tokenizer, mode=mode, skip_layers=1, truncate_text=truncate,
-                              prune_last_block=prune, top_ratio=0.5)
+            config = SkipConfig(mode=mode, skip_layers=1, truncate_text=truncate, prune_last_block=prune, top_ratio=0.5)
+            tuner = SkipTuner(model, CLASSES, tokenizer, config)
             inputs = tuner.image_prefix(images) if mode == "skip" else images
             results.append(tuner_loss_and_grads(tuner, inputs, labels))
     loss0, grads0 = results[0]
@@ -84,7 +84,7 @@ def test_truncation_and_pruning_change_nothing(mode, tokenizer):
 
 
 def test_truncated_text_cache_is_shorter_than_context(tokenizer):
-    tuner = SkipTuner(tiny_clip(), CLASSES, tokenizer, mode="lskip", skip_layers=1)
+    tuner = SkipTuner(tiny_clip(), CLASSES, tokenizer, SkipConfig(mode="lskip", skip_layers=1))
     length = tuner.text_cache.tokens_at_block.shape[1]
     assert length % 8 == 0 and length < 77
     assert length >= int(tuner.text_cache.pool_index.max()) + 1
@@ -92,7 +92,7 @@ def test_truncated_text_cache_is_shorter_than_context(tokenizer):
 
 def test_encode_matches_open_clip(tokenizer):
     model = tiny_clip().eval()
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="ft")
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="ft"))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected_i = model.encode_image(images)
@@ -103,7 +103,7 @@ def test_encode_matches_open_clip(tokenizer):
 
 def test_coop_trains_only_context(tokenizer):
     model = tiny_clip()
-    tuner = SkipTuner(model, CLASSES, tokenizer, mode="coop", coop_n_ctx=4)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="coop", coop_n_ctx=4))
     assert [n for n, _ in tuner.trainable_named_parameters()] == ["prompt_learner.ctx"]
     # "a photo of a" is four tokens: the context starts as their embeddings
     init = tokenizer(["a photo of a"])[0, 1:5]
@@ -119,9 +119,9 @@ def test_bad_inputs_raise_clear_errors(tokenizer):
     with pytest.raises(ValueError, match="classnames is empty"):
         SkipTuner(model, [], tokenizer)
     with pytest.raises(ValueError, match="skip_layers must be in"):
-        SkipTuner(model, CLASSES, tokenizer, skip_layers=3)
+        SkipTuner(model, CLASSES, tokenizer, SkipConfig(skip_layers=3))
     with pytest.raises(ValueError, match="skip_layers must be in"):
-        SkipTuner(model, CLASSES, tokenizer, skip_layers=-1)
+        SkipTuner(model, CLASSES, tokenizer, SkipConfig(skip_layers=-1))
     with pytest.raises(ValueError, match="duplicated class names"):
         SkipTuner(model, ["cat", "dog", "cat"], tokenizer)
     with pytest.raises(ValueError, match="mode must be one of"):
@@ -132,7 +132,7 @@ def test_bad_inputs_raise_clear_errors(tokenizer):
         SkipConfig(lam=-1)
     with pytest.raises(TypeError, match="expected an open_clip CLIP"):
         SkipTuner(torch.nn.Linear(2, 2), CLASSES, tokenizer)
-    tuner = SkipTuner(model, CLASSES, tokenizer, skip_layers=1)
+    tuner = SkipTuner(model, CLASSES, tokenizer, SkipConfig(skip_layers=1))
     x = tuner.image_prefix(torch.randn(2, 3, 32, 32))
     with pytest.raises(ValueError, match="labels must lie in"):
         tuner.loss(x, torch.tensor([0, len(CLASSES)]))
@@ -159,16 +159,17 @@ def test_omega_defaults_to_half_the_blocks_and_says_why(tokenizer, open_clip):
     uneven = SkipTuner(open_clip.CLIP(embed_dim=32, vision_cfg=vision, text_cfg=text), CLASSES, tokenizer)
     assert uneven.skip_layers == 1
     assert "omega 1 (default: half of the shallower tower's 3 blocks (image 5, text 3))" in repr(uneven)
-    given = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, skip_layers=3)
+    given = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, SkipConfig(skip_layers=3))
     assert given.skip_layers == 3 and "omega 3 (given)" in repr(given)
-    ft = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, mode="ft")
+    ft = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, SkipConfig(mode="ft"))
     assert ft.plan.skip_layers == 0 and "omega 0 (nothing is cached in mode ft)" in repr(ft)
     # One number for omega: the plan's, also in the config a mode that caches nothing was given.
     assert ft.config.skip_layers == ft.skip_layers == 0
-    coop = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, mode="coop", skip_layers=3)
+    coop = SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, SkipConfig(mode="coop", skip_layers=3))
     assert coop.config.skip_layers == coop.skip_layers == coop.plan.skip_layers == 0
     with pytest.raises(ValueError, match="skip_layers must be in \\[0, 4\\)"):
-        SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, skip_layers=6)  # the paper's 6 is out of range here
+        # the paper's 6 is out of range here
+        SkipTuner(tiny_clip(layers=4), CLASSES, tokenizer, SkipConfig(skip_layers=6))
 
 
 def test_public_api_exports():

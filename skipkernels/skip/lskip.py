@@ -16,19 +16,37 @@ from tqdm.auto import tqdm
 from skipkernels.skip.towers import truncated_length
 
 
+PROMPT_CHUNK = 1024  # prompts per pass through the text tower at set-up: bounded memory at any class count
+
+
 class TextPrefixCache:
     """Text tokens at block omega for every class prompt, truncated to the longest prompt."""
 
     @torch.no_grad()
-    def __init__(self, text, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True):
-        """``text``: the model's ``TextPlan`` (``skipkernels.skip.towers``)."""
+    def __init__(self, text, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True,
+                 chunk_size: int | None = None, each_chunk=None):
+        """``text``: the model's ``TextPlan`` (``skipkernels.skip.towers``). The prompts go through
+        blocks [0, omega) ``chunk_size`` at a time (default ``PROMPT_CHUNK``), so the activations
+        held at once do not grow with the class count. ``each_chunk(x, pool_index)``, when given,
+        receives each chunk's tokens at block omega in the model's compute dtype, before the cast
+        to ``dtype``, and the chunk's pool positions."""
         self.tokens = tokens
         self.pool_index = text.pool_index(tokens)
         self.pool_index_host = self.pool_index.cpu()
         self.truncate = truncate
         length = truncated_length(self.pool_index_host, tokens.shape[1]) if truncate else tokens.shape[1]
-        x = text.embed(tokens[:, :length])
-        self.tokens_at_block = text.blocks_between(x, 0, skip_layers).to(dtype)
+        chunk_size = chunk_size or PROMPT_CHUNK
+        count = tokens.shape[0]
+        store = None
+        for start in range(0, max(count, 1), chunk_size):  # no prompts: one empty pass, an empty cache
+            rows = slice(start, min(start + chunk_size, count))
+            x = text.blocks_between(text.embed(tokens[rows, :length]), 0, skip_layers)
+            if store is None:
+                store = torch.empty((count, *x.shape[1:]), dtype=dtype, device=x.device)
+            store[rows] = x  # cast to the cache's dtype here
+            if each_chunk is not None:
+                each_chunk(x, self.pool_index[rows])
+        self.tokens_at_block = store
 
     def length_for(self, selected_host: torch.Tensor | None) -> int:
         # All classes: the cache is already truncated to their longest prompt. A constant, so the
@@ -143,3 +161,56 @@ def _drop_patch_tokens(x, drop_ratio: float, generator, prefix: int = 1):
     prefix_idx = torch.arange(prefix, device=x.device).expand(batch, prefix)
     idx = torch.cat([prefix_idx, patch_idx], dim=1)
     return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+class PrefixOffload:
+    """Frozen weights that only the LSkip caching passes read, held off the device between them.
+
+    ``offload()`` copies each distinct storage of ``tensors`` to host memory (pinned where
+    ``pin``) and frees the device storage in place (``untyped_storage().resize_(0)``); ``restore()``
+    gives the storage back its bytes and copies them in. The tensors stay the same objects with
+    the same device, shape and dtype, so the modules, block plans and the optimizer holding them
+    need no update; only their contents are absent while offloaded. The host copy is released on
+    restore: weights changed while on the device are never shadowed by a stale copy."""
+
+    def __init__(self, tensors, pin: bool):
+        self.pin = pin
+        storages = {}
+        for t in tensors:
+            storage = t.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage)
+        # a storage that cannot be resized (e.g. mapped from a weights file) stays where it is
+        self.storages = [s for s in storages.values() if s.nbytes() > 0 and s.resizable()]
+        self.sizes = [s.nbytes() for s in self.storages]
+        self.nbytes = sum(self.sizes)
+        self.host = None  # the storages' bytes while offloaded
+
+    @property
+    def offloaded(self) -> bool:
+        return self.host is not None
+
+    @staticmethod
+    def _bytes_of(storage) -> torch.Tensor:
+        return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+    @torch.no_grad()
+    def offload(self) -> None:
+        if self.offloaded:
+            return
+        host = []
+        for storage in self.storages:
+            copy = torch.empty(storage.nbytes(), dtype=torch.uint8, pin_memory=self.pin)
+            copy.copy_(self._bytes_of(storage))  # blocking: the bytes are on the host before the free
+            host.append(copy)
+        for storage in self.storages:
+            storage.resize_(0)
+        self.host = host
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if not self.offloaded:
+            return
+        for storage, size, copy in zip(self.storages, self.sizes, self.host):
+            storage.resize_(size)
+            self._bytes_of(storage).copy_(copy)  # blocking: the host copy may be released after
+        self.host = None

@@ -1,6 +1,7 @@
 """Accuracy on base and new classes, and their harmonic mean; the split a run is evaluated on."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from pathlib import Path
@@ -38,7 +39,9 @@ def accuracy(tuner, items, classnames, batch_size: int = 64, workers: int = 0, a
                          workers)
     correct = torch.zeros((), dtype=torch.long, device=device)  # counted on the device: no read-back a batch
     scored = 0
-    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    # the whole towers run: frozen prefix weights held in host memory come back for the pass
+    on_device = getattr(tuner, "prefix_on_device", contextlib.nullcontext)
+    with on_device(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         text = tuner.encode_classes(classnames, normalize=True).float()
         scale = torch.ones((), device=device)
         for images, labels, _ in tqdm(loader, desc=description, disable=not progress, leave=False):
@@ -78,6 +81,13 @@ def class_labels(num_classes: int, classes: str) -> dict[str, list[int]]:
     base, new = base_new_labels(num_classes)
     labels = {"all": list(range(num_classes)), "base": base, "new": new}
     return {group: labels[group] for group in (["base", "new"] if classes == "base2new" else [classes])}
+
+
+def class_groups(splits: Splits, classes: str) -> dict[str, tuple[list, list[str]]]:
+    """The test groups ``evaluate_groups`` scores, ``{group: (items, classnames)}`` from the test set
+    of ``splits``: base and new for ``classes="base2new"``, else the one group base, new or all."""
+    return {group: class_group(splits.test, splits.classnames, labels)
+            for group, labels in class_labels(len(splits.classnames), classes).items()}
 
 
 @dataclasses.dataclass
@@ -164,9 +174,8 @@ def _checked(chosen: EvalData, run: dict, run_dir, data) -> EvalData:
         raise DatasetError(f"{data} has other classes than {run_dir} was trained on ({len(splits.classnames)} now, "
                            f"{len(run['classnames'])} then), so its base and new halves are not the run's")
     tested = (run.get("identity") or {}).get("test_items") or {}
-    groups = class_labels(len(splits.classnames), "all" if run.get("new_classes") == 0 else "base2new")
-    for group, labels in groups.items():
-        items, names = class_group(splits.test, splits.classnames, labels)
+    groups = class_groups(splits, "all" if run.get("new_classes") == 0 else "base2new")
+    for group, (items, names) in groups.items():
         if group in tested and tested[group] != items_digest(items, names):
             raise DatasetError(f"the {group} test images of {data} are not those {run_dir} was tested on: images "
                                "were added, removed or made unreadable since the run (or the folder is reached by "

@@ -297,6 +297,8 @@ class Trainer:
             with deterministic_algorithms(self.deterministic):
                 return self._train(log)
         finally:
+            # whatever reads the model after training (evaluation, export, state_dict) sees it whole
+            self.tuner.restore_prefix()
             if log is not None:
                 log.close()
 
@@ -316,7 +318,10 @@ class Trainer:
             if tuner.plan.caches_prefix:
                 start = time.perf_counter()
                 tuner.model.eval()  # the frozen prefix runs in inference mode
+                tuner.restore_prefix("image")  # the text prefix was cached once, at set-up
                 cache = self._cache_epoch(epoch, batches)
+                # the steps run from the caches: the frozen prefix waits in host memory
+                tuner.offload_prefix()
                 tuner.model.train()
                 self.times["cache"] += time.perf_counter() - start
             start = time.perf_counter()
@@ -356,7 +361,8 @@ class Trainer:
             done = epoch + 1
             if self.evaluate is not None and cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.epochs:
                 start = time.perf_counter()  # outside train time; the caller evaluates the last epoch
-                record["accuracy"] = self.evaluate()
+                with tuner.prefix_on_device():  # the whole towers run on the test images
+                    record["accuracy"] = self.evaluate()
                 self.times["epoch_eval"] = self.times.get("epoch_eval", 0.0) + time.perf_counter() - start
             self.history.append(record)
             epochs.set_postfix(loss=f"{record['loss']:.4f}")

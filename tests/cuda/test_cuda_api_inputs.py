@@ -7,7 +7,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 import skipkernels  # noqa: E402
-from skipkernels.skip.tuner import SkipTuner  # noqa: E402
+from skipkernels.skip.tuner import SkipConfig, SkipTuner  # noqa: E402
 
 from conftest import tiny_clip  # noqa: E402
 
@@ -16,7 +16,7 @@ CLASSES = ["ant", "bee", "cow", "dog"]
 
 @pytest.fixture(scope="module")
 def tuner(tokenizer):
-    return SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4).cuda()), CLASSES, tokenizer, skip_layers=2)
+    return SkipTuner(skipkernels.patch_clip(tiny_clip(layers=4).cuda()), CLASSES, tokenizer, SkipConfig(skip_layers=2))
 
 
 @pytest.mark.parametrize("call,error,word", [

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from conftest import tiny_clip  # noqa: E402
-from skipkernels import SkipTuner, _ext  # noqa: E402
+from skipkernels import SkipConfig, SkipTuner, _ext  # noqa: E402
 from skipkernels import KernelPolicy, use_policy  # noqa: E402
 from skipkernels.ops.policy import ALL_TRITON  # noqa: E402
 from skipkernels.skip.graph import CapturedStep  # noqa: E402
@@ -39,7 +39,7 @@ def test_captured_step_equals_eager_steps_for_other_families(family):
 
 def _captured_step_equals_eager_steps(tokenizer, model=None):
     model = (tiny_clip(layers=3) if model is None else model).cuda()
-    eager = SkipTuner(model, CLASSES, tokenizer, mode="skip", skip_layers=1, top_ratio=0.25, lam=0.5)
+    eager = SkipTuner(model, CLASSES, tokenizer, SkipConfig(mode="skip", skip_layers=1, top_ratio=0.25, lam=0.5))
     graphed = copy.deepcopy(eager)
     opts = [torch.optim.SGD([p for _, p in t.trainable_named_parameters()], lr=1e-2, momentum=0.9,
                             weight_decay=5e-4) for t in (eager, graphed)]

@@ -8,7 +8,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from conftest import tiny_clip  # noqa: E402
-from skipkernels import SkipTuner, _ext  # noqa: E402
+from skipkernels import SkipConfig, SkipTuner, _ext  # noqa: E402
 from skipkernels.data.coop import load_splits  # noqa: E402
 from skipkernels.data.fewshot import sample_few_shot  # noqa: E402
 from skipkernels.train.trainer import TrainConfig, Trainer  # noqa: E402
@@ -19,8 +19,8 @@ FAST = dict(batch_size=2, lr=3e-3, lr_image=3e-3, shots=4, same_class_batches=Fa
 
 def _trainer(synthetic_root, tokenizer, step, amp=None, **config):
     splits = load_splits(synthetic_root, "synthetic")
-    tuner = SkipTuner(tiny_clip(layers=2).cuda(), splits.classnames, tokenizer, mode="skip", skip_layers=1,
-                      top_ratio=0.5, seed=1)
+    tuner = SkipTuner(tiny_clip(layers=2).cuda(), splits.classnames, tokenizer,
+                      SkipConfig(mode="skip", skip_layers=1, top_ratio=0.5), seed=1)
     return Trainer(tuner, sample_few_shot(splits.train, 4, seed=1),
                    TrainConfig(step=step, amp=amp, **{**FAST, **config}))
 
