@@ -62,9 +62,11 @@ class CpuAllocatorPeak:
     (gradients, optimizer state, activations) without the profiler slowing a whole epoch.
     """
 
-    def __init__(self, steps: int | None = None):
+    def __init__(self, steps: int | None = None, keep_trace: bool = False):
         self.steps = steps
+        self.keep_trace = keep_trace
         self.peak_bytes: int | None = None
+        self.trace: list | None = None  # with keep_trace: (time ns, bytes) of each allocation (> 0) and free (< 0)
         self.overhead_s = 0.0
         self._done = 0
         self._profiler = None
@@ -119,4 +121,6 @@ class CpuAllocatorPeak:
                 held += nbytes
                 peak = max(peak, held)
             self.peak_bytes = peak
+            if self.keep_trace:
+                self.trace = allocations
         self.overhead_s += time.perf_counter() - begin
