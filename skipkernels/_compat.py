@@ -1,4 +1,5 @@
-"""Import helpers for environments with a CPU-only torch.
+"""Import helpers: torchvision beside a CPU-only torch, and optional packages (``import_optional``:
+a missing one is an ImportError that names the extra installing it).
 
 The PyPI torchvision wheel is a CUDA build; with a CPU torch its ``_C`` fails to register
 ``torchvision::nms`` and ``import torchvision`` raises. open_clip imports torchvision
@@ -39,3 +40,31 @@ def import_open_clip():
     import_torchvision()
     import open_clip
     return open_clip
+
+
+# The optional packages and the extra (pyproject.toml) that installs each.
+EXTRAS = {"transformers": "hf", "matplotlib": "plots", "tensorboard": "tensorboard", "onnx": "export",
+          "onnxscript": "export", "onnxruntime": "export", "triton": "triton"}
+
+
+class MissingOptional(ImportError):
+    """An optional package that a feature needs is not installed; the message names the package
+    and the extra that installs it."""
+
+
+def install_hint(package: str) -> str:
+    """How to install an optional package: ``pip install 'skipkernels[hf]'`` (or the package alone)."""
+    extra = EXTRAS.get(package)
+    return f"pip install 'skipkernels[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+
+
+def import_optional(module: str, needed_for: str):
+    """``module`` (e.g. ``transformers``), or MissingOptional naming its package, the extra that
+    installs it and what needed it (``needed_for``, e.g. "--model hf:openai/clip-vit-base-patch16")."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        package = module.split(".")[0]
+        raise MissingOptional(f"{needed_for} needs the {package} package, which is not installed ({err}): "
+                              f"{install_hint(package)}") from err

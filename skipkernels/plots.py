@@ -10,6 +10,8 @@ import csv
 import sys
 from pathlib import Path
 
+from skipkernels._compat import install_hint
+
 METRICS_COLUMNS = ("step", "epoch", "loss", "lr", "time_s")
 
 
@@ -31,7 +33,7 @@ def _new_figure(path: Path, **kwargs):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        print(f"matplotlib is not installed: {path.name} not drawn (pip install matplotlib)", file=sys.stderr)
+        print(f"matplotlib is not installed: {path.name} not drawn ({install_hint('matplotlib')})", file=sys.stderr)
         return None
     figure = Figure(**kwargs)
     FigureCanvasAgg(figure)

@@ -2,7 +2,10 @@
 tokenizer for them: any callable texts -> LongTensor works as a SkipTuner tokenizer."""
 import zlib
 
+import pytest
 import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install 'skipkernels[hf]')")
 
 VOCAB, CONTEXT, WIDTH = 1000, 16, 32
 BOS, EOS, PAD = 998, 999, 0

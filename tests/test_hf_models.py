@@ -5,8 +5,10 @@ import copy
 import pytest
 import torch
 
-from hf_models import CONTEXT, image_features, tiny_hf, tokenize
-from skipkernels import SkipTuner, patch_clip, unpatch_clip
+pytest.importorskip("transformers", reason="transformers is not installed (pip install 'skipkernels[hf]')")
+
+from hf_models import CONTEXT, image_features, tiny_hf, tokenize  # noqa: E402
+from skipkernels import SkipConfig, SkipTuner, patch_clip, unpatch_clip
 from skipkernels.pet import pet_config
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
@@ -43,7 +45,7 @@ def test_patched_features_equal_the_models_own(family, attention):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_tuners_features_are_the_models_own(family):
     model = tiny_hf(family)
-    tuner = SkipTuner(copy.deepcopy(model), CLASSES, tokenize, mode="ft")
+    tuner = SkipTuner(copy.deepcopy(model), CLASSES, tokenize, SkipConfig(mode="ft"))
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     text, image = _features(model, tokenize([f"a photo of a {c}." for c in CLASSES]), images)
     with torch.no_grad():
@@ -58,7 +60,7 @@ def test_skip_loss_and_gradients_equal_plain_autograd(family):
     omega = 1
     model = tiny_hf(family)
     plain = copy.deepcopy(model)
-    tuner = SkipTuner(model, CLASSES, tokenize, mode="skip", skip_layers=omega, top_ratio=0.34, max_top=2)
+    tuner = SkipTuner(model, CLASSES, tokenize, SkipConfig(mode="skip", skip_layers=omega, top_ratio=0.34, max_top=2))
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     labels = torch.tensor([4, 1])
     loss = tuner.loss(tuner.image_prefix(images), labels)
@@ -89,7 +91,7 @@ def test_skip_loss_and_gradients_equal_plain_autograd(family):
 def test_save_pretrained_round_trip_gives_the_tuned_features(family, tmp_path):
     import transformers
     model = patch_clip(tiny_hf(family))
-    tuner = SkipTuner(model, CLASSES, tokenize, mode="lskip", skip_layers=1)
+    tuner = SkipTuner(model, CLASSES, tokenize, SkipConfig(mode="lskip", skip_layers=1))
     optimizer = torch.optim.SGD(tuner.parameter_groups(lr=0.5), lr=0.5)
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
     tuner.loss(tuner.image_prefix(images), torch.tensor([0, 2])).backward()
@@ -113,11 +115,11 @@ def test_save_pretrained_round_trip_gives_the_tuned_features(family, tmp_path):
 
 
 def test_savings_follow_each_family():
-    siglip2 = SkipTuner(tiny_hf("siglip2"), CLASSES, tokenize, skip_layers=1)
+    siglip2 = SkipTuner(tiny_hf("siglip2"), CLASSES, tokenize, SkipConfig(skip_layers=1))
     assert siglip2.savings["image last-block pruning"].startswith("off (the image tower pools with attention")
-    clip = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, skip_layers=1)
+    clip = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, SkipConfig(skip_layers=1))
     assert set(clip.savings.values()) == {"on"}
-    siglip = SkipTuner(tiny_hf("siglip"), CLASSES, tokenize, skip_layers=1)
+    siglip = SkipTuner(tiny_hf("siglip"), CLASSES, tokenize, SkipConfig(skip_layers=1))
     assert siglip.savings["text truncation"].startswith("off (the text attention is not causal")
     assert siglip.savings["image last-block pruning"].startswith("off (the image tower pools with attention")
     assert siglip.savings["text last-block pruning"] == "on"
@@ -181,7 +183,7 @@ def test_pet_on_hf_models_runs_on_the_plan_and_undoes_cleanly(family, method):
 
 @pytest.mark.parametrize("mode", ["lskip-vlpet-large", "lskip-lora"])
 def test_pet_modes_of_the_tuner_train_only_the_modules(mode):
-    tuner = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, mode=mode, skip_layers=1)
+    tuner = SkipTuner(tiny_hf("clip"), CLASSES, tokenize, SkipConfig(mode=mode, skip_layers=1))
     tuner.loss(tuner.image_prefix(torch.randn(2, 3, 32, 32)), torch.tensor([0, 3])).backward()
     trained = {name for name, p in tuner.named_parameters() if p.grad is not None}
     assert trained and all(".pet_" in name or ".lora" in name for name in trained)
@@ -264,7 +266,7 @@ def test_info_shows_a_saved_hf_models_plan(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_coop_trains_only_the_prompt_context(family):
-    tuner = SkipTuner(tiny_hf(family), CLASSES, tokenize, mode="coop", coop_n_ctx=2)
+    tuner = SkipTuner(tiny_hf(family), CLASSES, tokenize, SkipConfig(mode="coop", coop_n_ctx=2))
     loss = tuner.loss(torch.randn(2, 3, 32, 32), torch.tensor([0, 5]))
     loss.backward()
     trained = [name for name, p in tuner.named_parameters() if p.grad is not None]
@@ -274,5 +276,5 @@ def test_coop_trains_only_the_prompt_context(family):
 def test_a_patched_hf_models_policy_is_the_tuners_default():
     from skipkernels import KernelPolicy
     policy = KernelPolicy("torch", table="hf.json")
-    tuner = SkipTuner(patch_clip(tiny_hf("clip"), policy=policy), CLASSES, tokenize, skip_layers=1)
+    tuner = SkipTuner(patch_clip(tiny_hf("clip"), policy=policy), CLASSES, tokenize, SkipConfig(skip_layers=1))
     assert tuner.policy is policy and tuner.bound_policy is policy

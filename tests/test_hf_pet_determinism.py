@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("transformers", reason="the Hugging Face model tests need transformers")
+pytest.importorskip("transformers", reason="transformers is not installed (pip install 'skipkernels[hf]')")
 
 from hf_models import tiny_hf  # noqa: E402
 from skipkernels.models import create_model  # noqa: E402

@@ -7,6 +7,7 @@ one cache and run in order inside a single test.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def step(policy):
     model, tokenizer = create_model("skipkernels-tiny-shapes")
     model = skipkernels.patch_clip(model, policy=policy)
     names = ["red circle", "blue square", "green triangle", "red square"]
-    tuner = skipkernels.SkipTuner(model, names, tokenizer, top_ratio=0.5, max_top=3, lam=0.3)
+    tuner = skipkernels.SkipTuner(model, names, tokenizer, skipkernels.SkipConfig(top_ratio=0.5, max_top=3, lam=0.3))
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     loss = tuner.loss(tuner.image_prefix(images), torch.tensor([0, 1, 2, 3]))
     loss.backward()
@@ -193,3 +194,34 @@ def test_sdist_and_wheel_install_and_build_the_ops_for_the_running_torch(workdir
     assert "building skipkernels._C failed, installing without it" in proc.stdout + proc.stderr
     result, _ = _step(python, elsewhere, cache)
     assert result["status"]["state"] == "built and cached", result
+
+
+# -- optional dependencies ------------------------------------------------------------------------
+
+def _extras() -> dict:
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+
+def test_each_optional_package_has_its_extra_and_the_test_extra_brings_the_suites():
+    from skipkernels._compat import EXTRAS
+    extras = _extras()
+    names = {extra: {re.split(r"[<>=!~;\[ ]", req, 1)[0].lower() for req in reqs} for extra, reqs in extras.items()}
+    assert {"hf": {"transformers"}, "plots": {"matplotlib"}, "tensorboard": {"tensorboard"},
+            "export": {"onnx", "onnxscript", "onnxruntime"}}.items() <= names.items(), names
+    for package, extra in EXTRAS.items():  # the extra each error message and skip reason names
+        assert package in names[extra], (package, extra)
+    # What the tests import where installed (and skip, naming it, where not), and what they run.
+    assert {"pytest", "pytest-benchmark", "build", "transformers", "matplotlib", "onnx", "onnxscript",
+            "onnxruntime"} <= names["test"], names["test"]
+
+
+def test_a_missing_optional_package_names_its_extra():
+    from skipkernels._compat import MissingOptional, import_optional, install_hint
+    assert install_hint("transformers") == "pip install 'skipkernels[hf]' (or pip install transformers)"
+    with pytest.raises(MissingOptional, match=r"--model hf:x needs the skipkernels_no_such_package package"):
+        import_optional("skipkernels_no_such_package", "--model hf:x")
+    with pytest.raises(ImportError, match=re.escape("pip install 'skipkernels[plots]'")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(sys.modules, "matplotlib", None)  # import fails as without the package
+            import_optional("matplotlib", "training.png")

@@ -8,7 +8,8 @@ from skipkernels._compat import import_torchvision
 
 # transformers imports torchvision when present; the CPU-torch workaround must come first.
 import_torchvision()
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers",
+                                   reason="transformers is not installed (pip install 'skipkernels[hf]')")
 
 from skipkernels.pet import METHODS, apply_pet, find_blocks  # noqa: E402
 from skipkernels.pet.modules import VLPETModifier  # noqa: E402

@@ -91,8 +91,9 @@ def test_without_matplotlib_charts_are_skipped_with_one_line(tmp_path, monkeypat
     assert not bench_report.chart({"ft": {"step_s": {"median": 0.1}}}, tmp_path / "e2e.png", "t")
     assert not (tmp_path / "training.png").exists() and not (tmp_path / "e2e.png").exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["matplotlib is not installed: training.png not drawn (pip install matplotlib)",
-                   "matplotlib is not installed: e2e.png not drawn (pip install matplotlib)"]
+    hint = "(pip install 'skipkernels[plots]' (or pip install matplotlib))"
+    assert err == [f"matplotlib is not installed: training.png not drawn {hint}",
+                   f"matplotlib is not installed: e2e.png not drawn {hint}"]
     assert _rows(tmp_path / "metrics.csv")[1][0]["loss"] == "2.0"
 
 
