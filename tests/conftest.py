@@ -1,6 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
 import torch
+
+# Tests are grouped by area (ops/, kernels/, skip/, pet/, models/, train/, data/, cli/, reproduce/,
+# benchmarks/, docs/); the helpers they share (kernel_checks, pet_checks, hf_models, bad_inputs,
+# reproduce_data) are in support/.
+sys.path.insert(0, str(Path(__file__).parent / "support"))
 
 # Triton kernels run on the CPU through the interpreter; it must be set before any @triton.jit.
 if not torch.cuda.is_available():
@@ -11,6 +18,11 @@ import pytest  # noqa: E402
 from skipkernels._compat import import_open_clip  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+# Class names of the tuner tests: short and long prompts, one far longer than the rest
+TUNER_CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
+                 "cat", "dog", "purple hexagon"]
 
 
 def tiny_clip(block="default", seed=0, layers=3, **extra):
@@ -100,19 +112,19 @@ def tiny_runs(synthetic_root, tmp_path_factory, modes, **train) -> dict:
 # package is not installed they are skipped, naming it and the extra that installs it.
 NEEDS = {
     "matplotlib": [
-        "test_plots.py::test_finetune_writes_metrics_csv_and_training_png",
-        "test_plots.py::test_bench_chart_is_a_matplotlib_png",
-        "test_plots.py::test_demo_chart_compares_the_modes",
-        "test_plots.py::test_the_accuracy_panels_title_says_zero_shot_only_when_it_draws_it",
-        "test_plots.py::test_bar_chart_shares_the_y_scale_when_asked_and_marks_named_bars",
-        "test_bench_inference.py::test_inference_bench_writes_every_method_json_and_chart",
-        "test_bench_classes.py::test_the_class_scaling_report_writes_its_json_and_log_log_chart",
-        "test_bench_e2e.py::test_bench_quick_writes_table_json_and_chart",
-        "test_cli.py::test_demo_prints_the_comparison_table",
-        "test_reproduce.py::test_all_four_protocols_end_to_end",
+        "benchmarks/test_plots.py::test_finetune_writes_metrics_csv_and_training_png",
+        "benchmarks/test_plots.py::test_bench_chart_is_a_matplotlib_png",
+        "benchmarks/test_plots.py::test_demo_chart_compares_the_modes",
+        "benchmarks/test_plots.py::test_the_accuracy_panels_title_says_zero_shot_only_when_it_draws_it",
+        "benchmarks/test_plots.py::test_bar_chart_shares_the_y_scale_when_asked_and_marks_named_bars",
+        "benchmarks/test_bench_inference.py::test_inference_bench_writes_every_method_json_and_chart",
+        "benchmarks/test_bench_classes.py::test_the_class_scaling_report_writes_its_json_and_log_log_chart",
+        "benchmarks/test_bench_e2e.py::test_bench_quick_writes_table_json_and_chart",
+        "cli/test_cli.py::test_demo_prints_the_comparison_table",
+        "reproduce/test_reproduce.py::test_all_four_protocols_end_to_end",
     ],
     "transformers": [
-        "test_export.py::test_hf_run_exports_with_save_pretrained",
+        "train/test_export.py::test_hf_run_exports_with_save_pretrained",
     ],
 }
 
@@ -137,5 +149,5 @@ def pytest_collection_modifyitems(config, items):
         if reason is None:
             continue
         for item in items:
-            if item.nodeid.split("[")[0].rsplit("/", 1)[-1] in tests:
+            if any(item.nodeid.split("[")[0].endswith("/" + test) for test in tests):
                 item.add_marker(pytest.mark.skip(reason=reason))

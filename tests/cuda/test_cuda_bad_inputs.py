@@ -1,4 +1,4 @@
-"""The bad-input table (tests/bad_inputs.py) on CUDA: every case ends in a Python exception, a
+"""The bad-input table (tests/support/bad_inputs.py) on CUDA: every case ends in a Python exception, a
 device-side flag that check_cuda_errors() raises, or a defined result; the process survives."""
 import re
 

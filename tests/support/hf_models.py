@@ -56,3 +56,21 @@ def tokenize(texts):
         ids = [BOS, *words, EOS]
         out[row, : len(ids)] = torch.tensor(ids)
     return out
+
+
+# The class names whose words word_tokenizer knows (tests/models/test_hf_models.py's CLASSES)
+WORD_CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
+
+
+def word_tokenizer():
+    """A Hugging Face fast tokenizer over a small word vocabulary, with CLIP's BOS/EOS/padding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w.strip(".") for c in WORD_CLASSES for w in f"a photo of a {c}.".split()} | {".", "X"})
+    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}, "<bos>": 998, "<eos>": 999}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                           special_tokens=[("<bos>", 998), ("<eos>", 999)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")

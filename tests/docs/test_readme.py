@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 # Blocks that another test checks in its own way.
-CHECKED_ELSEWHERE = {"ARCHITECTURE.md": "tests/test_architecture_doc.py"}
+CHECKED_ELSEWHERE = {"ARCHITECTURE.md": "tests/docs/test_architecture_doc.py"}
 PAGES = [README] + [doc for doc in DOCS if doc.name not in CHECKED_ELSEWHERE]
 SETUP = ("bash .ci/install && .venv/bin/skipkernels demo     # the main job: zero-shot, FT, CoOp, Skip Tuning, "
          "20 s on 2 CPU cores\n"
@@ -178,7 +178,7 @@ def _check_command(words: list[str]) -> None:
             elif not target.startswith("-"):
                 assert target == ".", words
     else:
-        raise AssertionError(f"no rule checks this command: {shlex.join(words)} (add one to tests/test_readme.py)")
+        raise AssertionError(f"no rule checks this command: {shlex.join(words)} (add one to tests/docs/test_readme.py)")
 
 
 @pytest.mark.parametrize(("page", "block"), _blocks(("sh", "bash")))

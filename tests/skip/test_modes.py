@@ -13,7 +13,7 @@ from skipkernels import SkipConfig, SkipTuner
 from skipkernels.pet import METHODS, LoRAConfig, VLPETConfig, trainable_modules_for_mode
 from skipkernels.skip.modes import MODES, ModePlan, mode_plan
 
-PACKAGE = Path(__file__).resolve().parent.parent / "skipkernels"
+PACKAGE = Path(__file__).resolve().parents[2] / "skipkernels"
 CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "cat", "dog"]
 OMEGA = 1
 

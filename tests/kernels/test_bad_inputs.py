@@ -1,6 +1,6 @@
 """Every bad input to every compiled op ends in a Python exception with a clear message (CPU).
 
-The cases are the table in tests/bad_inputs.py; tests/cuda/test_cuda_bad_inputs.py runs the same
+The cases are the table in tests/support/bad_inputs.py; tests/cuda/test_cuda_bad_inputs.py runs the same
 table on a GPU, where the declared-size paths flag bad labels on the device instead of raising.
 """
 import re

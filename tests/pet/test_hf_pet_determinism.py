@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 
 from hf_models import tiny_hf  # noqa: E402
 from skipkernels.models import create_model  # noqa: E402
-from test_hf_models import _word_tokenizer  # noqa: E402
+from hf_models import word_tokenizer as _word_tokenizer  # noqa: E402
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

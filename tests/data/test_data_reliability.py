@@ -18,7 +18,7 @@ from skipkernels.skip.tuner import SkipConfig
 from skipkernels.train.evaluate import eval_data
 from skipkernels.train.job import finetune
 from skipkernels.train.trainer import TrainConfig
-from test_imagefolder import make_image_folder
+from image_folders import make_image_folder
 
 CLASSES = ("ant", "bee", "cow", "dog")
 FAST = dict(epochs=1, shots=2, batch_size=2, lr=3e-3, lr_image=3e-3, same_class_batches=False, warmup_epochs=0,

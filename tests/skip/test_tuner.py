@@ -4,11 +4,9 @@ import pytest
 import torch
 
 import skipkernels
+from conftest import TUNER_CLASSES as CLASSES
 from conftest import assert_grads_equal, plain_loss_and_grads, tiny_clip, tuner_loss_and_grads
 from skipkernels import SkipConfig, SkipTuner
-
-CLASSES = ["red circle", "green square", "blue triangle", "yellow star", "a very long class name with many words",
-           "cat", "dog", "purple hexagon"]
 
 
 @pytest.mark.parametrize("block", ["default", "custom"])

@@ -1,23 +1,14 @@
 """Plain image folders (``DIR/<class>/*.png``): seeded splits, written split files, clear errors."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from image_folders import make_image_folder
 from skipkernels.cli import main
 from skipkernels.data.coop import DatasetError, load_splits, write_split_json
 from skipkernels.data.fewshot import base_new_labels, sample_few_shot
 from skipkernels.data.images import is_readable
-
-
-def make_image_folder(root, classes=("zebra", "apple_tree", "cat", "dog", "bird"), per_class=7, suffix=".png"):
-    for label, cls in enumerate(classes):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for n in range(per_class):
-            pixels = np.random.default_rng(label * 100 + n).integers(0, 255, (20, 24, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / cls / f"img_{n}{suffix}")
-    return root
 
 
 def _paths(items):

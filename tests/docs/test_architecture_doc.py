@@ -8,7 +8,7 @@ import dataclasses
 
 from skipkernels.ops import op, pet_gate
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURE.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "ARCHITECTURE.md"
 
 
 def _doc_example() -> str:

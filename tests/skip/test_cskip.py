@@ -32,7 +32,7 @@ def test_rank_keep_probs_are_min_max_normalised_exponential():
     x = torch.linspace(0, 5, 11, dtype=torch.float64)
     e = torch.exp(-x / 0.3)
     assert torch.allclose(p, (e - e.min()) / (e.max() - e.min()))
-    assert rank_keep_probs(1, 0.3).tolist() == [1.0]  # the lone lower rank is the first (tests/test_cskip_class_count.py)
+    assert rank_keep_probs(1, 0.3).tolist() == [1.0]  # the lone lower rank is the first (tests/skip/test_cskip_class_count.py)
     with pytest.raises(ValueError, match="lam"):
         rank_keep_probs(3, 0.0)
 

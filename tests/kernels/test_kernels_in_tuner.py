@@ -19,7 +19,7 @@ pytest.importorskip("triton")
 
 from conftest import assert_grads_equal, plain_loss_and_grads, tiny_clip, tuner_loss_and_grads  # noqa: E402
 from skipkernels import SkipConfig, SkipTuner, use_backend  # noqa: E402
-from test_tuner import CLASSES  # noqa: E402
+from conftest import TUNER_CLASSES as CLASSES  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

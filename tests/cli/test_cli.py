@@ -212,7 +212,7 @@ def test_module_entry_point_runs():
 def test_quickstart_example_runs(tmp_path):
     import os
     from pathlib import Path
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, str(root / "python" / "quickstart.py"), "--epochs", "1"],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "SKIPKERNELS_CACHE": str(tmp_path)})

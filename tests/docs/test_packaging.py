@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # A Skip Tuning step on the shipped tiny model whose policy demands the compiled ops, against the
 # reference ops; prints where the ops came from. Run from a folder outside the tree.

@@ -17,7 +17,7 @@ import torch
 from skipkernels._version import __version__
 from skipkernels.cli import DEMO, _configs, build_parser, main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--model", "skipkernels-tiny", "--skip-layers", "2", "--shots", "8", "--batch-size", "8", "--mixed-batches",
         "--lr", "3e-3", "--lr-image", "3e-3", "--warmup-epochs", "0", "--no-progress"]
 STEPS_PER_EPOCH = 6  # 6 base classes x 8 shots, batches of 8

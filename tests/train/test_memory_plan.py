@@ -16,7 +16,7 @@ import pytest
 from skipkernels.cli import main
 from skipkernels.memory_plan import KINDS, measure_memory, parse_memory, plan_memory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 0.15
 
 

@@ -5,7 +5,7 @@ skipkernels/triton imports the op layer. No import runs from a lower layer back 
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "skipkernels"
 
 

@@ -147,7 +147,7 @@ def test_export_command_writes_the_classifier_and_says_what_it_checked(runs, tmp
 def hf_run(synthetic_root, tmp_path_factory):
     """A one-epoch Skip Tuning run of a tiny transformers CLIP, given as ``hf:<folder>``."""
     from hf_models import tiny_hf
-    from test_hf_models import _word_tokenizer
+    from hf_models import word_tokenizer as _word_tokenizer
     folder = tmp_path_factory.mktemp("hf-run")
     source = folder / "tiny-clip"
     tiny_hf("clip").save_pretrained(source)

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install 'skipkernels[hf]')")
 
-from hf_models import CONTEXT, image_features, tiny_hf, tokenize  # noqa: E402
+from hf_models import CONTEXT, image_features, tiny_hf, tokenize, word_tokenizer as _word_tokenizer  # noqa: E402
 from skipkernels import SkipConfig, SkipTuner, patch_clip, unpatch_clip
 from skipkernels.pet import pet_config
 
@@ -198,20 +198,6 @@ def test_siglip2_patches_are_its_image_processors():
     patches, shapes = model_towers(tiny_hf("siglip2"))[0].patches(images)
     assert torch.equal(patches, torch.stack([convert_image_to_patches(image, 8) for image in images]))
     assert shapes.tolist() == [[4, 4], [4, 4]]
-
-
-def _word_tokenizer():
-    """A Hugging Face fast tokenizer over a small word vocabulary, with CLIP's BOS/EOS/padding."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    words = sorted({w.strip(".") for c in CLASSES for w in f"a photo of a {c}.".split()} | {".", "X"})
-    vocab = {"<pad>": 0, "<unk>": 1, **{w: i + 2 for i, w in enumerate(words)}, "<bos>": 998, "<eos>": 999}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                           special_tokens=[("<bos>", 998), ("<eos>", 999)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
 
 
 def test_finetune_runs_from_the_cli_on_a_saved_hf_model(tmp_path, synthetic_root):

@@ -1,4 +1,4 @@
-"""The table of bad inputs every compiled op is tried with, on CPU (tests/test_bad_inputs.py) and on
+"""The table of bad inputs every compiled op is tried with, on CPU (tests/kernels/test_bad_inputs.py) and on
 CUDA (tests/cuda/test_cuda_bad_inputs.py).
 
 Each case calls one op, directly (``torch.ops.skipkernels.*``) or through its Python wrapper, and

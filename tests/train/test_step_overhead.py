@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "step_overhead.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "step_overhead.py"
 
 
 @pytest.fixture(scope="module")

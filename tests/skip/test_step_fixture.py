@@ -5,7 +5,7 @@ tests/fixtures/step_results.json holds, per (family, mode), the loss, the select
 and, per parameter with a gradient, the gradient's sum and L2 norm, from the ``torch`` backend
 at fixed seeds. The comparison allows fp32 summation-order noise only (another machine's BLAS),
 far below what any change of the computation would move. Regenerate (on purpose, after a change
-that is meant to alter results) with: SKIPKERNELS_WRITE_STEP_FIXTURE=1 pytest tests/test_step_fixture.py
+that is meant to alter results) with: SKIPKERNELS_WRITE_STEP_FIXTURE=1 pytest tests/skip/test_step_fixture.py
 """
 import json
 import os
@@ -19,7 +19,7 @@ from skipkernels import SkipConfig, SkipTuner
 from skipkernels.models import create_model
 from skipkernels.skip.modes import MODES
 
-FIXTURE = Path(__file__).parent / "fixtures" / "step_results.json"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "step_results.json"
 WRITE = os.environ.get("SKIPKERNELS_WRITE_STEP_FIXTURE") == "1"
 FAMILIES = {"clip": "skipkernels-tiny", "siglip": "skipkernels-tiny-siglip", "siglip2": "skipkernels-tiny-siglip2",
             "eva02": "skipkernels-tiny-eva02"}
