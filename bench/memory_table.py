@@ -3,6 +3,7 @@ memory on a GPU per model, mode and batch, which cards it fits, and ViT-B/16's C
 beside the CPU allocator's measurement.
 
     python bench/memory_table.py              # the tables (probe steps from bench/results/memory-probes.json)
+    python bench/memory_table.py --readme     # the README's summary of them
     python bench/memory_table.py --measure    # also measure ViT-B/16 on this CPU into
                                               # bench/results/memory-vitb16-cpu.json (minutes)
     python bench/memory_table.py --compare ViT-B-16,ViT-L-14 --device cuda --out FILE.json
@@ -91,6 +92,32 @@ def cpu_table() -> str:
     return "\n".join(lines)
 
 
+def readme_table() -> str:
+    """The README's summary: each family's predicted peak at batch 4 per mode, and ViT-B/16's
+    CPU prediction beside the allocator's measurement."""
+    columns = (("skip", "eager"), ("skip", "auto"), ("ft", "auto"), ("coop", "auto"), ("lora", "auto"))
+    lines = ["| model | Skip, compiled step | Skip, auto step | FT | CoOp | LoRA |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for model in MODELS:
+        cells = []
+        for mode, step in columns:
+            try:
+                plan = plan_memory(model, mode=mode, batch_size=4, num_classes=CLASSES, step=step,
+                                   probe_cache=PROBES)
+                cells.append(f"{plan.total_mb / 1024:.1f}")
+            except ValueError:  # a mode the model does not support
+                cells.append("n/a")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    measured = json.loads(MEASURED.read_text()) if MEASURED.is_file() else {}
+    seen = measured.get("skip-4")
+    plan = _cpu_plan("skip", 4)
+    lines.append("")
+    lines.append(f"ViT-B/16 Skip Tuning at batch 4 on this CPU (fp32): {plan.total_mb:.0f} MB predicted, "
+                 + (f"{sum(seen[k] for k in KINDS):.0f} MB measured by the CPU allocator." if seen else
+                    "not measured."))
+    return "\n".join(lines)
+
+
 COMPARE_MODES = ("skip-kernels", "skip-graph", "ft", "lora")
 
 
@@ -136,7 +163,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="images per step of --compare")
     parser.add_argument("--classes", type=int, default=CLASSES, help="classes of --compare")
     parser.add_argument("--out", default=None, help="--compare: also write the JSON here")
+    parser.add_argument("--readme", action="store_true", help="print the README's summary table only")
     args = parser.parse_args()
+    if args.readme:
+        print(readme_table())
+        return
     if args.compare:
         report = compare([m for m in args.compare.split(",") if m], args.device,
                          [m for m in args.modes.split(",") if m], args.batch, args.classes)

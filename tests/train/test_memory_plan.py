@@ -175,6 +175,14 @@ def test_memory_doc_table_is_what_the_script_prints():
     assert doc[doc.index(begin) + len(begin):doc.index(end)].strip() == printed.strip()
 
 
+def test_readme_memory_table_is_what_the_script_prints():
+    readme = (ROOT / "README.md").read_text()
+    printed = subprocess.run([sys.executable, str(ROOT / "bench" / "memory_table.py"), "--readme"],
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    begin, end = "<!-- memory_table.py --readme -->", "<!-- /memory_table.py --readme -->"
+    assert readme[readme.index(begin) + len(begin):readme.index(end)].strip() == printed.strip()
+
+
 def test_bench_memory_entry_carries_the_prediction():
     """``skipkernels bench`` reports each mode's predicted kinds beside its measured memory."""
     import torch
