@@ -198,7 +198,7 @@ class ModeRunner:
                                      fullgraph=True)
 
             def loss(x, y):
-                tuner.towers.refresh()  # plans rebuilt here, never inside the trace
+                tuner.towers.follow_ambient()  # ops bound again here, never inside the trace
                 return compiled(x, y)
             self.train_step = EagerStep(tuner, self.optimizer, autocast_dtype, loss)
         else:  # the Trainer's step of this kind; one that cannot run raises StepUnavailable

@@ -355,8 +355,6 @@ class ModelPlan:
         self.image.follow_ambient()
         self.text.follow_ambient()
 
-    refresh = follow_ambient  # the name the benchmark's compiled steps call
-
     def route_blocks(self) -> None:
         """Set the forward of every block the op layer computes to its plan's (``patch_clip``)."""
         self.routes_blocks = True

@@ -96,8 +96,16 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("packaging")
 
 
+def _installed_env(**extra) -> dict:
+    """The environment of a process that must run the installed package: no PYTHONPATH (a caller's
+    would put a checkout first), none of skipkernels' or Triton's settings."""
+    environ = {k: v for k, v in os.environ.items()
+               if k != "PYTHONPATH" and not k.startswith(("SKIPKERNELS_", "TRITON_"))}
+    return {**environ, **extra}
+
+
 def _step(python, cwd, cache, backend="cpu", **env):
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("SKIPKERNELS_", "TRITON_"))}
+    environ = _installed_env()
     environ.update(SKIPKERNELS_CACHE=str(cache), **env)
     proc = _run([str(python), "-c", STEP, backend], cwd, env=environ)
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
@@ -146,7 +154,7 @@ def test_sdist_and_wheel_install_and_build_the_ops_for_the_running_torch(workdir
     result, stderr = _step(python, elsewhere, cache)
     assert "compiling" not in stderr and result["status"]["state"] == "built and cached", (result, stderr)
     info = _run([str(python), "-m", "skipkernels", "info"], elsewhere,
-                env={**os.environ, "SKIPKERNELS_CACHE": str(cache)}).stdout
+                env=_installed_env(SKIPKERNELS_CACHE=str(cache))).stdout
     assert "class_select                 cpu (built and cached)" in info, info
 
     # A _C built for another torch (undefined symbol on import): the cached build, not an ImportError.
@@ -190,7 +198,7 @@ def test_sdist_and_wheel_install_and_build_the_ops_for_the_running_torch(workdir
     # The build at install, without a working compiler: the install still succeeds and says why.
     _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "skipkernels"], workdir)
     proc = _run([str(python), "-m", "pip", "install", "-v", "--no-build-isolation", str(clone)], workdir,
-                env={**os.environ, "CXX": "/bin/false"})
+                env=_installed_env(CXX="/bin/false"))
     assert "building skipkernels._C failed, installing without it" in proc.stdout + proc.stderr
     result, _ = _step(python, elsewhere, cache)
     assert result["status"]["state"] == "built and cached", result
