@@ -7,7 +7,7 @@ from skipkernels.pet import METHODS, apply_pet, find_blocks, pet_config, trainab
 from skipkernels.pet.modules import (HoulsbyAdapter, LargeGate, MiddleXGate, MiddleYGate, SmallGate,
                                      VLPETModifier)
 
-from pet_checks import frozen_copy, method_config, one_thread, randomize  # one_thread: autouse
+from pet_checks import assert_only_pet_parameters_got_gradients, frozen_copy, method_config, one_thread, randomize  # one_thread: autouse
 
 WIDTH, LAYERS = 64, 3
 # A small vocabulary and context keep the text tower cheap; the EOT token is the highest id.
@@ -228,12 +228,7 @@ def test_gradients_reach_only_pet_parameters(block_type, method):
     images, text = clip_inputs()
     img, txt, scale = model(images, text)
     (img.square().sum() + txt.square().sum()).backward()
-    pet = {id(p) for p in handle.pet_parameters()}
-    for name, p in model.named_parameters():
-        if id(p) in pet:
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-        else:
-            assert p.grad is None and not p.requires_grad, name
+    assert_only_pet_parameters_got_gradients(model, handle)
 
 
 def _state_equal(a, b):

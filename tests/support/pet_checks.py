@@ -39,3 +39,14 @@ def method_config(method: str, heads=None, gate_rank=None, **fields):
     if method.startswith("vlpet"):
         fields.update({k: v for k, v in (("heads", heads), ("gate_rank", gate_rank)) if v is not None})
     return pet_config(method, **fields)
+
+
+def assert_only_pet_parameters_got_gradients(model, handle):
+    """After a backward: every PET parameter has a nonzero gradient; every other parameter is
+    frozen and has none."""
+    pet = {id(p) for p in handle.pet_parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in pet:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
