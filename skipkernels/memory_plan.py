@@ -216,6 +216,7 @@ def _bytes(tensors) -> int:
 
 
 @functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64)  # the largest-batch and smallest-omega searches ask again and again
 def _weight_counts(name: str, depth, mode: str, skip_layers: int) -> dict:
     """Bytes of all weights and of the trainable ones, from the model on the meta device with
     ``mode``'s trainable set."""
