@@ -14,10 +14,12 @@
 # 6. the end-to-end comparison at batch 4 (skipkernels bench, every mode side by side, with the
 #    peak memory of each and where it goes), then finetune's own steady step under --step auto and
 #    eager at ViT-B/16, C = 500 (skipkernels bench --finetune), beside bench's for the same step;
-# 6c. the Skip step's peak memory at ViT-B/16 with the optimizer update after and inside backward
-#    (bench/update_memory.py);
+# 6c. the Skip step's peak memory at ViT-B/16 with the optimizer update after and inside backward,
+#    and inside it with working copies of the GEMM weights (bench/update_memory.py);
 # 6d. skipkernels plan's predicted peak by kind beside the measured one (bench's memory split) at
 #    ViT-B/16 and ViT-L/14, batch 4, C = 100 (bench/memory_table.py --compare);
+# 6e. weight casts per step and the eager step's time, without and with working copies, at
+#    ViT-B/16 in skip and lora modes (bench/weight_casts.py);
 # 7. the step of other model families: EVA02-B-16, and a Hugging Face CLIP ViT-B/16 (transformers
 #    CLIPModel, random weights, written by bench/hf_clip_folder.py: the machine reaches no hub);
 # 7c. after training, at ViT-B/16: image -> logits latency per tuning method (skipkernels bench
@@ -118,6 +120,11 @@ rc_plan=$(stage 120 "$PY" bench/memory_table.py --compare ViT-B-16,ViT-L-14 --de
   --modes skip-kernels,skip-graph,ft --out "$OUT/plan-vs-measured.json")
 log "6d exit: $rc_plan (results: $OUT/plan-vs-measured.json; the side-by-side lines are in this log)"
 
+log "6e weight casts and the eager step, autocast's casts vs working copies: ViT-B/16 batch 4, C = 100"
+rc_casts=$(stage 60 "$PY" bench/weight_casts.py --device cuda --modes skip,lora --classes 100 --batch 4 \
+  --repeats 20 --out "$OUT/weight-casts-vitb16.json")
+log "6e exit: $rc_casts (results: $OUT/weight-casts-vitb16.json)"
+
 log "7 another family: EVA02-B-16 (timm Eva image tower, rotary embeddings), batch 4"
 rc_eva=$(stage 60 "$PY" -m skipkernels bench --out "$OUT/eva02" --model EVA02-B-16 --repeats 10 --no-epoch \
   --no-memory --modes skip-ref,skip-kernels,skip-graph)
@@ -137,12 +144,12 @@ rc_cls=$(stage 150 "$PY" -m skipkernels bench --classes 1000,21841 --out "$OUT/c
 log "7c exit: inference $rc_inf, compiled $rc_infc, class scaling $rc_cls (results: $OUT/inference*, $OUT/classes)"
 
 log "8 summary"
-"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_ft" "$rc_eva" "$rc_hf" "$rc_plan" <<'PY' | tee -a "$LOG"
+"$PY" - "$OUT" "$rc_build" "$rc_tests" "$rc_sanitizer" "$rc_cold" "$rc_warm" "$rc_prof" "$rc_kernels" "$rc_e2e" "$rc_ft" "$rc_eva" "$rc_hf" "$rc_plan" "$rc_casts" <<'PY' | tee -a "$LOG"
 import glob, json, os, sys
 import xml.etree.ElementTree as ET
 out, *codes = sys.argv[1:]
 names = ["build", "tests/cuda", "memcheck", "set-up cold", "set-up warm", "profile", "kernels", "e2e",
-         "finetune step", "EVA02", "HF CLIP", "plan vs peak"]
+         "finetune step", "EVA02", "HF CLIP", "plan vs peak", "weight casts"]
 rows = [(n, c) for n, c in zip(names, codes)]
 print(f"{'stage':<14} exit")
 for name, code in rows:
@@ -175,6 +182,13 @@ for path in sorted(glob.glob(os.path.join(out, "e2e-*.json")) + glob.glob(os.pat
         planned = f"  plan {sum(predicted.values()):7.0f} MB" if predicted else ""
         print(f"e2e {mode:<20} {step * 1e3:8.2f} ms  {base / step if base else float('nan'):6.2f}x paper  "
               f"peak {mem.get('peak_mb', float('nan')):7.0f} MB{planned}  {parts}")
+try:
+    for mode, variants in json.load(open(os.path.join(out, "weight-casts-vitb16.json")))["modes"].items():
+        for name, r in variants.items():
+            print(f"casts {mode:<5} {name:<15} forward {r['forward_casts']:4d}  backward+update "
+                  f"{r['backward_and_update_casts']:4d}  eager step {r['step_ms_median']:8.2f} ms")
+except Exception as err:
+    print(f"weight casts missing ({err})")
 for path in sorted(glob.glob(os.path.join(out, "finetune", "e2e-*.json"))):
     for kind, r in json.load(open(path)).get("finetune", {}).items():
         print(f"finetune --step {kind:<6} {r['steady_step_ms']:8.2f} ms a step, bench {r['bench_mode']} "

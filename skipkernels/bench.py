@@ -203,10 +203,12 @@ class ModeRunner:
             self.train_step = EagerStep(tuner, self.optimizer, autocast_dtype, loss)
         else:  # the Trainer's step of this kind; one that cannot run raises StepUnavailable
             choice = choose_step(self.mode.step, self.tuner, self.optimizer, scenario.batch)
-            from skipkernels.train.step import choose_update  # the Trainer's default: the update in backward
+            # the Trainer's defaults: the update in backward, working copies under autocast
+            from skipkernels.train.step import choose_update, choose_working_copies
             self.update_choice = choose_update("auto", choice.kind, self.optimizer)
+            self.working_copies_choice = choose_working_copies("auto", choice.kind, autocast_dtype)
             self.train_step = make_step(StepChoice(choice.kind, f"bench mode {name}"), self.tuner, self.optimizer,
-                                        autocast_dtype, update=self.update_choice)
+                                        autocast_dtype, update=self.update_choice, working=self.working_copies_choice)
 
     def inputs_for(self, images):
         if self.plan.caches_prefix:

@@ -36,6 +36,7 @@ from skipkernels.ops.layer_norm_mlp import LAYER_NORM_MLP
 from skipkernels.ops.linear import LINEAR_ACT, LINEAR_RESIDUAL, activation_reference
 from skipkernels.ops.op import runs
 from skipkernels.ops.pet_gate import GATED_UPDATE
+from skipkernels.ops.working_copies import read_through
 
 
 def _is_identity(module) -> bool:
@@ -173,6 +174,9 @@ class BlockPlan:
         self.hooks = hooks
         self.own_forward = own_forward
         self.parts = parts = block_parts(block) if parts is None else parts
+        # a training step's working copies of those tensors (ops.working_copies), set by the step
+        # around its forward; None: the forward reads the tensors themselves
+        self.working = None
         self.act = parts.act_name
         self.gamma_1, self.gamma_2 = _gamma_owner(parts.ls_1), _gamma_owner(parts.ls_2)
         self.bind(policies.resolve(policy))
@@ -228,6 +232,25 @@ class BlockPlan:
         return {"block": type(self.block).__name__, "qkv": qkv, "attention": runs(self.attention), "out": out,
                 "mlp": mlp, "pruning": "exact" if hooks.row_wise else "off (a PET module reads every token)"}
 
+    def gemm_weights(self) -> tuple:
+        """The GEMM weights and biases the forward reads now, each GEMM's weight then its bias (None
+        where absent): the packed q/k/v projection, the out projection, fc1, fc2."""
+        parts = self.parts
+        qkv, (weight, bias) = parts.qkv, parts.qkv_names
+        out, fc1, fc2 = parts.out, parts.fc1, parts.fc2
+        return (getattr(qkv, weight), getattr(qkv, bias), out.weight, out.bias, fc1.weight, fc1.bias,
+                fc2.weight, fc2.bias)
+
+    def gemm_parameters(self) -> tuple:
+        """The parameters behind ``gemm_weights`` without computing anything: each that a module
+        holds as a plain parameter, else None (a weight computed at each read, such as a
+        parametrised one or separate q, k, v projections read as one)."""
+        parts = self.parts
+        owners = (parts.qkv, parts.qkv, parts.out, parts.out, parts.fc1, parts.fc1, parts.fc2, parts.fc2)
+        names = (*parts.qkv_names, "weight", "bias", "weight", "bias", "weight", "bias")
+        return tuple(owner._parameters.get(name) if isinstance(owner, nn.Module) else None
+                     for owner, name in zip(owners, names))
+
     # ------------------------------------------------------------------ sub-layers
     def _norm(self, module, x):
         if _is_identity(module):
@@ -245,9 +268,9 @@ class BlockPlan:
             return self.layer_norm_linear(x, norm.weight, norm.bias, norm.eps, weight, bias, activation)
         return self.linear(self._norm(norm, x), weight, bias, activation)
 
-    def _residual_linear(self, x, linear, residual, gamma, hook, lora, norm=None):
-        """``residual + gamma * norm(linear(x) + lora(x))``, or ``hook(residual, branch)``."""
-        h = self.linear(x, linear.weight, linear.bias, "none")
+    def _residual_linear(self, x, weight, bias, residual, gamma, hook, lora, norm=None):
+        """``residual + gamma * norm(x @ weight.T + bias + lora(x))``, or ``hook(residual, branch)``."""
+        h = self.linear(x, weight, bias, "none")
         if lora is not None:
             h = h + lora(x).to(h.dtype)
         h = self._norm(norm, h)
@@ -267,7 +290,10 @@ class BlockPlan:
         batch, length, width = x.shape
         heads = parts.heads
         head_dim = width // heads
-        w_in, b_in = getattr(parts.qkv, parts.qkv_names[0]), getattr(parts.qkv, parts.qkv_names[1])
+        weights = self.gemm_weights()
+        if self.working is not None:  # a training step's working copies (ops.working_copies)
+            weights = read_through(weights, self.working)
+        w_in, b_in, w_out, b_out, w_1, b_1, w_2, b_2 = weights
 
         if query_index is None:
             qkv = self._norm_linear(parts.ln_1, x, w_in, b_in, "none")
@@ -299,25 +325,23 @@ class BlockPlan:
         a = self._norm(parts.ln_inner, a)
 
         lora, gamma_1, gamma_2 = hooks.lora, self.gamma_1, self.gamma_2
-        out = parts.out
         if self.out_fused:
-            x = self.linear_residual(a, out.weight, out.bias, residual, None if gamma_1 is None else gamma_1.gamma)
+            x = self.linear_residual(a, w_out, b_out, residual, None if gamma_1 is None else gamma_1.gamma)
         else:
-            x = self._residual_linear(a, out, residual, gamma_1, hooks.attn, lora.get("out"), parts.ln_attn)
+            x = self._residual_linear(a, w_out, b_out, residual, gamma_1, hooks.attn, lora.get("out"), parts.ln_attn)
 
-        fc1, fc2 = parts.fc1, parts.fc2
         if self.mlp_fused:
             ln_2 = parts.ln_2
-            return self.layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, fc1.weight, fc1.bias, self.act,
-                                       fc2.weight, fc2.bias, None if gamma_2 is None else gamma_2.gamma)
+            return self.layer_norm_mlp(x, ln_2.weight, ln_2.bias, ln_2.eps, w_1, b_1, self.act,
+                                       w_2, b_2, None if gamma_2 is None else gamma_2.gamma)
         if self.act is not None:
-            h = self._norm_linear(parts.ln_2, x, fc1.weight, fc1.bias, self.act, lora.get("fc1"))
+            h = self._norm_linear(parts.ln_2, x, w_1, b_1, self.act, lora.get("fc1"))
         else:
-            h = parts.act(fc1(self._norm(parts.ln_2, x)))
+            h = parts.act(parts.fc1(self._norm(parts.ln_2, x)))  # the module, as the block calls it
         h = self._norm(parts.mlp_ln, h)
         if hooks.mlp is None and lora.get("fc2") is None:
-            return self.linear_residual(h, fc2.weight, fc2.bias, x, None if gamma_2 is None else gamma_2.gamma)
-        return self._residual_linear(h, fc2, x, gamma_2, hooks.mlp, lora.get("fc2"))
+            return self.linear_residual(h, w_2, b_2, x, None if gamma_2 is None else gamma_2.gamma)
+        return self._residual_linear(h, w_2, b_2, x, gamma_2, hooks.mlp, lora.get("fc2"))
 
     __call__ = forward
 

@@ -88,6 +88,7 @@ def _results(data: _RunData, model_name: str, pretrained, skip: SkipConfig, trai
         "prefix_offload": tuner.prefix_offload_state,  # frozen prefix weights between caching passes
         "step": str(trainer.step_choice),  # how each step ran, and why (train/step.py)
         "update": str(trainer.update_choice),  # where the optimizer update ran, and why
+        "working_copies": str(trainer.working_copies_choice),  # whether autocast's weight casts were kept
         "class_subset": tuner.skipper.summary() if tuner.skipper is not None else None,
         "num_train_items": len(data.train_items), "base_classes": len(data.base), "new_classes": len(data.new),
         "classnames": data.splits.classnames,  # label order; base = the first base_classes
@@ -173,6 +174,7 @@ def _train(tuner: SkipTuner, data: _RunData, train: TrainConfig, out_dir: Path |
     if distributed.is_main():
         print(f"step: {trainer.step_choice}", file=sys.stderr)
         print(f"optimizer update: {trainer.update_choice}", file=sys.stderr)
+        print(f"weight working copies: {trainer.working_copies_choice}", file=sys.stderr)
         print(f"prefix weights between caching passes: {tuner.prefix_offload_state}", file=sys.stderr)
     resumed = trainer.resume() if resume else False
     if resumed and distributed.is_main():  # always, also without progress bars

@@ -23,6 +23,10 @@ The optimizer update can run inside backward (``BackwardUpdate``): each trainabl
 optimizer's own SGD update as soon as its gradient is complete, and its gradient is freed at once,
 so no full gradient buffer lives. It is bit-identical to ``optimizer.step()`` and on by default
 where it can run (``choose_update``): eager and compiled steps, the protocol's SGD, one process.
+
+Under autocast the eager and compiled steps keep bf16 working copies of the GEMM weights
+(``train.working_copies``, ``choose_working_copies``): frozen ones cast once an epoch, trained ones
+written by their update; bit-identical to autocast's per-step casts.
 """
 from __future__ import annotations
 
@@ -37,9 +41,11 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from torch.optim.sgd import sgd
 
 from skipkernels import _ext, distributed
+from skipkernels.train.working_copies import WorkingCopies
 
 STEP_KINDS = ("auto", "eager", "compiled", "graph")
 UPDATE_MODES = ("auto", "on", "off")  # the optimizer update inside backward (BackwardUpdate)
+WORKING_COPY_MODES = ("auto", "on", "off")  # working copies of the GEMM weights (train.working_copies)
 
 
 class StepUnavailable(ValueError):
@@ -159,6 +165,43 @@ def choose_update(requested: str, step_kind: str, optimizer) -> UpdateChoice:
     return UpdateChoice(False, why_not)
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkingCopiesChoice:
+    on: bool
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{'on' if self.on else 'off'} ({self.reason})"
+
+
+def working_copies_unavailable(step_kind: str, autocast_dtype) -> str | None:
+    """Why a step of ``step_kind`` under ``autocast_dtype`` keeps no working copies, or None."""
+    if autocast_dtype is None:
+        return "no autocast: the step multiplies by the fp32 weights themselves, there is no cast to save"
+    if step_kind == "graph":
+        return ("the CUDA-graph step replays autocast's casts inside its capture (no launches to save), and its "
+                "capture does not write copies")
+    if distributed.enabled():
+        return "not checked under torch.distributed yet"
+    return None
+
+
+def choose_working_copies(requested: str, step_kind: str, autocast_dtype) -> WorkingCopiesChoice:
+    """Whether a step keeps working copies, decided once; "on" where it cannot raises ValueError
+    naming why."""
+    if requested not in WORKING_COPY_MODES:
+        raise ValueError(f"working_copies must be one of {WORKING_COPY_MODES}, got {requested!r}")
+    if requested == "off":
+        return WorkingCopiesChoice(False, "asked for")
+    why_not = working_copies_unavailable(step_kind, autocast_dtype)
+    if why_not is None:
+        return WorkingCopiesChoice(True, f"{str(autocast_dtype).removeprefix('torch.')} copies written by the "
+                                   "update; frozen weights cast once an epoch")
+    if requested == "on":
+        raise StepUnavailable(f"working_copies='on' cannot run this training: {why_not}")
+    return WorkingCopiesChoice(False, why_not)
+
+
 def _sgd_into_gradient(param, grad, buffers, group) -> None:
     """torch's single-tensor SGD (torch.optim.sgd._single_tensor_sgd), the same operations in the
     same order, written into the gradient it is about to free instead of new temporaries, and a
@@ -197,8 +240,9 @@ class BackwardUpdate:
     the optimizer's state_dict (checkpoints, resume) is unchanged. Outside ``backward`` the hooks
     do nothing (another backward keeps its gradients for the caller)."""
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, after_update=None):
         self.optimizer = optimizer
+        self.after_update = after_update  # after_update(param): e.g. its working copy written from it
         self.enabled = False
         # the hooks hold only a weak reference, so a dropped step stops updating and unhooks
         self.handles = [p.register_post_accumulate_grad_hook(functools.partial(_update_hook, weakref.ref(self), i))
@@ -228,6 +272,8 @@ class BackwardUpdate:
         if group["momentum"] != 0:
             self.optimizer.state[param]["momentum_buffer"] = buffers[0]
         param.grad = None
+        if self.after_update is not None:
+            self.after_update(param)
 
     def backward(self, loss) -> None:
         self.enabled = True
@@ -245,28 +291,48 @@ class EagerStep:
 
     kind = "eager"
 
-    def __init__(self, tuner, optimizer, autocast_dtype, loss_module=None, update_in_backward: bool = False):
+    def __init__(self, tuner, optimizer, autocast_dtype, loss_module=None, update_in_backward: bool = False,
+                 working_copies: bool = False):
         self.tuner, self.optimizer, self.autocast_dtype = tuner, optimizer, autocast_dtype
         self.loss_module = loss_module if loss_module is not None else tuner.loss
         self.device_type = tuner.device.type
-        self.backward_update = BackwardUpdate(optimizer) if update_in_backward else None
+        if working_copies and autocast_dtype is None:
+            raise ValueError("working copies are copies in the autocast dtype: they need autocast")
+        self.working_copies = WorkingCopies(tuner, autocast_dtype) if working_copies else None
+        after_update = self.working_copies.updated if self.working_copies is not None else None
+        self.backward_update = BackwardUpdate(optimizer, after_update) if update_in_backward else None
 
     def epoch_started(self) -> None:
         """The learning rates may have changed (a captured step reads them at capture)."""
+
+    def epoch_ended(self) -> None:
+        """The working copies are freed until the next step (the caching pass and evaluation
+        between epochs do not hold them)."""
+        if self.working_copies is not None:
+            self.working_copies.release()
 
     def loss(self, inputs, labels):
         return self.loss_module(inputs, labels)
 
     def __call__(self, inputs, labels, weight: float = 1.0):
-        with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.loss(inputs, labels)
+        working = self.working_copies
+        if working is not None:
+            working.attach()  # the blocks read the copies, each current with its master
+        try:
+            with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.loss(inputs, labels)
+        finally:
+            if working is not None:
+                working.detach()  # anything else the model runs reads the masters
         self.optimizer.zero_grad(set_to_none=True)
         weighted = loss * weight if weight != 1.0 else loss
         if self.backward_update is not None:
-            self.backward_update.backward(weighted)  # each tensor updated, its gradient freed
+            self.backward_update.backward(weighted)  # each tensor updated (and its copy), its gradient freed
         else:
             weighted.backward()
             self.optimizer.step()
+            if working is not None:
+                working.updated_all()
         return loss.detach()
 
 
@@ -284,8 +350,10 @@ class CompiledStep(EagerStep):
 
     kind = "compiled"
 
-    def __init__(self, tuner, optimizer, autocast_dtype, backend: str = "inductor", update_in_backward: bool = False):
-        super().__init__(tuner, optimizer, autocast_dtype, update_in_backward=update_in_backward)
+    def __init__(self, tuner, optimizer, autocast_dtype, backend: str = "inductor", update_in_backward: bool = False,
+                 working_copies: bool = False):
+        super().__init__(tuner, optimizer, autocast_dtype, update_in_backward=update_in_backward,
+                         working_copies=working_copies)
         # Dynamo logs every recompile (a smaller last batch is one) at WARNING level.
         logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
         self.compiled_loss = torch.compile(_own_code(lambda x, y: tuner.loss(x, y, static=True)), fullgraph=True,
@@ -328,10 +396,12 @@ class GraphStep(EagerStep):
 
 
 def make_step(choice: StepChoice, tuner, optimizer, autocast_dtype, loss_module=None,
-              update: UpdateChoice | None = None):
+              update: UpdateChoice | None = None, working: WorkingCopiesChoice | None = None):
     in_backward = update is not None and update.in_backward
-    if choice.kind == "graph":  # choose_update never puts the update in its backward
+    copies = working is not None and working.on
+    if choice.kind == "graph":  # choose_update and choose_working_copies keep both off for it
         return GraphStep(tuner, optimizer, autocast_dtype)
     if choice.kind == "compiled":
-        return CompiledStep(tuner, optimizer, autocast_dtype, update_in_backward=in_backward)
-    return EagerStep(tuner, optimizer, autocast_dtype, loss_module, update_in_backward=in_backward)
+        return CompiledStep(tuner, optimizer, autocast_dtype, update_in_backward=in_backward, working_copies=copies)
+    return EagerStep(tuner, optimizer, autocast_dtype, loss_module, update_in_backward=in_backward,
+                     working_copies=copies)

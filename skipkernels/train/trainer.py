@@ -23,7 +23,8 @@ from skipkernels.train import checkpoint
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.report import REPORT_TO, RunLog, check_report_to
 from skipkernels.train.schedule import set_epoch_lr
-from skipkernels.train.step import STEP_KINDS, UPDATE_MODES, choose_step, choose_update, make_step
+from skipkernels.train.step import (STEP_KINDS, UPDATE_MODES, WORKING_COPY_MODES, choose_step, choose_update,
+                                    choose_working_copies, make_step)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MEMORY_PROBE_STEPS = 4  # CPU peak memory window; from step 2 on, gradients, momentum and activations coexist
@@ -93,6 +94,12 @@ class TrainConfig:
                                      "and free the gradient (no gradient buffer; bit-identical): auto (where it "
                                      "can run: eager and compiled steps, one process; the choice is printed), "
                                      "on or off", choices=UPDATE_MODES, identity=False)
+    # Not part of the run's identity: the copies hold the bits autocast's casts would (bit-identical).
+    working_copies: str = option("auto", "keep the GEMM weights' autocast-dtype copies across steps: frozen ones "
+                                 "cast once an epoch, trained ones written by their update (bit-identical to "
+                                 "autocast's per-step casts): auto (under autocast, eager and compiled steps, "
+                                 "one process; the choice is printed), on or off", choices=WORKING_COPY_MODES,
+                                 identity=False)
     log_every: int = option(50, "read the step losses back to the host every N steps and at each epoch's end "
                             "(a non-finite loss stops training at the next read-back)", identity=False)
 
@@ -122,6 +129,8 @@ class TrainConfig:
             raise ValueError(f"step must be one of {STEP_KINDS}, got {self.step!r}")
         if self.update_in_backward not in UPDATE_MODES:
             raise ValueError(f"update_in_backward must be one of {UPDATE_MODES}, got {self.update_in_backward!r}")
+        if self.working_copies not in WORKING_COPY_MODES:
+            raise ValueError(f"working_copies must be one of {WORKING_COPY_MODES}, got {self.working_copies!r}")
         if self.log_every < 1:
             raise ValueError(f"log_every must be >= 1, got {self.log_every}")
 
@@ -196,8 +205,10 @@ class Trainer:
         # decided once, before any training: a forced kind that cannot run is refused here
         self.step_choice = choose_step(config.step, tuner, self.optimizer, config.batch_size)
         self.update_choice = choose_update(config.update_in_backward, self.step_choice.kind, self.optimizer)
+        self.working_copies_choice = choose_working_copies(config.working_copies, self.step_choice.kind,
+                                                           self.autocast_dtype)
         self.train_step = make_step(self.step_choice, tuner, self.optimizer, self.autocast_dtype, self.step_module,
-                                    self.update_choice)
+                                    self.update_choice, self.working_copies_choice)
 
     # -------------------------------------------------------------- checkpoints
     @property
@@ -347,6 +358,7 @@ class Trainer:
                     if len(pending) >= cfg.log_every:
                         self._read_back(pending, epoch, totals)
                 self._read_back(pending, epoch, totals)
+            self.train_step.epoch_ended()  # its working copies freed until the next epoch's first step
             loss_total, item_count = totals
             loss_sum = distributed.all_reduce_sum(torch.tensor([loss_total, item_count], dtype=torch.float64))
             if self.device.type == "cuda":

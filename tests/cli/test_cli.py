@@ -13,7 +13,7 @@ from skipkernels.options import add_options, cli_fields, flag_of, from_args, opt
 from skipkernels.skip.cskip import RESAMPLE_MODES
 from skipkernels.skip.tuner import CACHE_DTYPES, MODES, SkipConfig
 from skipkernels.train.report import REPORT_TO
-from skipkernels.train.step import STEP_KINDS, UPDATE_MODES
+from skipkernels.train.step import STEP_KINDS, UPDATE_MODES, WORKING_COPY_MODES
 from skipkernels.train.trainer import AMP_MODES, TrainConfig, autocast_dtype_for
 
 
@@ -85,7 +85,7 @@ OFF_THE_COMMAND_LINE = {(TrainConfig, "stop_after_epochs")}
 CHOICES = {(SkipConfig, "mode"): MODES, (SkipConfig, "resample"): RESAMPLE_MODES,
            (SkipConfig, "cache_dtype"): CACHE_DTYPES, (TrainConfig, "amp"): AMP_MODES,
            (TrainConfig, "report_to"): REPORT_TO, (TrainConfig, "step"): STEP_KINDS,
-           (TrainConfig, "update_in_backward"): UPDATE_MODES,
+           (TrainConfig, "update_in_backward"): UPDATE_MODES, (TrainConfig, "working_copies"): WORKING_COPY_MODES,
            (KernelPolicy, "backend"): BACKENDS}
 
 

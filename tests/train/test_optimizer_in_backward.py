@@ -5,13 +5,12 @@ import pytest
 import torch
 
 from conftest import tiny_clip
+from train_runs import assert_identical, few_shot_items, train, trained_state
 from skipkernels import SkipConfig, SkipTuner, distributed
-from skipkernels.data.coop import load_splits
-from skipkernels.data.fewshot import sample_few_shot
 from skipkernels.train import step as step_module
 from skipkernels.train.memory import CpuAllocatorPeak
 from skipkernels.train.step import EagerStep, StepUnavailable, choose_update
-from skipkernels.train.trainer import TrainConfig, Trainer
+from skipkernels.train.trainer import TrainConfig
 
 # warm-up epoch at 1e-3, then the base rate: an lr change between the two epochs
 FAST = dict(batch_size=2, lr=3e-3, lr_image=3e-3, shots=4, same_class_batches=False, warmup_epochs=1,
@@ -22,62 +21,36 @@ def _tuner(names, tokenizer, mode="skip"):
     return SkipTuner(tiny_clip(layers=2), names, tokenizer, SkipConfig(mode=mode, skip_layers=1, top_ratio=0.5), seed=1)
 
 
-def _items(synthetic_root):
-    splits = load_splits(synthetic_root, "synthetic")
-    return splits.classnames, sample_few_shot(splits.train, 4, seed=1)
-
-
-def _train(tuner, items, out_dir=None, **config):
-    trainer = Trainer(tuner, items, TrainConfig(**{**FAST, **config}), out_dir)
-    trainer.resume()
-    trainer.train()
-    return trainer
-
-
-def _state(trainer):
-    weights = {n: p.detach().clone() for n, p in trainer.tuner.trainable_named_parameters()}
-    names = {p: n for n, p in trainer.tuner.trainable_named_parameters()}
-    momentum = {names[p]: s["momentum_buffer"].clone() for p, s in trainer.optimizer.state.items()}
-    return weights, momentum
-
-
-def _assert_identical(a, b):
-    for part_a, part_b in zip(a, b):
-        assert part_a.keys() == part_b.keys() and part_a
-        for name in part_a:
-            assert torch.equal(part_a[name], part_b[name]), name
-
-
 @pytest.mark.parametrize("mode", ["skip", "ft"])
 def test_update_in_backward_is_bit_identical_over_two_epochs_with_an_lr_change(mode, synthetic_root, tokenizer):
-    names, items = _items(synthetic_root)
-    after = _train(_tuner(names, tokenizer, mode), items, update_in_backward="off")
-    inside = _train(_tuner(names, tokenizer, mode), items)  # the default
+    names, items = few_shot_items(synthetic_root)
+    after = train(_tuner(names, tokenizer, mode), items, FAST, update_in_backward="off")
+    inside = train(_tuner(names, tokenizer, mode), items, FAST)  # the default
     assert not after.update_choice.in_backward and inside.update_choice.in_backward
     assert after.history[0]["lr"] != after.history[1]["lr"]
-    _assert_identical(_state(after), _state(inside))
+    assert_identical(trained_state(after), trained_state(inside))
     start = {n: p for n, p in tiny_clip(layers=2).named_parameters()}
-    assert any(not torch.equal(p, start[n.split("model.", 1)[-1]]) for n, p in _state(inside)[0].items()
+    assert any(not torch.equal(p, start[n.split("model.", 1)[-1]]) for n, p in trained_state(inside)[0].items()
                if n.split("model.", 1)[-1] in start)  # it trained
 
 
 def test_a_resume_in_between_is_bit_identical(synthetic_root, tokenizer, tmp_path):
-    names, items = _items(synthetic_root)
-    whole = _train(_tuner(names, tokenizer), items, update_in_backward="off")
-    _train(_tuner(names, tokenizer), items, tmp_path, stop_after_epochs=1, update_in_backward="on")
-    resumed = _train(_tuner(names, tokenizer), items, tmp_path, update_in_backward="on")
+    names, items = few_shot_items(synthetic_root)
+    whole = train(_tuner(names, tokenizer), items, FAST, update_in_backward="off")
+    train(_tuner(names, tokenizer), items, FAST, tmp_path, stop_after_epochs=1, update_in_backward="on")
+    resumed = train(_tuner(names, tokenizer), items, FAST, tmp_path, update_in_backward="on")
     assert resumed.start_epoch == 1 and len(resumed.history) == 2
-    _assert_identical(_state(whole), _state(resumed))
+    assert_identical(trained_state(whole), trained_state(resumed))
 
 
 def test_the_compiled_step_updates_in_backward_bit_identically(synthetic_root, tokenizer, monkeypatch):
     compile_ = torch.compile  # tracing and autograd without inductor's code generation (minutes here)
     monkeypatch.setattr(step_module.torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "aot_eager"}))
-    names, items = _items(synthetic_root)
-    after = _train(_tuner(names, tokenizer), items, step="compiled", update_in_backward="off")
-    inside = _train(_tuner(names, tokenizer), items, step="compiled")
+    names, items = few_shot_items(synthetic_root)
+    after = train(_tuner(names, tokenizer), items, FAST, step="compiled", update_in_backward="off")
+    inside = train(_tuner(names, tokenizer), items, FAST, step="compiled")
     assert inside.step_choice.kind == "compiled" and inside.update_choice.in_backward
-    _assert_identical(_state(after), _state(inside))
+    assert_identical(trained_state(after), trained_state(inside))
 
 
 def _sgd(**kw):
@@ -104,7 +77,7 @@ def test_off_with_its_reason_where_it_cannot_run(monkeypatch):
 
 
 def test_gradients_are_freed_and_other_backwards_keep_theirs(synthetic_root, tokenizer):
-    names, _ = _items(synthetic_root)
+    names, _ = few_shot_items(synthetic_root)
     tuner = _tuner(names, tokenizer, "ft")
     optimizer = torch.optim.SGD(tuner.parameter_groups(1e-2, 1e-2, 5e-4), lr=1e-2, momentum=0.9)
     step = EagerStep(tuner, optimizer, None, update_in_backward=True)
@@ -135,7 +108,7 @@ def _peak(update_in_backward, tuner, images, labels):
 def test_the_gradient_buffer_is_gone_from_the_peak(synthetic_root, tokenizer):
     """Weights dominate this step (width 256, batch 1), as in a large model at a small batch: the
     peak falls by at least the trainable fp32 bytes less the largest tensor's."""
-    names, _ = _items(synthetic_root)
+    names, _ = few_shot_items(synthetic_root)
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
     model = open_clip.CLIP(embed_dim=64, vision_cfg=dict(image_size=32, patch_size=16, width=256, head_width=64,

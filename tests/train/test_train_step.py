@@ -174,6 +174,7 @@ def test_the_static_step_loop_reads_losses_back_only_at_read_backs(synthetic_roo
     step, read_back = trainer.train_step, trainer._read_back
     trainer.train_step = watch(step, "step")
     trainer.train_step.kind, trainer.train_step.epoch_started = step.kind, step.epoch_started
+    trainer.train_step.epoch_ended = step.epoch_ended
     trainer._read_back = watch(read_back, "read_back")
     trainer.train()
     steps = len(trainer.steps)
