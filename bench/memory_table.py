@@ -52,11 +52,22 @@ def gpu_table(modes=MODES, batches=BATCHES, step: str = "auto") -> str:
                                                                                           + len(CARDS_GIB)))
                     continue
                 update = "in backward" if plan.update_in_backward else "after backward"
-                fits = ["yes" if plan.total_mb <= gib * 1024 else "no" for gib in CARDS_GIB]
+                fits = [_fits(plan, model, mode, batch, step, gib) for gib in CARDS_GIB]
                 lines.append(f"| {model} | {mode} | {batch} | {plan.step}, {update} | "
                              + " | ".join(f"{plan.kinds_mb[k] / 1024:.2f}" for k in KINDS)
                              + f" | {plan.total_mb / 1024:.1f} | " + " | ".join(fits) + " |")
     return "\n".join(lines)
+
+
+def _fits(plan, model: str, mode: str, batch: int, step: str, gib: int) -> str:
+    """Whether the run fits a card of ``gib`` GiB, with the step ``auto`` takes on that card
+    where the card's memory changed it (train/step.py graph_memory_unavailable)."""
+    if step != "auto" or plan.step != "graph":
+        return "yes" if plan.total_mb <= gib * 1024 else "no"
+    card = plan_memory(model, mode=mode, batch_size=batch, num_classes=CLASSES, step=step, probe_cache=PROBES,
+                       device_memory=gib * 2 ** 30, search=False)
+    return ("yes" if card.fits else "no") + (f" ({card.step}, {card.total_mb / 1024:.1f})" if card.step != plan.step
+                                             else "")
 
 
 def _cpu_plan(mode: str, batch: int):
@@ -177,7 +188,10 @@ def main() -> None:
     if args.measure:
         measure()
     print(f"Predicted on a GPU: bf16 autocast, {CLASSES} classes, 16 shots a class in the LSkip image cache, the "
-          "Trainer's auto step (the CUDA graph wherever it can run, so the update after backward). GiB.\n")
+          "Trainer's auto step (the CUDA graph wherever it can run, so the update after backward). GiB. In a "
+          "card's column, where the graph's gradients and update temporaries would take more than half of what "
+          "the card has left for the steps, auto takes the compiled step there instead (the update inside "
+          "backward): that step and its total are in brackets.\n")
     print(gpu_table())
     print("\nSkip Tuning at batch 4 with `--step eager` (or compiled): the update inside backward, no gradient "
           "buffer. GiB.\n")

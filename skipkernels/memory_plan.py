@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from skipkernels.train.step import graph_memory_unavailable
+
 KINDS = ("weights", "gradients", "optimizer_state", "caches_and_inputs", "activations_and_workspace")
 MB = 2 ** 20
 _PROBE_BATCHES = (1, 2)
@@ -675,6 +677,7 @@ class MemoryPlan:
     largest_batch: int | None = None
     smallest_skip_layers: int | None = None
     notes: list = dataclasses.field(default_factory=list)
+    step_reason: str = ""  # why --step auto takes this kind, where the device's memory decided it
 
     @property
     def steps_mb(self) -> float:
@@ -702,8 +705,8 @@ class MemoryPlan:
     def table(self) -> str:
         omega = f"omega {self.skip_layers}, " if self.skip_layers else ""
         lines = [f"{self.model}, {self.mode}, {omega}batch {self.batch_size}, {self.num_classes} classes "
-                 f"({self.classes_per_step} run per step), amp {self.amp}, {self.device_type}, step {self.step}, "
-                 f"optimizer update {'inside' if self.update_in_backward else 'after'} backward",
+                 f"({self.classes_per_step} run per step), amp {self.amp}, {self.device_type}, step {self.step}"
+                 f"{f' ({self.step_reason})' if self.step_reason else ''}, optimizer update {'inside' if self.update_in_backward else 'after'} backward",
                  f"{'kind':<27} {'predicted MB':>13}"]
         for kind in KINDS:
             lines.append(f"{kind:<27} {self.kinds_mb[kind]:13.1f}")
@@ -750,7 +753,8 @@ def plan_memory(model_name: str, mode: str = "skip", skip_layers: int | None = N
                 update_in_backward: str = "auto", shots: int = 16, cache_images: int | None = None,
                 cache_budget_gb: float = 8.0, device_memory: float | str | None = None,
                 depth: tuple[int, int] | None = None, seed: int = 1, template: str = "a photo of a {}.",
-                probe_cache: str | Path | None = None, offload_prefix: bool = True) -> MemoryPlan:
+                probe_cache: str | Path | None = None, offload_prefix: bool = True,
+                search: bool = True) -> MemoryPlan:
     """Predicted peak training memory of ``model_name`` (an open_clip name or ``hf:<folder>``)
     trained in ``mode`` with ω = ``skip_layers`` (None: the model's default), ``batch_size``
     images a step and ``num_classes`` classes (named as ``skipkernels bench`` names them).
@@ -765,7 +769,8 @@ def plan_memory(model_name: str, mode: str = "skip", skip_layers: int | None = N
     ``probe_cache``: a JSON file keeping the probe steps between runs (``default_probe_cache()``
     is the command line's); None keeps them in this process only. ``offload_prefix``: on a GPU, the
     frozen prefix weights are in host memory during the steps and come back for each caching pass
-    (SkipConfig.offload_prefix), so the peak is the larger of the steps' and a caching pass's."""
+    (SkipConfig.offload_prefix), so the peak is the larger of the steps' and a caching pass's.
+    ``search``: with ``device_memory``, also find the largest batch and the smallest ω that fit."""
     from skipkernels.data.names import class_names
     from skipkernels.ops.class_select import check_cskip_params, draw_rank_mask, top_k_for
     from skipkernels.skip.modes import MODES, mode_plan
@@ -821,11 +826,13 @@ def plan_memory(model_name: str, mode: str = "skip", skip_layers: int | None = N
                   cache_dtype=cache_dtype, device_type=device_type, step=step, update=update_in_backward,
                   class_subset=plan.class_subset, top_k=top_k, rows=rows, num_classes=num_classes,
                   cache_images=cache_images, shots=shots, budget=cache_budget_gb * 2 ** 30, depth=depth,
-                  n_image=n_image, n_text=n_text, probe_cache=probe_cache, offload_prefix=offload_prefix)
+                  n_image=n_image, n_text=n_text, probe_cache=probe_cache, offload_prefix=offload_prefix,
+                  memory=memory if device_memory is not None else None)
     result = _evaluate(batch=batch_size, skip_layers=skip_layers, **common)
     result.notes = notes
     if device_memory is not None:
         result.device_memory_mb = memory / MB
+    if device_memory is not None and search:
         def total_for(batch):
             return _evaluate(batch=batch, skip_layers=skip_layers, **common).total_mb
         # past K images a batch the auto step on a GPU is no longer the graph (the update moves into
@@ -862,7 +869,7 @@ def _largest_batch(total_for, limit_mb: float, first: int = 1, last: int = 1 << 
 
 def _evaluate(*, model_name, mode, names, template, amp, cache_dtype, device_type, step, update, class_subset,
               top_k, rows, num_classes, cache_images, shots, budget, depth, n_image, n_text, batch,
-              skip_layers, probe_cache, offload_prefix) -> MemoryPlan:
+              skip_layers, probe_cache, offload_prefix, memory=None) -> MemoryPlan:
     kind = _resolve_step(step, device_type, class_subset, batch, top_k)
     in_backward = {"on": True, "off": False}.get(update, kind != "graph")
     if kind == "graph":
@@ -899,6 +906,20 @@ def _evaluate(*, model_name, mode, names, template, amp, cache_dtype, device_typ
         # every weight, the momentum and the caches, plus one no-grad batch through a prefix block:
         # its input, output and the MLP's hidden activations (4x the width)
         caching_pass = counts["weights"] + counts["trainable"] + caches + 6 * batch_inputs
+    if step == "auto" and kind == "graph" and memory is not None:
+        # the Trainer's rule (train/step.py choose_step) on the same terms: the card less the weights
+        # on it during the steps, the momentum and the caches (the image cache where it is on the device)
+        left = memory - kinds["weights"] - kinds["optimizer_state"] - held - (image_cache if on_device else 0)
+        short = graph_memory_unavailable(counts["trainable"], left)
+        if short is not None:
+            compiled = _evaluate(model_name=model_name, mode=mode, names=names, template=template, amp=amp,
+                                 cache_dtype=cache_dtype, device_type=device_type, step="compiled", update=update,
+                                 class_subset=class_subset, top_k=top_k, rows=rows, num_classes=num_classes,
+                                 cache_images=cache_images, shots=shots, budget=budget, depth=depth,
+                                 n_image=n_image, n_text=n_text, batch=batch, skip_layers=skip_layers,
+                                 probe_cache=probe_cache, offload_prefix=offload_prefix)
+            compiled.step_reason = f"auto on this card: graph is possible, but {short}"
+            return compiled
     return MemoryPlan(model=model_name, mode=mode, skip_layers=skip_layers, batch_size=batch,
                       num_classes=num_classes, classes_per_step=rows, amp=amp, device_type=device_type, step=kind,
                       update_in_backward=in_backward, kinds_mb={k: v / MB for k, v in kinds.items()},

@@ -102,9 +102,26 @@ def graph_unavailable(tuner, optimizer, batch_size: int) -> str | None:
     return None
 
 
-def choose_step(requested: str, tuner, optimizer, batch_size: int) -> StepChoice:
+def graph_memory_unavailable(trainable_bytes: int, left_bytes: int) -> str | None:
+    """Why ``auto`` does not take the graph step on a card with ``left_bytes`` left for the steps
+    (its memory less the weights, the optimizer state and the caches), or None. The graph step
+    holds every trainable tensor's gradient from backward to its captured foreach update, whose
+    temporaries copy them once more: twice the trainable bytes, which the compiled step (the
+    update inside backward) never holds. Auto takes the graph only where that is at most half
+    of what is left, so the activations keep the other half. ``skipkernels plan`` applies the same
+    rule to its prediction."""
+    extra = 2 * trainable_bytes
+    if extra > left_bytes / 2:
+        gib = 2 ** 30
+        return (f"the graph step would hold {extra / gib:.1f} GiB of gradients and update temporaries, more than "
+                f"half of the {max(left_bytes, 0) / gib:.1f} GiB left for the steps")
+    return None
+
+
+def choose_step(requested: str, tuner, optimizer, batch_size: int, memory_left: int | None = None) -> StepChoice:
     """The step kind a run uses, decided once. A forced kind that cannot run raises ValueError
-    naming why, before any training."""
+    naming why, before any training. ``memory_left``: bytes of the device left for the steps
+    (``graph_memory_unavailable``); None: not weighed."""
     if requested not in STEP_KINDS:
         raise ValueError(f"step must be one of {STEP_KINDS}, got {requested!r}")
     why_not = {"eager": None, "compiled": compiled_unavailable(tuner, batch_size),
@@ -113,6 +130,11 @@ def choose_step(requested: str, tuner, optimizer, batch_size: int) -> StepChoice
         if why_not[requested]:
             raise StepUnavailable(f"step={requested!r} cannot run this training: {why_not[requested]}")
         return StepChoice(requested, "asked for")
+    if why_not["graph"] is None and memory_left is not None:
+        trainable = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+        short = graph_memory_unavailable(trainable, memory_left)
+        if short is not None and why_not["compiled"] is None:
+            return StepChoice("compiled", f"graph is possible, but {short}")
     if why_not["graph"] is None:
         return StepChoice("graph", "CUDA, compiled CUDA ops, a fixed class-subset size and SGD")
     if tuner.device.type != "cuda":

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from skipkernels import distributed
+from skipkernels.checks import image_size
 from skipkernels.data.coop import QUARTER_EPOCH_DATASETS
 from skipkernels.data.images import ItemDataset, TrainTransform, epoch_batches, make_loader, preprocess_config
 from skipkernels.ops.policy import deterministic_algorithms
@@ -203,12 +204,39 @@ class Trainer:
             # global batch (see train()), so the update equals a single process on the global batch.
             self.step_module = distributed.data_parallel(self.step_module, self.device)
         # decided once, before any training: a forced kind that cannot run is refused here
-        self.step_choice = choose_step(config.step, tuner, self.optimizer, config.batch_size)
+        self.step_choice = choose_step(config.step, tuner, self.optimizer, config.batch_size,
+                                       self._memory_left_for_steps())
         self.update_choice = choose_update(config.update_in_backward, self.step_choice.kind, self.optimizer)
         self.working_copies_choice = choose_working_copies(config.working_copies, self.step_choice.kind,
                                                            self.autocast_dtype)
         self.train_step = make_step(self.step_choice, tuner, self.optimizer, self.autocast_dtype, self.step_module,
                                     self.update_choice, self.working_copies_choice)
+
+    def _memory_left_for_steps(self) -> int | None:
+        """On CUDA, the device's bytes the steps will have (what ``--step auto`` weighs the graph
+        step's gradients against): free now, plus the frozen prefix weights that go to the host
+        between caching passes, less the momentum still to be made and the epoch's LSkip image
+        cache where it will be on the device. None elsewhere."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        tuner = self.tuner
+        leaving = sum(part.nbytes for part in tuner.prefix_offload.values() if not part.offloaded)
+        momentum = sum(p.numel() * p.element_size() for group in self.optimizer.param_groups for p in group["params"])
+        return free + leaving - momentum - self._image_cache_bytes_on_device()
+
+    def _image_cache_bytes_on_device(self) -> int:
+        """The epoch's LSkip image cache where it fits its budget (else it lives in host memory):
+        every training item's tokens at block ω (the stem's token count and width)."""
+        tuner = self.tuner
+        if not tuner.plan.caches_prefix:
+            return 0
+        height, width = image_size(tuner.model)
+        with torch.no_grad(), tuner.prefix_on_device("image"):
+            tokens = tuner.towers.image.stem(torch.zeros(1, 3, height, width, device=self.device, dtype=tuner.dtype))
+        element = torch.empty((), dtype=tuner.cache_dtype).element_size()
+        nbytes = len(self.items) * tokens[0].numel() * element
+        return nbytes if nbytes <= tuner.config.cache_budget_gb * (1 << 30) else 0
 
     # -------------------------------------------------------------- checkpoints
     @property

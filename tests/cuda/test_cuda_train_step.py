@@ -59,3 +59,16 @@ def test_the_static_steps_do_not_synchronise(synthetic_root, tokenizer, step):
     trainer.train_step = strict
     trainer.train()
     assert calls[0] >= 4 and all(torch.isfinite(torch.tensor(s["loss"])) for s in trainer.steps)
+
+
+@pytest.mark.skipif(not _ext.CUDA_BUILT, reason="compiled CUDA ops not built")
+def test_auto_takes_the_compiled_step_where_the_graph_would_not_leave_room(synthetic_root, tokenizer, monkeypatch):
+    roomy = _trainer(synthetic_root, tokenizer, "auto")
+    assert roomy.step_choice.kind == "graph", roomy.step_choice
+    left = roomy._memory_left_for_steps()
+    trainable = sum(p.numel() * 4 for _, p in roomy.tuner.trainable_named_parameters())
+    assert 0 < left < torch.cuda.mem_get_info()[0] + 2 ** 30
+    free, total = torch.cuda.mem_get_info()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free - left + 3 * trainable, total))
+    tight = _trainer(synthetic_root, tokenizer, "auto")
+    assert tight.step_choice.kind == "compiled" and "graph is possible, but" in tight.step_choice.reason

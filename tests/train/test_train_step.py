@@ -13,7 +13,7 @@ from skipkernels import KernelPolicy, SkipConfig, SkipTuner, _ext
 from skipkernels.data.coop import load_splits
 from skipkernels.data.fewshot import sample_few_shot
 from skipkernels.train import step as step_module
-from skipkernels.train.step import choose_step
+from skipkernels.train.step import choose_step, graph_memory_unavailable
 from skipkernels.train.trainer import TrainConfig, Trainer
 
 FAST = dict(batch_size=2, lr=3e-3, lr_image=3e-3, shots=4, same_class_batches=False, warmup_epochs=1,
@@ -69,6 +69,21 @@ def test_auto_chooses_and_says_why(case, requested, batch, expected, words, monk
     choice = choose_step(requested, tuner, _sgd(), batch)
     assert choice.kind == expected and words in choice.reason
     assert str(choice) == f"{expected} ({choice.reason})"
+
+
+def test_auto_weighs_the_graph_steps_gradients_against_the_memory_left(monkeypatch):
+    monkeypatch.setattr(_ext, "has_kernel", lambda name, device: True)
+    monkeypatch.setattr(_ext, "load_error", None)
+    tuner = _fake_cuda_tuner(resample="fixed", skipper=True)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1000))], lr=0.1, momentum=0.9)  # 4000 B
+    # the graph holds 2 x 4000 B of gradients and update temporaries: at most half of what is left
+    assert choose_step("auto", tuner, optimizer, 2, memory_left=16000).kind == "graph"
+    tight = choose_step("auto", tuner, optimizer, 2, memory_left=15999)
+    assert tight.kind == "compiled" and "graph is possible, but the graph step would hold" in tight.reason
+    assert choose_step("auto", tuner, optimizer, 2).kind == "graph"  # not weighed: no memory given
+    assert choose_step("graph", tuner, optimizer, 2, memory_left=0).kind == "graph"  # asked for: not weighed
+    assert graph_memory_unavailable(4000, 16000) is None
+    assert "0.0 GiB left" in graph_memory_unavailable(4000, -5)
 
 
 def test_on_cpu_auto_is_eager_and_graph_is_refused_before_training(synthetic_root, tokenizer, tmp_path):
