@@ -241,20 +241,21 @@ def _weight_counts(name: str, depth, mode: str, skip_layers: int) -> dict:
         for tower in model_towers(model):
             trainable += [*tower.blocks[plan.skip_layers:].parameters(), *tower.head_parameters()]
     weights = _bytes([*model.parameters(), *model.buffers()])
-    offloadable = _prefix_offload_bytes(model, plan.skip_layers, trainable) if plan.caches_prefix else 0
+    offloadable = _prefix_offload_bytes(model, plan.skip_layers, trainable) if plan.caches_prefix else (0, 0)
     if plan.trains == "prompt":  # CoOp's context: 4 vectors of the text width (SkipConfig.coop_n_ctx)
         width = model_towers(model)[1].token_embedding.weight.shape[1]
         trainable_bytes = 4 * width * 4
     else:
         trainable_bytes = _bytes(trainable)
-    return {"weights": weights, "trainable": trainable_bytes, "offloadable": offloadable}
+    return {"weights": weights, "trainable": trainable_bytes, "offloadable": sum(offloadable),
+            "offloadable_text": offloadable[1]}
 
 
-def _prefix_offload_bytes(model, skip_layers: int, trainable) -> int:
+def _prefix_offload_bytes(model, skip_layers: int, trainable) -> tuple[int, int]:
     """Bytes of the frozen parameters the tuner moves to host memory between LSkip's caching
-    passes (``SkipTuner._set_up_prefix_offload``): blocks [0, omega) and the stems of both towers,
-    less what is trainable or also read by the steps (suffix blocks, heads). Counted by tensor:
-    meta tensors have no storages to tell shared ones apart."""
+    passes (``SkipTuner._set_up_prefix_offload``), (image tower's, text tower's): blocks [0, omega)
+    and the stems of both towers, less what is trainable or also read by the steps (suffix
+    blocks, heads). Counted by tensor: meta tensors have no storages to tell shared ones apart."""
     from skipkernels.families import model_towers
     image, text = model_towers(model)
     steps_read = {id(t) for tower in (image, text) for block in tower.blocks[skip_layers:]
@@ -263,13 +264,15 @@ def _prefix_offload_bytes(model, skip_layers: int, trainable) -> int:
     steps_read |= {id(p) for p in trainable}
     in_blocks = {id(p) for block in image.blocks for p in block.parameters()}
     in_blocks |= {id(p) for p in image.head_parameters()}
-    candidates = [p for p in image.parameters() if id(p) not in in_blocks]
-    candidates += [*text.token_embedding.parameters()]
+    image_part = [p for p in image.parameters() if id(p) not in in_blocks]
+    image_part += [p for block in image.blocks[:skip_layers] for p in block.parameters()]
+    text_part = [*text.token_embedding.parameters()]
     if isinstance(text.positional_embedding, torch.nn.Parameter):
-        candidates.append(text.positional_embedding)
-    candidates += [p for tower in (image, text) for block in tower.blocks[:skip_layers] for p in block.parameters()]
-    unique = {id(p): p for p in candidates if id(p) not in steps_read}
-    return _bytes(unique.values())
+        text_part.append(text.positional_embedding)
+    text_part += [p for block in text.blocks[:skip_layers] for p in block.parameters()]
+    image_unique = {id(p): p for p in image_part if id(p) not in steps_read}
+    text_unique = {id(p): p for p in text_part if id(p) not in steps_read and id(p) not in image_unique}
+    return _bytes(image_unique.values()), _bytes(text_unique.values())
 
 
 # ---------------------------------------------------------------------------------------------- the probe
@@ -672,7 +675,7 @@ class MemoryPlan:
     image_cache_mb: float
     image_cache_on_device: bool
     prefix_offloaded_mb: float = 0.0  # frozen prefix weights in host memory during the steps
-    caching_pass_mb: float = 0.0  # the peak of an LSkip caching pass, all weights on the device
+    caching_pass_mb: float = 0.0  # the peak of an LSkip caching pass, the image prefix weights back on the device
     device_memory_mb: float | None = None
     largest_batch: int | None = None
     smallest_skip_layers: int | None = None
@@ -720,8 +723,8 @@ class MemoryPlan:
                 lines.append(f"{'  LSkip image cache':<27} {self.image_cache_mb:13.1f}  ({where})")
         if self.caching_pass_mb:
             lines.append(f"{'steps':<27} {self.steps_mb:13.1f}")
-            lines.append(f"{'LSkip caching pass':<27} {self.caching_pass_mb:13.1f}  (the prefix weights back on the "
-                         "device)")
+            lines.append(f"{'LSkip caching pass':<27} {self.caching_pass_mb:13.1f}  (the image prefix weights "
+                         "back on the device)")
         lines.append(f"{'total (peak)':<27} {self.total_mb:13.1f}  ({self.total_mb / 1024:.2f} GiB)")
         if self.host_mb:
             lines.append(f"{'host memory':<27} {self.host_mb:13.1f}")
@@ -903,9 +906,10 @@ def _evaluate(*, model_name, mode, names, template, amp, cache_dtype, device_typ
              "activations_and_workspace": activations}
     caching_pass = 0
     if offloaded:
-        # every weight, the momentum and the caches, plus one no-grad batch through a prefix block:
+        # the weights with the image prefix back (the text prefix, cached once at set-up, stays in
+        # host memory), the momentum and the caches, plus one no-grad batch through a prefix block:
         # its input, output and the MLP's hidden activations (4x the width)
-        caching_pass = counts["weights"] + counts["trainable"] + caches + 6 * batch_inputs
+        caching_pass = counts["weights"] - counts["offloadable_text"] + counts["trainable"] + caches + 6 * batch_inputs
     if step == "auto" and kind == "graph" and memory is not None:
         # the Trainer's rule (train/step.py choose_step) on the same terms: the card less the weights
         # on it during the steps, the momentum and the caches (the image cache where it is on the device)

@@ -168,7 +168,8 @@ def test_vit_bigg_skip_tuning_at_batch_4():
     assert graph.total_mb == eager.total_mb and graph.fits  # on a 22 GB card auto takes the compiled step
     unweighed = plan_memory("ViT-bigG-14", **{**common, "device_memory": None})
     assert unweighed.step == "graph" and not unweighed.update_in_backward
-    assert unweighed.total_mb > eager.total_mb + 0.9 * unweighed.kinds_mb["gradients"] and unweighed.total_mb * 2**20 > 22e9
+    assert unweighed.total_mb > eager.total_mb + 0.9 * unweighed.kinds_mb["gradients"]
+    assert unweighed.total_mb * 2**20 > 22e9
     roomy = plan_memory("ViT-bigG-14", **{**common, "device_memory": "80GB"})
     assert roomy.step == "graph" and roomy.fits and not roomy.step_reason
 
@@ -201,3 +202,19 @@ def test_bench_memory_entry_carries_the_prediction():
                                                             "activations_and_workspace")))
     paper = measure_memory_child(Scenario.default("cpu", quick=True), "paper", torch.device("cpu"))
     assert paper["predicted_mb"] is None and "not planned" in paper["predicted_note"]
+
+
+def test_offloaded_prefix_bytes_per_tower_are_the_tuners(monkeypatch):
+    """The plan's frozen prefix bytes, image and text apart (a caching pass brings back only the
+    image tower's), are the ones the tuner moves (SkipTuner._set_up_prefix_offload, forced on the CPU)."""
+    from skipkernels import SkipConfig, SkipTuner
+    from skipkernels.memory_plan import _weight_counts
+    from skipkernels.models import create_model
+    set_up = SkipTuner._set_up_prefix_offload
+    monkeypatch.setattr(SkipTuner, "_set_up_prefix_offload", lambda self, force=False: set_up(self, force=True))
+    model, tokenizer = create_model("skipkernels-tiny", pretrained="none", seed=0)
+    tuner = SkipTuner(model, ["a", "b", "c"], tokenizer, SkipConfig(mode="skip", skip_layers=2), seed=0)
+    counts = _weight_counts("skipkernels-tiny", None, "skip", 2)
+    assert counts["offloadable_text"] == tuner.prefix_offload["text"].nbytes > 0
+    assert counts["offloadable"] == tuner.prefix_offload["text"].nbytes + tuner.prefix_offload["image"].nbytes
+    tuner.restore_prefix()
