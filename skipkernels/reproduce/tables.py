@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -425,8 +426,17 @@ def _non_default(trained: list[dict]) -> list[str]:
             key = f"{section}.{f.name}"
             values = {json.dumps(r["identity"].get(key, f.default)) for r in trained}
             if key not in shown and len(values) == 1 and json.loads(next(iter(values))) != f.default:
-                out.append(f"{f.name.replace('_', '-')} {json.loads(next(iter(values)))}")
+                out.append(_setting_text(f.name, json.loads(next(iter(values)))))
     return out
+
+
+def _setting_text(name: str, value) -> str:
+    """A setting as the command line spells it. A run's identity records ``--top-count T`` as the
+    older top_ratio T (SkipConfig.canonical_identity): a ratio above 1 is a count of classes."""
+    if name == "top_ratio" and isinstance(value, (int, float)) and value > 1:
+        count = math.ceil(value)
+        return f"top-count {count}" + ("" if count == value else f" (given as top-ratio {value:g})")
+    return f"{name.replace('_', '-')} {value}"
 
 
 def settings_of_table(protocol: str, records: list[dict]) -> dict:

@@ -338,9 +338,9 @@ class EagerStep:
 
     def __call__(self, inputs, labels, weight: float = 1.0):
         working = self.working_copies
-        if working is not None:
-            working.attach()  # the blocks read the copies, each current with its master
         try:
+            if working is not None:
+                working.attach()  # the blocks read the copies, each current with its master
             with torch.autocast(self.device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
                 loss = self.loss(inputs, labels)
         finally:

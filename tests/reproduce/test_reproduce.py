@@ -265,3 +265,13 @@ def test_shipped_paper_numbers_are_consistent():
         assert harmonic_mean(average["base"], average["new"]) == pytest.approx(average["hm"], abs=0.011)
     assert numbers["cross"]["methods"]["Skip Tuning"] == {"source": 72.77, "average": 67.00}
     assert numbers["dg"]["methods"]["Skip Tuning"] == {"source": 72.77, "average": 61.20}
+
+
+def test_a_caption_names_a_count_of_classes_as_top_count():
+    """A --top-count T run's identity records the older top_ratio T: its caption says top-count."""
+    def trained(**skip):
+        identity = {f"skip_config.{k}": v for k, v in skip.items()}
+        return {"identity": identity, "mode": "skip", "train_config": {}}
+    assert "top-count 3" in tables._non_default([trained(top_ratio=3.0)])
+    assert "top-count 3 (given as top-ratio 2.5)" in tables._non_default([trained(top_ratio=2.5)])
+    assert "top-ratio 0.25" in tables._non_default([trained(top_ratio=0.25)])
