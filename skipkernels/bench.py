@@ -405,7 +405,7 @@ def run(args) -> dict:
         scenario.tokenizer = args.tokenizer
     if args.epoch_images:
         scenario.epoch_images = args.epoch_images
-    requested = [m for m in args.modes.split(",") if m]
+    requested = [m for m in (args.modes or ",".join(DEFAULT_MODES)).split(",") if m]
     finetune_kinds = [k for k in (args.finetune or "").split(",") if k]
     from skipkernels.train.step import STEP_KINDS
     if sorted(set(finetune_kinds) - set(STEP_KINDS)):
@@ -505,8 +505,9 @@ def class_counts(text: str) -> list[int]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from skipkernels.flags import DEVICE_HELP, MODEL_HELP, positive_int
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated modes: the bench's own "
-                   f"({', '.join(ALL_MODES)}) or any finetune --mode")
+    p.add_argument("--modes", default=None, help="comma-separated modes: the bench's own "
+                   f"({', '.join(ALL_MODES)}) or any finetune --mode (default: {','.join(DEFAULT_MODES)}; with "
+                   "--inference or several --classes, those reports' own)")
     p.add_argument("--quick", action="store_true", help="tiny scenario (smoke test)")
     p.add_argument("--batch", type=positive_int, default=None, help="images per step (default: 4)")
     p.add_argument("--model", default=None, help=f"{MODEL_HELP}; its weights: the shipped ones, a hf: model's own, "

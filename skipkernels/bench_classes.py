@@ -124,7 +124,7 @@ def chart(points: dict, modes, path: Path, title: str) -> bool:
 
 def run(args) -> dict:
     """The class-scaling report of ``skipkernels bench --classes C1,C2,...`` (``args`` are bench's)."""
-    from skipkernels.bench import (BENCH_MODES, CLASS_SCALING_MODES, DEFAULT_MODES, Scenario, base_model, bench_mode,
+    from skipkernels.bench import (BENCH_MODES, CLASS_SCALING_MODES, Scenario, base_model, bench_mode,
                                    measure_memory)
     from skipkernels.bench_report import environment, report_path
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -133,8 +133,8 @@ def run(args) -> dict:
         if getattr(args, field) is not None:
             setattr(scenario, field, getattr(args, field))
     counts = sorted(args.classes)
-    given = args.modes != ",".join(DEFAULT_MODES)  # bench's own default lists its step variants: not these
-    modes = [m for m in args.modes.split(",") if m] if given else list(CLASS_SCALING_MODES)
+    # bench's own default lists its step variants: not these
+    modes = [m for m in args.modes.split(",") if m] if args.modes is not None else list(CLASS_SCALING_MODES)
     for mode in modes:
         if mode in BENCH_MODES and mode not in ("ft", "coop"):
             raise ValueError(f"--classes with several counts compares tuner modes "

@@ -169,7 +169,7 @@ def chart(results: dict, path: Path, title: str, batches=INFERENCE_BATCHES) -> b
 
 def run(args) -> dict:
     """``skipkernels bench --inference`` (``args`` are bench's)."""
-    from skipkernels.bench import DEFAULT_MODES, Scenario
+    from skipkernels.bench import Scenario
     from skipkernels.bench_report import environment, report_path
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     scenario = Scenario.default(device.type, args.quick, args.batch)
@@ -178,8 +178,8 @@ def run(args) -> dict:
             setattr(scenario, field, getattr(args, field))
     if args.classes:
         scenario.classes = args.classes[0]
-    given = args.modes != ",".join(DEFAULT_MODES)  # bench's default lists training modes, not these
-    methods = [m for m in args.modes.split(",") if m] if given else list(INFERENCE_METHODS)
+    # bench's default lists training modes, not these
+    methods = [m for m in args.modes.split(",") if m] if args.modes is not None else list(INFERENCE_METHODS)
     unknown = [m for m in methods if m not in INFERENCE_METHODS]
     if unknown:
         raise ValueError(f"--inference measures the methods {', '.join(INFERENCE_METHODS)}; unknown: {unknown}")
