@@ -180,8 +180,10 @@ for path in sorted(glob.glob(os.path.join(out, "e2e-*.json")) + glob.glob(os.pat
         parts = " ".join(f"{k} {x:.0f}" for k, x in mem.get("breakdown_mb", {}).items())
         predicted = mem.get("predicted_mb") or {}
         planned = f"  plan {sum(predicted.values()):7.0f} MB" if predicted else ""
+        copies = v.get("step", {}).get("working_copies", "n/a")
+        copies = copies.split(" ")[0] if copies.startswith(("on", "off")) else "n/a"  # n/a: not the Trainer's step
         print(f"e2e {mode:<20} {step * 1e3:8.2f} ms  {base / step if base else float('nan'):6.2f}x paper  "
-              f"peak {mem.get('peak_mb', float('nan')):7.0f} MB{planned}  {parts}")
+              f"peak {mem.get('peak_mb', float('nan')):7.0f} MB{planned}  copies {copies}  {parts}")
 try:
     for mode, variants in json.load(open(os.path.join(out, "weight-casts-vitb16.json")))["modes"].items():
         for name, r in variants.items():

@@ -210,6 +210,15 @@ class ModeRunner:
             self.train_step = make_step(StepChoice(choice.kind, f"bench mode {name}"), self.tuner, self.optimizer,
                                         autocast_dtype, update=self.update_choice, working=self.working_copies_choice)
 
+    def step_settings(self) -> dict:
+        """How this mode's step runs: its kind, where the update runs and whether it keeps working
+        copies (the Trainer's choices, each with its reason), for the report."""
+        out = {"kind": getattr(self.train_step, "kind", "eager")}
+        for name in ("update_choice", "working_copies_choice"):
+            choice = getattr(self, name, None)
+            out[name.removesuffix("_choice")] = str(choice) if choice is not None else "not the Trainer's step"
+        return out
+
     def inputs_for(self, images):
         if self.plan.caches_prefix:
             with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
@@ -280,8 +289,8 @@ def measure_time(scenario: Scenario, modes, device, repeats: int, warmup: int, e
     for _ in range(repeats):  # interleaved: each repetition runs every mode once
         for r in runners:
             step_times[r.name].append(measure(lambda r=r: r.step(inputs[r.name], labels)))
-    result = {r.name: {"step_s": _summary(step_times[r.name]), "kernel_policy": dataclasses.asdict(r.policy)}
-              for r in runners}
+    result = {r.name: {"step_s": _summary(step_times[r.name]), "kernel_policy": dataclasses.asdict(r.policy),
+                       "step": r.step_settings()} for r in runners}
     if epoch:
         for r in runners:
             result[r.name].update(_measure_epoch(r, scenario, device, measure, seed))

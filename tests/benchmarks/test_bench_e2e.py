@@ -30,6 +30,10 @@ def test_bench_quick_writes_table_json_and_chart(tmp_path, capsys):
     # what ran: the reference modes on PyTorch's ops, ours under the measured table
     assert results["skip-ref"]["kernel_policy"] == {"backend": "torch", "table": None}
     assert results["skip-kernels"]["kernel_policy"]["backend"] == "auto"
+    # and how each step ran: the Trainer's choices for ours, on a CPU in fp32: no copies to keep
+    settings = results["skip-kernels"]["step"]
+    assert settings["kind"] == "eager" and settings["update"].startswith("in backward")
+    assert settings["working_copies"].startswith("off (no autocast")
     env = report["environment"]
     assert {"device", "torch", "git_commit", "date"} <= set(env)
 
