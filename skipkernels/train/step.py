@@ -203,8 +203,6 @@ def working_copies_unavailable(step_kind: str, autocast_dtype) -> str | None:
     if step_kind == "graph":
         return ("the CUDA-graph step replays autocast's casts inside its capture (no launches to save), and its "
                 "capture does not write copies")
-    if distributed.enabled():
-        return "not checked under torch.distributed yet"
     return None
 
 

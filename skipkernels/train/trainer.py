@@ -98,8 +98,8 @@ class TrainConfig:
     # Not part of the run's identity: the copies hold the bits autocast's casts would (bit-identical).
     working_copies: str = option("auto", "keep the GEMM weights' autocast-dtype copies across steps: frozen ones "
                                  "cast once an epoch, trained ones written by their update (bit-identical to "
-                                 "autocast's per-step casts): auto (under autocast, eager and compiled steps, "
-                                 "one process; the choice is printed), on or off", choices=WORKING_COPY_MODES,
+                                 "autocast's per-step casts): auto (under autocast, eager and compiled steps; "
+                                 "the choice is printed), on or off", choices=WORKING_COPY_MODES,
                                  identity=False)
     log_every: int = option(50, "read the step losses back to the host every N steps and at each epoch's end "
                             "(a non-finite loss stops training at the next read-back)", identity=False)

@@ -3,6 +3,12 @@ bit-identical to autocast's per-step casts (weights and momentum, two epochs wit
 resume in between, the compiled step, both places of the update), the forward casts no GEMM weight,
 a frozen weight is cast once an epoch, a master changed by another hand is seen, the step's peak
 grows by at most one GEMM's gradient, and the choice is off with its reason where the copies save nothing."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -170,6 +176,20 @@ def test_off_with_its_reason_where_it_saves_nothing(monkeypatch):
     assert choose_working_copies("off", "eager", BF16).reason == "asked for"
     assert choose_working_copies("auto", "compiled", BF16).on
     monkeypatch.setattr(distributed, "enabled", lambda: True)
-    assert not choose_working_copies("auto", "eager", BF16).on
+    assert choose_working_copies("auto", "eager", BF16).on  # DDP: the masters still get every gradient
     with pytest.raises(ValueError, match="working_copies must be one of"):
         TrainConfig(working_copies="sometimes")
+
+
+@pytest.mark.slow
+def test_two_ranks_under_ddp_are_bit_identical(synthetic_root, tmp_path):
+    """DistributedDataParallel all-reduces the masters' gradients (the copies hand theirs over
+    through the cast's backward) and optimizer.step() writes the copies after: weights and
+    momentum equal training without copies, on two gloo ranks."""
+    out = tmp_path / "ddp.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+           str(Path(__file__).parents[1] / "support" / "ddp_working_copies.py"), str(synthetic_root), str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["choices"]["on"].startswith("on (") and result["same"], result
