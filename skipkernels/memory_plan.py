@@ -776,7 +776,7 @@ def plan_memory(model_name: str, mode: str = "skip", skip_layers: int | None = N
     ``search``: with ``device_memory``, also find the largest batch and the smallest ω that fit."""
     from skipkernels.data.names import class_names
     from skipkernels.ops.class_select import check_cskip_params, draw_rank_mask, top_k_for
-    from skipkernels.skip.modes import MODES, mode_plan
+    from skipkernels.skip.modes import MODES, default_skip_layers, mode_plan
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if device_type not in ("cuda", "cpu"):
@@ -806,7 +806,7 @@ def plan_memory(model_name: str, mode: str = "skip", skip_layers: int | None = N
     if plan.caches_prefix:
         low = min(n_image, n_text)
         if skip_layers is None:
-            skip_layers = low // 2
+            skip_layers = default_skip_layers(n_image, n_text)[0]  # the tuner's default
         if not isinstance(skip_layers, int) or not 1 <= skip_layers < low:
             raise ValueError(f"omega (skip_layers) must be in [1, {low}) for {model_name} (image tower {n_image} "
                              f"blocks, text tower {n_text}), got {skip_layers}")

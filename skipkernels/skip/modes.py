@@ -48,6 +48,16 @@ class ModePlan:
             raise ValueError("skip_layers is 0 where nothing is cached")
 
 
+def default_skip_layers(n_image: int, n_text: int) -> tuple[int, str]:
+    """The default ω for towers of ``n_image`` and ``n_text`` blocks, and why: the paper's
+    proportion, half the blocks (6 of ViT-B/16's 12). One ω cuts both towers, so where their
+    depths differ it is half of the shallower one."""
+    depth = min(n_image, n_text)
+    blocks = f"the {depth} blocks" if n_image == n_text else \
+        f"the shallower tower's {depth} blocks (image {n_image}, text {n_text})"
+    return depth // 2, f"default: half of {blocks}"
+
+
 def mode_plan(mode: str, skip_layers: int | None) -> ModePlan:
     """The plan of tuner mode ``mode`` (one of ``MODES``) with ω = ``skip_layers`` (None: the model's
     default, not known here)."""

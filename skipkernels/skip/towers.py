@@ -36,6 +36,7 @@ from skipkernels.ops import policy as policies
 from skipkernels.ops.block import MODEL_PLAN_ATTRIBUTE, BlockParts, BlockPlan, held_plan, unsupported_reason
 from skipkernels.pet.hooks import block_hooks
 from skipkernels.pet.layouts import own_forward
+from skipkernels.skip.modes import default_skip_layers
 
 TEXT_PAD_MULTIPLE = 8
 
@@ -364,13 +365,8 @@ class ModelPlan:
                     block.forward = plan.as_forward()
 
     def default_skip_layers(self) -> tuple[int, str]:
-        """The default ω and why: the paper's proportion, half the blocks (6 of ViT-B/16's 12). One ω
-        cuts both towers, so where their depths differ it is half of the shallower one."""
-        n_image, n_text = len(self.image), len(self.text)
-        depth = min(n_image, n_text)
-        blocks = f"the {depth} blocks" if n_image == n_text else \
-            f"the shallower tower's {depth} blocks (image {n_image}, text {n_text})"
-        return depth // 2, f"default: half of {blocks}"
+        """The default ω for this model and why (``skip.modes.default_skip_layers``)."""
+        return default_skip_layers(len(self.image), len(self.text))
 
     def check_skip_layers(self, skip_layers: int) -> None:
         depth = min(len(self.image), len(self.text))
