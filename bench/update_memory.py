@@ -52,6 +52,21 @@ def eager_step(model_name, mode, classes, batch, omega, device, autocast_dtype, 
     return tuner, optimizer, step, inputs, labels
 
 
+def release(device) -> None:
+    """A variant's model and optimizer gone before the next is measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def report(out: dict, path: str | None) -> None:
+    """Print the JSON, and write it to ``path`` when given."""
+    print(json.dumps(out, indent=1))
+    if path:
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+
+
 def measure(model_name, mode, classes, batch, omega, in_backward, device, autocast_dtype, working_copies=False):
     tuner, optimizer, step, inputs, labels = eager_step(model_name, mode, classes, batch, omega, device, autocast_dtype,
                                                         in_backward, working_copies)
@@ -97,13 +112,8 @@ def main():
     for name, in_backward, copies in variants:
         out[name] = measure(args.model, args.mode, args.classes, args.batch, args.omega, in_backward, device,
                             autocast_dtype, copies)
-        gc.collect()  # the variant's model and optimizer, before the next is measured
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(json.dumps(out, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        release(device)
+    report(out, args.out)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,13 @@ alternating so that the machine's drift falls on both (the median; CUDA-synchron
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import statistics
 import time
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from update_memory import eager_step  # bench/, the script's own folder
+from update_memory import eager_step, release, report  # bench/, the script's own folder
 
 BF16 = torch.bfloat16
 
@@ -108,13 +106,8 @@ def main():
         out["modes"][mode] = {name: {**counts, "step_ms_median": statistics.median(times[name]),
                                      "step_ms": times[name]} for name, (_, _, _, counts) in variants.items()}
         del variants
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(json.dumps(out, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
+        release(device)
+    report(out, args.out)
 
 
 if __name__ == "__main__":
