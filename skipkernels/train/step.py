@@ -172,19 +172,24 @@ def update_in_backward_unavailable(step_kind: str, optimizer) -> str | None:
     return None
 
 
-def choose_update(requested: str, step_kind: str, optimizer) -> UpdateChoice:
-    """Where the optimizer update runs, decided once; "on" where it cannot run raises
-    StepUnavailable (a ValueError) naming why."""
-    if requested not in UPDATE_MODES:
-        raise ValueError(f"update_in_backward must be one of {UPDATE_MODES}, got {requested!r}")
-    why_not = update_in_backward_unavailable(step_kind, optimizer)
+def _decide(setting: str, requested: str, why_not: str | None, on_reason: str) -> tuple[bool, str]:
+    """An auto/on/off setting decided once: (on, why). "off" is off; auto is on unless ``why_not``;
+    "on" where ``why_not`` stands raises StepUnavailable (a ValueError) naming it."""
+    if requested not in ("auto", "on", "off"):
+        raise ValueError(f"{setting} must be one of ('auto', 'on', 'off'), got {requested!r}")
     if requested == "off":
-        return UpdateChoice(False, "asked for")
+        return False, "asked for"
     if why_not is None:
-        return UpdateChoice(True, "SGD per tensor as each gradient completes; no gradient buffer")
+        return True, on_reason
     if requested == "on":
-        raise StepUnavailable(f"update_in_backward='on' cannot run this training: {why_not}")
-    return UpdateChoice(False, why_not)
+        raise StepUnavailable(f"{setting}='on' cannot run this training: {why_not}")
+    return False, why_not
+
+
+def choose_update(requested: str, step_kind: str, optimizer) -> UpdateChoice:
+    """Where the optimizer update runs, decided once (``_decide``)."""
+    return UpdateChoice(*_decide("update_in_backward", requested, update_in_backward_unavailable(step_kind, optimizer),
+                                 "SGD per tensor as each gradient completes; no gradient buffer"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,19 +212,11 @@ def working_copies_unavailable(step_kind: str, autocast_dtype) -> str | None:
 
 
 def choose_working_copies(requested: str, step_kind: str, autocast_dtype) -> WorkingCopiesChoice:
-    """Whether a step keeps working copies, decided once; "on" where it cannot raises ValueError
-    naming why."""
-    if requested not in WORKING_COPY_MODES:
-        raise ValueError(f"working_copies must be one of {WORKING_COPY_MODES}, got {requested!r}")
-    if requested == "off":
-        return WorkingCopiesChoice(False, "asked for")
+    """Whether a step keeps working copies, decided once (``_decide``)."""
     why_not = working_copies_unavailable(step_kind, autocast_dtype)
-    if why_not is None:
-        return WorkingCopiesChoice(True, f"{str(autocast_dtype).removeprefix('torch.')} copies written by the "
-                                   "update; frozen weights cast once an epoch")
-    if requested == "on":
-        raise StepUnavailable(f"working_copies='on' cannot run this training: {why_not}")
-    return WorkingCopiesChoice(False, why_not)
+    return WorkingCopiesChoice(*_decide("working_copies", requested, why_not,
+                                        f"{str(autocast_dtype).removeprefix('torch.')} copies written by the update; "
+                                        "frozen weights cast once an epoch"))
 
 
 def _sgd_into_gradient(param, grad, buffers, group) -> None:
