@@ -78,8 +78,10 @@ def evaluate_groups(tuner, groups: dict, batch_size: int = 64, workers: int = 0,
 
 def class_labels(num_classes: int, classes: str) -> dict[str, list[int]]:
     """The test groups of ``classes`` (base2new, base, new or all) as ``{group: labels}``."""
+    if classes == "all":  # no split: a one-class set has an "all" group too
+        return {"all": list(range(num_classes))}
     base, new = base_new_labels(num_classes)
-    labels = {"all": list(range(num_classes)), "base": base, "new": new}
+    labels = {"base": base, "new": new}
     return {group: labels[group] for group in (["base", "new"] if classes == "base2new" else [classes])}
 
 

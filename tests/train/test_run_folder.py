@@ -270,3 +270,12 @@ def test_run_files_follow_the_umask(runs, tmp_path):
     assert stat.S_IMODE((tmp_path / "private.pt").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "private.json").stat().st_mode) == 0o600
     assert not list(tmp_path.glob(".private*"))
+
+
+def test_class_labels_of_one_class_has_its_all_group():
+    """"all" splits nothing, so a one-class set still has it; base and new need two classes."""
+    from skipkernels.train.evaluate import class_labels
+    assert class_labels(1, "all") == {"all": [0]}
+    assert class_labels(4, "base2new") == {"base": [0, 1], "new": [2, 3]}
+    with pytest.raises(ValueError):
+        class_labels(1, "base2new")
