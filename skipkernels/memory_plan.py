@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from skipkernels.skip.lskip import cache_on_device
 from skipkernels.train.step import graph_memory_unavailable
 
 KINDS = ("weights", "gradients", "optimizer_state", "caches_and_inputs", "activations_and_workspace")
@@ -896,7 +897,7 @@ def _evaluate(*, model_name, mode, names, template, amp, cache_dtype, device_typ
         held += num_classes * probe.embed_dim * 4  # CSkip's prototypes
     images = shots * num_classes if cache_images is None else cache_images
     image_cache = images * probe.image_tokens * probe.image_width * element if caches_prefix else 0
-    on_device = device_type != "cuda" or image_cache <= budget
+    on_device = cache_on_device(image_cache, device_type, budget)
     caches = held + batch_inputs + batch * 8 + (image_cache if on_device else 0)
     low_image, low_text = n_image - skip_layers, n_text - skip_layers  # suffix blocks run
     activations = probe.peak(batch, rows, extra_text_blocks=low_text - 3, extra_image_blocks=low_image - 3)

@@ -63,6 +63,12 @@ class TextPrefixCache:
         return self.tokens_at_block[selected, :length], self.pool_index[selected]
 
 
+def cache_on_device(nbytes: int, device_type: str, budget_bytes: float) -> bool:
+    """Where an epoch's image cache of ``nbytes`` lives: on a GPU where it fits the budget, else in
+    pinned host memory (on a CPU the host is the device)."""
+    return device_type != "cuda" or nbytes <= budget_bytes
+
+
 def keep_token_count(num_tokens: int, drop_ratio: float, prefix: int = 1) -> int:
     """Tokens kept per image: the ``prefix`` class / register tokens plus round(patches*(1-drop_ratio))
     patches (>= 1)."""
@@ -141,7 +147,7 @@ class ImagePrefixCache:
             if store is None:
                 shape = (total,) + tuple(x.shape[1:])
                 nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                on_device = device.type != "cuda" or nbytes <= budget_bytes
+                on_device = cache_on_device(nbytes, device.type, budget_bytes)
                 store = torch.empty(shape, dtype=dtype, device=device if on_device else "cpu",
                                     pin_memory=(not on_device) and torch.cuda.is_available())
             rows = row_of[indices]

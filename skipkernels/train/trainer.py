@@ -18,7 +18,7 @@ from skipkernels.data.coop import QUARTER_EPOCH_DATASETS
 from skipkernels.data.images import ItemDataset, TrainTransform, epoch_batches, make_loader, preprocess_config
 from skipkernels.ops.policy import deterministic_algorithms
 from skipkernels.options import option
-from skipkernels.skip.lskip import ImagePrefixCache
+from skipkernels.skip.lskip import ImagePrefixCache, cache_on_device, keep_token_count
 from skipkernels.skip.tuner import SkipTuner
 from skipkernels.train import checkpoint
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
@@ -226,17 +226,18 @@ class Trainer:
         return free + leaving - momentum - self._image_cache_bytes_on_device()
 
     def _image_cache_bytes_on_device(self) -> int:
-        """The epoch's LSkip image cache where it fits its budget (else it lives in host memory):
-        every training item's tokens at block ω (the stem's token count and width)."""
+        """The epoch's LSkip image cache where it lives on the device (``lskip.cache_on_device``):
+        every training item's tokens at block ω, as many as token dropping keeps, of the stem's width."""
         tuner = self.tuner
         if not tuner.plan.caches_prefix:
             return 0
         height, width = image_size(tuner.model)
+        image = tuner.towers.image
         with torch.no_grad(), tuner.prefix_on_device("image"):
-            tokens = tuner.towers.image.stem(torch.zeros(1, 3, height, width, device=self.device, dtype=tuner.dtype))
-        element = torch.empty((), dtype=tuner.cache_dtype).element_size()
-        nbytes = len(self.items) * tokens[0].numel() * element
-        return nbytes if nbytes <= tuner.config.cache_budget_gb * (1 << 30) else 0
+            tokens = image.stem(torch.zeros(1, 3, height, width, device=self.device, dtype=tuner.dtype))[0]
+        kept = keep_token_count(tokens.shape[0], tuner.config.drop_ratio, image.tower.prefix_tokens)
+        nbytes = len(self.items) * kept * tokens.shape[1] * torch.empty((), dtype=tuner.cache_dtype).element_size()
+        return nbytes if cache_on_device(nbytes, self.device.type, tuner.config.cache_budget_gb * (1 << 30)) else 0
 
     # -------------------------------------------------------------- checkpoints
     @property

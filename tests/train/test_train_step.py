@@ -267,3 +267,16 @@ def test_the_compiled_step_trains_pet_coop_and_ft_modes_as_eager_does(mode, synt
     compiled = _train(tuner(), items, epochs=1, step="compiled")
     assert compiled.step_choice.kind == "compiled"
     _assert_close(_weights(eager.tuner), _weights(compiled.tuner))
+
+
+@pytest.mark.parametrize("drop_ratio", [0.0, 0.5])
+def test_the_image_cache_auto_weighs_is_the_one_an_epoch_builds(drop_ratio, synthetic_root, tokenizer):
+    """--step auto counts the epoch's LSkip image cache before it exists: the same bytes as the
+    cache the first epoch builds, token dropping included."""
+    names, items = _items(synthetic_root)
+    tuner = SkipTuner(tiny_clip(layers=2), names, tokenizer,
+                      SkipConfig(mode="skip", skip_layers=1, top_ratio=0.5, drop_ratio=drop_ratio), seed=1)
+    trainer = Trainer(tuner, items, TrainConfig(epochs=1, **FAST))
+    predicted = trainer._image_cache_bytes_on_device()
+    trainer.train()
+    assert predicted == trainer.cache_bytes > 0
