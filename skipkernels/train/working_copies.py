@@ -52,13 +52,21 @@ class WorkingCopies:
         self.versions: dict[int, int] = {}          # id(master) -> master's version when copied
         self.working: dict[int, tuple] = {}         # id(block plan) -> (plan, what it is handed)
         self.casts = 0                              # copies written (tests and the benchmark count them)
+        self._plans_of = (None, None, [])            # (image plans, text plans, the backward-running ones)
 
     def _plans(self) -> list:
-        tuner = self.tuner
-        start = tuner.skip_layers if tuner.plan.caches_prefix else 0
-        prompt = tuner.plan.trains == "prompt"
-        return _backward_plans(tuner.towers.image, start, False) * (not prompt) + \
-            _backward_plans(tuner.towers.text, start, prompt)
+        """The backward-running block plans, found again only when the towers' plans were rebuilt
+        (``TowerPlan.plan_blocks`` makes new lists: PET modules, a policy change)."""
+        towers = self.tuner.towers
+        image, text, plans = self._plans_of
+        if image is not towers.image.plans or text is not towers.text.plans:
+            tuner = self.tuner
+            start = tuner.skip_layers if tuner.plan.caches_prefix else 0
+            prompt = tuner.plan.trains == "prompt"
+            plans = _backward_plans(towers.image, start, False) * (not prompt) + \
+                _backward_plans(towers.text, start, prompt)
+            self._plans_of = (towers.image.plans, towers.text.plans, plans)
+        return plans
 
     def _copy_of(self, master):
         key = id(master)
@@ -78,20 +86,19 @@ class WorkingCopies:
 
     def attach(self) -> None:
         """Hand every backward-running block plan its copies, each written again where its master
-        changed since (or never written)."""
+        changed since (or never written). A plan's copies are found once: a parameter replaced
+        since is not the one ``read_through`` sees, which then keeps autocast's cast."""
         for plan in self._plans():
-            entry = self.working.get(id(plan))
-            sources = plan.gemm_parameters()  # read without computing: a parametrised weight has none
-            if entry is None or entry[0] is not plan or any(a is not b for a, b in zip(entry[1][0], sources)):
+            entry = self.working.get(id(plan))  # the entry holds the plan, so its id is not reused
+            if entry is None:
+                sources = plan.gemm_parameters()  # read without computing: a parametrised weight has none
                 # a copy only where the forward reads the parameter itself (not W + BA computed from it)
                 read = plan.gemm_weights()
                 copies = tuple(None if t is None or t is not r or not t.is_floating_point() else self._copy_of(t)
                                for t, r in zip(sources, read))
                 entry = self.working[id(plan)] = (plan, (sources, copies))
             plan.working = entry[1]
-        for key, master in self.masters.items():
-            if self.versions[key] != master._version:
-                self._write(key)
+        self.updated_all()
 
     def detach(self) -> None:
         for plan, _ in self.working.values():
@@ -103,6 +110,7 @@ class WorkingCopies:
             self._write(id(param))
 
     def updated_all(self) -> None:
+        """Every copy whose master changed since it was written, written again."""
         for key, master in self.masters.items():
             if self.versions[key] != master._version:
                 self._write(key)
@@ -114,6 +122,7 @@ class WorkingCopies:
         self.masters.clear()
         self.versions.clear()
         self.working.clear()
+        self._plans_of = (None, None, [])  # and which blocks run a backward, looked at again
 
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.copies.values())
