@@ -24,6 +24,7 @@ import torch
 from skipkernels import SkipConfig, SkipTuner
 from skipkernels.models import create_model
 from skipkernels.patch import patch_clip
+from skipkernels.skip.modes import mode_plan
 from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.step import EagerStep
 
@@ -38,7 +39,7 @@ def eager_step(model_name, mode, classes, batch, omega, device, autocast_dtype, 
     model, tokenizer = create_model(model_name, pretrained="none", device=device, seed=0)
     model = patch_clip(model)
     names = [f"class {i}" for i in range(classes)]
-    cached = mode in ("skip", "lskip") or mode.startswith("lskip-")
+    cached = mode_plan(mode, omega).caches_prefix
     tuner = SkipTuner(model, names, tokenizer, SkipConfig(mode=mode, skip_layers=omega if cached else None), seed=1)
     optimizer = torch.optim.SGD(tuner.parameter_groups(2e-5, 5e-6), lr=2e-5, momentum=0.9, weight_decay=5e-4)
     step = EagerStep(tuner, optimizer, autocast_dtype, update_in_backward=in_backward, working_copies=working_copies)

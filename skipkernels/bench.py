@@ -332,7 +332,10 @@ def _measure_epoch(runner, scenario, device, measure, seed):
 
 
 def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) -> dict:
-    """Run in a fresh process: peak memory of ``steps`` training steps of one mode."""
+    """Run in a fresh process: peak memory of ``steps`` training steps of one mode, and the plan's
+    prediction beside it (``predicted_for_bench``, called after the measurement: it runs steps of
+    its own)."""
+    from skipkernels.memory_plan import predicted_for_bench
     from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
     model, tokenizer, autocast_dtype = base_model(scenario, device)
     runner = ModeRunner(mode, model, tokenizer, scenario, device, autocast_dtype)
@@ -348,7 +351,6 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
             for _ in range(1 + steps):
                 runner.step(inputs, labels)
         peak_mb = None if probe.peak_bytes is None else probe.peak_bytes / 2**20
-        from skipkernels.memory_plan import predicted_for_bench  # after the measurement: it runs steps of its own
         return {"peak_mb": peak_mb, "kind": f"cpu allocator peak over the first {1 + steps} steps, above the "
                                             "level before them (torch.profiler)",
                 **predicted_for_bench(scenario, runner, device)}
@@ -357,7 +359,6 @@ def measure_memory_child(scenario: Scenario, mode: str, device, steps: int = 3) 
         for _ in range(steps):
             runner.step(inputs, labels)
     # everything allocated: weights, gradients, optimizer state, activations, the batch
-    from skipkernels.memory_plan import predicted_for_bench
     return {"peak_mb": peak.peak_bytes / 2**20, "kind": "cuda max_memory_allocated during training steps",
             "breakdown_mb": memory_breakdown(runner, peak.start_bytes, peak.peak_bytes),
             **predicted_for_bench(scenario, runner, device)}
@@ -414,7 +415,7 @@ def run(args) -> dict:
         scenario.tokenizer = args.tokenizer
     if args.epoch_images:
         scenario.epoch_images = args.epoch_images
-    requested = [m for m in (args.modes or ",".join(DEFAULT_MODES)).split(",") if m]
+    requested = [m for m in (",".join(DEFAULT_MODES) if args.modes is None else args.modes).split(",") if m]
     finetune_kinds = [k for k in (args.finetune or "").split(",") if k]
     from skipkernels.train.step import STEP_KINDS
     if sorted(set(finetune_kinds) - set(STEP_KINDS)):

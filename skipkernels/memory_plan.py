@@ -218,7 +218,6 @@ def _bytes(tensors) -> int:
     return sum(seen.values())
 
 
-@functools.lru_cache(maxsize=64)
 @functools.lru_cache(maxsize=64)  # the largest-batch and smallest-omega searches ask again and again
 def _weight_counts(name: str, depth, mode: str, skip_layers: int) -> dict:
     """Bytes of all weights and of the trainable ones, from the model on the meta device with
@@ -566,7 +565,7 @@ def _probe(name: str, mode: str, amp: str, cache_dtype: str, update_in_backward:
             names = list(names_key[:rows])
             # CSkip on, with K = rows - 1 and the one lower rank always kept: `rows` classes run
             config = SkipConfig(mode=mode, skip_layers=skip_layers if caches else None, max_top=rows,
-                                cache_dtype=cache_dtype, template=template, **_top_count(rows - 1))
+                                cache_dtype=cache_dtype, template=template, top_count=rows - 1)
             # a PET mode's modules go into the model it is given: a model each
             tuner = SkipTuner(copy.deepcopy(model) if plan.trains == "pet" else model, names, tokenizer, config,
                               seed=0)
@@ -617,13 +616,6 @@ def _loss_with_mark(tuner, inputs, labels):
     loss = tuner.loss(inputs, labels)
     torch.empty(_MARK_FORWARD_END, dtype=torch.uint8)  # the forward's end, in the allocator's trace
     return loss
-
-
-def _top_count(count: int) -> dict:
-    from skipkernels.skip.tuner import SkipConfig
-    if "top_count" in SkipConfig.__dataclass_fields__:
-        return {"top_count": count}
-    return {"top_ratio": float(count)}  # the older spelling of a count
 
 
 def _zero_grad_with_mark(zero_grad, *args, **kwargs):
@@ -831,7 +823,7 @@ def plan_memory(model_name: str, mode: str = "skip", skip_layers: int | None = N
                   class_subset=plan.class_subset, top_k=top_k, rows=rows, num_classes=num_classes,
                   cache_images=cache_images, shots=shots, budget=cache_budget_gb * 2 ** 30, depth=depth,
                   n_image=n_image, n_text=n_text, probe_cache=probe_cache, offload_prefix=offload_prefix,
-                  memory=memory if device_memory is not None else None)
+                  memory=memory)
     result = _evaluate(batch=batch_size, skip_layers=skip_layers, **common)
     result.notes = notes
     if device_memory is not None:
@@ -874,6 +866,7 @@ def _largest_batch(total_for, limit_mb: float, first: int = 1, last: int = 1 << 
 def _evaluate(*, model_name, mode, names, template, amp, cache_dtype, device_type, step, update, class_subset,
               top_k, rows, num_classes, cache_images, shots, budget, depth, n_image, n_text, batch,
               skip_layers, probe_cache, offload_prefix, memory=None) -> MemoryPlan:
+    arguments = dict(locals())  # for the compiled step's plan below, on the same terms
     kind = _resolve_step(step, device_type, class_subset, batch, top_k)
     in_backward = {"on": True, "off": False}.get(update, kind != "graph")
     if kind == "graph":
@@ -917,12 +910,7 @@ def _evaluate(*, model_name, mode, names, template, amp, cache_dtype, device_typ
         left = memory - kinds["weights"] - kinds["optimizer_state"] - held - (image_cache if on_device else 0)
         short = graph_memory_unavailable(counts["trainable"], left)
         if short is not None:
-            compiled = _evaluate(model_name=model_name, mode=mode, names=names, template=template, amp=amp,
-                                 cache_dtype=cache_dtype, device_type=device_type, step="compiled", update=update,
-                                 class_subset=class_subset, top_k=top_k, rows=rows, num_classes=num_classes,
-                                 cache_images=cache_images, shots=shots, budget=budget, depth=depth,
-                                 n_image=n_image, n_text=n_text, batch=batch, skip_layers=skip_layers,
-                                 probe_cache=probe_cache, offload_prefix=offload_prefix)
+            compiled = _evaluate(**{**arguments, "step": "compiled", "memory": None})
             compiled.step_reason = f"auto on this card: graph is possible, but {short}"
             return compiled
     return MemoryPlan(model=model_name, mode=mode, skip_layers=skip_layers, batch_size=batch,
@@ -1064,7 +1052,8 @@ def predicted_for_bench(scenario, runner, device) -> dict:
                              batch_size=scenario.batch, num_classes=scenario.classes, device_type=device.type,
                              step=runner.train_step.kind,
                              update_in_backward="on" if runner.update_choice.in_backward else "off",
-                             cache_images=0, seed=0, offload_prefix=False)  # the bench's steps keep the prefix
+                             cache_images=0, seed=0, offload_prefix=False,  # the bench's steps keep the prefix
+                             probe_cache=default_probe_cache())  # a probe run once, not in every mode's process
     except (ValueError, TypeError, RuntimeError) as err:
         return {"predicted_mb": None, "predicted_note": str(err)}
     out = {"predicted_mb": result.kinds_mb}
