@@ -7,7 +7,8 @@
 
 For a model they report its towers (``model_towers``: blocks, stem, pooling, head, mask, and why
 each exact saving is off), each block's parts by role (``read_block``, registered with the op
-layer, which computes any block from its parts), and where PET modules attach (``pet_block``).
+layer, which computes any block from its parts: ``skipkernels.ops.block.read_block``), and where
+PET modules attach (``pet_block``).
 The rest of the package reads these reports and names no foreign class; adding a model family
 touches one adapter and its tests.
 """
@@ -53,16 +54,6 @@ def text_tower(model):
     return open_clip.text_tower(model)
 
 
-def read_block(block):
-    """``BlockParts`` of ``block`` by role, a str saying why the op layer does not compute it, or
-    None where no adapter knows it."""
-    for adapter in ADAPTERS:
-        found = adapter.read_block(block)
-        if found is not None:
-            return found
-    return None
-
-
 def pet_block(name, module) -> PetBlock | None:
     """Where PET modules attach in ``module``, if it is a transformer block an adapter knows."""
     for adapter in (open_clip, transformers):
@@ -80,4 +71,4 @@ def is_paper_model(model) -> bool:
 __all__ = ["ADAPTERS", "HF_MODELS", "PROMPT_POSITION_TEXT_POOLS", "SINGLE_TOKEN_TEXT_POOLS", "HFImageTower",
            "HFTextTower", "OpenClipImageTower", "PaddedTokens", "PetBlock", "SubLayer", "TextTower", "TimmImageTower",
            "UnsupportedModel", "clip_block_forward", "hf_image_size", "image_tower", "is_hf_model",
-           "is_paper_model", "model_towers", "pet_block", "read_block", "text_tower", "token_function"]
+           "is_paper_model", "model_towers", "pet_block", "text_tower", "token_function"]

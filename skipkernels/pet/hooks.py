@@ -7,8 +7,8 @@ import functools
 
 import torch.nn as nn
 
-from skipkernels import adapters
-from skipkernels.ops.block import BlockHooks, BlockParts
+from skipkernels import adapters  # noqa: F401 - registers the adapters' block readers with the op layer
+from skipkernels.ops.block import BlockHooks, BlockParts, read_block
 from skipkernels.pet import modules as M
 
 
@@ -38,7 +38,7 @@ def block_hooks(block: nn.Module, parts: BlockParts | None = None):
     ``parts``: the block's parts as its adapter reported them (read here when not given). Walks
     the block's modules: plans call it once, when they are built."""
     if parts is None:
-        parts = adapters.read_block(block)
+        parts = read_block(block)
         if not isinstance(parts, BlockParts):
             return None
     lora = {}

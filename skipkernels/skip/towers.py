@@ -30,10 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from skipkernels.adapters import read_block
 from skipkernels.families import model_towers
 from skipkernels.ops import policy as policies
-from skipkernels.ops.block import MODEL_PLAN_ATTRIBUTE, BlockParts, BlockPlan, held_plan, unsupported_reason
+from skipkernels.ops.block import (MODEL_PLAN_ATTRIBUTE, BlockParts, BlockPlan, held_plan, read_block,
+                                   unsupported_reason)
 from skipkernels.pet.hooks import block_hooks
 from skipkernels.pet.layouts import own_forward
 from skipkernels.skip.modes import default_skip_layers
