@@ -39,6 +39,14 @@ def gelu_name(module) -> str | None:
     return None
 
 
+def mlp_activation_name(module) -> str | None:
+    """The op layer's name of the MLP activation of an open_clip or timm block (open_clip's
+    QuickGELU or PyTorch's GELU), or None: it runs as a module."""
+    if type(module).__name__ == "QuickGELU":
+        return "quick_gelu"
+    return gelu_name(module)
+
+
 def causal_mask_kwargs(x, causal: bool, name: str = "attn_mask") -> dict:
     """The additive causal mask of a block run as a module, under the keyword ``name``."""
     if not causal:

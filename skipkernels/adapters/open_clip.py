@@ -19,7 +19,8 @@ import torch.nn as nn
 
 from skipkernels.adapters import timm as timm_adapter
 from skipkernels.adapters.base import (PROMPT_POSITION_TEXT_POOLS, SINGLE_TOKEN_TEXT_POOLS, PetBlock, SubLayer,
-                                       UnsupportedModel, causal_mask_kwargs, gelu_name, hybrid_message, mask_kind)
+                                       UnsupportedModel, causal_mask_kwargs, hybrid_message, mask_kind,
+                                       mlp_activation_name)
 from skipkernels.ops.block import BlockParts
 
 BLOCKS = ("ResidualAttentionBlock", "CustomResidualAttentionBlock")
@@ -32,13 +33,6 @@ def _kind(module) -> str:
 
 def is_block(module) -> bool:
     return _kind(module) in BLOCKS
-
-
-def activation_name(module) -> str | None:
-    """The op layer's name of an open_clip MLP activation, or None."""
-    if _kind(module) == "QuickGELU":
-        return "quick_gelu"
-    return gelu_name(module)
 
 
 # ------------------------------------------------------------------------------------ blocks
@@ -58,7 +52,7 @@ def read_block(block):
         attention = (attn.num_heads, attn.attn_drop.p, attn.ln_q, attn.ln_k, scaled, attn.ln_inner)
     return BlockParts(block.ln_1, attn, ("in_proj_weight", "in_proj_bias"), attn.out_proj, *attention,
                       getattr(block, "ln_attn", None), block.ls_1, block.ln_2, mlp.c_fc, mlp.gelu,
-                      getattr(mlp, "ln", None), mlp.c_proj, block.ls_2, activation_name(mlp.gelu), "x")
+                      getattr(mlp, "ln", None), mlp.c_proj, block.ls_2, mlp_activation_name(mlp.gelu), "x")
 
 
 def _unsupported_reason(block) -> str | None:
@@ -74,7 +68,7 @@ def _unsupported_reason(block) -> str | None:
             return "cross-attention block (CoCa decoder)"
     elif getattr(block.attn, "logit_scale", None) is not None:
         return "scaled-cosine attention (scaled_cosine_attn=True)"
-    if activation_name(block.mlp.gelu) is None and not callable(block.mlp.gelu):
+    if mlp_activation_name(block.mlp.gelu) is None and not callable(block.mlp.gelu):
         return f"MLP activation {_kind(block.mlp.gelu)}"
     return None
 

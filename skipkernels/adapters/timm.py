@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from skipkernels.adapters.base import UnsupportedModel, causal_mask_kwargs, gelu_name, hybrid_message, is_identity
+from skipkernels.adapters.base import (UnsupportedModel, causal_mask_kwargs, hybrid_message, is_identity,
+                                       mlp_activation_name)
 from skipkernels.ops.block import BlockParts
 
 TRUNKS = ("VisionTransformer", "Eva")
@@ -30,13 +31,6 @@ def _is_timm(module) -> bool:
 
 
 # ------------------------------------------------------------------------------------ blocks
-def activation_name(module) -> str | None:
-    """The op layer's name of a timm MLP activation, or None (it runs as a module)."""
-    if _kind(module) == "QuickGELU":
-        return "quick_gelu"
-    return gelu_name(module)
-
-
 def read_block(block):
     """``BlockParts`` of a timm ViT ``Block``, why the op layer does not compute it, or None."""
     if not (_kind(block) == "Block" and _is_timm(block)):
@@ -47,7 +41,7 @@ def read_block(block):
     attn, mlp = block.attn, block.mlp
     return BlockParts(block.norm1, attn.qkv, ("weight", "bias"), attn.proj, attn.num_heads, attn.attn_drop.p,
                       attn.q_norm, attn.k_norm, None, attn.norm, None, block.ls1, block.norm2, mlp.fc1, mlp.act,
-                      mlp.norm, mlp.fc2, block.ls2, activation_name(mlp.act), "x")
+                      mlp.norm, mlp.fc2, block.ls2, mlp_activation_name(mlp.act), "x")
 
 
 def _unsupported_reason(block) -> str | None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from skipkernels.adapters.base import PetBlock, SubLayer, UnsupportedModel
+from skipkernels.adapters.base import PetBlock, SubLayer, UnsupportedModel, gelu_name
 from skipkernels.adapters.open_clip import TextTower
 from skipkernels.ops.block import BlockParts, PackedProjections
 
@@ -68,10 +68,9 @@ def is_layer(module) -> bool:
 
 def activation_name(module) -> str | None:
     """The op layer's name of a transformers activation module, or None."""
-    if isinstance(module, nn.GELU):
-        return "gelu" if module.approximate == "none" else "gelu_tanh"
-    if not is_transformers(module):
-        return None
+    name = gelu_name(module)
+    if name is not None or not is_transformers(module):
+        return name
     if _kind(module) == "GELUActivation" and getattr(module, "act", None) is not F.gelu:
         return None  # transformers' Python GELU (use_gelu_python)
     return _ACTIVATIONS.get(_kind(module))
