@@ -44,9 +44,9 @@ def patch_clip(model: nn.Module, policy=None) -> nn.Module:
     _ext.load()  # the compiled ops' first use (may compile them once), before any torch.compile trace
     if policy is not None:
         resolve(policy)  # an unknown backend name fails here, not at the first op
-    model_towers(model)  # TypeError / ValueError naming what is not supported, before any rebinding
     # The model's one plan, built (or built again: the model may have changed since) under
-    # ``policy``; the blocks route through it.
+    # ``policy``; the blocks route through it. Finding the towers raises the TypeError or
+    # ValueError naming what is not supported, before any rebinding.
     plan = hold_plan(model, policy)
     plan.route_blocks()
     # A transformers model keeps its own encoders (get_image_features / get_text_features return its

@@ -46,11 +46,12 @@ def read_classnames(spec: str) -> list[str]:
 
 def run_classnames(checkpoint: str | None) -> list[str]:
     """The classes (base and new) of the run ``checkpoint`` belongs to: predict's default."""
-    from skipkernels.train import export, run_folder
+    from skipkernels.models import read_tuned
+    from skipkernels.train import run_folder
     path = Path(checkpoint).expanduser() if checkpoint else None
     source = None
     if path is not None and path.exists():
-        source = run_folder.results_of(path) or (export.read_tuned(path) if path.is_file() else None)
+        source = run_folder.results_of(path) or (read_tuned(path) if path.is_file() else None)
     if source is None:
         raise ValueError("--classes is needed unless --checkpoint is a finetune output folder, its model.pt, or "
                          "a model.pt with PET modules or CoOp's context")
@@ -161,7 +162,8 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
     from skipkernels.patch import patch_clip
     from skipkernels.skip.tuner import SkipConfig, SkipTuner
     from skipkernels.train import checkpoint as ckpt
-    from skipkernels.train import export, run_folder
+    from skipkernels.models import read_tuned
+    from skipkernels.train import run_folder
 
     classnames = checks.check_classnames("classnames", classnames)
     for name, value in (("model_name", model_name), ("pretrained", pretrained), ("template", template),
@@ -186,7 +188,7 @@ def load_classifier(classnames, model_name: str | None = None, checkpoint: str |
         if path.is_dir():
             _run_settings(path)
         weights_path = path / run_folder.MODEL_NAME if path.is_dir() else path
-        tuned = export.read_tuned(weights_path)
+        tuned = read_tuned(weights_path)
         source = tuned if tuned is not None else run_folder.results_of(path)
         if source is not None:
             if model_name and model_name != source["model"]:

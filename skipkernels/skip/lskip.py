@@ -24,9 +24,9 @@ class TextPrefixCache:
 
     @torch.no_grad()
     def __init__(self, text, tokens: torch.Tensor, skip_layers: int, dtype: torch.dtype, truncate: bool = True,
-                 chunk_size: int | None = None, each_chunk=None):
+                 each_chunk=None):
         """``text``: the model's ``TextPlan`` (``skipkernels.skip.towers``). The prompts go through
-        blocks [0, omega) ``chunk_size`` at a time (default ``PROMPT_CHUNK``), so the activations
+        blocks [0, omega) ``PROMPT_CHUNK`` at a time, so the activations
         held at once do not grow with the class count. ``each_chunk(x, pool_index)``, when given,
         receives each chunk's tokens at block omega in the model's compute dtype, before the cast
         to ``dtype``, and the chunk's pool positions."""
@@ -35,7 +35,7 @@ class TextPrefixCache:
         self.pool_index_host = self.pool_index.cpu()
         self.truncate = truncate
         length = truncated_length(self.pool_index_host, tokens.shape[1]) if truncate else tokens.shape[1]
-        chunk_size = chunk_size or PROMPT_CHUNK
+        chunk_size = PROMPT_CHUNK
         count = tokens.shape[0]
         store = None
         for start in range(0, max(count, 1), chunk_size):  # no prompts: one empty pass, an empty cache

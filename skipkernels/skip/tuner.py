@@ -254,6 +254,7 @@ class SkipTuner(nn.Module):
         if self.plan.caches_prefix:
             self.towers.check_skip_layers(self.skip_layers)
         self.prefix_offload = {}  # nothing off the device during set-up (_set_up_prefix_offload)
+        self._weights_back = None  # the state_dict hooks that bring offloaded weights back, once set up
         self._set_up_precision()
         self._set_up_prompts(tokenizer)
         self._set_trainable()
@@ -442,7 +443,7 @@ class SkipTuner(nn.Module):
         where = "pinned host memory" if pin else "a host copy"
         self.prefix_offload_state = f"on ({total / 2**20:.1f} MiB of frozen prefix weights in {where} between " \
                                     "caching passes)"
-        if not getattr(self, "_weights_back", None):
+        if self._weights_back is None:
             # model.state_dict() and model.load_state_dict() bring offloaded weights back first
             back = _PrefixBack(self)
             self._weights_back = back

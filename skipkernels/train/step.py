@@ -118,6 +118,12 @@ def graph_memory_unavailable(trainable_bytes: int, left_bytes: int) -> str | Non
     return None
 
 
+def optimizer_bytes(optimizer) -> int:
+    """Bytes of the tensors ``optimizer`` updates (the trainable ones): one gradient buffer, or one
+    momentum buffer, holds as many."""
+    return sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+
+
 def choose_step(requested: str, tuner, optimizer, batch_size: int, memory_left: int | None = None) -> StepChoice:
     """The step kind a run uses, decided once. A forced kind that cannot run raises ValueError
     naming why, before any training. ``memory_left``: bytes of the device left for the steps
@@ -131,8 +137,7 @@ def choose_step(requested: str, tuner, optimizer, batch_size: int, memory_left: 
             raise StepUnavailable(f"step={requested!r} cannot run this training: {why_not[requested]}")
         return StepChoice(requested, "asked for")
     if why_not["graph"] is None and memory_left is not None:
-        trainable = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
-        short = graph_memory_unavailable(trainable, memory_left)
+        short = graph_memory_unavailable(optimizer_bytes(optimizer), memory_left)
         if short is not None and why_not["compiled"] is None:
             return StepChoice("compiled", f"graph is possible, but {short}")
     if why_not["graph"] is None:
@@ -175,8 +180,8 @@ def update_in_backward_unavailable(step_kind: str, optimizer) -> str | None:
 def _decide(setting: str, requested: str, why_not: str | None, on_reason: str) -> tuple[bool, str]:
     """An auto/on/off setting decided once: (on, why). "off" is off; auto is on unless ``why_not``;
     "on" where ``why_not`` stands raises StepUnavailable (a ValueError) naming it."""
-    if requested not in ("auto", "on", "off"):
-        raise ValueError(f"{setting} must be one of ('auto', 'on', 'off'), got {requested!r}")
+    if requested not in UPDATE_MODES:  # WORKING_COPY_MODES are the same three
+        raise ValueError(f"{setting} must be one of {UPDATE_MODES}, got {requested!r}")
     if requested == "off":
         return False, "asked for"
     if why_not is None:

@@ -25,7 +25,7 @@ from skipkernels.train.memory import CpuAllocatorPeak, PeakMemory
 from skipkernels.train.report import REPORT_TO, RunLog, check_report_to
 from skipkernels.train.schedule import set_epoch_lr
 from skipkernels.train.step import (STEP_KINDS, UPDATE_MODES, WORKING_COPY_MODES, choose_step, choose_update,
-                                    choose_working_copies, make_step)
+                                    choose_working_copies, make_step, optimizer_bytes)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 MEMORY_PROBE_STEPS = 4  # CPU peak memory window; from step 2 on, gradients, momentum and activations coexist
@@ -222,8 +222,7 @@ class Trainer:
         free, _ = torch.cuda.mem_get_info(self.device)
         tuner = self.tuner
         leaving = sum(part.nbytes for part in tuner.prefix_offload.values() if not part.offloaded)
-        momentum = sum(p.numel() * p.element_size() for group in self.optimizer.param_groups for p in group["params"])
-        return free + leaving - momentum - self._image_cache_bytes_on_device()
+        return free + leaving - optimizer_bytes(self.optimizer) - self._image_cache_bytes_on_device()
 
     def _image_cache_bytes_on_device(self) -> int:
         """The epoch's LSkip image cache where it lives on the device (``lskip.cache_on_device``):
