@@ -47,11 +47,6 @@ EXTRAS = {"transformers": "hf", "matplotlib": "plots", "tensorboard": "tensorboa
           "onnxscript": "export", "onnxruntime": "export", "triton": "triton"}
 
 
-class MissingOptional(ImportError):
-    """An optional package that a feature needs is not installed; the message names the package
-    and the extra that installs it."""
-
-
 def install_hint(package: str) -> str:
     """How to install an optional package: ``pip install 'skipkernels[hf]'`` (or the package alone)."""
     extra = EXTRAS.get(package)
@@ -59,12 +54,14 @@ def install_hint(package: str) -> str:
 
 
 def import_optional(module: str, needed_for: str):
-    """``module`` (e.g. ``transformers``), or MissingOptional naming its package, the extra that
-    installs it and what needed it (``needed_for``, e.g. "--model hf:openai/clip-vit-base-patch16")."""
+    """``module`` (e.g. ``transformers``), or ``errors.MissingDependency`` naming its package, the
+    extra that installs it and what needed it (``needed_for``, e.g. "model hf:openai/clip-vit-base-patch16")."""
     import importlib
+
+    from skipkernels.errors import MissingDependency
     try:
         return importlib.import_module(module)
     except ImportError as err:
         package = module.split(".")[0]
-        raise MissingOptional(f"{needed_for} needs the {package} package, which is not installed ({err}): "
+        raise MissingDependency(f"{needed_for} needs the {package} package, which is not installed ({err}): "
                               f"{install_hint(package)}") from err

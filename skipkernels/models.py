@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from skipkernels import distributed
-from skipkernels._compat import import_open_clip, install_hint
+from skipkernels._compat import import_open_clip, import_optional
 from skipkernels.adapters.timm import register_tiny_trunks
-from skipkernels.errors import CheckpointError, MissingDependency
+from skipkernels.errors import CheckpointError
 
 _registered = False
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -223,12 +223,7 @@ def create_hf_model(source: str, pretrained: str | None = None, device="cpu", to
 
 def import_transformers(source: str = "<folder or hub name>"):
     """transformers, which ``hf:`` models need; MissingDependency, saying how to install it, without it."""
-    try:
-        import transformers
-    except ImportError as err:
-        raise MissingDependency(f"model {HF_PREFIX}{source} needs the transformers package, which is not installed "
-                                f"({err}): {install_hint('transformers')}") from err
-    return transformers
+    return import_optional("transformers", f"model {HF_PREFIX}{source}")
 
 
 # model.pt holding more than open_clip's weights: a dict marked with this key and version.

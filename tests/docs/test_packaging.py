@@ -225,9 +225,10 @@ def test_each_optional_package_has_its_extra_and_the_test_extra_brings_the_suite
 
 
 def test_a_missing_optional_package_names_its_extra():
-    from skipkernels._compat import MissingOptional, import_optional, install_hint
+    from skipkernels._compat import import_optional, install_hint
+    from skipkernels.errors import MissingDependency
     assert install_hint("transformers") == "pip install 'skipkernels[hf]' (or pip install transformers)"
-    with pytest.raises(MissingOptional, match=r"--model hf:x needs the skipkernels_no_such_package package"):
+    with pytest.raises(MissingDependency, match=r"--model hf:x needs the skipkernels_no_such_package package"):
         import_optional("skipkernels_no_such_package", "--model hf:x")
     with pytest.raises(ImportError, match=re.escape("pip install 'skipkernels[plots]'")):
         with pytest.MonkeyPatch.context() as patch:
